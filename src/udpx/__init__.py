@@ -1,0 +1,34 @@
+"""udpx: TCP-like connections over UDP for asyncio, batched with recvmmsg/sendmmsg."""
+
+from ._batch_writer import BatchWriter as BatchWriter
+from ._conn import UDPConn as UDPConn
+from ._dial import dial as dial
+from ._errors import ConnectionClosed as ConnectionClosed
+from ._errors import ListenerClosed as ListenerClosed
+from ._errors import MessageTooLong as MessageTooLong
+from ._errors import QueueFull as QueueFull
+from ._errors import UDPXError as UDPXError
+from ._errors import WouldBlock as WouldBlock
+from ._listener import Listener as Listener
+from ._listener import listen as listen
+from ._options import Options as Options
+from ._stats import ConnStats as ConnStats
+from ._stats import ListenerStats as ListenerStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchWriter",
+    "ConnStats",
+    "ConnectionClosed",
+    "ListenerClosed",
+    "ListenerStats",
+    "MessageTooLong",
+    "Options",
+    "QueueFull",
+    "UDPConn",
+    "UDPXError",
+    "WouldBlock",
+    "dial",
+    "listen",
+]

@@ -1,0 +1,342 @@
+"""UDPConn: one peer's connection, on a listener's socket or on its own dialed socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import warnings
+from collections.abc import Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self, final
+
+from ._errors import ConnectionClosed, MessageTooLong, QueueFull, WouldBlock
+from ._queue import RxQueue, TxAccount
+from ._stats import ConnStats, drops_mapping
+
+if TYPE_CHECKING:
+    from ._sockets import Address
+    from ._writer import Writer
+
+__all__ = ["UDPConn"]
+
+
+class _Owner(Protocol):
+    """What owns a connection's socket: its listener, or the dialed socket itself."""
+
+    def _conn_closing(self, conn: UDPConn) -> None: ...
+
+    def _kernel_drops(self) -> int | None: ...
+
+
+def _as_bytes(data: object) -> bytes:
+    # The queue keeps the datagram until the writer runs: take a snapshot of mutable buffers so
+    # that changing them after send() returns cannot change what is sent.
+    if type(data) is bytes:
+        return data
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data)
+    raise TypeError(f"datagram must be bytes-like, got {type(data).__name__}")
+
+
+@final
+class UDPConn:
+    """A connection with one remote peer: whole datagrams in, whole datagrams out.
+
+    Only udpx creates connections: ``Listener.accept()`` and ``udpx.dial()`` return them.
+    ``async with conn`` closes it on exit; ``async for data in conn`` receives until the
+    connection is closed and drained.
+    """
+
+    __slots__ = ("__weakref__", "_close_reason", "_closed", "_done", "_error", "_key", "_local",
+                 "_loop", "_max_send", "_owner", "_receivers", "_remote", "_rx", "_tx", "_txq",
+                 "_writer")
+
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, owner: _Owner, writer: Writer,
+                 rx_queue_size: int, max_send: int, local_addr: Address, remote_addr: Address,
+                 sockaddr: bytes | None, key: object = None) -> None:
+        self._loop = loop
+        self._owner = owner
+        self._writer = writer
+        self._txq = writer.queue
+        self._rx = RxQueue(rx_queue_size, self._wake_receivers)
+        self._tx = TxAccount(sockaddr, self._set_error)
+        self._receivers: list[asyncio.Future[None]] = []
+        self._max_send = max_send
+        self._local = local_addr
+        self._remote = remote_addr
+        self._key = key
+        self._closed = False
+        self._close_reason = "closed"
+        self._error: int | None = None
+        self._done: asyncio.Future[None] = loop.create_future()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<udpx.UDPConn {state} local={self._local!r} remote={self._remote!r}>"
+
+    # -- addresses and state ---------------------------------------------------------------
+
+    @property
+    def local_addr(self) -> Address:
+        """The local socket address."""
+        return self._local
+
+    @property
+    def remote_addr(self) -> Address:
+        """The peer's socket address."""
+        return self._remote
+
+    @property
+    def closed(self) -> bool:
+        """True from the moment ``close()`` was called (or the connection was reaped)."""
+        return self._closed
+
+    @property
+    def close_reason(self) -> str | None:
+        """None while open; then ``"closed"`` or ``"idle"``."""
+        return self._close_reason if self._closed else None
+
+    @property
+    def stats(self) -> ConnStats:
+        """A snapshot of the counters."""
+        rx = self._rx
+        tx = self._tx
+        drops = {"rx_queue_full": rx.dropped_full, "truncated": rx.dropped_truncated,
+                 "send_error": tx.errors}
+        kernel = self._owner._kernel_drops()
+        if kernel is not None:
+            drops["kernel"] = kernel
+        return ConnStats(rx.rx_packets, rx.rx_bytes, tx.packets, tx.bytes, drops_mapping(**drops))
+
+    # -- errors reported by the socket -------------------------------------------------------
+
+    def _set_error(self, exc: OSError) -> None:
+        # Called by the reader or the writer of a connected socket (ICMP errors): the error is
+        # raised once, by the next recv() or send().
+        self._error = exc.errno
+        self._wake_receivers()
+
+    def _raise_error(self) -> None:
+        code = self._error
+        self._error = None
+        assert code is not None
+        raise OSError(code, os.strerror(code))
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def _wake_receivers(self) -> None:
+        receivers = self._receivers
+        if receivers:
+            self._receivers = []
+            for future in receivers:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _wait_readable(self) -> None:
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._receivers.append(future)
+        try:
+            await future
+        finally:
+            # Cancelled (or timed out): forget the future; nothing was taken from the queue.
+            if not future.done() or future.cancelled():
+                try:
+                    self._receivers.remove(future)
+                except ValueError:
+                    pass
+
+    async def recv(self) -> bytes:
+        """Receive one whole datagram, waiting until one arrives.
+
+        Cancellation-safe: a cancelled ``recv()`` takes nothing from the queue.
+
+        Raises:
+            ConnectionClosed: the connection is closed and every received datagram was returned.
+            ConnectionRefusedError: (dialed connections) an ICMP error arrived since the last
+                call; raised once, the connection stays usable.
+        """
+        # Hot path: when a datagram is queued this returns without suspending.
+        items = self._rx.items
+        while True:
+            if self._error is not None:
+                self._raise_error()
+            if items:
+                return items.popleft()
+            if self._closed:
+                raise ConnectionClosed(reason=self._close_reason)
+            await self._wait_readable()
+
+    def recv_nowait(self) -> bytes:
+        """Return a queued datagram without waiting.
+
+        Raises:
+            WouldBlock: nothing is queued (and the connection is open).
+            ConnectionClosed: the connection is closed and drained.
+            ConnectionRefusedError: as for ``recv()``.
+        """
+        if self._error is not None:
+            self._raise_error()
+        items = self._rx.items
+        if items:
+            return items.popleft()
+        if self._closed:
+            raise ConnectionClosed(reason=self._close_reason)
+        raise WouldBlock("no datagram queued")
+
+    async def recv_many(self, max_count: int | None = None) -> list[bytes]:
+        """Receive at least one and at most ``max_count`` (None: all queued) datagrams.
+
+        Raises:
+            ValueError: ``max_count`` is not a positive int.
+            ConnectionClosed, ConnectionRefusedError: as for ``recv()``.
+        """
+        if max_count is not None and (
+                isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1):
+            raise ValueError(f"max_count must be a positive int or None, got {max_count!r}")
+        rx = self._rx
+        while True:
+            if self._error is not None:
+                self._raise_error()
+            if rx.items:
+                return rx.get_many(max_count)
+            if self._closed:
+                raise ConnectionClosed(reason=self._close_reason)
+            await self._wait_readable()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.recv()
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _check_send(self, data: object) -> bytes:
+        if self._error is not None:
+            self._raise_error()
+        if self._closed:
+            raise ConnectionClosed(reason=self._close_reason)
+        datagram = _as_bytes(data)
+        if len(datagram) > self._max_send:
+            raise MessageTooLong(
+                f"datagram of {len(datagram)} bytes is larger than the limit of "
+                f"{self._max_send} bytes (max_datagram or the address family)")
+        return datagram
+
+    def _enqueue(self, datagram: bytes) -> None:
+        txq = self._txq
+        txq.datagrams.append(datagram)
+        txq.owners.append(self._tx)
+        self._tx.enqueued += 1
+        self._writer.schedule()
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue one datagram for sending, waiting while the socket's transmit queue is full.
+
+        Cancellation-safe: a cancelled ``send()`` queued nothing.
+
+        Raises:
+            MessageTooLong: the datagram is larger than ``max_datagram`` or the family allows.
+            ConnectionClosed: the connection is closed.
+            ConnectionRefusedError: (dialed connections) as for ``recv()``; nothing was queued.
+            TypeError: ``data`` is not bytes-like.
+        """
+        # Hot path: no suspension while the queue has room.
+        datagram = self._check_send(data)
+        txq = self._txq
+        while len(txq.datagrams) >= txq.limit:
+            await self._writer.wait_space()
+            if self._closed:
+                raise ConnectionClosed(reason=self._close_reason)
+        self._enqueue(datagram)
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue one datagram without waiting.
+
+        Raises:
+            QueueFull: the transmit queue is full; nothing was queued.
+            MessageTooLong, ConnectionClosed, ConnectionRefusedError, TypeError: as ``send()``.
+        """
+        datagram = self._check_send(data)
+        if len(self._txq.datagrams) >= self._txq.limit:
+            raise QueueFull(f"transmit queue full ({self._txq.limit} datagrams)")
+        self._enqueue(datagram)
+
+    async def send_many(self, datagrams: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Queue several datagrams in order, waiting for room as needed.
+
+        All are checked before any is queued. If cancelled while waiting for room, the datagrams
+        before the one that waited were queued and the rest were not.
+
+        Raises:
+            MessageTooLong, ConnectionClosed, ConnectionRefusedError, TypeError: as ``send()``.
+        """
+        batch = [self._check_send(data) for data in datagrams]
+        txq = self._txq
+        tx = self._tx
+        index = 0
+        total = len(batch)
+        while index < total:
+            space = txq.limit - len(txq.datagrams)
+            if space <= 0:
+                await self._writer.wait_space()
+                if self._closed:
+                    raise ConnectionClosed(reason=self._close_reason)
+                continue
+            part = batch[index:index + space]
+            txq.datagrams.extend(part)
+            txq.owners.extend([tx] * len(part))
+            tx.enqueued += len(part)
+            index += len(part)
+            self._writer.schedule()
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection. Idempotent.
+
+        What was queued for sending is still sent; ``recv()`` returns what was received and then
+        raises ``ConnectionClosed``. Use ``wait_closed()`` to wait until the socket resources are
+        released.
+        """
+        self._close("closed")
+
+    def _close(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._close_reason = reason
+        self._wake_receivers()
+        self._owner._conn_closing(self)
+
+    def _finished(self) -> None:
+        """Everything this connection queued was handled; its resources are free."""
+        if not self._done.done():
+            self._done.set_result(None)
+
+    async def wait_closed(self) -> None:
+        """Wait until a closed connection has flushed its queued datagrams and freed its
+        resources."""
+        await asyncio.shield(self._done)
+
+    async def aclose(self) -> None:
+        """``close()`` then ``wait_closed()``."""
+        self.close()
+        await self.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if not self._closed and self._key is None:
+            # A dialed connection owns a socket: leaving it open is a leak worth a warning.
+            _warn(f"unclosed {self!r}", ResourceWarning, source=self)
+
+

@@ -1,0 +1,121 @@
+"""The demultiplexer: routes datagrams to connections by peer key. No I/O, no asyncio.
+
+A peer key is derived from the raw socket address without building a ``(host, port)`` tuple:
+for IPv4 it is one integer (the first eight bytes of the ``sockaddr_in``), for IPv6 the bytes of
+the ``sockaddr_in6`` (see ``_sockets``). The demultiplexer only needs keys to be hashable and
+equal for equal peers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+
+from ._queue import Arena, RxQueue
+
+__all__ = ["Demux"]
+
+# Placeholders for "no peer yet" in the hot loop, so that it needs no None checks.
+_NO_KEY = object()
+_NO_QUEUE = RxQueue(1)
+
+
+class Demux:
+    """Peer table, admission of new peers and listener-level drop accounting.
+
+    ``create(key)`` is called for a datagram from an unknown peer once admission allows it
+    (fewer than ``max_conns`` open, fewer than ``backlog`` not yet accepted); it returns the new
+    connection's receive queue. The owner calls ``accepted()`` when a connection leaves the
+    backlog and ``remove(key)`` when a connection closes, so that the peer's next datagram opens a
+    new connection.
+    """
+
+    __slots__ = ("backlog", "create", "dropped_backlog", "dropped_conn_limit",
+                 "dropped_truncated", "max_conns", "pending", "table")
+
+    def __init__(self, *, max_conns: int, backlog: int,
+                 create: Callable[[Hashable], RxQueue]) -> None:
+        self.table: dict[Hashable, RxQueue] = {}
+        self.max_conns = max_conns
+        self.backlog = backlog
+        self.create = create
+        #: Connections created and not yet accepted.
+        self.pending = 0
+        self.dropped_backlog = 0
+        self.dropped_conn_limit = 0
+        #: Truncated datagrams from peers with no connection (not counted on any connection).
+        self.dropped_truncated = 0
+
+    def admit(self, key: Hashable) -> RxQueue | None:
+        """Create the connection for a new peer, or count why it cannot be created."""
+        if len(self.table) >= self.max_conns:
+            self.dropped_conn_limit += 1
+            return None
+        if self.pending >= self.backlog:
+            self.dropped_backlog += 1
+            return None
+        queue = self.create(key)
+        self.table[key] = queue
+        self.pending += 1
+        return queue
+
+    def accepted(self) -> None:
+        """One connection left the backlog."""
+        self.pending -= 1
+
+    def remove(self, key: Hashable) -> None:
+        """Forget a closed connection's peer (no-op if unknown)."""
+        self.table.pop(key, None)
+
+    def feed_batch(self, keys: Sequence[Hashable], arena: Arena, offsets: Sequence[int],
+                   lengths: Sequence[int]) -> None:
+        """Route one received batch: datagram i is ``arena[offsets[i]:offsets[i] + lengths[i]]``
+        from peer ``keys[i]``. ``lengths`` gives the batch size.
+
+        Every datagram ends up queued on its peer's connection or counted as a drop. Each queue
+        that became non-empty is woken once, after the whole batch.
+        """
+        # Hot path, run for every datagram a listener receives: locals only, the peer lookup
+        # skipped for runs of datagrams from one peer, no per-datagram call except the slice.
+        table_get = self.table.get
+        touched: list[RxQueue] = []
+        last_key: Hashable = _NO_KEY
+        current = _NO_QUEUE
+        items = current.items
+        limit = 0
+        for key, offset, length in zip(keys, offsets, lengths):
+            if key != last_key:
+                found = table_get(key)
+                if found is None:
+                    found = self.admit(key)
+                    if found is None:
+                        last_key = _NO_KEY
+                        continue
+                current = found
+                last_key = key
+                items = found.items
+                limit = found.limit
+            if len(items) >= limit:
+                current.dropped_full += 1
+                continue
+            if not items:
+                touched.append(current)
+            items.append(arena[offset:offset + length])
+            current.rx_packets += 1
+            current.rx_bytes += length
+        for queue in touched:
+            queue.wake()
+
+    def feed_one(self, key: Hashable, data: bytes | None) -> None:
+        """Route one datagram (``None``: it was truncated and is dropped, counted)."""
+        queue = self.table.get(key)
+        if data is None:
+            if queue is None:
+                self.dropped_truncated += 1
+            else:
+                queue.dropped_truncated += 1
+            return
+        if queue is None:
+            queue = self.admit(key)
+            if queue is None:
+                return
+        queue.put(data)

@@ -1,0 +1,123 @@
+"""dial(): a connection that owns a connected socket with its own batch reader and writer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import final
+
+from ._conn import UDPConn
+from ._listener import Opening
+from ._mmsg import make_receiver, make_sender
+from ._options import Options
+from ._queue import TxQueue
+from ._reader import BatchReader
+from ._sockets import Address, bind_socket, kernel_drops, max_payload, resolve
+from ._writer import Writer
+
+__all__ = ["dial"]
+
+logger = logging.getLogger("udpx")
+
+
+@final
+class _DialedSocket:
+    """The connected socket behind a dialed ``UDPConn``: the same reader and writer classes as
+    a listener's, with no demultiplexer (the kernel only delivers the peer's datagrams)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 options: Options, remote: Address) -> None:
+        self._sock = sock
+        self._receiver = make_receiver(sock, options.batch_size, options.max_datagram, False,
+                                       None)
+        self._sender = make_sender(sock, options.batch_size, options.max_datagram, False, None)
+        self._writer = Writer(loop, sock, self._sender, TxQueue(options.tx_queue_size), False)
+        self._reader = BatchReader(loop, sock, self._receiver, self._on_batch, self._on_error)
+        self.conn = UDPConn(loop=loop, owner=self, writer=self._writer,
+                            rx_queue_size=options.rx_queue_size,
+                            max_send=min(options.max_datagram, max_payload(sock.family, remote)),
+                            local_addr=sock.getsockname(), remote_addr=remote, sockaddr=None)
+        self._rx = self.conn._rx
+        self._released = False
+        self._reader.start()
+
+    def _on_batch(self, count: int) -> None:
+        receiver = self._receiver
+        lengths = receiver.lengths(count)
+        truncated = receiver.truncated(count)
+        if truncated is None:
+            self._rx.put_batch(receiver.arena, receiver.offsets, lengths)
+            return
+        arena = receiver.arena
+        for offset, length, cut in zip(receiver.offsets, lengths, truncated):
+            if cut:
+                self._rx.dropped_truncated += 1
+            else:
+                self._rx.put(arena[offset:offset + length])
+
+    def _on_error(self, exc: OSError) -> None:
+        # On a connected socket, errors are ICMP reports about the peer (port unreachable...):
+        # hand them to the connection, which raises them once from recv() or send().
+        logger.debug("udpx: %r reported %s", self.conn, exc)
+        self.conn._set_error(exc)
+
+    def _conn_closing(self, conn: UDPConn) -> None:
+        self._reader.stop()
+        self._writer.when_empty(self._release)
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._writer.close()
+        self._receiver.close()
+        self._sock.close()
+        self.conn._finished()
+
+    def _kernel_drops(self) -> int | None:
+        return kernel_drops(self._sock)
+
+
+def dial(host: str, port: int, *, batch_size: int = 64, max_datagram: int = 65535,
+         rx_queue_size: int = 1024, tx_queue_size: int = 4096,
+         idle_timeout: float | None = 3600.0, rcvbuf: int | None = None,
+         sndbuf: int | None = None,
+         local_addr: tuple[str, int] | None = None) -> Opening[UDPConn]:
+    """Open a connection to ``host``/``port`` over a connected UDP socket.
+
+    Await the result, or use it with ``async with``. No datagram is exchanged by dialing.
+
+    Raises:
+        ValueError: an option is invalid (raised here, at the call), naming it.
+        OSError: the host cannot be resolved or the socket cannot be created, bound or
+            connected (raised when awaited).
+    """
+    options = Options(batch_size=batch_size, max_datagram=max_datagram,
+                      rx_queue_size=rx_queue_size, tx_queue_size=tx_queue_size,
+                      idle_timeout=idle_timeout, rcvbuf=rcvbuf, sndbuf=sndbuf,
+                      local_addr=local_addr)
+    if not isinstance(host, str):
+        raise ValueError(f"host must be a str, got {host!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"port must be an int between 1 and 65535, got {port!r}")
+
+    async def open_conn() -> UDPConn:
+        loop = asyncio.get_running_loop()
+        family, remote = await resolve(loop, host, port, passive=False)
+        local: Address | None = None
+        if options.local_addr is not None:
+            local_family, local = await resolve(loop, options.local_addr[0],
+                                                options.local_addr[1], passive=True)
+            if local_family != family:
+                raise ValueError(f"local_addr {options.local_addr!r} is not of the remote "
+                                 f"address family")
+        sock = bind_socket(family, local, connect_to=remote, rcvbuf=options.rcvbuf,
+                           sndbuf=options.sndbuf)
+        try:
+            return _DialedSocket(loop, sock, options, sock.getpeername()).conn
+        except BaseException:
+            sock.close()
+            raise
+
+    return Opening(open_conn)

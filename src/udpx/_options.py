@@ -1,0 +1,97 @@
+"""Validated options for ``listen()`` and ``dial()``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["MAX_BATCH_SIZE", "MAX_UDP_PAYLOAD", "Options"]
+
+#: The largest UDP payload that fits an IP packet: 65,535 minus the UDP header and a minimal
+#: IPv4 header gives 65,507; IPv6 has no header in the 65,535 and allows 65,527.
+MAX_UDP_PAYLOAD = {4: 65507, 6: 65527}
+
+#: Linux caps the number of messages of one recvmmsg/sendmmsg call at UIO_MAXIOV.
+MAX_BATCH_SIZE = 1024
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    # bool is an int subclass; ``batch_size=True`` is a mistake, not a 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    """Every option of a listener or dialed connection, validated on construction.
+
+    Raises:
+        ValueError: naming the first option whose value is invalid.
+    """
+
+    batch_size: int = 64
+    """Datagrams per recvmmsg/sendmmsg call. 1 uses one plain syscall per datagram."""
+
+    max_datagram: int = 65535
+    """Receive slot size and send limit in bytes (1-65535). Larger datagrams received are
+    dropped and counted as ``truncated``; larger sends raise ``MessageTooLong``."""
+
+    rx_queue_size: int = 1024
+    """Datagrams queued per connection before further ones are dropped (``rx_queue_full``)."""
+
+    tx_queue_size: int = 4096
+    """Datagrams queued per socket for its writer; ``send()`` waits while it is full."""
+
+    idle_timeout: float | None = 3600.0
+    """Seconds without traffic either way before a connection is closed; None: never."""
+
+    max_conns: int = 65536
+    """Open connections per listener; datagrams from new peers beyond it are dropped."""
+
+    backlog: int = 1024
+    """Connections created but not yet accepted; beyond it, new peers' datagrams are dropped."""
+
+    reuse_port: bool = False
+    """Set SO_REUSEPORT so that several sockets (processes) can share the port."""
+
+    rcvbuf: int | None = None
+    """Requested SO_RCVBUF in bytes (the kernel doubles and caps it); None: kernel default."""
+
+    sndbuf: int | None = None
+    """Requested SO_SNDBUF in bytes; None: kernel default."""
+
+    local_addr: tuple[str, int] | None = None
+    """dial() only: (host, port) to bind before connecting."""
+
+    def __post_init__(self) -> None:
+        _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        _check_int("max_datagram", self.max_datagram, 1, 65535)
+        _check_int("rx_queue_size", self.rx_queue_size, 1)
+        _check_int("tx_queue_size", self.tx_queue_size, 1)
+        _check_int("max_conns", self.max_conns, 1)
+        _check_int("backlog", self.backlog, 1)
+        timeout = self.idle_timeout
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+                raise ValueError(f"idle_timeout must be a number of seconds or None, got {timeout!r}")
+            if not (timeout > 0 and math.isfinite(timeout)):
+                raise ValueError(f"idle_timeout must be positive and finite, got {timeout!r}")
+        if not isinstance(self.reuse_port, bool):
+            raise ValueError(f"reuse_port must be a bool, got {self.reuse_port!r}")
+        for name in ("rcvbuf", "sndbuf"):
+            size = getattr(self, name)
+            if size is not None:
+                _check_int(name, size, 1, 2**31 - 1)
+        local = self.local_addr
+        if local is not None and not (
+            isinstance(local, tuple)
+            and len(local) == 2
+            and isinstance(local[0], str)
+            and isinstance(local[1], int)
+            and not isinstance(local[1], bool)
+            and 0 <= local[1] <= 65535
+        ):
+            raise ValueError(f"local_addr must be a (host, port) tuple, got {local!r}")

@@ -1,0 +1,76 @@
+"""The event-loop side of receiving: ``add_reader`` → batch receive → the owner's batch handler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+
+from ._mmsg import Receiver
+
+__all__ = ["BatchReader"]
+
+logger = logging.getLogger("udpx")
+
+#: Batches drained per wake-up: enough to empty a busy socket, few enough that the other tasks
+#: of the loop still run between wake-ups (the loop calls us again while data is waiting).
+MAX_BATCHES_PER_WAKEUP = 16
+
+
+class BatchReader:
+    """Drains one socket with its receiver whenever it is readable.
+
+    ``on_batch(count)`` handles the ``count`` datagrams now in the receiver's arrays;
+    ``on_error(exc)`` handles an error the socket reported (ICMP errors on a connected socket
+    arrive this way). Neither stops the reader.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, receiver: Receiver,
+                 on_batch: Callable[[int], None], on_error: Callable[[OSError], None]) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self.receiver = receiver
+        self._on_batch = on_batch
+        self._on_error = on_error
+        self._active = False
+
+    def start(self) -> None:
+        if not self._active:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._active = True
+
+    def stop(self) -> None:
+        if self._active:
+            self._active = False
+            self._loop.remove_reader(self._fd)
+
+    def _on_readable(self) -> None:
+        # Hot path: one recvmmsg per batch; stop on a short batch rather than paying for a call
+        # that only says EAGAIN.
+        receive = self.receiver.receive
+        size = self.receiver.size
+        fd = self._fd
+        on_batch = self._on_batch
+        for _ in range(MAX_BATCHES_PER_WAKEUP):
+            try:
+                count = receive(fd)
+            except OSError as exc:
+                self._handle_error(exc)
+                return
+            if count == 0:
+                return
+            on_batch(count)
+            if not self._active or count < size:
+                return
+
+    def _handle_error(self, exc: OSError) -> None:
+        try:
+            self._on_error(exc)
+        finally:
+            # uvloop drops an add_reader registration after POLLERR (the way an ICMP error
+            # shows up): register again so that the socket keeps being read.
+            if self._active:
+                self._loop.remove_reader(self._fd)
+                self._loop.add_reader(self._fd, self._on_readable)

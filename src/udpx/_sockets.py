@@ -1,0 +1,187 @@
+"""Socket creation and options, address normalisation, peer keys and kernel drop counters."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Hashable
+from typing import Any
+
+__all__ = [
+    "Address",
+    "address_from_key",
+    "bind_socket",
+    "buffer_sizes",
+    "kernel_drops",
+    "key_from_address",
+    "resolve",
+    "sockaddr_from_key",
+]
+
+logger = logging.getLogger("udpx")
+
+Address = tuple[Any, ...]
+
+# Linux constants the socket module lacks.
+SO_MEMINFO = 55
+_SK_MEMINFO_DROPS = 8
+_SK_MEMINFO_VARS = 9
+
+_IPV4_HEAD = struct.Struct("=H")  # sa_family in host order
+_PORT = struct.Struct("!H")
+
+
+def key_from_address(family: int, address: Address) -> Hashable:
+    """The peer key of a socket address as Python reports it, equal to the key the batch
+    receiver reads from the raw sockaddr (see ``_mmsg.RecvBatch.keys``)."""
+    return _key_from_sockaddr(family, sockaddr_from_address(family, address))
+
+
+def _key_from_sockaddr(family: int, raw: bytes) -> Hashable:
+    if family == socket.AF_INET:
+        return int.from_bytes(raw[:8], "little")
+    return raw[:28]
+
+
+def sockaddr_from_address(family: int, address: Address) -> bytes:
+    """The raw ``sockaddr_in``/``sockaddr_in6`` bytes of a socket address tuple."""
+    host, port = address[0], address[1]
+    if family == socket.AF_INET:
+        return (_IPV4_HEAD.pack(socket.AF_INET) + _PORT.pack(port)
+                + socket.inet_pton(socket.AF_INET, host) + bytes(8))
+    scope_id = address[3] if len(address) > 3 else 0
+    host = host.split("%", 1)[0]
+    return (_IPV4_HEAD.pack(socket.AF_INET6) + _PORT.pack(port) + bytes(4)
+            + socket.inet_pton(socket.AF_INET6, host) + struct.pack("=I", scope_id))
+
+
+def sockaddr_from_key(family: int, key: Hashable) -> bytes:
+    """The raw sockaddr to send to the peer of ``key`` (flow info cleared)."""
+    if family == socket.AF_INET:
+        assert isinstance(key, int)
+        return key.to_bytes(8, "little") + bytes(8)
+    assert isinstance(key, bytes)
+    return key[:4] + bytes(4) + key[8:28]
+
+
+def address_from_key(family: int, key: Hashable) -> Address:
+    """The ``(host, port)`` (IPv4) or ``(host, port, flowinfo, scope_id)`` tuple of a key.
+
+    Built once per new peer, never per datagram.
+    """
+    raw = sockaddr_from_key(family, key)
+    port = _PORT.unpack_from(raw, 2)[0]
+    if family == socket.AF_INET:
+        return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
+    scope_id = struct.unpack_from("=I", raw, 24)[0]
+    return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, 0, scope_id)
+
+
+def address_from_sockaddr(family: int, raw: bytes) -> Address:
+    """Decode a raw sockaddr (the one-datagram sender's destination)."""
+    return address_from_key(family, _key_from_sockaddr(family, raw))
+
+
+async def resolve(loop: asyncio.AbstractEventLoop, host: str | None, port: int,
+                  passive: bool) -> tuple[int, Address]:
+    """``(family, address)`` for ``host``/``port``, resolved without blocking the loop.
+
+    ``host=None`` with ``passive`` is every interface: IPv6 dual-stack where the machine has
+    IPv6, else IPv4.
+
+    Raises:
+        ValueError: the port is out of range.
+        socket.gaierror: the host cannot be resolved.
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an int between 0 and 65535, got {port!r}")
+    if host is None:
+        if passive and socket.has_ipv6 and _ipv6_usable():
+            return socket.AF_INET6, ("::", port, 0, 0)
+        return socket.AF_INET, ("0.0.0.0" if passive else "127.0.0.1", port)
+    if not isinstance(host, str):
+        raise ValueError(f"host must be a str or None, got {host!r}")
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host.split("%", 1)[0])
+        except OSError:
+            continue
+        if family == socket.AF_INET6 and "%" in host:
+            break  # a scoped address: let getaddrinfo work out the scope id
+        return family, ((host, port) if family == socket.AF_INET else (host, port, 0, 0))
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM,
+                                   flags=socket.AI_PASSIVE if passive else 0)
+    for family, _, _, _, address in infos:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            return family, address
+    raise socket.gaierror(f"no IPv4 or IPv6 address for {host!r}")
+
+
+def _ipv6_usable() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM):
+            return True
+    except OSError:
+        return False
+
+
+def bind_socket(family: int, address: Address | None, *, connect_to: Address | None = None,
+                reuse_port: bool = False, rcvbuf: int | None = None,
+                sndbuf: int | None = None) -> socket.socket:
+    """A non-blocking UDP socket, options set, bound and (for ``connect_to``) connected.
+
+    The socket is closed again if any step fails.
+    """
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        if family == socket.AF_INET6 and address is not None and address[0] in ("::", ""):
+            # Dual stack for "all interfaces", as Go's net.ListenUDP does.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if sndbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        if address is not None:
+            sock.bind(address)
+        if connect_to is not None:
+            sock.connect(connect_to)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def buffer_sizes(sock: socket.socket) -> tuple[int, int]:
+    """The receive and send buffer sizes the kernel granted."""
+    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+
+
+def kernel_drops(sock: socket.socket) -> int:
+    """The kernel's count of datagrams dropped for this socket (SK_MEMINFO_DROPS), 0 where
+    the platform does not report it."""
+    if sock.fileno() < 0:
+        return 0
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * _SK_MEMINFO_VARS)
+    except OSError:
+        return 0
+    if len(raw) < 4 * (_SK_MEMINFO_DROPS + 1):
+        return 0
+    return int(struct.unpack_from("=I", raw, 4 * _SK_MEMINFO_DROPS)[0])
+
+
+def max_payload(family: int, peer: Address | None) -> int:
+    """The largest datagram the address family allows (IPv4-mapped IPv6 peers count as IPv4)."""
+    if family == socket.AF_INET:
+        return 65507
+    if peer is not None and str(peer[0]).startswith("::ffff:") and "." in str(peer[0]):
+        return 65507
+    return 65527

@@ -1,0 +1,47 @@
+"""Snapshots of a connection's and a listener's counters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+__all__ = ["ConnStats", "ListenerStats", "drops_mapping"]
+
+
+def drops_mapping(**counts: int) -> Mapping[str, int]:
+    return MappingProxyType(dict(counts))
+
+
+@dataclass(frozen=True, slots=True)
+class ConnStats:
+    """A connection's counters at one moment.
+
+    ``rx_*`` count datagrams delivered to the connection (queued for ``recv``), ``tx_*`` those
+    handed to the kernel. ``drops`` maps each reason to a count: ``rx_queue_full``,
+    ``truncated``, ``send_error`` (and ``kernel`` on a dialed connection's own socket).
+    """
+
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    drops: Mapping[str, int] = field(default_factory=lambda: drops_mapping())
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerStats:
+    """A listener's counters at one moment: totals over all its connections, past and present.
+
+    ``drops`` adds ``backlog_full``, ``conn_limit`` and ``kernel`` (the kernel's own drop count
+    for the socket) to the connection reasons. ``conns`` is the number open now, ``accepted``
+    the number ``accept()`` returned since the start.
+    """
+
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    drops: Mapping[str, int] = field(default_factory=lambda: drops_mapping())
+    conns: int = 0
+    accepted: int = 0

@@ -1,0 +1,208 @@
+"""The single writer of one socket: its transmit queue → sendmmsg → the kernel.
+
+The writer is a loop callback, not a task: a send that finds it idle schedules it with
+``call_soon``, so all the sends of one loop iteration leave in one batch. It waits for
+writability with ``add_writer`` only after EAGAIN, and a datagram the kernel refuses is dropped
+and counted on its connection while the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable
+from itertools import islice
+
+from ._mmsg import Sender
+from ._queue import TxAccount, TxQueue
+
+__all__ = ["Writer"]
+
+logger = logging.getLogger("udpx")
+
+#: Batches sent per callback before yielding to the loop (fairness, as for the reader).
+MAX_BATCHES_PER_CALLBACK = 16
+
+
+class Writer:
+    """Drains ``queue`` into ``sock``. ``named``: each datagram carries its destination."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, sender: Sender,
+                 queue: TxQueue, named: bool) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self.sender = sender
+        self.queue = queue
+        self._named = named
+        self._scheduled = False
+        self._waiting_writable = False
+        self._closed = False
+        self._space_waiters: deque[asyncio.Future[None]] = deque()
+        self._on_empty: list[Callable[[], None]] = []
+
+    # -- the application side ------------------------------------------------------------
+
+    def schedule(self) -> None:
+        """Make sure the queue gets drained soon (cheap when already scheduled)."""
+        if not self._scheduled and not self._waiting_writable and not self._closed:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    async def wait_space(self) -> None:
+        """Wait until the queue has room (FIFO among waiters). Cancellation-safe."""
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._space_waiters.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                # Woken and cancelled at once: hand the wake-up on to the next waiter.
+                self._wake_space(1)
+            else:
+                try:
+                    self._space_waiters.remove(future)
+                except ValueError:
+                    pass
+            raise
+
+    def when_empty(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every datagram queued now was handled (sent or counted as
+        failed), or when the writer closes; at once if the queue is empty."""
+        if not self.queue.datagrams or self._closed:
+            callback()
+        else:
+            self._on_empty.append(callback)
+
+    def close(self) -> None:
+        """Stop for good: queued datagrams are discarded (the caller flushed first)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._waiting_writable:
+            self._waiting_writable = False
+            self._loop.remove_writer(self._fd)
+        self._run_on_empty()
+        for future in self._space_waiters:
+            if not future.done():
+                future.set_result(None)
+        self._space_waiters.clear()
+        self.sender.close()
+
+    # -- the loop side --------------------------------------------------------------------
+
+    def _wake_space(self, count: int) -> None:
+        waiters = self._space_waiters
+        while count > 0 and waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+                count -= 1
+
+    def _run_on_empty(self) -> None:
+        callbacks = self._on_empty
+        self._on_empty = []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # a bug in a callback must not stop the writer
+                logger.exception("udpx: error in a writer callback")
+
+    def _on_writable(self) -> None:
+        self._waiting_writable = False
+        self._loop.remove_writer(self._fd)
+        self._flush()
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._closed or self._waiting_writable:
+            return
+        queue = self.queue
+        datagrams = queue.datagrams
+        owners = queue.owners
+        sender = self.sender
+        for _ in range(MAX_BATCHES_PER_CALLBACK):
+            if not datagrams:
+                break
+            count = min(len(datagrams), sender.size)
+            chunk = list(islice(datagrams, count))
+            chunk_owners: list[TxAccount] = list(islice(owners, count))
+            names = [owner.sockaddr for owner in chunk_owners] if self._named else None
+            sender.fill(chunk, names)  # type: ignore[arg-type]
+            handled = self._send_chunk(chunk, chunk_owners)
+            queue.pop(handled)
+            if self._space_waiters:
+                self._wake_space(handled)
+            if handled < count:
+                # EAGAIN: the kernel's buffer is full. Wait until it drains.
+                self._waiting_writable = True
+                self._loop.add_writer(self._fd, self._on_writable)
+                return
+        if datagrams:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+        elif self._on_empty:
+            self._run_on_empty()
+
+    def send_now(self, datagrams: list[bytes], owner: TxAccount, sender: Sender) -> int:
+        """Send ``datagrams`` of one connection at once through ``sender`` (a batch of the
+        caller's choosing) when nothing is queued ahead of them; returns how many were handled.
+
+        The rest, if any, is the caller's to queue. Used by ``BatchWriter`` to batch by hand on
+        a ``batch_size=1`` socket.
+        """
+        if self._closed or self._waiting_writable or self.queue.datagrams:
+            return 0
+        chunk = datagrams[:sender.size]
+        owners = [owner] * len(chunk)
+        names = [owner.sockaddr] * len(chunk) if self._named else None
+        sender.fill(chunk, names)  # type: ignore[arg-type]
+        owner.enqueued += len(chunk)
+        handled = self._send_chunk(chunk, owners, sender)
+        owner.enqueued -= len(chunk) - handled
+        return handled
+
+    def _send_chunk(self, chunk: list[bytes], owners: list[TxAccount],
+                    sender: Sender | None = None) -> int:
+        """Send a filled chunk; returns how many datagrams were handled (sent or dropped)."""
+        # Hot path: one sendmmsg per chunk; a refused datagram costs an exception, the rest of the
+        # chunk goes on with the next call.
+        count = len(chunk)
+        fd = self._fd
+        send = (sender or self.sender).send
+        start = 0
+        retried_refusal = False
+        while start < count:
+            try:
+                sent = send(fd, start)
+            except BlockingIOError:
+                return start
+            except OSError as exc:
+                owner = owners[start]
+                if exc.errno == errno.ECONNREFUSED and owner.on_error is not None:
+                    # On a connected socket this reports an earlier datagram's ICMP error and the
+                    # datagram at hand was not sent: report the error, try the datagram once more.
+                    owner.on_error(exc)
+                    if not retried_refusal:
+                        retried_refusal = True
+                        continue
+                owner.errors += 1
+                logger.debug("udpx: datagram of %d bytes dropped: %s", len(chunk[start]), exc)
+                start += 1
+                retried_refusal = False
+                continue
+            end = start + sent
+            first = owners[start]
+            if owners.count(first) == count:
+                first.packets += sent
+                first.bytes += sum(map(len, chunk[start:end]))
+            else:
+                for owner, data in zip(owners[start:end], chunk[start:end]):
+                    owner.packets += 1
+                    owner.bytes += len(data)
+            start = end
+            retried_refusal = False
+        return count
