@@ -238,7 +238,7 @@ class SingleRecv:
         self._flags = flags
         # A full slice of bytes is the object itself: the demultiplexer's slice copies nothing.
         self.arena = self._views[0][:nbytes].tobytes()
-        self._key = self._key_of(address) if address is not None else None
+        self._key = self._key_of(address) if self._key_of is not None else None
         return 1
 
     def lengths(self, count: int) -> list[int]:

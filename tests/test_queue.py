@@ -1,0 +1,281 @@
+"""Properties of the pure receive and transmit queues (``udpx._queue``): no socket, no loop."""
+
+from __future__ import annotations
+
+import mmap
+from collections import deque
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from udpx._queue import RxQueue, TxAccount, TxQueue
+
+MACHINE_SETTINGS = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+payloads = st.binary(max_size=40)
+
+
+def build_arena(datagrams: list[bytes], gaps: list[int]) -> tuple[bytes, list[int], list[int]]:
+    """Concatenate ``datagrams`` with filler bytes between them, as a receive arena would hold
+    them; returns the arena, the offsets and the lengths."""
+    arena = bytearray()
+    offsets: list[int] = []
+    lengths: list[int] = []
+    for data, gap in zip(datagrams, gaps, strict=True):
+        arena += b"\xee" * gap
+        offsets.append(len(arena))
+        lengths.append(len(data))
+        arena += data
+    arena += b"\xee" * 3
+    return bytes(arena), offsets, lengths
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> tuple[list[bytes], list[int], list[int]]:
+    """A batch of datagrams, the filler before each and some surplus offsets (a receive batch's
+    offsets list is as long as the batch size, longer than the number received)."""
+    datagrams = draw(st.lists(payloads, max_size=12))
+    gaps = draw(st.lists(st.integers(0, 5), min_size=len(datagrams), max_size=len(datagrams)))
+    surplus = draw(st.lists(st.integers(0, 50), max_size=4))
+    return datagrams, gaps, surplus
+
+
+class RxQueueMachine(RuleBasedStateMachine):
+    """An ``RxQueue`` against a deque model, with every counter recomputed independently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue = RxQueue(1)
+        self.model: deque[bytes] = deque()
+        self.offered = 0
+        self.accepted = 0
+        self.accepted_bytes = 0
+        #: Queue length seen by each call of ``wake``, since the last rule cleared it.
+        self.wakes: list[int] = []
+
+    def _wake(self) -> None:
+        self.wakes.append(len(self.queue))
+
+    @initialize(limit=st.integers(1, 8))
+    def create(self, limit: int) -> None:
+        self.queue = RxQueue(limit, wake=self._wake)
+
+    def _offer(self, datagrams: list[bytes]) -> None:
+        """Update the model for datagrams offered in order."""
+        for data in datagrams:
+            self.offered += 1
+            if len(self.model) < self.queue.limit:
+                self.model.append(data)
+                self.accepted += 1
+                self.accepted_bytes += len(data)
+
+    def _check_wakes(self, was_empty: bool) -> None:
+        became_non_empty = was_empty and bool(self.model)
+        # Woken exactly once when the queue went from empty to non-empty, after all the
+        # datagrams of the call were queued; otherwise not at all.
+        assert self.wakes == ([len(self.model)] if became_non_empty else [])
+        self.wakes.clear()
+
+    @rule(data=payloads)
+    def put(self, data: bytes) -> None:
+        was_empty = not self.model
+        will_fit = len(self.model) < self.queue.limit
+        assert self.queue.put(data) is will_fit
+        self._offer([data])
+        self._check_wakes(was_empty)
+
+    @rule(batch=batches(), use_mmap=st.booleans())
+    def put_batch(self, batch: tuple[list[bytes], list[int], list[int]], use_mmap: bool) -> None:
+        datagrams, gaps, surplus = batch
+        blob, offsets, lengths = build_arena(datagrams, gaps)
+        offsets += surplus
+        was_empty = not self.model
+        if use_mmap:
+            arena = mmap.mmap(-1, max(len(blob), 1))
+            try:
+                arena[:len(blob)] = blob
+                self.queue.put_batch(arena, offsets, lengths)
+                # The queue holds copies: the arena is reused for the next batch.
+                arena[:] = b"\xff" * len(arena)
+            finally:
+                arena.close()
+        else:
+            self.queue.put_batch(blob, offsets, lengths)
+        self._offer(datagrams)
+        self._check_wakes(was_empty)
+
+    @rule()
+    def get(self) -> None:
+        if not self.model:
+            with pytest.raises(IndexError):
+                self.queue.get()
+            return
+        assert self.queue.get() == self.model.popleft()
+
+    @rule(max_count=st.none() | st.integers(0, 10))
+    def get_many(self, max_count: int | None) -> None:
+        taken = len(self.model) if max_count is None else min(max_count, len(self.model))
+        expected = [self.model.popleft() for _ in range(taken)]
+        assert self.queue.get_many(max_count) == expected
+
+    @invariant()
+    def bounded(self) -> None:
+        assert len(self.queue) <= self.queue.limit
+
+    @invariant()
+    def fifo(self) -> None:
+        assert list(self.queue.items) == list(self.model)
+        assert all(type(item) is bytes for item in self.queue.items)
+
+    @invariant()
+    def accounting(self) -> None:
+        queue = self.queue
+        assert queue.rx_packets + queue.dropped_full == self.offered
+        assert queue.rx_packets == self.accepted
+        assert queue.rx_bytes == self.accepted_bytes
+        assert queue.dropped_truncated == 0
+        assert not self.wakes
+
+
+def test_rx_queue_machine() -> None:
+    run_state_machine_as_test(RxQueueMachine, settings=MACHINE_SETTINGS)
+
+
+class TxQueueMachine(RuleBasedStateMachine):
+    """A ``TxQueue`` against a deque of (datagram, owner) pairs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue = TxQueue(1)
+        self.model: deque[tuple[bytes, object]] = deque()
+        self.owners = [object() for _ in range(3)]
+
+    @initialize(limit=st.integers(1, 8))
+    def create(self, limit: int) -> None:
+        self.queue = TxQueue(limit)
+
+    # The caller checks ``full()`` before ``put()``, as UDPConn.send does.
+    @precondition(lambda self: len(self.model) < self.queue.limit)
+    @rule(data=payloads, owner=st.integers(0, 2))
+    def put(self, data: bytes, owner: int) -> None:
+        assert not self.queue.full()
+        self.queue.put(data, self.owners[owner])
+        self.model.append((data, self.owners[owner]))
+
+    @rule(count=st.integers(0, 10))
+    def pop(self, count: int) -> None:
+        self.queue.pop(count)
+        for _ in range(min(count, len(self.model))):
+            self.model.popleft()
+
+    @invariant()
+    def contents(self) -> None:
+        queue = self.queue
+        assert len(queue) == len(self.model) == len(queue.datagrams) == len(queue.owners)
+        assert list(queue.datagrams) == [data for data, _ in self.model]
+        assert all(a is b for a, (_, b) in zip(queue.owners, self.model, strict=True))
+
+    @invariant()
+    def capacity(self) -> None:
+        queue = self.queue
+        assert 0 <= len(queue) <= queue.limit
+        assert queue.space() == queue.limit - len(self.model)
+        assert queue.full() is (len(self.model) >= queue.limit)
+        assert queue.full() is (queue.space() == 0)
+
+
+def test_tx_queue_machine() -> None:
+    run_state_machine_as_test(TxQueueMachine, settings=MACHINE_SETTINGS)
+
+
+# -- examples -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_rx_queue_rejects_limit_below_one(limit: int) -> None:
+    with pytest.raises(ValueError, match="rx_queue_size"):
+        RxQueue(limit)
+
+
+@pytest.mark.parametrize("limit", [0, -5])
+def test_tx_queue_rejects_limit_below_one(limit: int) -> None:
+    with pytest.raises(ValueError, match="tx_queue_size"):
+        TxQueue(limit)
+
+
+def test_rx_queue_default_wake_is_harmless() -> None:
+    queue = RxQueue(2)
+    assert queue.put(b"a")
+    queue.put_batch(b"bc", [0, 1], [1, 1])
+    assert list(queue.items) == [b"a", b"b"]
+    assert queue.dropped_full == 1
+
+
+def test_put_batch_partial_fit_keeps_the_oldest() -> None:
+    woken: list[int] = []
+    queue = RxQueue(3, wake=lambda: woken.append(1))
+    queue.put(b"x")
+    woken.clear()
+    queue.put_batch(b"0123456789", [0, 2, 4, 6, 8], [2, 2, 2, 2, 2])
+    assert list(queue.items) == [b"x", b"01", b"23"]
+    assert (queue.rx_packets, queue.rx_bytes, queue.dropped_full) == (3, 5, 3)
+    assert woken == []  # it was not empty
+
+
+def test_put_batch_into_full_queue_drops_all_without_wake() -> None:
+    woken: list[int] = []
+    queue = RxQueue(1, wake=lambda: woken.append(1))
+    queue.put(b"")
+    queue.put_batch(b"abc", [0, 1, 2], [1, 1, 1])
+    assert woken == [1]
+    assert queue.dropped_full == 3
+    assert list(queue.items) == [b""]
+
+
+def test_empty_batch_wakes_nobody() -> None:
+    woken: list[int] = []
+    queue = RxQueue(4, wake=lambda: woken.append(1))
+    queue.put_batch(b"", [0, 0, 0], [])
+    assert woken == []
+    assert (queue.rx_packets, queue.dropped_full, len(queue)) == (0, 0, 0)
+
+
+def test_zero_length_datagrams_count_as_packets() -> None:
+    woken: list[int] = []
+    queue = RxQueue(4, wake=lambda: woken.append(1))
+    queue.put_batch(b"", [0, 0], [0, 0])
+    assert list(queue.items) == [b"", b""]
+    assert (queue.rx_packets, queue.rx_bytes) == (2, 0)
+    assert woken == [1]
+
+
+def test_get_many_none_drains_everything() -> None:
+    queue = RxQueue(10)
+    for index in range(5):
+        queue.put(bytes([index]))
+    assert queue.get_many(None) == [bytes([index]) for index in range(5)]
+    assert len(queue) == 0
+    assert queue.get_many(None) == []
+    with pytest.raises(IndexError):
+        queue.get()
+
+
+def test_tx_account_pending() -> None:
+    errors: list[OSError] = []
+    account = TxAccount(b"\x02\x00", on_error=errors.append)
+    assert account.pending() == 0
+    account.enqueued += 5
+    account.packets += 2
+    account.errors += 1
+    assert account.pending() == 2
+    assert account.sockaddr == b"\x02\x00"
+    assert TxAccount(None).on_error is None
