@@ -221,7 +221,11 @@ def test_cancelled_send_queues_nothing(run: Runner[Any], host: str) -> None:
         loop = asyncio.get_running_loop()
         async with udpx.listen(host, 0) as ln, \
                 udpx.dial(host, ln.local_addr[1], tx_queue_size=2) as conn:
-            loop.call_soon(lambda: (conn.send_nowait(b"a"), conn.send_nowait(b"b")))
+            def fill() -> None:
+                conn.send_nowait(b"a")
+                conn.send_nowait(b"b")
+
+            loop.call_soon(fill)
             cancelled = asyncio.create_task(conn.send(b"cancelled"))
             second = asyncio.create_task(conn.send(b"second"))
             await asyncio.sleep(0)

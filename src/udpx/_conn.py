@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import warnings
 from collections.abc import Iterable
@@ -140,10 +141,8 @@ class UDPConn:
         finally:
             # Cancelled (or timed out): forget the future; nothing was taken from the queue.
             if not future.done() or future.cancelled():
-                try:
+                with contextlib.suppress(ValueError):
                     self._receivers.remove(future)
-                except ValueError:
-                    pass
 
     async def recv(self) -> bytes:
         """Receive one whole datagram, waiting until one arrives.

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import warnings
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Hashable
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar, final
+from typing import Any, Generic, Protocol, Self, TypeVar, final
 
 from ._conn import UDPConn
 from ._demux import Demux
@@ -37,12 +38,11 @@ __all__ = ["Listener", "Opening", "listen"]
 
 logger = logging.getLogger("udpx")
 
-T = TypeVar("T", bound="_Closeable")
+class _Closeable(Protocol):
+    async def aclose(self) -> None: ...
 
 
-class _Closeable:
-    async def aclose(self) -> None:
-        raise NotImplementedError  # pragma: no cover
+T = TypeVar("T", bound=_Closeable)
 
 
 class Opening(Generic[T]):
@@ -69,7 +69,7 @@ class Opening(Generic[T]):
 
 
 @final
-class Listener(asyncio.DatagramProtocol, _Closeable):
+class Listener(asyncio.DatagramProtocol):
     """Accepts one ``UDPConn`` per remote peer on one UDP socket.
 
     Created by ``udpx.listen()``. It is also an asyncio ``DatagramProtocol``:
@@ -129,7 +129,7 @@ class Listener(asyncio.DatagramProtocol, _Closeable):
         # An unconnected socket reports few errors (no ICMP without IP_RECVERR); log and go on.
         logger.warning("udpx: receive error on listener %r: %s", self._local, exc)
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
+    def datagram_received(self, data: bytes, addr: Address) -> None:
         """Route one datagram from ``addr`` (asyncio's DatagramProtocol entry point)."""
         if self._closed:
             return
@@ -184,10 +184,8 @@ class Listener(asyncio.DatagramProtocol, _Closeable):
                 await future
             finally:
                 if not future.done():
-                    try:
+                    with contextlib.suppress(ValueError):
                         self._accept_waiters.remove(future)
-                    except ValueError:
-                        pass
 
     def __aiter__(self) -> Self:
         return self

@@ -22,13 +22,13 @@ import os
 import socket
 from array import array
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "HAVE_MMSG",
     "MSG_TRUNC",
-    "RecvBatch",
     "Receiver",
+    "RecvBatch",
     "SendBatch",
     "Sender",
     "SingleRecv",
@@ -70,7 +70,8 @@ _U32_STRIDE = _HDR_SIZE // 4
 _U32_LEN = _MMsgHdr.msg_len.offset // 4
 _U32_FLAGS = _MsgHdr.msg_flags.offset // 4
 # iov_len in size_t words inside the iovec array.
-_SIZE_T_CODE = {4: "I", 8: "L" if array("L").itemsize == 8 else "Q"}[ctypes.sizeof(ctypes.c_size_t)]
+_SIZE_T_CODE: Literal["I", "L", "Q"] = (
+    "I" if ctypes.sizeof(ctypes.c_size_t) == 4 else "L" if array("L").itemsize == 8 else "Q")
 _IOV_WORDS = _IOV_SIZE // ctypes.sizeof(ctypes.c_size_t)
 
 

@@ -76,7 +76,8 @@ class Options:
         timeout = self.idle_timeout
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-                raise ValueError(f"idle_timeout must be a number of seconds or None, got {timeout!r}")
+                raise ValueError(
+                    f"idle_timeout must be a number of seconds or None, got {timeout!r}")
             if not (timeout > 0 and math.isfinite(timeout)):
                 raise ValueError(f"idle_timeout must be positive and finite, got {timeout!r}")
         if not isinstance(self.reuse_port, bool):

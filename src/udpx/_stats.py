@@ -26,7 +26,7 @@ class ConnStats:
     rx_bytes: int = 0
     tx_packets: int = 0
     tx_bytes: int = 0
-    drops: Mapping[str, int] = field(default_factory=lambda: drops_mapping())
+    drops: Mapping[str, int] = field(default_factory=drops_mapping)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,6 @@ class ListenerStats:
     rx_bytes: int = 0
     tx_packets: int = 0
     tx_bytes: int = 0
-    drops: Mapping[str, int] = field(default_factory=lambda: drops_mapping())
+    drops: Mapping[str, int] = field(default_factory=drops_mapping)
     conns: int = 0
     accepted: int = 0

@@ -9,6 +9,7 @@ and counted on its connection while the rest of the batch goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -63,10 +64,8 @@ class Writer:
                 # Woken and cancelled at once: hand the wake-up on to the next waiter.
                 self._wake_space(1)
             else:
-                try:
+                with contextlib.suppress(ValueError):
                     self._space_waiters.remove(future)
-                except ValueError:
-                    pass
             raise
 
     def when_empty(self, callback: Callable[[], None]) -> None:
