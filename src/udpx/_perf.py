@@ -1,0 +1,926 @@
+"""The ``perf`` and ``echo`` commands of ``python -m udpx``.
+
+``perf`` measures loopback throughput: the receiver under test runs in this process, the sender
+in one child process (``spawn``, so that it inherits neither this event loop nor its sockets),
+and the two talk over a ``multiprocessing`` pipe:
+
+    parent: open the receiver → start the child            child: open its sockets
+            ← ("ready", None) ───────────────────────────── (or ("error", message))
+            ── "go" ──────────────────────────────────────▶ send for ``duration`` seconds,
+            ← ("result", SenderReport) ──────────────────── flush, report what the kernel took
+            drain until quiet, report
+
+With ``--compare`` the same sender (same kind, burst and duration, a fresh child) is pointed at
+plain asyncio and uvloop ``DatagramProtocol`` receivers, each in a fresh event loop.
+
+The sender must outrun the receivers or the comparison only measures the sender: a Python
+``sendmmsg`` sender tops out near 200k datagrams/s here (the kernel's per-datagram send cost),
+below what udpx and uvloop receive. The default sender therefore uses UDP GSO (one ``send``
+carrying up to 64 equal segments, split back into ordinary datagrams before they reach the
+receiving socket); ``--sender udpx`` uses ``udpx.dial`` + ``send_many`` instead, and GSO falls
+back to it where the kernel refuses GSO.
+
+``echo`` is a udpx echo server that runs until SIGINT/SIGTERM.
+
+The CLI prints (this module's functions take the streams to print to); the library logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import multiprocessing
+import os
+import platform
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, Final, Literal, Protocol, TextIO, TypeVar
+
+from ._errors import ConnectionClosed
+from ._listener import Listener, listen
+from ._sockets import Address, kernel_drops
+
+__all__ = [
+    "LOOPS",
+    "SENDERS",
+    "EchoConfig",
+    "PerfConfig",
+    "PerfError",
+    "SenderReport",
+    "default_loop",
+    "format_address",
+    "run_echo",
+    "run_perf",
+    "uvloop_available",
+]
+
+T = TypeVar("T")
+
+LoopName = Literal["asyncio", "uvloop"]
+SenderKind = Literal["gso", "udpx"]
+
+#: Event loops the commands can run on.
+LOOPS: Final = ("asyncio", "uvloop")
+#: Sender kinds of ``perf``.
+SENDERS: Final = ("gso", "udpx")
+
+# Linux constants the socket module of Python 3.11 lacks.
+_SOL_UDP: Final = 17
+_UDP_SEGMENT: Final = 103
+#: The kernel takes at most 128 segments and 65,507 (IPv4) bytes in one GSO send; stay under.
+_GSO_MAX_SEGMENTS: Final = 64
+_GSO_MAX_BYTES: Final = 65000
+
+#: How long the child may take to start (spawn + imports) and open its sockets.
+_READY_TIMEOUT: Final = 30.0
+#: How long the child waits for "go" before giving up.
+_GO_TIMEOUT: Final = 60.0
+#: How long the child may take to flush its queues after the sending time is over.
+_FLUSH_TIMEOUT: Final = 2.0
+#: Slack on top of the sending time before the parent gives up on the child's result.
+_RESULT_MARGIN: Final = _FLUSH_TIMEOUT + 5.0
+#: How long the parent waits for the child to exit after its result, before killing it.
+_EXIT_TIMEOUT: Final = 5.0
+
+#: The receiver's counters are sampled this often (for the progress line and for when data
+#: stopped coming); the hot loops never read the clock.
+_TICK: Final = 0.02
+_PROGRESS_INTERVAL: Final = 0.5
+#: After the sender is done: drain until this long without new data, at most _GRACE_LIMIT.
+_GRACE_QUIET: Final = 0.2
+_GRACE_LIMIT: Final = 2.0
+
+
+class PerfError(Exception):
+    """A measurement could not be made (the message says why); the CLI exits with status 1."""
+
+
+# -- event loops ----------------------------------------------------------------------------
+
+
+def uvloop_available() -> bool:
+    """Whether uvloop can be imported."""
+    try:
+        import uvloop  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def default_loop() -> LoopName:
+    """uvloop when it is installed, else asyncio's default loop."""
+    return "uvloop" if uvloop_available() else "asyncio"
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if name == "uvloop":
+        import uvloop  # noqa: PLC0415
+
+        return uvloop.new_event_loop
+    if name != "asyncio":
+        raise ValueError(f"unknown event loop {name!r}")
+    return asyncio.new_event_loop
+
+
+def _run_on(loop_name: str, main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``main()`` in a fresh event loop of the named kind."""
+    with asyncio.Runner(loop_factory=_loop_factory(loop_name)) as runner:
+        return runner.run(main())
+
+
+def format_address(address: Address) -> str:
+    """``host:port``, with IPv6 hosts in brackets."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+# -- the sender (child process) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SenderParams:
+    """What the child needs to know; pickled to it."""
+
+    host: str
+    port: int
+    size: int
+    clients: int
+    duration: float
+    sender: str
+    burst: int
+    batch_size: int
+    loop: str
+
+
+@dataclass(frozen=True)
+class SenderReport:
+    """What the child did: ``queued`` datagrams offered, ``sent`` of them handed to the kernel
+    (``conn.stats.tx_packets`` for the udpx sender), ``errors`` refused, in ``elapsed`` seconds
+    from "go" to the end of the flush."""
+
+    kind: str
+    note: str
+    queued: int
+    queued_bytes: int
+    sent: int
+    sent_bytes: int
+    errors: int
+    elapsed: float
+
+
+def sender_main(pipe: Connection, params: SenderParams) -> None:
+    """The child process's entry point. Always exits: a watchdog ends the process if anything
+    hangs past the time it was given."""
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides when this ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    limit = _READY_TIMEOUT + _GO_TIMEOUT + params.duration + _FLUSH_TIMEOUT + 5.0
+    watchdog = threading.Timer(limit, os._exit, args=(3,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        report = _run_sender(pipe, params)
+        pipe.send(("result", report))
+    except BaseException as exc:
+        with contextlib.suppress(OSError, ValueError):
+            pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from None
+    finally:
+        pipe.close()
+
+
+def _wait_for_go(pipe: Connection) -> float:
+    pipe.send(("ready", None))
+    if not pipe.poll(_GO_TIMEOUT):
+        raise TimeoutError("no 'go' from the parent")
+    message = pipe.recv()
+    if message != "go":
+        raise RuntimeError(f"unexpected message from the parent: {message!r}")
+    return time.monotonic()
+
+
+def _run_sender(pipe: Connection, params: SenderParams) -> SenderReport:
+    note = ""
+    if params.sender == "gso":
+        sockets, note = _open_gso_sockets(params)
+        if sockets is not None:
+            try:
+                return _send_gso(pipe, params, sockets)
+            finally:
+                for sock in sockets:
+                    sock.close()
+    return _run_on(params.loop, lambda: _send_udpx(pipe, params, note))
+
+
+def _gso_segments(params: SenderParams) -> int:
+    return min(params.burst, _GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // max(params.size, 1))
+
+
+def _open_gso_sockets(params: SenderParams) -> tuple[list[socket.socket] | None, str]:
+    """Connected sockets with UDP_SEGMENT set, or None and why GSO cannot be used."""
+    if params.size == 0:
+        return None, "GSO needs datagrams of at least 1 byte"
+    if _gso_segments(params) < 2:
+        return None, "datagrams too large (or burst too small) for GSO to help"
+    family = _family_of(params.host)
+    # Probe on a throwaway pair first: a kernel or route without GSO fails here (ENOPROTOOPT,
+    # EIO, EINVAL), before anything reaches the receiver under test.
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sink, \
+                socket.socket(family, socket.SOCK_DGRAM) as probe:
+            sink.bind((params.host, 0))
+            probe.connect(sink.getsockname())
+            probe.setsockopt(_SOL_UDP, _UDP_SEGMENT, params.size)
+            probe.send(b"\0" * params.size * 2)
+    except OSError as exc:
+        return None, f"GSO unavailable ({exc})"
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(params.clients):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sockets.append(sock)
+            sock.connect((params.host, params.port))
+            sock.setsockopt(_SOL_UDP, _UDP_SEGMENT, params.size)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets, ""
+
+
+def _send_gso(pipe: Connection, params: SenderParams,
+              sockets: list[socket.socket]) -> SenderReport:
+    segments = _gso_segments(params)
+    buffer = b"x" * params.size * segments
+    sends = [sock.send for sock in sockets]
+    sent = errors = 0
+    start = _wait_for_go(pipe)
+    deadline = start + params.duration
+    # Hot loop: one send per client per round (blocking sockets: loopback never blocks a UDP
+    # send, a full receiver just drops), the clock read once per round.
+    while True:
+        for send in sends:
+            try:
+                send(buffer)
+            except OSError as exc:
+                # ECONNREFUSED (the receiver went away), ENOBUFS: count and go on.
+                if exc.errno not in (errno.ECONNREFUSED, errno.ENOBUFS, errno.EAGAIN):
+                    raise
+                errors += segments
+            else:
+                sent += segments
+        if time.monotonic() >= deadline:
+            break
+    elapsed = time.monotonic() - start
+    queued = sent + errors
+    return SenderReport(kind="gso", note="", queued=queued, queued_bytes=queued * params.size,
+                        sent=sent, sent_bytes=sent * params.size, errors=errors,
+                        elapsed=elapsed)
+
+
+async def _send_udpx(pipe: Connection, params: SenderParams, note: str) -> SenderReport:
+    from ._dial import dial  # noqa: PLC0415
+
+    conns = []
+    try:
+        for _ in range(params.clients):
+            conns.append(await dial(params.host, params.port, batch_size=params.batch_size,
+                                    max_datagram=max(params.size, 1)))
+        payload = b"x" * params.size
+        burst = [payload] * params.burst
+        queued = refused = 0
+        # Nothing else runs on this loop: blocking on the pipe for "go" costs nobody anything.
+        start = _wait_for_go(pipe)
+        deadline = start + params.duration
+        # Hot loop: send_many() only suspends when a socket's transmit queue is full, which is
+        # what lets the writers run.
+        while time.monotonic() < deadline:
+            for conn in conns:
+                try:
+                    await conn.send_many(burst)
+                except ConnectionRefusedError:  # the receiver went away: reported once
+                    refused += len(burst)
+                else:
+                    queued += len(burst)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_FLUSH_TIMEOUT):
+                await asyncio.gather(*(conn.aclose() for conn in conns))
+        elapsed = time.monotonic() - start
+        sent = sum(conn.stats.tx_packets for conn in conns)
+        sent_bytes = sum(conn.stats.tx_bytes for conn in conns)
+        errors = refused + sum(conn.stats.drops["send_error"] for conn in conns)
+    finally:
+        for conn in conns:
+            conn.close()
+    return SenderReport(kind="udpx", note=note, queued=queued + refused,
+                        queued_bytes=(queued + refused) * params.size, sent=sent,
+                        sent_bytes=sent_bytes, errors=errors, elapsed=elapsed)
+
+
+# -- talking to the child ---------------------------------------------------------------------
+
+
+async def _wait_readable(fd: int, timeout: float) -> bool:
+    """Wait until ``fd`` is readable; False on timeout."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        async with asyncio.timeout(timeout):
+            await future
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+    return True
+
+
+async def _receive_message(pipe: Connection, process: multiprocessing.process.BaseProcess,
+                           timeout: float, waiting_for: str) -> tuple[str, Any]:
+    if not pipe.poll() and not await _wait_readable(pipe.fileno(), timeout):
+        raise PerfError(f"the sender process sent no {waiting_for} within {timeout:.0f} s")
+    try:
+        message = pipe.recv()
+    except EOFError:
+        process.join(1.0)
+        raise PerfError(f"the sender process exited unexpectedly (exit code "
+                        f"{process.exitcode}) while {waiting_for} was awaited") from None
+    kind, payload = message
+    if kind == "error":
+        raise PerfError(f"the sender process failed: {payload}")
+    return str(kind), payload
+
+
+async def _reap(process: multiprocessing.process.BaseProcess) -> None:
+    """Wait (bounded) for the child to exit; terminate, then kill it if it does not."""
+    if process.is_alive():
+        await _wait_readable(process.sentinel, _EXIT_TIMEOUT)
+    if process.is_alive():
+        process.terminate()
+        await _wait_readable(process.sentinel, 1.0)
+    if process.is_alive():
+        process.kill()
+        await _wait_readable(process.sentinel, 1.0)
+    process.join(0.1)
+    if not process.is_alive():
+        process.close()
+
+
+# -- receivers --------------------------------------------------------------------------------
+
+
+class _Receiver(Protocol):
+    """A receiver under test: counts what its application level got."""
+
+    name: str
+    loop_name: str
+    packets: int
+    bytes: int
+
+    async def open(self, host: str) -> int:
+        """Start receiving on ``host``, a free port; return the port."""
+        ...
+
+    def drops(self) -> dict[str, int]:
+        """Drops by reason, as far as this receiver knows them."""
+        ...
+
+    def connections(self) -> int | None: ...
+
+    async def close(self) -> None: ...
+
+
+class _UdpxReceiver:
+    """udpx.listen(), one task per accepted connection draining it with recv_many()."""
+
+    def __init__(self, loop_name: str, *, batch_size: int, max_datagram: int,
+                 rx_queue_size: int, rcvbuf: int | None, clients: int) -> None:
+        self.name = "udpx"
+        self.loop_name = loop_name
+        self.packets = 0
+        self.bytes = 0
+        self._options: dict[str, Any] = {
+            "batch_size": batch_size, "max_datagram": max_datagram,
+            "rx_queue_size": rx_queue_size, "rcvbuf": rcvbuf,
+            "backlog": max(clients, 1024), "idle_timeout": None}
+        self._listener: Listener | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def open(self, host: str) -> int:
+        self._listener = listener = await listen(host, 0, **self._options)
+        self._tasks.add(asyncio.create_task(self._accept(listener)))
+        return int(listener.local_addr[1])
+
+    async def _accept(self, listener: Listener) -> None:
+        async for conn in listener:
+            task = asyncio.create_task(self._drain(conn))
+            self._tasks.add(task)
+
+    async def _drain(self, conn: Any) -> None:
+        # Hot loop: per batch, not per datagram: one len() and one sum(map(len, ...)).
+        recv_many = conn.recv_many
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                batch = await recv_many()
+                self.packets += len(batch)
+                self.bytes += sum(map(len, batch))
+
+    def drops(self) -> dict[str, int]:
+        assert self._listener is not None
+        return dict(self._listener.stats.drops)
+
+    def connections(self) -> int | None:
+        assert self._listener is not None
+        return self._listener.stats.accepted
+
+    async def close(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        listener.close()
+        # Closing ends the accept loop and, once their queues are drained, the drain tasks.
+        tasks = set(self._tasks)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_EXIT_TIMEOUT):
+                await listener.wait_closed()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _CountingProtocol(asyncio.DatagramProtocol):
+    """The baseline's whole application: count datagrams and bytes."""
+
+    def __init__(self) -> None:
+        self.packets = 0
+        self.bytes = 0
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.packets += 1
+        self.bytes += len(data)
+
+
+class _ProtocolReceiver:
+    """A plain ``loop.create_datagram_endpoint`` receiver (asyncio's or uvloop's transport)."""
+
+    def __init__(self, loop_name: str, *, rcvbuf: int | None) -> None:
+        self.name = f"{loop_name} DatagramProtocol"
+        self.loop_name = loop_name
+        self._rcvbuf = rcvbuf
+        self._protocol = _CountingProtocol()
+        self._sock: socket.socket | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+
+    @property
+    def packets(self) -> int:
+        return self._protocol.packets
+
+    @property
+    def bytes(self) -> int:
+        return self._protocol.bytes
+
+    async def open(self, host: str) -> int:
+        sock = socket.socket(_family_of(host), socket.SOCK_DGRAM)
+        try:
+            if self._rcvbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
+            sock.bind((host, 0))
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            protocol = self._protocol
+            self._transport, _ = await loop.create_datagram_endpoint(lambda: protocol,
+                                                                     sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        return int(sock.getsockname()[1])
+
+    def drops(self) -> dict[str, int]:
+        assert self._sock is not None
+        return {"kernel": kernel_drops(self._sock)}
+
+    def connections(self) -> int | None:
+        return None
+
+    async def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            await asyncio.sleep(0)  # let the transport's close callbacks run
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+class _Progress:
+    """The live line on stderr: rewritten in place on a terminal, plain lines elsewhere."""
+
+    def __init__(self, stream: TextIO | None, label: str) -> None:
+        self._stream = stream
+        self._label = label
+        self._tty = bool(stream is not None and stream.isatty())
+        self._shown = False
+
+    def update(self, elapsed: float, rate: float, total: int) -> None:
+        if self._stream is None:
+            return
+        line = f"{self._label}: {elapsed:5.1f} s  {rate:>12,.0f} datagrams/s  {total:>13,} received"
+        if self._tty:
+            self._stream.write(f"\r{line}\x1b[K")
+        else:
+            self._stream.write(line + "\n")
+        self._stream.flush()
+        self._shown = True
+
+    def finish(self) -> None:
+        if self._stream is not None and self._tty and self._shown:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+class _Monitor:
+    """Samples a receiver's counter every tick: remembers when it last moved and reports the
+    rate every half second."""
+
+    def __init__(self, receiver: _Receiver, progress: _Progress) -> None:
+        self._receiver = receiver
+        self._progress = progress
+        self.start = time.monotonic()
+        self.last_change = self.start
+        self._task: asyncio.Task[None] | None = None
+
+    def run(self, start: float) -> None:
+        self.start = self.last_change = start
+        self._task = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        receiver = self._receiver
+        last_packets = receiver.packets
+        report_at = self.start + _PROGRESS_INTERVAL
+        report_packets = last_packets
+        report_time = self.start
+        while True:
+            await asyncio.sleep(_TICK)
+            now = time.monotonic()
+            packets = receiver.packets
+            if packets != last_packets:
+                last_packets = packets
+                self.last_change = now
+            if now >= report_at:
+                rate = (packets - report_packets) / (now - report_time)
+                self._progress.update(now - self.start, rate, packets)
+                report_packets, report_time = packets, now
+                report_at = now + _PROGRESS_INTERVAL
+
+    async def wait_quiet(self) -> None:
+        """Return once no datagram arrived for _GRACE_QUIET seconds (at most _GRACE_LIMIT)."""
+        limit = time.monotonic() + _GRACE_LIMIT
+        while True:
+            now = time.monotonic()
+            if now - self.last_change >= _GRACE_QUIET or now >= limit:
+                return
+            await asyncio.sleep(_TICK)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._progress.finish()
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One receiver's run against one sender child."""
+
+    receiver: str
+    loop: str
+    sender: SenderReport
+    received: int
+    received_bytes: int
+    received_elapsed: float
+    drops: dict[str, int]
+    connections: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        sender = self.sender
+        loss = sender.sent - self.received
+        return {
+            "receiver": self.receiver,
+            "loop": self.loop,
+            "sender": {
+                **asdict(sender),
+                "datagrams_per_s": _rate(sender.sent, sender.elapsed),
+                "mbit_per_s": _mbit(sender.sent_bytes, sender.elapsed),
+            },
+            "received": {
+                "datagrams": self.received,
+                "bytes": self.received_bytes,
+                "elapsed": self.received_elapsed,
+                "datagrams_per_s": _rate(self.received, self.received_elapsed),
+                "mbit_per_s": _mbit(self.received_bytes, self.received_elapsed),
+            },
+            "loss": {"datagrams": loss,
+                     "percent": 100.0 * loss / sender.sent if sender.sent else 0.0},
+            "drops": dict(self.drops),
+            "connections": self.connections,
+        }
+
+
+def _rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else 0.0
+
+
+def _mbit(nbytes: int, seconds: float) -> float:
+    return nbytes * 8 / 1e6 / seconds if seconds > 0 else 0.0
+
+
+async def _measure(receiver: _Receiver, params: SenderParams,
+                   progress: _Progress) -> Measurement:
+    """Open ``receiver``, run one sender child against it, drain, and close."""
+    port = await receiver.open(params.host)
+    context = multiprocessing.get_context("spawn")
+    parent_end, child_end = context.Pipe()
+    child_params = SenderParams(**{**asdict(params), "port": port})
+    process = context.Process(target=sender_main, args=(child_end, child_params),
+                              name="udpx-perf-sender", daemon=True)
+    monitor = _Monitor(receiver, progress)
+    try:
+        process.start()
+        child_end.close()
+        await _receive_message(parent_end, process, _READY_TIMEOUT, "'ready'")
+        start = time.monotonic()
+        parent_end.send("go")
+        monitor.run(start)
+        _, report = await _receive_message(parent_end, process,
+                                           params.duration + _RESULT_MARGIN, "result")
+        if not isinstance(report, SenderReport):
+            raise PerfError(f"unexpected result from the sender process: {report!r}")
+        await monitor.wait_quiet()
+        received, received_bytes = receiver.packets, receiver.bytes
+        received_elapsed = monitor.last_change - start
+        drops = receiver.drops()
+        connections = receiver.connections()
+    finally:
+        await monitor.stop()
+        parent_end.close()
+        child_end.close()
+        with contextlib.suppress(ValueError):  # never started
+            await _reap(process)
+        await receiver.close()
+    return Measurement(receiver=receiver.name, loop=receiver.loop_name, sender=report,
+                       received=received, received_bytes=received_bytes,
+                       received_elapsed=received_elapsed, drops=drops,
+                       connections=connections)
+
+
+# -- perf -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PerfConfig:
+    """The options of ``python -m udpx perf`` (see its ``--help``)."""
+
+    duration: float = 3.0
+    size: int = 64
+    clients: int = 1
+    loop: str = field(default_factory=default_loop)
+    batch_size: int = 64
+    host: str = "127.0.0.1"
+    compare: bool = False
+    sender: str = "gso"
+    burst: int = 64
+    rcvbuf: int | None = None
+    max_datagram: int = 65535
+    rx_queue_size: int = 1024
+
+
+def run_perf(config: PerfConfig, *, progress: TextIO | None = None) -> dict[str, Any]:
+    """Run the measurement(s) of ``config``; return the summary (what ``--json`` prints).
+
+    Each receiver runs in a fresh event loop of its kind, in this process, against a fresh
+    sender child. ``progress``: where the live progress lines go (None: nowhere).
+
+    Raises:
+        PerfError: a receiver could not be opened, or the sender failed or did not answer.
+    """
+    params = SenderParams(host=config.host, port=0, size=config.size, clients=config.clients,
+                          duration=config.duration, sender=config.sender, burst=config.burst,
+                          batch_size=config.batch_size, loop=config.loop)
+    receivers: list[Callable[[], _Receiver]] = [
+        lambda: _UdpxReceiver(config.loop, batch_size=config.batch_size,
+                              max_datagram=config.max_datagram,
+                              rx_queue_size=config.rx_queue_size, rcvbuf=config.rcvbuf,
+                              clients=config.clients)]
+    if config.compare:
+        baselines: list[str] = ["asyncio"] + (["uvloop"] if uvloop_available() else [])
+        for loop_name in baselines:
+            receivers.append(lambda name=loop_name: _ProtocolReceiver(  # type: ignore[misc]
+                name, rcvbuf=config.rcvbuf))
+    measurements: list[Measurement] = []
+    for make_receiver in receivers:
+        receiver = make_receiver()
+        label = f"{receiver.name} ({receiver.loop_name})"
+
+        async def measure(receiver: _Receiver = receiver,
+                          label: str = label) -> Measurement:
+            try:
+                return await _measure(receiver, params, _Progress(progress, label))
+            except OSError as exc:
+                raise PerfError(f"{label}: {exc}") from exc
+
+        measurements.append(_run_on(receiver.loop_name, measure))
+    results = [measurement.as_dict() for measurement in measurements]
+    udpx_rate = results[0]["received"]["datagrams_per_s"]
+    ratios = {f"{result['receiver']}": (udpx_rate / result["received"]["datagrams_per_s"]
+                                        if result["received"]["datagrams_per_s"] else None)
+              for result in results[1:]}
+    from . import __version__  # noqa: PLC0415
+
+    return {
+        "udpx_version": __version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "config": asdict(config),
+        "udpx": results[0],
+        "compare": results[1:],
+        "ratios": ratios,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The human-readable report of a ``run_perf()`` summary."""
+    config = summary["config"]
+    udpx_result = summary["udpx"]
+    lines = [
+        f"udpx perf: {config['size']}-byte datagrams to {config['host']}, "
+        f"{config['clients']} client(s), {config['duration']:g} s, batch {config['batch_size']}, "
+        f"{summary['cpu_count']} CPUs, Python {summary['python']}",
+    ]
+    lines += _format_measurement(udpx_result)
+    if summary["compare"]:
+        lines.append("")
+        lines.append("comparison (same sender and duration, each receiver in a fresh loop; "
+                     "ratio = udpx received/s ÷ this one's)")
+        header = (f"  {'receiver':<26} {'loop':<8} {'sent/s':>12} {'received/s':>12} "
+                  f"{'Mbit/s':>8} {'loss %':>7} {'udpx ÷ this':>11}")
+        lines.append(header)
+        for result in (udpx_result, *summary["compare"]):
+            ratio = summary["ratios"].get(result["receiver"]) if result is not udpx_result \
+                else 1.0
+            ratio_text = f"{ratio:.2f}" if ratio is not None else "-"
+            lines.append(
+                f"  {result['receiver']:<26} {result['loop']:<8} "
+                f"{result['sender']['datagrams_per_s']:>12,.0f} "
+                f"{result['received']['datagrams_per_s']:>12,.0f} "
+                f"{result['received']['mbit_per_s']:>8.1f} "
+                f"{result['loss']['percent']:>7.1f} {ratio_text:>11}")
+    return "\n".join(lines)
+
+
+def _format_measurement(result: dict[str, Any]) -> list[str]:
+    sender = result["sender"]
+    received = result["received"]
+    loss = result["loss"]
+    kind = sender["kind"] + (f"; {sender['note']}" if sender["note"] else "")
+    drops = ", ".join(f"{reason} {count:,}" for reason, count in result["drops"].items())
+    lines = [
+        f"  sender   ({kind}, child process): {sender['sent']:,} datagrams in "
+        f"{sender['elapsed']:.2f} s = {sender['datagrams_per_s']:,.0f} datagrams/s, "
+        f"{sender['mbit_per_s']:,.1f} Mbit/s"
+        + (f", {sender['errors']:,} refused" if sender["errors"] else ""),
+        f"  receiver ({result['receiver']} on {result['loop']}): {received['datagrams']:,} "
+        f"datagrams in {received['elapsed']:.2f} s = {received['datagrams_per_s']:,.0f} "
+        f"datagrams/s, {received['mbit_per_s']:,.1f} Mbit/s",
+        f"  loss     {loss['datagrams']:,} datagrams ({loss['percent']:.2f} %)",
+        f"  drops    {drops or 'none reported'}",
+    ]
+    if result["connections"] is not None:
+        lines.append(f"  accepted {result['connections']:,} connection(s)")
+    return lines
+
+
+# -- echo -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EchoConfig:
+    """The options of ``python -m udpx echo`` (see its ``--help``)."""
+
+    host: str
+    port: int
+    loop: str = field(default_factory=default_loop)
+    batch_size: int = 64
+    idle_timeout: float | None = 60.0
+    stats_interval: float | None = None
+
+
+def run_echo(config: EchoConfig, *, out: TextIO, err: TextIO) -> None:
+    """Serve until SIGINT or SIGTERM, then close the listener gracefully.
+
+    Prints ``listening on HOST:PORT`` to ``out`` (flushed) once datagrams can arrive.
+
+    Raises:
+        PerfError: the listener could not be opened.
+    """
+    _run_on(config.loop, lambda: _echo(config, out, err))
+
+
+async def _echo_conn(conn: Any, idle_timeout: float | None, err: TextIO) -> None:
+    recv_many = conn.recv_many
+    send_many = conn.send_many
+    try:
+        while True:
+            if idle_timeout is None:
+                batch = await recv_many()
+            else:
+                async with asyncio.timeout(idle_timeout):
+                    batch = await recv_many()
+            await send_many(batch)
+    except (ConnectionClosed, TimeoutError):
+        pass  # closed by the listener, or idle for idle_timeout: close below
+    except Exception as exc:
+        print(f"udpx echo: connection from {format_address(conn.remote_addr)} failed: "
+              f"{type(exc).__name__}: {exc}", file=err, flush=True)
+    finally:
+        conn.close()
+
+
+async def _echo(config: EchoConfig, out: TextIO, err: TextIO) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        try:
+            listener = await listen(config.host, config.port, batch_size=config.batch_size,
+                                    idle_timeout=config.idle_timeout)
+        except OSError as exc:
+            raise PerfError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
+        print(f"listening on {format_address(listener.local_addr)}", file=out, flush=True)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def accept() -> None:
+            async for conn in listener:
+                task = asyncio.create_task(_echo_conn(conn, config.idle_timeout, err))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+        async def report() -> None:
+            assert config.stats_interval is not None
+            while True:
+                await asyncio.sleep(config.stats_interval)
+                stats = listener.stats
+                drops = ", ".join(f"{reason} {count}" for reason, count in stats.drops.items()
+                                  if count)
+                print(f"udpx echo: {stats.conns} connection(s), {stats.accepted} accepted, "
+                      f"rx {stats.rx_packets:,}, tx {stats.tx_packets:,}, "
+                      f"drops: {drops or 'none'}", file=err, flush=True)
+
+        helpers = [asyncio.create_task(accept())]
+        if config.stats_interval:
+            helpers.append(asyncio.create_task(report()))
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopped, *helpers],
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            listener.close()
+            # Graceful: what the connections queued is flushed; their tasks end on
+            # ConnectionClosed. Bounded, so that a stuck writer cannot keep us from exiting.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_EXIT_TIMEOUT):
+                    await listener.wait_closed()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            for task in (*helpers, *tasks):
+                task.cancel()
+            await asyncio.gather(*helpers, *tasks, return_exceptions=True)
+        for task in done:
+            if task is not stopped and not task.cancelled():
+                task.result()  # an accept loop that died: raise its error
+        print("udpx echo: closed", file=err, flush=True)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+def _unused(*_: Awaitable[Any]) -> None:  # pragma: no cover - keeps Awaitable imported
+    return None
