@@ -48,9 +48,9 @@ class UDPConn:
     connection is closed and drained.
     """
 
-    __slots__ = ("__weakref__", "_close_reason", "_closed", "_done", "_error", "_key", "_local",
-                 "_loop", "_max_send", "_owner", "_receivers", "_remote", "_rx", "_tx", "_txq",
-                 "_writer")
+    __slots__ = ("__weakref__", "_close_reason", "_closed", "_created", "_done", "_error", "_key",
+                 "_local", "_loop", "_max_send", "_owner", "_receivers", "_remote", "_rx", "_tx",
+                 "_txq", "_writer", "idle_count", "idle_since")
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, owner: _Owner, writer: Writer,
                  rx_queue_size: int, max_send: int, local_addr: Address, remote_addr: Address,
@@ -70,6 +70,14 @@ class UDPConn:
         self._close_reason = "closed"
         self._error: int | None = None
         self._done: asyncio.Future[None] = loop.create_future()
+        # Idle tracking (see _idle): the activity count seen by the last sweep, and since when.
+        self._created = self.idle_since = loop.time()
+        self.idle_count = 0
+
+    def activity_count(self) -> int:
+        """Datagrams received (delivered or dropped on arrival) or queued for sending so far."""
+        rx = self._rx
+        return rx.rx_packets + rx.dropped_full + rx.dropped_truncated + self._tx.enqueued
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

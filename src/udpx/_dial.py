@@ -8,6 +8,7 @@ import socket
 from typing import final
 
 from ._conn import UDPConn
+from ._idle import sweep, sweep_interval
 from ._listener import Opening
 from ._mmsg import make_receiver, make_sender
 from ._options import Options
@@ -40,7 +41,23 @@ class _DialedSocket:
                             local_addr=sock.getsockname(), remote_addr=remote, sockaddr=None)
         self._rx = self.conn._rx
         self._released = False
+        self._loop = loop
+        self._idle_timeout = options.idle_timeout
+        # A dialed connection owns its socket, reader and writer; one sweep timer of its own is
+        # in proportion (a listener has one timer for all its connections).
+        self._sweeper: asyncio.TimerHandle | None = None
+        if options.idle_timeout is not None:
+            self._sweeper = loop.call_later(sweep_interval(options.idle_timeout), self._sweep)
         self._reader.start()
+
+    def _sweep(self) -> None:
+        timeout = self._idle_timeout
+        assert timeout is not None
+        if sweep(self._loop.time(), timeout, (self.conn,)):
+            logger.debug("udpx: %r closed after %.1f s idle", self.conn, timeout)
+            self.conn._close("idle")
+            return
+        self._sweeper = self._loop.call_later(sweep_interval(timeout), self._sweep)
 
     def _on_batch(self, count: int) -> None:
         receiver = self._receiver
@@ -64,6 +81,9 @@ class _DialedSocket:
 
     def _conn_closing(self, conn: UDPConn) -> None:
         self._reader.stop()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         self._writer.when_empty(self._release)
 
     def _release(self) -> None:

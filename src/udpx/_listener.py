@@ -15,6 +15,7 @@ from typing import Any, Generic, Protocol, Self, TypeVar, final
 from ._conn import UDPConn
 from ._demux import Demux
 from ._errors import ListenerClosed
+from ._idle import sweep, sweep_interval
 from ._mmsg import make_receiver, make_sender
 from ._options import Options
 from ._queue import RxQueue, TxQueue
@@ -104,6 +105,9 @@ class Listener(asyncio.DatagramProtocol):
         self._closed = False
         self._done: asyncio.Future[None] = loop.create_future()
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)
+        self._sweeper: asyncio.TimerHandle | None = None
+        if options.idle_timeout is not None:
+            self._sweeper = loop.call_later(sweep_interval(options.idle_timeout), self._sweep)
         self._reader.start()
 
     def __repr__(self) -> str:
@@ -229,6 +233,17 @@ class Listener(asyncio.DatagramProtocol):
     def _kernel_drops(self) -> int | None:
         return None  # counted once, on the listener
 
+    def _sweep(self) -> None:
+        # One timer per listener, O(connections) per sweep; nothing per datagram.
+        timeout = self._options.idle_timeout
+        assert timeout is not None
+        idle = sweep(self._loop.time(), timeout, self._conns.values())
+        for conn in idle:
+            logger.debug("udpx: connection from %r reaped after %.1f s idle", conn.remote_addr,
+                         self._loop.time() - conn.idle_since)
+            conn._close("idle")
+        self._sweeper = self._loop.call_later(sweep_interval(timeout), self._sweep)
+
     # -- introspection ----------------------------------------------------------------------
 
     @property
@@ -281,6 +296,9 @@ class Listener(asyncio.DatagramProtocol):
             return
         self._closed = True
         self._reader.stop()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self._conns.values()):
             conn.close()
         self._backlog.clear()
