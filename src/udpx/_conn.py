@@ -60,7 +60,8 @@ class UDPConn:
         self._writer = writer
         self._txq = writer.queue
         self._rx = RxQueue(rx_queue_size, self._wake_receivers)
-        self._tx = TxAccount(sockaddr, self._set_error)
+        self._tx = TxAccount(sockaddr, self._set_error,
+                             remote_addr if sockaddr is not None else None)
         self._receivers: list[asyncio.Future[None]] = []
         self._max_send = max_send
         self._local = local_addr

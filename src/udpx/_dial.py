@@ -33,7 +33,8 @@ class _DialedSocket:
         self._receiver = make_receiver(sock, options.batch_size, options.max_datagram, False,
                                        None)
         self._sender = make_sender(sock, options.batch_size, options.max_datagram, False, None)
-        self._writer = Writer(loop, sock, self._sender, TxQueue(options.tx_queue_size), False)
+        self._writer = Writer(loop, sock, self._sender, TxQueue(options.tx_queue_size), False,
+                              gso=options.gso and options.batch_size > 1)
         self._reader = BatchReader(loop, sock, self._receiver, self._on_batch, self._on_error)
         self.conn = UDPConn(loop=loop, owner=self, writer=self._writer,
                             rx_queue_size=options.rx_queue_size,
@@ -103,7 +104,7 @@ def dial(host: str, port: int, *, batch_size: int = 64, max_datagram: int = 6553
          rx_queue_size: int = 1024, tx_queue_size: int = 4096,
          idle_timeout: float | None = 3600.0, rcvbuf: int | None = None,
          sndbuf: int | None = None,
-         local_addr: tuple[str, int] | None = None) -> Opening[UDPConn]:
+         local_addr: tuple[str, int] | None = None, gso: bool = True) -> Opening[UDPConn]:
     """Open a connection to ``host``/``port`` over a connected UDP socket.
 
     Await the result, or use it with ``async with``. No datagram is exchanged by dialing.
@@ -116,7 +117,7 @@ def dial(host: str, port: int, *, batch_size: int = 64, max_datagram: int = 6553
     options = Options(batch_size=batch_size, max_datagram=max_datagram,
                       rx_queue_size=rx_queue_size, tx_queue_size=tx_queue_size,
                       idle_timeout=idle_timeout, rcvbuf=rcvbuf, sndbuf=sndbuf,
-                      local_addr=local_addr)
+                      local_addr=local_addr, gso=gso)
     if not isinstance(host, str):
         raise ValueError(f"host must be a str, got {host!r}")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:

@@ -92,7 +92,8 @@ class Listener(asyncio.DatagramProtocol):
                                        lambda address: key_from_address(family, address))
         self._sender = make_sender(sock, options.batch_size, options.max_datagram, True,
                                    lambda raw: address_from_sockaddr(family, raw))
-        self._writer = Writer(loop, sock, self._sender, TxQueue(options.tx_queue_size), True)
+        self._writer = Writer(loop, sock, self._sender, TxQueue(options.tx_queue_size), True,
+                              gso=options.gso and options.batch_size > 1)
         self._reader = BatchReader(loop, sock, self._receiver, self._on_batch, self._on_error)
         self._conns: dict[Hashable, UDPConn] = {}
         self._closing: set[UDPConn] = set()
@@ -340,7 +341,7 @@ def listen(host: str | None, port: int, *, batch_size: int = 64, max_datagram: i
            rx_queue_size: int = 1024, tx_queue_size: int = 4096,
            idle_timeout: float | None = 3600.0, max_conns: int = 65536, backlog: int = 1024,
            reuse_port: bool = False, rcvbuf: int | None = None,
-           sndbuf: int | None = None) -> Opening[Listener]:
+           sndbuf: int | None = None, gso: bool = True) -> Opening[Listener]:
     """Listen for datagrams on ``host``/``port`` (``host=None``: every interface, IPv6
     dual-stack where available; ``port=0``: a free port, see ``local_addr``).
 
@@ -353,7 +354,7 @@ def listen(host: str | None, port: int, *, batch_size: int = 64, max_datagram: i
     options = Options(batch_size=batch_size, max_datagram=max_datagram,
                       rx_queue_size=rx_queue_size, tx_queue_size=tx_queue_size,
                       idle_timeout=idle_timeout, max_conns=max_conns, backlog=backlog,
-                      reuse_port=reuse_port, rcvbuf=rcvbuf, sndbuf=sndbuf)
+                      reuse_port=reuse_port, rcvbuf=rcvbuf, sndbuf=sndbuf, gso=gso)
     if port is None or isinstance(port, bool) or not isinstance(port, int) or not (
             0 <= port <= 65535):
         raise ValueError(f"port must be an int between 0 and 65535, got {port!r}")

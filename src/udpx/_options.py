@@ -66,6 +66,11 @@ class Options:
     local_addr: tuple[str, int] | None = None
     """dial() only: (host, port) to bind before connecting."""
 
+    gso: bool = True
+    """Send runs of equal-size datagrams to one peer as one UDP GSO send where the kernel
+    supports it (Linux); turned off for the socket at the first refusal. Off when
+    ``batch_size`` is 1."""
+
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _check_int("max_datagram", self.max_datagram, 1, 65535)
@@ -80,8 +85,9 @@ class Options:
                     f"idle_timeout must be a number of seconds or None, got {timeout!r}")
             if not (timeout > 0 and math.isfinite(timeout)):
                 raise ValueError(f"idle_timeout must be positive and finite, got {timeout!r}")
-        if not isinstance(self.reuse_port, bool):
-            raise ValueError(f"reuse_port must be a bool, got {self.reuse_port!r}")
+        for name in ("reuse_port", "gso"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("rcvbuf", "sndbuf"):
             size = getattr(self, name)
             if size is not None:

@@ -13,6 +13,8 @@ import contextlib
 import errno
 import logging
 import socket
+import struct
+import sys
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
@@ -27,18 +29,32 @@ logger = logging.getLogger("udpx")
 #: Batches sent per callback before yielding to the loop (fairness, as for the reader).
 MAX_BATCHES_PER_CALLBACK = 16
 
+# UDP generic segmentation offload: one sendmsg carries many equal-size datagrams for one peer,
+# segmented by the kernel (or the NIC). The kernel's per-datagram send cost dominates sending,
+# so this is the send side's real win (PERFORMANCE.md: about 4x the rate of sendmmsg).
+SOL_UDP = 17
+UDP_SEGMENT = 103
+GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS on older kernels; newer ones allow 128
+GSO_MAX_BYTES = 65507  # one IPv4 datagram's payload (IPv4-mapped peers included)
+HAVE_GSO = sys.platform.startswith("linux")
+
 
 class Writer:
     """Drains ``queue`` into ``sock``. ``named``: each datagram carries its destination."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, sender: Sender,
-                 queue: TxQueue, named: bool) -> None:
+                 queue: TxQueue, named: bool, gso: bool = True) -> None:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
         self.sender = sender
         self.queue = queue
         self._named = named
+        #: Whether runs of equal-size datagrams to one peer go out as one GSO send.
+        self.gso = gso and HAVE_GSO
+        #: GSO sends made (tests and benchmarks read it).
+        self.gso_sends = 0
+        self._gso_control: dict[int, list[tuple[int, int, bytes]]] = {}
         self._scheduled = False
         self._waiting_writable = False
         self._closed = False
@@ -126,6 +142,19 @@ class Writer:
         for _ in range(MAX_BATCHES_PER_CALLBACK):
             if not datagrams:
                 break
+            if self.gso:
+                run = self._gso_run(datagrams, owners)
+                if run > 1:
+                    handled = self._send_gso(run)
+                    if handled >= 0:
+                        queue.pop(handled)
+                        if self._space_waiters:
+                            self._wake_space(handled)
+                        if handled < run:
+                            self._waiting_writable = True
+                            self._loop.add_writer(self._fd, self._on_writable)
+                            return
+                        continue
             count = min(len(datagrams), sender.size)
             chunk = list(islice(datagrams, count))
             chunk_owners: list[TxAccount] = list(islice(owners, count))
@@ -145,6 +174,72 @@ class Writer:
             self._loop.call_soon(self._flush)
         elif self._on_empty:
             self._run_on_empty()
+
+    def _gso_run(self, datagrams: deque[bytes], owners: deque[TxAccount]) -> int:
+        """How many datagrams at the head of the queue one GSO send can carry: same connection,
+        same size (the last may be shorter, not empty), at most GSO_MAX_SEGMENTS and
+        GSO_MAX_BYTES in all."""
+        size = len(datagrams[0])
+        if size == 0:
+            return 0
+        owner = owners[0]
+        limit = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size, len(datagrams))
+        run = 1
+        for data, other in zip(islice(datagrams, 1, limit), islice(owners, 1, limit)):
+            if other is not owner:
+                break
+            length = len(data)
+            if length != size:
+                if 0 < length < size:
+                    run += 1
+                break
+            run += 1
+        return run
+
+    def _send_gso(self, run: int) -> int:
+        """Send the ``run`` datagrams at the head of the queue with one UDP_SEGMENT sendmsg.
+
+        Returns how many were handled: ``run``, or 0 on EAGAIN, or -1 when the kernel or the
+        device refused GSO (it is then off for this socket and the caller falls back to
+        sendmmsg).
+        """
+        queue = self.queue
+        chunk = list(islice(queue.datagrams, run))
+        owner: TxAccount = queue.owners[0]
+        size = len(chunk[0])
+        control = self._gso_control.get(size)
+        if control is None:
+            control = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+            self._gso_control[size] = control
+        payload = b"".join(chunk)
+        retried = False
+        while True:
+            try:
+                if owner.address is None:
+                    self._sock.sendmsg((payload,), control)
+                else:
+                    self._sock.sendmsg((payload,), control, 0, owner.address)
+            except BlockingIOError:
+                return 0
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ECONNREFUSED and owner.on_error is not None:
+                    owner.on_error(exc)  # an earlier datagram's ICMP error, as in _send_chunk
+                    if not retried:
+                        retried = True
+                        continue
+                    return -1
+                # EIO (no checksum offload), EINVAL (segment over the path MTU), ENOPROTOOPT
+                # (old kernel)...: GSO is not for this socket; sendmmsg takes over.
+                self.gso = False
+                logger.info("udpx: UDP GSO turned off for %r: %s", self._sock, exc)
+                return -1
+            break
+        self.gso_sends += 1
+        owner.packets += run
+        owner.bytes += len(payload)
+        return run
 
     def send_now(self, datagrams: list[bytes], owner: TxAccount, sender: Sender) -> int:
         """Send ``datagrams`` of one connection at once through ``sender`` (a batch of the

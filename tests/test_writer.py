@@ -1,0 +1,61 @@
+"""The writer: GSO runs, sendmmsg fallback, ordering and accounting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import udpx
+
+from .conftest import Runner
+from .test_end_to_end import BIG_RCVBUF, recv_exactly
+
+
+@pytest.mark.parametrize("gso", [True, False], ids=["gso", "sendmmsg"])
+def test_runs_of_mixed_sizes_arrive_whole_and_in_order(run: Runner[Any], host: str,
+                                                       gso: bool) -> None:
+    # Equal sizes, a shorter last one, empty datagrams, a size change, a single one...
+    datagrams = ([b"a" * 100] * 70 + [b"b" * 30] + [b""] * 3 + [b"c" * 1200] * 60
+                 + [b"d" * 1201] + [b"e" * 5000] * 20 + [b"f" * 7] * 2)
+
+    async def main() -> None:
+        async with udpx.listen(host, 0, rcvbuf=BIG_RCVBUF) as ln, \
+                udpx.dial(host, ln.local_addr[1], gso=gso) as conn:
+            await conn.send_many(datagrams)
+            server_conn = await ln.accept()
+            assert await recv_exactly(server_conn, len(datagrams)) == datagrams
+            writer = conn._writer
+            if gso:
+                assert 0 < writer.gso_sends < len(datagrams) // 4
+            else:
+                assert writer.gso_sends == 0
+            stats = conn.stats
+            assert stats.tx_packets == len(datagrams)
+            assert stats.tx_bytes == sum(map(len, datagrams))
+            # The listener's side: runs to one peer, interleaved with another peer.
+            async with udpx.dial(host, ln.local_addr[1]) as other:
+                await other.send(b"hi")
+                other_conn = await ln.accept()
+                for index in range(10):
+                    await server_conn.send_many([b"%d" % index] * 5)
+                    await other_conn.send(b"x%d" % index)
+                expected = [b"%d" % index for index in range(10) for _ in range(5)]
+                assert await recv_exactly(conn, 50) == expected
+                assert await recv_exactly(other, 10) == [b"x%d" % i for i in range(10)]
+            assert ln.stats.tx_packets == 60
+
+    run(main())
+
+
+def test_batch_size_one_sends_one_datagram_per_syscall(run: Runner[Any], host: str) -> None:
+    async def main() -> None:
+        async with udpx.listen(host, 0) as ln, \
+                udpx.dial(host, ln.local_addr[1], batch_size=1) as conn:
+            await conn.send_many([b"same size"] * 10)
+            server_conn = await ln.accept()
+            assert await recv_exactly(server_conn, 10) == [b"same size"] * 10
+            assert conn._writer.gso_sends == 0
+            assert conn._writer.sender.calls == 10
+
+    run(main())
