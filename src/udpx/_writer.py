@@ -43,7 +43,7 @@ class Writer:
     """Drains ``queue`` into ``sock``. ``named``: each datagram carries its destination."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, sender: Sender,
-                 queue: TxQueue, named: bool, gso: bool = True) -> None:
+                 queue: TxQueue, named: bool, *, gso: bool = True) -> None:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
