@@ -28,6 +28,8 @@ class _Owner(Protocol):
 
     def _kernel_drops(self) -> int | None: ...
 
+    def _abort(self) -> None: ...
+
 
 def _as_bytes(data: object) -> bytes:
     # The queue keeps the datagram until the writer runs: take a snapshot of mutable buffers so
@@ -346,5 +348,6 @@ class UDPConn:
         if not self._closed and self._key is None:
             # A dialed connection owns a socket: leaving it open is a leak worth a warning.
             _warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self._owner._abort()
 
 

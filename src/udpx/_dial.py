@@ -96,6 +96,12 @@ class _DialedSocket:
         self._sock.close()
         self.conn._finished()
 
+    def _abort(self) -> None:
+        """Garbage collection of an unclosed connection: free the socket, send nothing more."""
+        if not self._released:
+            self._released = True
+            self._sock.close()
+
     def _kernel_drops(self) -> int | None:
         return kernel_drops(self._sock)
 

@@ -234,6 +234,9 @@ class Listener(asyncio.DatagramProtocol):
     def _kernel_drops(self) -> int | None:
         return None  # counted once, on the listener
 
+    def _abort(self) -> None:
+        return None  # the listener's own finaliser frees the socket
+
     def _sweep(self) -> None:
         # One timer per listener, O(connections) per sweep; nothing per datagram.
         timeout = self._options.idle_timeout
