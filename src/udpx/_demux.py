@@ -74,8 +74,22 @@ class Demux:
         Every datagram ends up queued on its peer's connection or counted as a drop. Each queue
         that became non-empty is woken once, after the whole batch.
         """
-        # Hot path, run for every datagram a listener receives: locals only, the peer lookup
-        # skipped for runs of datagrams from one peer, no per-datagram call except the slice.
+        # Hot path, run for every datagram a listener receives.
+        count = len(lengths)
+        if count > 1 and keys.count(keys[0]) == count:
+            # A whole batch from one peer (a bulk sender, a dialed client): one lookup and one
+            # list comprehension, as for a connected socket.
+            queue = self.table.get(keys[0])
+            if queue is None:
+                queue = self.admit(keys[0])
+            if queue is None:
+                # admit() counted one drop; the rest of the batch is refused the same way.
+                self.feed_batch_refused(keys[0], count - 1)
+            else:
+                queue.put_batch(arena, offsets, lengths)
+            return
+        # Mixed peers: locals only, the lookup skipped within runs of one peer, no per-datagram
+        # call except the slice.
         table_get = self.table.get
         touched: list[RxQueue] = []
         last_key: Hashable = _NO_KEY
@@ -104,6 +118,13 @@ class Demux:
             current.rx_bytes += length
         for queue in touched:
             queue.wake()
+
+    def feed_batch_refused(self, key: Hashable, count: int) -> None:
+        """Count ``count`` more datagrams from a peer that admission just refused."""
+        if len(self.table) >= self.max_conns:
+            self.dropped_conn_limit += count
+        else:
+            self.dropped_backlog += count
 
     def feed_one(self, key: Hashable, data: bytes | None) -> None:
         """Route one datagram (``None``: it was truncated and is dropped, counted)."""
