@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import warnings
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, final
 
 from ._errors import ConnectionClosed, MessageTooLong, QueueFull, WouldBlock
 from ._queue import RxQueue, TxAccount
+from ._sockets import address_from_key
 from ._stats import ConnStats, drops_mapping
 
 if TYPE_CHECKING:
@@ -50,21 +52,25 @@ class UDPConn:
     connection is closed and drained.
     """
 
-    __slots__ = ("__weakref__", "_close_reason", "_closed", "_created", "_done", "_error", "_key",
+    # Slots, and objects made only when needed (the receivers list, the closed future, the
+    # remote address tuple of a listener's connection), keep an idle connection small: a
+    # listener may hold a hundred thousand of them.
+    __slots__ = ("__weakref__", "_close_reason", "_closed", "_done", "_error", "_key",
                  "_local", "_loop", "_max_send", "_owner", "_receivers", "_remote", "_rx", "_tx",
                  "_txq", "_writer", "idle_count", "idle_since")
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, owner: _Owner, writer: Writer,
-                 rx_queue_size: int, max_send: int, local_addr: Address, remote_addr: Address,
-                 sockaddr: bytes | None, key: object = None) -> None:
+                 rx_queue_size: int, max_send: int, local_addr: Address,
+                 remote_addr: Address | None, sockaddr: bytes | None,
+                 key: Hashable = None) -> None:
         self._loop = loop
         self._owner = owner
         self._writer = writer
         self._txq = writer.queue
         self._rx = RxQueue(rx_queue_size, self._wake_receivers)
-        self._tx = TxAccount(sockaddr, self._set_error,
-                             remote_addr if sockaddr is not None else None)
-        self._receivers: list[asyncio.Future[None]] = []
+        # Only a connected socket reports ICMP errors, so only a dialed connection needs on_error.
+        self._tx = TxAccount(sockaddr, self._set_error if sockaddr is None else None)
+        self._receivers: list[asyncio.Future[None]] | None = None
         self._max_send = max_send
         self._local = local_addr
         self._remote = remote_addr
@@ -72,9 +78,9 @@ class UDPConn:
         self._closed = False
         self._close_reason = "closed"
         self._error: int | None = None
-        self._done: asyncio.Future[None] = loop.create_future()
+        self._done: asyncio.Future[None] | bool = False  # True: finished before anyone waited
         # Idle tracking (see _idle): the activity count seen by the last sweep, and since when.
-        self._created = self.idle_since = loop.time()
+        self.idle_since = loop.time()
         self.idle_count = 0
 
     def activity_count(self) -> int:
@@ -84,7 +90,7 @@ class UDPConn:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<udpx.UDPConn {state} local={self._local!r} remote={self._remote!r}>"
+        return f"<udpx.UDPConn {state} local={self._local!r} remote={self.remote_addr!r}>"
 
     # -- addresses and state ---------------------------------------------------------------
 
@@ -96,7 +102,10 @@ class UDPConn:
     @property
     def remote_addr(self) -> Address:
         """The peer's socket address."""
-        return self._remote
+        if self._remote is not None:
+            return self._remote
+        family = socket.AF_INET if len(self._local) == 2 else socket.AF_INET6
+        return address_from_key(family, self._key)
 
     @property
     def closed(self) -> bool:
@@ -139,21 +148,25 @@ class UDPConn:
     def _wake_receivers(self) -> None:
         receivers = self._receivers
         if receivers:
-            self._receivers = []
+            self._receivers = None
             for future in receivers:
                 if not future.done():
                     future.set_result(None)
 
     async def _wait_readable(self) -> None:
         future: asyncio.Future[None] = self._loop.create_future()
-        self._receivers.append(future)
+        if self._receivers is None:
+            self._receivers = [future]
+        else:
+            self._receivers.append(future)
         try:
             await future
         finally:
             # Cancelled (or timed out): forget the future; nothing was taken from the queue.
-            if not future.done() or future.cancelled():
+            receivers = self._receivers
+            if receivers is not None and (not future.done() or future.cancelled()):
                 with contextlib.suppress(ValueError):
-                    self._receivers.remove(future)
+                    receivers.remove(future)
 
     async def recv(self) -> bytes:
         """Receive one whole datagram, waiting until one arrives.
@@ -324,13 +337,21 @@ class UDPConn:
 
     def _finished(self) -> None:
         """Everything this connection queued was handled; its resources are free."""
-        if not self._done.done():
-            self._done.set_result(None)
+        done = self._done
+        if done is False:
+            self._done = True
+        elif isinstance(done, asyncio.Future) and not done.done():
+            done.set_result(None)
 
     async def wait_closed(self) -> None:
         """Wait until a closed connection has flushed its queued datagrams and freed its
         resources."""
-        await asyncio.shield(self._done)
+        done = self._done
+        if done is True:
+            return
+        if done is False:
+            done = self._done = self._loop.create_future()
+        await asyncio.shield(done)
 
     async def aclose(self) -> None:
         """``close()`` then ``wait_closed()``."""

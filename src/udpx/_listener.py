@@ -149,7 +149,7 @@ class Listener(asyncio.DatagramProtocol):
         conn = UDPConn(loop=self._loop, owner=self, writer=self._writer,
                        rx_queue_size=self._options.rx_queue_size,
                        max_send=min(self._options.max_datagram, max_payload(self._family, remote)),
-                       local_addr=self._local, remote_addr=remote,
+                       local_addr=self._local, remote_addr=None,  # built from key on demand
                        sockaddr=sockaddr_from_key(self._family, key), key=key)
         self._conns[key] = conn
         self._backlog.append(conn)

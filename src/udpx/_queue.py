@@ -151,14 +151,12 @@ class TxAccount:
     datagrams it refused; ``enqueued - packets - errors`` is what is still queued.
     """
 
-    __slots__ = ("address", "bytes", "enqueued", "errors", "on_error", "packets", "sockaddr")
+    __slots__ = ("bytes", "enqueued", "errors", "on_error", "packets", "sockaddr")
 
     def __init__(self, sockaddr: bytes | None,
-                 on_error: Callable[[OSError], None] | None = None,
-                 address: tuple[Any, ...] | None = None) -> None:
-        #: Raw destination sockaddr, and the same as a tuple; None on a connected socket.
+                 on_error: Callable[[OSError], None] | None = None) -> None:
+        #: Raw destination sockaddr; None on a connected socket.
         self.sockaddr = sockaddr
-        self.address = address
         self.on_error = on_error
         self.enqueued = 0
         self.packets = 0

@@ -21,6 +21,7 @@ from itertools import islice
 
 from ._mmsg import Sender
 from ._queue import TxAccount, TxQueue
+from ._sockets import address_from_sockaddr
 
 __all__ = ["Writer"]
 
@@ -215,10 +216,11 @@ class Writer:
         retried = False
         while True:
             try:
-                if owner.address is None:
+                if owner.sockaddr is None:
                     self._sock.sendmsg((payload,), control)
                 else:
-                    self._sock.sendmsg((payload,), control, 0, owner.address)
+                    self._sock.sendmsg((payload,), control, 0,
+                                       address_from_sockaddr(self._sock.family, owner.sockaddr))
             except BlockingIOError:
                 return 0
             except InterruptedError:
