@@ -32,6 +32,8 @@ class _Owner(Protocol):
 
     def _abort(self) -> None: ...
 
+    def _describe_socket(self) -> dict[str, Any] | None: ...
+
 
 def _as_bytes(data: object) -> bytes:
     # The queue keeps the datagram until the writer runs: take a snapshot of mutable buffers so
@@ -55,7 +57,7 @@ class UDPConn:
     # Slots, and objects made only when needed (the receivers list, the closed future, the
     # remote address tuple of a listener's connection), keep an idle connection small: a
     # listener may hold a hundred thousand of them.
-    __slots__ = ("__weakref__", "_close_reason", "_closed", "_done", "_error", "_key",
+    __slots__ = ("__weakref__", "_close_reason", "_closed", "_created", "_done", "_error", "_key",
                  "_local", "_loop", "_max_send", "_owner", "_receivers", "_remote", "_rx", "_tx",
                  "_txq", "_writer", "idle_count", "idle_since")
 
@@ -80,7 +82,7 @@ class UDPConn:
         self._error: int | None = None
         self._done: asyncio.Future[None] | bool = False  # True: finished before anyone waited
         # Idle tracking (see _idle): the activity count seen by the last sweep, and since when.
-        self.idle_since = loop.time()
+        self._created = self.idle_since = loop.time()
         self.idle_count = 0
 
     def activity_count(self) -> int:
@@ -128,6 +130,30 @@ class UDPConn:
         if kernel is not None:
             drops["kernel"] = kernel
         return ConnStats(rx.rx_packets, rx.rx_bytes, tx.packets, tx.bytes, drops_mapping(**drops))
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot: addresses, age, idle time, queue depths, stats.
+
+        ``idle`` is the time since the connection was last seen active, at the granularity of
+        the idle sweep (``idle_timeout / 2``): 0 when it was active since the last sweep.
+        """
+        now = self._loop.time()
+        idle = 0.0 if self.activity_count() != self.idle_count else now - self.idle_since
+        description: dict[str, Any] = {
+            "local_addr": list(self._local),
+            "remote_addr": list(self.remote_addr),
+            "closed": self._closed,
+            "close_reason": self.close_reason,
+            "age": round(now - self._created, 3),
+            "idle": round(idle, 3),
+            "rx_queued": len(self._rx),
+            "tx_pending": self._tx.pending(),
+            "stats": self.stats.as_dict(),
+        }
+        socket_info = self._owner._describe_socket()
+        if socket_info is not None:
+            description["socket"] = socket_info
+        return description
 
     # -- errors reported by the socket -------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import final
+from typing import Any, final
 
 from ._conn import UDPConn
 from ._idle import sweep, sweep_interval
@@ -14,7 +14,7 @@ from ._mmsg import make_receiver, make_sender
 from ._options import Options
 from ._queue import TxQueue
 from ._reader import BatchReader
-from ._sockets import Address, bind_socket, kernel_drops, max_payload, resolve
+from ._sockets import Address, bind_socket, buffer_sizes, kernel_drops, max_payload, resolve
 from ._writer import Writer
 
 __all__ = ["dial"]
@@ -101,6 +101,11 @@ class _DialedSocket:
         if not self._released:
             self._released = True
             self._sock.close()
+
+    def _describe_socket(self) -> dict[str, Any] | None:
+        rcvbuf, sndbuf = buffer_sizes(self._sock) if not self._released else (0, 0)
+        return {"rcvbuf": rcvbuf, "sndbuf": sndbuf, "batch_size": self._receiver.size,
+                "gso": self._writer.gso, "tx_queued": len(self._writer.queue)}
 
     def _kernel_drops(self) -> int | None:
         return kernel_drops(self._sock)

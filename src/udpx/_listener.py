@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import warnings
@@ -38,6 +39,9 @@ from ._writer import Writer
 __all__ = ["Listener", "Opening", "listen"]
 
 logger = logging.getLogger("udpx")
+
+#: Seconds between two warnings about a listener's drops (at most one per interval).
+DROP_REPORT_INTERVAL = 10.0
 
 class _Closeable(Protocol):
     async def aclose(self) -> None: ...
@@ -109,6 +113,8 @@ class Listener(asyncio.DatagramProtocol):
         self._sweeper: asyncio.TimerHandle | None = None
         if options.idle_timeout is not None:
             self._sweeper = loop.call_later(sweep_interval(options.idle_timeout), self._sweep)
+        self._drops_reported: dict[str, int] = {}
+        self._drop_reporter = loop.call_later(DROP_REPORT_INTERVAL, self._report_drops)
         self._reader.start()
 
     def __repr__(self) -> str:
@@ -237,6 +243,40 @@ class Listener(asyncio.DatagramProtocol):
     def _abort(self) -> None:
         return None  # the listener's own finaliser frees the socket
 
+    def _describe_socket(self) -> dict[str, Any] | None:
+        return None  # described once, by the listener
+
+    def _report_drops(self) -> None:
+        # At most one warning per interval, and only when something was dropped: never per
+        # datagram. O(connections), like the idle sweep.
+        drops = dict(self.stats.drops)
+        new = {reason: count - self._drops_reported.get(reason, 0)
+               for reason, count in drops.items() if count > self._drops_reported.get(reason, 0)}
+        if new:
+            logger.warning("udpx: listener %r dropped datagrams in the last %.0f s: %s",
+                           self._local, DROP_REPORT_INTERVAL,
+                           ", ".join(f"{reason}={count}" for reason, count in new.items()))
+        self._drops_reported = drops
+        self._drop_reporter = self._loop.call_later(DROP_REPORT_INTERVAL, self._report_drops)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot of the listener and every open connection: address,
+        options, socket buffer sizes granted by the kernel, queue depths, stats."""
+        options = {item.name: getattr(self._options, item.name)
+                   for item in dataclasses.fields(self._options)}
+        options.pop("local_addr", None)
+        rcvbuf, sndbuf = buffer_sizes(self._sock) if self._sock.fileno() >= 0 else (0, 0)
+        return {
+            "local_addr": list(self._local),
+            "closed": self._closed,
+            "options": options,
+            "socket": {"rcvbuf": rcvbuf, "sndbuf": sndbuf, "batch_size": self._receiver.size,
+                       "gso": self._writer.gso, "tx_queued": len(self._writer.queue)},
+            "backlog": len(self._backlog),
+            "stats": self.stats.as_dict(),
+            "conns": [conn.describe() for conn in self._conns.values()],
+        }
+
     def _sweep(self) -> None:
         # One timer per listener, O(connections) per sweep; nothing per datagram.
         timeout = self._options.idle_timeout
@@ -303,6 +343,7 @@ class Listener(asyncio.DatagramProtocol):
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        self._drop_reporter.cancel()
         for conn in list(self._conns.values()):
             conn.close()
         self._backlog.clear()

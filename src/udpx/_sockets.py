@@ -145,9 +145,9 @@ def bind_socket(family: int, address: Address | None, *, connect_to: Address | N
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if rcvbuf is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            _set_buffer(sock, socket.SO_RCVBUF, "rcvbuf", rcvbuf, "net.core.rmem_max")
         if sndbuf is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            _set_buffer(sock, socket.SO_SNDBUF, "sndbuf", sndbuf, "net.core.wmem_max")
         if address is not None:
             sock.bind(address)
         if connect_to is not None:
@@ -156,6 +156,32 @@ def bind_socket(family: int, address: Address | None, *, connect_to: Address | N
         sock.close()
         raise
     return sock
+
+
+_warned_sysctls: set[str] = set()
+
+
+def _read_sysctl(name: str) -> int | None:
+    try:
+        with open("/proc/sys/" + name.replace(".", "/")) as file:
+            return int(file.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _set_buffer(sock: socket.socket, option: int, name: str, requested: int,
+                sysctl: str) -> None:
+    """Request a socket buffer size; warn once per process when the kernel capped it."""
+    sock.setsockopt(socket.SOL_SOCKET, option, requested)
+    granted = sock.getsockopt(socket.SOL_SOCKET, option)
+    # Linux doubles the request (bookkeeping overhead) and caps it at the sysctl, doubled.
+    limit = _read_sysctl(sysctl)
+    if limit is not None and requested > limit and sysctl not in _warned_sysctls:
+        _warned_sysctls.add(sysctl)
+        logger.warning(
+            "udpx: %s of %d bytes requested, the kernel granted %d (capped by %s = %d); "
+            "raise it with: sysctl -w %s=%d", name, requested, granted, sysctl, limit, sysctl,
+            requested)
 
 
 def buffer_sizes(sock: socket.socket) -> tuple[int, int]:

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
+from typing import Any
 
 __all__ = ["ConnStats", "ListenerStats", "drops_mapping"]
 
 
 def drops_mapping(**counts: int) -> Mapping[str, int]:
     return MappingProxyType(dict(counts))
+
+
+def _as_dict(stats: ConnStats | ListenerStats) -> dict[str, Any]:
+    result: dict[str, Any] = {item.name: getattr(stats, item.name) for item in fields(stats)}
+    result["drops"] = dict(stats.drops)
+    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +34,10 @@ class ConnStats:
     tx_packets: int = 0
     tx_bytes: int = 0
     drops: Mapping[str, int] = field(default_factory=drops_mapping)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        return _as_dict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,3 +56,7 @@ class ListenerStats:
     drops: Mapping[str, int] = field(default_factory=drops_mapping)
     conns: int = 0
     accepted: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        return _as_dict(self)

@@ -1,0 +1,130 @@
+"""Limits against floods of new peers, kernel drop counters, socket buffers, describe()."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+from typing import Any
+
+import pytest
+
+import udpx
+from udpx import _sockets
+
+from .conftest import Runner
+from .test_end_to_end import BIG_RCVBUF, family_of
+
+
+async def settle(ln: udpx.Listener, expected_total: int) -> None:
+    """Yield to the loop until the listener has accounted for ``expected_total`` datagrams
+    (bounded: the datagrams are already in the socket's queue)."""
+    for _ in range(10_000):
+        stats = ln.stats
+        if stats.rx_packets + sum(stats.drops.values()) >= expected_total:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"only {ln.stats} of {expected_total} accounted for")
+
+
+def test_backlog_and_max_conns_hold_against_a_flood(run: Runner[Any], host: str) -> None:
+    async def main() -> None:
+        async with udpx.listen(host, 0, backlog=50, max_conns=100, rcvbuf=BIG_RCVBUF) as ln:
+            with contextlib.ExitStack() as stack:
+                senders = [stack.enter_context(socket.socket(family_of(host), socket.SOCK_DGRAM))
+                           for _ in range(400)]
+                for sock in senders[:300]:  # 300 distinct source ports, one datagram each
+                    sock.sendto(b"hello", ln.local_addr[:2])
+                await settle(ln, 300)
+                stats = ln.stats
+                assert (stats.conns, stats.drops["backlog_full"], stats.rx_packets) == (50, 250, 50)
+                for _ in range(50):
+                    await ln.accept()
+                for sock in senders[300:]:  # 100 more: 50 fill max_conns, 50 are refused
+                    sock.sendto(b"hello", ln.local_addr[:2])
+                await settle(ln, 400)
+                stats = ln.stats
+                assert stats.conns == 100
+                assert stats.drops["backlog_full"] == 250
+                assert stats.drops["conn_limit"] == 50
+                assert stats.rx_packets == 100
+                assert stats.drops["kernel"] == 0
+
+    run(main())
+
+
+def test_kernel_drops_are_reported(run: Runner[Any], host: str) -> None:
+    async def main() -> None:
+        with socket.socket(family_of(host), socket.SOCK_DGRAM) as raw:
+            raw.bind((host, 0))
+            async with udpx.listen(host, 0, rcvbuf=4096) as ln, \
+                    udpx.dial(host, raw.getsockname()[1], rcvbuf=4096) as conn:
+                # The loop is blocked while these run: the small buffers overflow.
+                for _ in range(2000):
+                    raw.sendto(bytes(100), ln.local_addr[:2])
+                assert ln.stats.drops["kernel"] > 0
+                # A dialed connection's socket has its own counter.
+                for _ in range(2000):
+                    raw.sendto(bytes(100), conn.local_addr[:2])
+                assert conn.stats.drops["kernel"] > 0
+
+
+def test_describe_round_trips_through_json(run: Runner[Any], host: str) -> None:
+    async def main() -> None:
+        async with udpx.listen(host, 0) as ln, udpx.dial(host, ln.local_addr[1]) as conn:
+            await conn.send(b"hi")
+            server_conn = await ln.accept()
+            await server_conn.recv()
+            description = json.loads(json.dumps(ln.describe()))
+            assert description["local_addr"][1] == ln.local_addr[1]
+            assert description["options"]["rx_queue_size"] == 1024
+            assert description["socket"]["rcvbuf"] > 0
+            assert description["stats"]["rx_packets"] == 1
+            [peer] = description["conns"]
+            assert peer["remote_addr"][1] == conn.local_addr[1]
+            assert peer["rx_queued"] == 0 and peer["tx_pending"] == 0
+            assert peer["age"] >= 0 and peer["idle"] >= 0
+            dialed = json.loads(json.dumps(conn.describe()))
+            assert dialed["socket"]["sndbuf"] > 0
+            assert dialed["stats"]["tx_packets"] == 1
+        assert json.loads(json.dumps(ln.describe()))["closed"] is True
+
+    run(main())
+
+
+def test_capped_buffer_request_warns_once(run: Runner[Any],
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    limit = _sockets._read_sysctl("net.core.rmem_max")
+    if limit is None:
+        pytest.skip("no net.core.rmem_max here")
+    _sockets._warned_sysctls.discard("net.core.rmem_max")
+
+    async def main() -> None:
+        with caplog.at_level(logging.WARNING, logger="udpx"):
+            async with udpx.listen("127.0.0.1", 0, rcvbuf=limit * 4) as ln:
+                assert ln.rcvbuf <= 2 * limit  # what the kernel granted, not the request
+            async with udpx.listen("127.0.0.1", 0, rcvbuf=limit * 4):
+                pass
+        warnings = [r for r in caplog.records if "net.core.rmem_max" in r.getMessage()]
+        assert len(warnings) == 1
+        assert "sysctl -w net.core.rmem_max=" in warnings[0].getMessage()
+
+    run(main())
+
+
+def test_drops_are_summarised_not_logged_per_datagram(
+        run: Runner[Any], caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        with caplog.at_level(logging.WARNING, logger="udpx"):
+            async with udpx.listen("127.0.0.1", 0, backlog=1) as ln:
+                for port in range(40000, 40100):
+                    ln.datagram_received(b"x", ("127.0.0.1", port))
+                assert not caplog.records  # nothing logged per datagram
+                ln._report_drops()  # what the listener's timer runs every interval
+                ln._report_drops()  # nothing new: no second warning
+        [record] = caplog.records
+        assert "backlog_full=99" in record.getMessage()
+
+    run(main())
