@@ -83,7 +83,11 @@ class Options:
             if isinstance(timeout, bool) or not isinstance(timeout, int | float):
                 raise ValueError(
                     f"idle_timeout must be a number of seconds or None, got {timeout!r}")
-            if not (timeout > 0 and math.isfinite(timeout)):
+            try:
+                finite = math.isfinite(timeout)
+            except OverflowError:  # an int beyond the float range
+                finite = False
+            if not (timeout > 0 and finite):
                 raise ValueError(f"idle_timeout must be positive and finite, got {timeout!r}")
         for name in ("reuse_port", "gso"):
             if not isinstance(getattr(self, name), bool):

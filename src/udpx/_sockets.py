@@ -7,6 +7,7 @@ import contextlib
 import logging
 import socket
 import struct
+import sys
 from collections.abc import Hashable
 from typing import Any
 
@@ -42,7 +43,7 @@ def key_from_address(family: int, address: Address) -> Hashable:
 
 def _key_from_sockaddr(family: int, raw: bytes) -> Hashable:
     if family == socket.AF_INET:
-        return int.from_bytes(raw[:8], "little")
+        return int.from_bytes(raw[:8], sys.byteorder)  # as the batch reader's native view
     return raw[:28]
 
 
@@ -62,7 +63,7 @@ def sockaddr_from_key(family: int, key: Hashable) -> bytes:
     """The raw sockaddr to send to the peer of ``key`` (flow info cleared)."""
     if family == socket.AF_INET:
         assert isinstance(key, int)
-        return key.to_bytes(8, "little") + bytes(8)
+        return key.to_bytes(8, sys.byteorder) + bytes(8)
     assert isinstance(key, bytes)
     return key[:4] + bytes(4) + key[8:28]
 

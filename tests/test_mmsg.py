@@ -1,0 +1,330 @@
+"""The recvmmsg/sendmmsg binding (``udpx._mmsg``) on real loopback sockets, without a loop.
+
+Waiting is done with ``select`` and bounded loops; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from udpx._mmsg import HAVE_MMSG, MSG_TRUNC, RecvBatch, SendBatch, make_receiver, make_sender
+from udpx._sockets import address_from_sockaddr, key_from_address, sockaddr_from_address
+
+pytestmark = pytest.mark.skipif(not HAVE_MMSG, reason="no recvmmsg/sendmmsg on this platform")
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+HAVE_IPV6 = _ipv6_loopback()
+
+
+@pytest.fixture(params=[socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def family(request: pytest.FixtureRequest) -> int:
+    value: int = request.param
+    if value == socket.AF_INET6 and not HAVE_IPV6:
+        pytest.skip("no IPv6 loopback")
+    return value
+
+
+def loopback(family: int) -> str:
+    return "127.0.0.1" if family == socket.AF_INET else "::1"
+
+
+def namelen(family: int) -> int:
+    return 16 if family == socket.AF_INET else 28
+
+
+@pytest.fixture
+def stack() -> Iterator[contextlib.ExitStack]:
+    with contextlib.ExitStack() as exit_stack:
+        yield exit_stack
+
+
+def bound(stack: contextlib.ExitStack, family: int, blocking: bool = False) -> socket.socket:
+    sock = stack.enter_context(socket.socket(family, socket.SOCK_DGRAM))
+    # Room for the whole burst: the default buffer holds only a few hundred small datagrams.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+    sock.bind((loopback(family), 0))
+    sock.setblocking(blocking)
+    return sock
+
+
+def wait_readable(sock: socket.socket, timeout: float = 5.0) -> None:
+    readable, _, _ = select.select([sock], [], [], timeout)
+    assert readable, "nothing arrived on loopback in time"
+
+
+def recv_batch(stack: contextlib.ExitStack, batch_size: int, slot_size: int, family: int,
+               named: bool = True) -> RecvBatch:
+    batch = RecvBatch(batch_size, slot_size, family, named)
+    stack.callback(batch.close)
+    return batch
+
+
+def send_batch(stack: contextlib.ExitStack, batch_size: int, slot_size: int, family: int,
+               named: bool) -> SendBatch:
+    batch = SendBatch(batch_size, slot_size, named, namelen(family))
+    stack.callback(batch.close)
+    return batch
+
+
+def receive_all(batch: RecvBatch, sock: socket.socket, expected: int
+                ) -> tuple[list[bytes], list[int]]:
+    """Receive ``expected`` datagrams; returns them and the count of each non-empty call."""
+    datagrams: list[bytes] = []
+    counts: list[int] = []
+    for _ in range(2 * expected + 10):
+        if len(datagrams) >= expected:
+            break
+        count = batch.receive(sock.fileno())
+        if count == 0:
+            wait_readable(sock)
+            continue
+        counts.append(count)
+        assert batch.truncated(count) is None
+        for offset, length in zip(batch.offsets, batch.lengths(count)):
+            datagrams.append(batch.arena[offset:offset + length])
+    assert len(datagrams) == expected
+    return datagrams, counts
+
+
+def burst_payload(index: int) -> bytes:
+    """Datagram ``index`` of a burst: sizes from 0 up to 1,200 bytes, contents that differ."""
+    size = (index * 37) % 1201 if index % 10 else 0
+    return bytes((index + position) % 256 for position in range(size))
+
+
+# -- RecvBatch ------------------------------------------------------------------------------
+
+
+def test_burst_is_received_in_batches(stack: contextlib.ExitStack, family: int) -> None:
+    receiver = bound(stack, family)
+    sender = bound(stack, family, blocking=True)
+    sent = [burst_payload(index) for index in range(100)]
+    assert b"" in sent
+    for data in sent:
+        sender.sendto(data, receiver.getsockname())
+    batch = recv_batch(stack, 16, 2048, family)
+    received, counts = receive_all(batch, receiver, len(sent))
+    assert received == sent
+    assert all(1 <= count <= 16 for count in counts)
+    # Batched: fewer calls than datagrams, and no more than needed with one wait per call.
+    assert len(counts) >= 100 // 16
+    assert batch.calls < len(sent)
+    # Drained: the next call finds nothing and says so with 0.
+    calls = batch.calls
+    assert batch.receive(receiver.fileno()) == 0
+    assert batch.calls == calls + 1
+
+
+def test_empty_socket_returns_zero(stack: contextlib.ExitStack, family: int) -> None:
+    receiver = bound(stack, family)
+    batch = recv_batch(stack, 8, 64, family)
+    assert batch.receive(receiver.fileno()) == 0
+    assert batch.receive(receiver.fileno()) == 0
+    assert batch.calls == 2
+
+
+def test_truncation_sets_the_mask(stack: contextlib.ExitStack, family: int) -> None:
+    receiver = bound(stack, family)
+    sender = bound(stack, family, blocking=True)
+    sent = [b"short", b"x" * 20, b"", b"12345678", b"y" * 9]
+    for data in sent:
+        sender.sendto(data, receiver.getsockname())
+    batch = recv_batch(stack, 8, 8, family)
+    lengths: list[int] = []
+    masks: list[bool] = []
+    flagged: list[bool] = []
+    heads: list[bytes] = []
+    for _ in range(2 * len(sent)):
+        if len(lengths) >= len(sent):
+            break
+        count = batch.receive(receiver.fileno())
+        if count == 0:
+            wait_readable(receiver)
+            continue
+        lengths += batch.lengths(count)
+        masks += batch.truncated(count) or [False] * count
+        flagged += [bool(flag & MSG_TRUNC) for flag in batch.flags(count)]
+        heads += [batch.arena[offset:offset + 8] for offset in batch.offsets[:count]]
+    # A datagram of exactly the slot size is whole; one byte more is cut.
+    assert masks == flagged == [False, True, False, False, True]
+    assert lengths == [5, 8, 0, 8, 8]
+    assert heads[1] == b"x" * 8
+    assert heads[4] == b"y" * 8
+    # The headers are restored for the next call: whole datagrams are whole again, and the
+    # sender's address is read again in full.
+    sender.sendto(b"abc", receiver.getsockname())
+    wait_readable(receiver)
+    assert batch.receive(receiver.fileno()) == 1
+    assert batch.truncated(1) is None
+    assert batch.lengths(1) == [3]
+    assert batch.keys(1) == [key_from_address(family, sender.getsockname())]
+
+
+def test_truncation_with_single_receiver(stack: contextlib.ExitStack, family: int) -> None:
+    receiver = bound(stack, family)
+    sender = bound(stack, family, blocking=True)
+    single = make_receiver(receiver, 1, 8, True, lambda address: key_from_address(family,
+                                                                                  address))
+    stack.callback(single.close)
+    assert single.receive(receiver.fileno()) == 0
+    sender.sendto(b"z" * 9, receiver.getsockname())
+    sender.sendto(b"z" * 8, receiver.getsockname())
+    results: list[tuple[list[bool] | None, list[int]]] = []
+    for _ in range(10):
+        if len(results) == 2:
+            break
+        if single.receive(receiver.fileno()) == 0:
+            wait_readable(receiver)
+            continue
+        results.append((single.truncated(1), single.lengths(1)))
+    assert results == [([True], [8]), (None, [8])]
+
+
+def test_unnamed_batch_on_connected_socket(stack: contextlib.ExitStack, family: int) -> None:
+    receiver = bound(stack, family)
+    sender = bound(stack, family, blocking=True)
+    receiver.connect(sender.getsockname())
+    for data in (b"one", b"two"):
+        sender.sendto(data, receiver.getsockname())
+    batch = recv_batch(stack, 4, 16, family, named=False)
+    received, _ = receive_all(batch, receiver, 2)
+    assert received == [b"one", b"two"]
+
+
+def test_bad_descriptor_raises_with_errno(stack: contextlib.ExitStack) -> None:
+    batch = recv_batch(stack, 4, 16, socket.AF_INET)
+    with pytest.raises(OSError) as caught:
+        batch.receive(-1)
+    assert caught.value.errno == errno.EBADF
+    reader, writer = os.pipe()
+    stack.callback(os.close, reader)
+    stack.callback(os.close, writer)
+    with pytest.raises(OSError) as caught:
+        batch.receive(reader)
+    assert caught.value.errno == errno.ENOTSOCK
+
+
+def test_refused_surfaces_as_connection_refused_error(stack: contextlib.ExitStack,
+                                                      family: int) -> None:
+    """An ICMP port unreachable on a connected socket is reported by the next receive."""
+    closed = bound(stack, family)
+    address = closed.getsockname()
+    closed.close()
+    sock = bound(stack, family)
+    sock.connect(address)
+    sock.send(b"anyone?")
+    wait_readable(sock)  # POLLERR makes it readable
+    batch = recv_batch(stack, 4, 16, family, named=False)
+    with pytest.raises(ConnectionRefusedError) as caught:
+        batch.receive(sock.fileno())
+    assert caught.value.errno == errno.ECONNREFUSED
+    # Reported once: the socket is usable again.
+    assert batch.receive(sock.fileno()) == 0
+
+
+# -- SendBatch ------------------------------------------------------------------------------
+
+
+def send_filled(batch: SendBatch, sock: socket.socket, count: int) -> None:
+    start = 0
+    for _ in range(count):
+        if start >= count:
+            break
+        start += batch.send(sock.fileno(), start)
+    assert start == count
+
+
+def recv_n(sock: socket.socket, count: int) -> list[tuple[bytes, tuple[object, ...]]]:
+    received: list[tuple[bytes, tuple[object, ...]]] = []
+    for _ in range(count):
+        wait_readable(sock)
+        data, address = sock.recvfrom(70000)
+        received.append((data, address))
+    return received
+
+
+def test_send_to_named_destinations(stack: contextlib.ExitStack, family: int) -> None:
+    sender = bound(stack, family)
+    receivers = [bound(stack, family) for _ in range(2)]
+    names = [sockaddr_from_address(family, receiver.getsockname()) for receiver in receivers]
+    batch = send_batch(stack, 8, 2048, family, named=True)
+    datagrams = [b"", b"a" * 2048, b"bc", b"d" * 100, b"e"]
+    targets = [0, 1, 0, 1, 1]
+    assert batch.fill(datagrams, [names[target] for target in targets]) == len(datagrams)
+    send_filled(batch, sender, len(datagrams))
+    assert batch.calls < len(datagrams)
+    for index, receiver in enumerate(receivers):
+        expected = [data for data, target in zip(datagrams, targets) if target == index]
+        got = recv_n(receiver, len(expected))
+        assert [data for data, _ in got] == expected
+        assert {address for _, address in got} == {sender.getsockname()}
+    # A second, shorter batch with other sizes: the lengths and names of the first are not
+    # reused.
+    assert batch.fill([b"xyz", b""], [names[1], names[0]]) == 2
+    send_filled(batch, sender, 2)
+    assert recv_n(receivers[1], 1)[0][0] == b"xyz"
+    assert recv_n(receivers[0], 1)[0][0] == b""
+
+
+def test_send_on_connected_socket(stack: contextlib.ExitStack, family: int) -> None:
+    receiver = bound(stack, family)
+    sender = bound(stack, family)
+    sender.connect(receiver.getsockname())
+    batch = send_batch(stack, 4, 256, family, named=False)
+    datagrams = [b"1", b"", b"333", b"4444"]
+    batch.fill(datagrams, None)
+    send_filled(batch, sender, 4)
+    assert [data for data, _ in recv_n(receiver, 4)] == datagrams
+    assert batch.calls == 1
+
+
+def test_per_datagram_error_stops_the_call(stack: contextlib.ExitStack, family: int) -> None:
+    """A datagram the kernel refuses (too long) ends the call; the ones before it were sent,
+    the next call at it raises with its errno, and the ones after it can still be sent."""
+    receiver = bound(stack, family)
+    sender = bound(stack, family)
+    sender.connect(receiver.getsockname())
+    too_long = b"L" * 65528  # over both families' limits
+    batch = send_batch(stack, 4, 65536, family, named=False)
+    batch.fill([b"before", too_long, b"after"], None)
+    assert batch.send(sender.fileno(), 0) == 1
+    with pytest.raises(OSError) as caught:
+        batch.send(sender.fileno(), 1)
+    assert caught.value.errno == errno.EMSGSIZE
+    assert batch.send(sender.fileno(), 2) == 1
+    assert [data for data, _ in recv_n(receiver, 2)] == [b"before", b"after"]
+
+
+def test_send_bad_descriptor(stack: contextlib.ExitStack) -> None:
+    batch = send_batch(stack, 2, 16, socket.AF_INET, named=False)
+    batch.fill([b"x"], None)
+    with pytest.raises(OSError) as caught:
+        batch.send(-1, 0)
+    assert caught.value.errno == errno.EBADF
+
+
+def test_single_sender_matches(stack: contextlib.ExitStack, family: int) -> None:
+    receiver = bound(stack, family)
+    sender = bound(stack, family)
+    single = make_sender(sender, 1, 64, True, lambda raw: address_from_sockaddr(family, raw))
+    stack.callback(single.close)
+    name = sockaddr_from_address(family, receiver.getsockname())
+    assert single.fill([b"p", b"q"], [name, name]) == 1
+    assert single.send(sender.fileno(), 0) == 1
+    assert recv_n(receiver, 1)[0] == (b"p", sender.getsockname())
