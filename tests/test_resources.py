@@ -10,7 +10,12 @@ import pytest
 
 import udpx
 
-from .conftest import LOOP_KINDS, uvloop
+from .conftest import LOOP_KINDS
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is in the test extra
+    uvloop = None  # type: ignore[assignment]
 
 
 @pytest.mark.parametrize("kind", LOOP_KINDS)
