@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from typing import Any
 
 import pytest
 
 import udpx
+from udpx._mmsg import make_sender
+from udpx._queue import TxAccount, TxQueue
+from udpx._writer import Writer
 
 from .conftest import Runner
 from .test_end_to_end import BIG_RCVBUF, recv_exactly
@@ -57,5 +62,45 @@ def test_batch_size_one_sends_one_datagram_per_syscall(run: Runner[Any], host: s
             assert await recv_exactly(server_conn, 10) == [b"same size"] * 10
             assert conn._writer.gso_sends == 0
             assert conn._writer.sender.calls == 10
+
+    run(main())
+
+
+def test_writer_waits_for_writability_on_eagain(run: Runner[Any]) -> None:
+    # UDP on loopback never returns EAGAIN (a full receiver drops), but a Unix datagram socket
+    # pair does: a real kernel socket that exercises the writer's wait-for-writable path.
+    total = 2000
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sending, receiving = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with sending, receiving:
+            sending.setblocking(False)
+            receiving.setblocking(False)
+            writer = Writer(loop, sending, make_sender(sending, 64, 2048, False, None),
+                            TxQueue(total), False, gso=False)
+            account = TxAccount(None)
+            for index in range(total):
+                writer.queue.put(b"%d" % index, account)
+            account.enqueued = total
+            writer.schedule()
+            received: list[bytes] = []
+            readable = asyncio.Event()
+            loop.add_reader(receiving.fileno(), readable.set)
+            try:
+                while len(received) < total:
+                    await readable.wait()
+                    readable.clear()
+                    while True:
+                        try:
+                            received.append(receiving.recv(2048))
+                        except BlockingIOError:
+                            break
+            finally:
+                loop.remove_reader(receiving.fileno())
+            assert received == [b"%d" % index for index in range(total)]
+            assert writer.blocked > 0
+            assert account.packets == total and account.errors == 0
+            writer.close()
 
     run(main())

@@ -53,8 +53,9 @@ class Writer:
         self._named = named
         #: Whether runs of equal-size datagrams to one peer go out as one GSO send.
         self.gso = gso and HAVE_GSO
-        #: GSO sends made (tests and benchmarks read it).
+        #: GSO sends made, and times EAGAIN made the writer wait (tests and benchmarks read them).
         self.gso_sends = 0
+        self.blocked = 0
         self._gso_control: dict[int, list[tuple[int, int, bytes]]] = {}
         self._scheduled = False
         self._waiting_writable = False
@@ -127,6 +128,13 @@ class Writer:
             except Exception:  # a bug in a callback must not stop the writer
                 logger.exception("udpx: error in a writer callback")
 
+    def _wait_writable(self) -> None:
+        # EAGAIN: the kernel's buffer is full. Wait until it drains (never seen on loopback UDP,
+        # where a full receiver just drops, but real on other paths).
+        self.blocked += 1
+        self._waiting_writable = True
+        self._loop.add_writer(self._fd, self._on_writable)
+
     def _on_writable(self) -> None:
         self._waiting_writable = False
         self._loop.remove_writer(self._fd)
@@ -152,8 +160,7 @@ class Writer:
                         if self._space_waiters:
                             self._wake_space(handled)
                         if handled < run:
-                            self._waiting_writable = True
-                            self._loop.add_writer(self._fd, self._on_writable)
+                            self._wait_writable()
                             return
                         continue
             count = min(len(datagrams), sender.size)
@@ -166,9 +173,7 @@ class Writer:
             if self._space_waiters:
                 self._wake_space(handled)
             if handled < count:
-                # EAGAIN: the kernel's buffer is full. Wait until it drains.
-                self._waiting_writable = True
-                self._loop.add_writer(self._fd, self._on_writable)
+                self._wait_writable()
                 return
         if datagrams:
             self._scheduled = True
