@@ -344,9 +344,11 @@ class Listener(asyncio.DatagramProtocol):
             self._sweeper.cancel()
             self._sweeper = None
         self._drop_reporter.cancel()
+        # Empty the backlog first, so that closing each connection need not search it.
+        self._backlog.clear()
+        self._demux.pending = 0
         for conn in list(self._conns.values()):
             conn.close()
-        self._backlog.clear()
         self._wake_acceptors()
         self._writer.when_empty(self._release)
 
