@@ -13,7 +13,7 @@ import pytest
 import udpx
 from udpx._listener import Listener
 
-from .conftest import Runner, free_udp_port
+from .conftest import HAVE_IPV6, Runner, free_udp_port
 
 BIG_RCVBUF = 4 * 1024 * 1024  # net.core.rmem_max here; bursts in one process need the room
 
@@ -586,5 +586,33 @@ def test_backlog_and_conn_limit_drop_new_peers(run: Runner[Any]) -> None:
             assert stats.conns == 3
             assert stats.drops["conn_limit"] == 4
             assert stats.drops["backlog_full"] == 3
+
+    run(main())
+
+
+def test_all_interfaces_is_dual_stack(run: Runner[Any]) -> None:
+    async def main() -> None:
+        async with udpx.listen(None, 0) as ln:
+            port = ln.local_addr[1]
+            hosts = ["127.0.0.1", "::1"] if HAVE_IPV6 else ["127.0.0.1"]
+            for host in hosts:
+                async with udpx.dial(host, port) as conn:
+                    await conn.send(host.encode())
+                    server_conn = await ln.accept()
+                    assert await server_conn.recv() == host.encode()
+                    await server_conn.send(b"back")
+                    assert await conn.recv() == b"back"
+
+    run(main())
+
+
+def test_reuse_port_lets_two_listeners_share_a_port(run: Runner[Any], host: str) -> None:
+    async def main() -> None:
+        async with udpx.listen(host, 0, reuse_port=True) as first, \
+                udpx.listen(host, first.local_addr[1], reuse_port=True) as second:
+            assert first.local_addr == second.local_addr
+        with pytest.raises(OSError):
+            async with udpx.listen(host, 0) as third, udpx.listen(host, third.local_addr[1]):
+                pass
 
     run(main())
