@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import multiprocessing
 import os
@@ -38,11 +39,12 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Final, Literal, Protocol, TextIO, TypeVar
 
+from ._conn import UDPConn
 from ._errors import ConnectionClosed
 from ._listener import Listener, listen
 from ._sockets import Address, kernel_drops
@@ -56,6 +58,7 @@ __all__ = [
     "SenderReport",
     "default_loop",
     "format_address",
+    "format_summary",
     "run_echo",
     "run_perf",
     "uvloop_available",
@@ -64,7 +67,6 @@ __all__ = [
 T = TypeVar("T")
 
 LoopName = Literal["asyncio", "uvloop"]
-SenderKind = Literal["gso", "udpx"]
 
 #: Event loops the commands can run on.
 LOOPS: Final = ("asyncio", "uvloop")
@@ -291,7 +293,7 @@ def _send_gso(pipe: Connection, params: SenderParams,
 async def _send_udpx(pipe: Connection, params: SenderParams, note: str) -> SenderReport:
     from ._dial import dial  # noqa: PLC0415
 
-    conns = []
+    conns: list[UDPConn] = []
     try:
         for _ in range(params.clients):
             conns.append(await dial(params.host, params.port, batch_size=params.batch_size,
@@ -366,9 +368,12 @@ async def _receive_message(pipe: Connection, process: multiprocessing.process.Ba
     return str(kind), payload
 
 
-async def _reap(process: multiprocessing.process.BaseProcess) -> None:
-    """Wait (bounded) for the child to exit; terminate, then kill it if it does not."""
-    if process.is_alive():
+async def _reap(process: multiprocessing.process.BaseProcess, graceful: bool) -> None:
+    """Wait (bounded, unless not ``graceful``) for the child to exit; terminate, then kill it
+    if it does not."""
+    if process.pid is None:
+        return  # never started
+    if graceful and process.is_alive():
         await _wait_readable(process.sentinel, _EXIT_TIMEOUT)
     if process.is_alive():
         process.terminate()
@@ -389,8 +394,16 @@ class _Receiver(Protocol):
 
     name: str
     loop_name: str
-    packets: int
-    bytes: int
+
+    @property
+    def packets(self) -> int:
+        """Datagrams the application received so far."""
+        ...
+
+    @property
+    def bytes(self) -> int:
+        """Their bytes."""
+        ...
 
     async def open(self, host: str) -> int:
         """Start receiving on ``host``, a free port; return the port."""
@@ -431,7 +444,7 @@ class _UdpxReceiver:
             task = asyncio.create_task(self._drain(conn))
             self._tasks.add(task)
 
-    async def _drain(self, conn: Any) -> None:
+    async def _drain(self, conn: UDPConn) -> None:
         # Hot loop: per batch, not per datagram: one len() and one sum(map(len, ...)).
         recv_many = conn.recv_many
         with contextlib.suppress(ConnectionClosed):
@@ -615,6 +628,9 @@ class Measurement:
     received: int
     received_bytes: int
     received_elapsed: float
+    #: CPU time of the receiving thread from "go" to the end of the drain, and that span.
+    cpu_seconds: float
+    cpu_span: float
     drops: dict[str, int]
     connections: int | None
 
@@ -635,6 +651,8 @@ class Measurement:
                 "elapsed": self.received_elapsed,
                 "datagrams_per_s": _rate(self.received, self.received_elapsed),
                 "mbit_per_s": _mbit(self.received_bytes, self.received_elapsed),
+                "cpu_seconds": self.cpu_seconds,
+                "cpu_percent": 100.0 * _rate(self.cpu_seconds, self.cpu_span),
             },
             "loss": {"datagrams": loss,
                      "percent": 100.0 * loss / sender.sent if sender.sent else 0.0},
@@ -643,7 +661,7 @@ class Measurement:
         }
 
 
-def _rate(count: int, seconds: float) -> float:
+def _rate(count: float, seconds: float) -> float:
     return count / seconds if seconds > 0 else 0.0
 
 
@@ -657,15 +675,17 @@ async def _measure(receiver: _Receiver, params: SenderParams,
     port = await receiver.open(params.host)
     context = multiprocessing.get_context("spawn")
     parent_end, child_end = context.Pipe()
-    child_params = SenderParams(**{**asdict(params), "port": port})
+    child_params = dataclasses.replace(params, port=port)
     process = context.Process(target=sender_main, args=(child_end, child_params),
                               name="udpx-perf-sender", daemon=True)
     monitor = _Monitor(receiver, progress)
+    completed = False
     try:
         process.start()
         child_end.close()
         await _receive_message(parent_end, process, _READY_TIMEOUT, "'ready'")
         start = time.monotonic()
+        cpu_start = time.thread_time()
         parent_end.send("go")
         monitor.run(start)
         _, report = await _receive_message(parent_end, process,
@@ -675,18 +695,22 @@ async def _measure(receiver: _Receiver, params: SenderParams,
         await monitor.wait_quiet()
         received, received_bytes = receiver.packets, receiver.bytes
         received_elapsed = monitor.last_change - start
+        cpu_seconds = time.thread_time() - cpu_start
+        cpu_span = time.monotonic() - start
         drops = receiver.drops()
         connections = receiver.connections()
+        completed = True
     finally:
         await monitor.stop()
         parent_end.close()
         child_end.close()
-        with contextlib.suppress(ValueError):  # never started
-            await _reap(process)
+        # After a failure or Ctrl-C, do not wait for the child to finish sending.
+        await _reap(process, graceful=completed)
         await receiver.close()
     return Measurement(receiver=receiver.name, loop=receiver.loop_name, sender=report,
                        received=received, received_bytes=received_bytes,
-                       received_elapsed=received_elapsed, drops=drops,
+                       received_elapsed=received_elapsed, cpu_seconds=cpu_seconds,
+                       cpu_span=cpu_span, drops=drops,
                        connections=connections)
 
 
@@ -709,13 +733,129 @@ class PerfConfig:
     rcvbuf: int | None = None
     max_datagram: int = 65535
     rx_queue_size: int = 1024
+    isolate: bool = False
+
+
+def _make_receiver(kind: str, loop_name: str, config: PerfConfig) -> _Receiver:
+    if kind == "udpx":
+        return _UdpxReceiver(loop_name, batch_size=config.batch_size,
+                             max_datagram=config.max_datagram,
+                             rx_queue_size=config.rx_queue_size, rcvbuf=config.rcvbuf,
+                             clients=config.clients)
+    return _ProtocolReceiver(loop_name, rcvbuf=config.rcvbuf)
+
+
+def _measure_here(kind: str, loop_name: str, config: PerfConfig, params: SenderParams,
+                  progress: TextIO | None) -> Measurement:
+    """One measurement with the receiver in this process, in a fresh event loop."""
+    receiver = _make_receiver(kind, loop_name, config)
+    label = f"{receiver.name} ({receiver.loop_name})"
+
+    async def measure() -> Measurement:
+        try:
+            return await _measure(receiver, params, _Progress(progress, label))
+        except OSError as exc:
+            raise PerfError(f"{label}: {exc}") from exc
+
+    return _run_on(loop_name, measure)
+
+
+@dataclass(frozen=True)
+class ReceiverJob:
+    """What a receiver process (``--isolate``) measures; pickled to it."""
+
+    kind: str
+    loop_name: str
+    config: PerfConfig
+    params: SenderParams
+    progress: bool
+
+
+def receiver_main(pipe: Connection, job: ReceiverJob) -> None:
+    """The entry point of a receiver process (``--isolate``): one measurement, sent back."""
+    try:
+        measurement = _measure_here(job.kind, job.loop_name, job.config, job.params,
+                                    sys.stderr if job.progress else None)
+        pipe.send(("result", measurement))
+    except KeyboardInterrupt:
+        with contextlib.suppress(OSError, ValueError):
+            pipe.send(("interrupted", None))
+        raise SystemExit(130) from None
+    except BaseException as exc:
+        message = str(exc) if isinstance(exc, PerfError) else f"{type(exc).__name__}: {exc}"
+        with contextlib.suppress(OSError, ValueError):
+            pipe.send(("error", message))
+        raise SystemExit(1) from None
+    finally:
+        pipe.close()
+
+
+def _measure_isolated(kind: str, loop_name: str, config: PerfConfig, params: SenderParams,
+                      progress: bool) -> Measurement:
+    """One measurement with the receiver in a fresh process of its own (which starts its own
+    sender child), so that no receiver inherits the state an earlier one left behind."""
+    context = multiprocessing.get_context("spawn")
+    parent_end, child_end = context.Pipe(duplex=False)
+    process = context.Process(target=receiver_main,
+                              args=(child_end, ReceiverJob(kind, loop_name, config, params,
+                                                           progress)),
+                              # Not a daemon: daemons may not start children (the sender).
+                              name="udpx-perf-receiver", daemon=False)
+    limit = _READY_TIMEOUT + params.duration + _RESULT_MARGIN + _GRACE_LIMIT \
+        + 3 * _EXIT_TIMEOUT + 10.0
+    try:
+        process.start()
+        child_end.close()
+        if not parent_end.poll(limit):
+            raise PerfError(f"the receiver process sent no result within {limit:.0f} s")
+        try:
+            status, payload = parent_end.recv()
+        except EOFError:
+            process.join(_EXIT_TIMEOUT)
+            raise PerfError(f"the receiver process exited unexpectedly (exit code "
+                            f"{process.exitcode})") from None
+    except KeyboardInterrupt:
+        # A terminal's Ctrl-C reaches the receiver process too; a kill -INT of this process
+        # does not: pass it on, so that it stops its sender and cleans up.
+        if process.pid is not None and process.is_alive():
+            with contextlib.suppress(OSError):
+                os.kill(process.pid, signal.SIGINT)
+        _stop_process(process)
+        raise
+    except BaseException:
+        _stop_process(process, graceful=False)
+        raise
+    finally:
+        parent_end.close()
+        child_end.close()
+    _stop_process(process)
+    if status == "interrupted":
+        raise KeyboardInterrupt
+    if status != "result" or not isinstance(payload, Measurement):
+        raise PerfError(str(payload))
+    return payload
+
+
+def _stop_process(process: multiprocessing.process.BaseProcess, graceful: bool = True) -> None:
+    """Join ``process`` (bounded); terminate, then kill it if it does not exit."""
+    if process.pid is None:
+        return  # never started
+    if graceful:
+        process.join(_EXIT_TIMEOUT)
+    if process.is_alive():
+        process.terminate()
+        process.join(1.0)
+    if process.is_alive():
+        process.kill()
+        process.join(1.0)
 
 
 def run_perf(config: PerfConfig, *, progress: TextIO | None = None) -> dict[str, Any]:
     """Run the measurement(s) of ``config``; return the summary (what ``--json`` prints).
 
-    Each receiver runs in a fresh event loop of its kind, in this process, against a fresh
-    sender child. ``progress``: where the live progress lines go (None: nowhere).
+    Each receiver runs in a fresh event loop of its kind against a fresh sender child: in this
+    process, or with ``config.isolate`` in a fresh process of its own. ``progress``: where
+    the live progress lines go (None: nowhere; with ``isolate``, anything else means stderr).
 
     Raises:
         PerfError: a receiver could not be opened, or the sender failed or did not answer.
@@ -723,29 +863,17 @@ def run_perf(config: PerfConfig, *, progress: TextIO | None = None) -> dict[str,
     params = SenderParams(host=config.host, port=0, size=config.size, clients=config.clients,
                           duration=config.duration, sender=config.sender, burst=config.burst,
                           batch_size=config.batch_size, loop=config.loop)
-    receivers: list[Callable[[], _Receiver]] = [
-        lambda: _UdpxReceiver(config.loop, batch_size=config.batch_size,
-                              max_datagram=config.max_datagram,
-                              rx_queue_size=config.rx_queue_size, rcvbuf=config.rcvbuf,
-                              clients=config.clients)]
+    runs = [("udpx", config.loop)]
     if config.compare:
-        baselines: list[str] = ["asyncio"] + (["uvloop"] if uvloop_available() else [])
-        for loop_name in baselines:
-            receivers.append(lambda name=loop_name: _ProtocolReceiver(  # type: ignore[misc]
-                name, rcvbuf=config.rcvbuf))
+        runs += [("protocol", "asyncio")] + (
+            [("protocol", "uvloop")] if uvloop_available() else [])
     measurements: list[Measurement] = []
-    for make_receiver in receivers:
-        receiver = make_receiver()
-        label = f"{receiver.name} ({receiver.loop_name})"
-
-        async def measure(receiver: _Receiver = receiver,
-                          label: str = label) -> Measurement:
-            try:
-                return await _measure(receiver, params, _Progress(progress, label))
-            except OSError as exc:
-                raise PerfError(f"{label}: {exc}") from exc
-
-        measurements.append(_run_on(receiver.loop_name, measure))
+    for kind, loop_name in runs:
+        if config.isolate:
+            measurements.append(_measure_isolated(kind, loop_name, config, params,
+                                                  progress is not None))
+        else:
+            measurements.append(_measure_here(kind, loop_name, config, params, progress))
     results = [measurement.as_dict() for measurement in measurements]
     udpx_rate = results[0]["received"]["datagrams_per_s"]
     ratios = {f"{result['receiver']}": (udpx_rate / result["received"]["datagrams_per_s"]
@@ -776,10 +904,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines += _format_measurement(udpx_result)
     if summary["compare"]:
         lines.append("")
-        lines.append("comparison (same sender and duration, each receiver in a fresh loop; "
-                     "ratio = udpx received/s ÷ this one's)")
+        where = "a fresh process" if config.get("isolate") else "a fresh loop in this process"
+        lines.append(f"comparison (same sender and duration, each receiver in {where}; "
+                     f"ratio = udpx received/s ÷ this one's)")
         header = (f"  {'receiver':<26} {'loop':<8} {'sent/s':>12} {'received/s':>12} "
-                  f"{'Mbit/s':>8} {'loss %':>7} {'udpx ÷ this':>11}")
+                  f"{'Mbit/s':>8} {'loss %':>7} {'CPU %':>6} {'udpx ÷ this':>11}")
         lines.append(header)
         for result in (udpx_result, *summary["compare"]):
             ratio = summary["ratios"].get(result["receiver"]) if result is not udpx_result \
@@ -790,7 +919,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f"{result['sender']['datagrams_per_s']:>12,.0f} "
                 f"{result['received']['datagrams_per_s']:>12,.0f} "
                 f"{result['received']['mbit_per_s']:>8.1f} "
-                f"{result['loss']['percent']:>7.1f} {ratio_text:>11}")
+                f"{result['loss']['percent']:>7.1f} {result['received']['cpu_percent']:>6.0f} "
+                f"{ratio_text:>11}")
     return "\n".join(lines)
 
 
@@ -807,7 +937,8 @@ def _format_measurement(result: dict[str, Any]) -> list[str]:
         + (f", {sender['errors']:,} refused" if sender["errors"] else ""),
         f"  receiver ({result['receiver']} on {result['loop']}): {received['datagrams']:,} "
         f"datagrams in {received['elapsed']:.2f} s = {received['datagrams_per_s']:,.0f} "
-        f"datagrams/s, {received['mbit_per_s']:,.1f} Mbit/s",
+        f"datagrams/s, {received['mbit_per_s']:,.1f} Mbit/s, "
+        f"{received['cpu_percent']:.0f} % of a CPU",
         f"  loss     {loss['datagrams']:,} datagrams ({loss['percent']:.2f} %)",
         f"  drops    {drops or 'none reported'}",
     ]
@@ -842,19 +973,16 @@ def run_echo(config: EchoConfig, *, out: TextIO, err: TextIO) -> None:
     _run_on(config.loop, lambda: _echo(config, out, err))
 
 
-async def _echo_conn(conn: Any, idle_timeout: float | None, err: TextIO) -> None:
+async def _echo_conn(conn: UDPConn, err: TextIO) -> None:
+    # Whole batches in, whole batches out. The listener reaps the connection after
+    # idle_timeout without traffic; recv_many() then raises ConnectionClosed.
     recv_many = conn.recv_many
     send_many = conn.send_many
     try:
         while True:
-            if idle_timeout is None:
-                batch = await recv_many()
-            else:
-                async with asyncio.timeout(idle_timeout):
-                    batch = await recv_many()
-            await send_many(batch)
-    except (ConnectionClosed, TimeoutError):
-        pass  # closed by the listener, or idle for idle_timeout: close below
+            await send_many(await recv_many())
+    except ConnectionClosed:
+        pass
     except Exception as exc:
         print(f"udpx echo: connection from {format_address(conn.remote_addr)} failed: "
               f"{type(exc).__name__}: {exc}", file=err, flush=True)
@@ -879,7 +1007,7 @@ async def _echo(config: EchoConfig, out: TextIO, err: TextIO) -> None:
 
         async def accept() -> None:
             async for conn in listener:
-                task = asyncio.create_task(_echo_conn(conn, config.idle_timeout, err))
+                task = asyncio.create_task(_echo_conn(conn, err))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
 
@@ -894,10 +1022,10 @@ async def _echo(config: EchoConfig, out: TextIO, err: TextIO) -> None:
                       f"rx {stats.rx_packets:,}, tx {stats.tx_packets:,}, "
                       f"drops: {drops or 'none'}", file=err, flush=True)
 
-        helpers = [asyncio.create_task(accept())]
+        helpers: list[asyncio.Task[Any]] = [asyncio.create_task(accept())]
         if config.stats_interval:
             helpers.append(asyncio.create_task(report()))
-        stopped = asyncio.create_task(stop.wait())
+        stopped: asyncio.Task[Any] = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([stopped, *helpers],
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -920,7 +1048,3 @@ async def _echo(config: EchoConfig, out: TextIO, err: TextIO) -> None:
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
-
-
-def _unused(*_: Awaitable[Any]) -> None:  # pragma: no cover - keeps Awaitable imported
-    return None

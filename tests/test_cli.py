@@ -1,0 +1,345 @@
+"""The command line, ``python -m udpx``: perf and echo run as real subprocesses, over loopback.
+
+Every wait is bounded; the tests synchronise on the programs' output (the echo server's
+"listening on HOST:PORT" line), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any, Literal, overload
+
+import pytest
+
+from udpx.__main__ import main
+
+from .conftest import HAVE_IPV6, free_udp_port
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is in the test extra
+    uvloop = None  # type: ignore[assignment]
+
+PYTHON = sys.executable
+#: Generous: a perf run of 0.5 s takes about 2 s (the child's spawn and imports included).
+PERF_TIMEOUT = 90.0
+ECHO_TIMEOUT = 15.0
+
+LOOPS = [
+    "asyncio",
+    pytest.param("uvloop", marks=pytest.mark.skipif(uvloop is None,
+                                                    reason="uvloop is not installed")),
+]
+HOSTS = [
+    "127.0.0.1",
+    pytest.param("::1", marks=pytest.mark.skipif(not HAVE_IPV6, reason="no IPv6 loopback")),
+]
+DROP_REASONS = {"rx_queue_full", "truncated", "send_error", "backlog_full", "conn_limit",
+                "kernel"}
+
+
+def udpx_command(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", "udpx", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+# -- help and argument errors ----------------------------------------------------------------
+
+
+def test_help_lists_the_commands() -> None:
+    result = udpx_command("--help", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "perf" in result.stdout
+    assert "echo" in result.stdout
+
+
+def test_perf_help_describes_the_options() -> None:
+    result = udpx_command("perf", "--help", timeout=30)
+    assert result.returncode == 0, result.stderr
+    for option in ("--duration", "--size", "--clients", "--loop", "--batch-size", "--host",
+                   "--compare", "--json"):
+        assert option in result.stdout
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [
+    ["perf", "--duration", "0"],
+    ["perf", "--duration", "-1"],
+    ["perf", "--duration", "nan"],
+    ["perf", "--size", "-1"],
+    ["perf", "--size", "65508"],  # over IPv4's limit
+    ["perf", "--clients", "0"],
+    ["perf", "--batch-size", "1025"],
+    ["perf", "--loop", "trio"],
+    ["perf", "--host", "10.0.0.1"],
+    ["echo", "127.0.0.1"],
+    ["echo", "127.0.0.1", "port"],
+    ["echo", "127.0.0.1", "65536"],
+    ["bogus"],
+])
+def test_bad_arguments_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(args)
+    assert raised.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+# -- perf ------------------------------------------------------------------------------------
+
+
+def run_perf(*args: str) -> dict[str, Any]:
+    result = udpx_command("perf", "--json", *args, timeout=PERF_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    summary: dict[str, Any] = json.loads(result.stdout)
+    return summary
+
+
+def check_measurement(result: dict[str, Any], *, size: int) -> None:
+    sender = result["sender"]
+    received = result["received"]
+    assert sender["kind"] in ("gso", "udpx")
+    assert 0 < received["datagrams"] <= sender["sent"] <= sender["queued"]
+    assert received["bytes"] == received["datagrams"] * size
+    assert sender["sent_bytes"] == sender["sent"] * size
+    assert sender["elapsed"] > 0
+    assert received["elapsed"] > 0
+    assert received["datagrams_per_s"] > 0
+    assert received["mbit_per_s"] >= 0
+    assert received["cpu_seconds"] >= 0
+    assert received["cpu_percent"] >= 0
+    assert result["loss"]["datagrams"] == sender["sent"] - received["datagrams"]
+    assert 0 <= result["loss"]["percent"] < 100
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_perf_json(loop: str) -> None:
+    summary = run_perf("--duration", "0.5", "--loop", loop)
+    assert summary["cpu_count"] == os.cpu_count()
+    assert summary["config"]["loop"] == loop
+    assert summary["config"]["size"] == 64
+    assert summary["compare"] == []
+    assert summary["ratios"] == {}
+    result = summary["udpx"]
+    assert result["receiver"] == "udpx"
+    assert result["loop"] == loop
+    assert result["connections"] == 1
+    check_measurement(result, size=64)
+    drops = result["drops"]
+    assert set(drops) >= DROP_REASONS
+    # Every datagram the kernel took from the sender was received or counted as dropped by
+    # the listener (datagrams lost between the two sockets would not be counted): the counted
+    # drops never exceed the loss.
+    assert sum(drops.values()) <= result["loss"]["datagrams"]
+    assert drops["truncated"] == drops["backlog_full"] == drops["conn_limit"] == 0
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_perf_udpx_sender_several_clients(host: str) -> None:
+    summary = run_perf("--duration", "0.5", "--sender", "udpx", "--clients", "3", "--size",
+                       "1200", "--host", host)
+    result = summary["udpx"]
+    assert result["sender"]["kind"] == "udpx"
+    assert result["connections"] == 3
+    check_measurement(result, size=1200)
+
+
+def test_perf_compare_runs_the_same_sender_against_the_baselines() -> None:
+    summary = run_perf("--duration", "0.3", "--compare", "--loop", "asyncio")
+    results = [summary["udpx"], *summary["compare"]]
+    expected = ["udpx", "asyncio DatagramProtocol"] + (
+        ["uvloop DatagramProtocol"] if uvloop is not None else [])
+    assert [result["receiver"] for result in results] == expected
+    assert len({result["sender"]["kind"] for result in results}) == 1
+    for result in results:
+        check_measurement(result, size=64)
+    assert set(summary["ratios"]) == set(expected[1:])
+    for name, ratio in summary["ratios"].items():
+        baseline = next(result for result in results if result["receiver"] == name)
+        assert ratio == pytest.approx(summary["udpx"]["received"]["datagrams_per_s"]
+                                      / baseline["received"]["datagrams_per_s"])
+
+
+def test_perf_isolate_runs_each_receiver_in_its_own_process() -> None:
+    summary = run_perf("--duration", "0.3", "--compare", "--isolate", "--sender", "udpx")
+    assert summary["config"]["isolate"] is True
+    results = [summary["udpx"], *summary["compare"]]
+    assert len(results) == (3 if uvloop is not None else 2)
+    for result in results:
+        assert result["sender"]["kind"] == "udpx"
+        check_measurement(result, size=64)
+
+
+def test_perf_text_summary() -> None:
+    result = udpx_command("perf", "--duration", "0.3", "--quiet", timeout=PERF_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    for word in ("datagrams/s", "Mbit/s", "loss", "drops", "kernel"):
+        assert word in result.stdout
+    assert result.stderr == ""  # --quiet: no progress lines
+
+
+# -- echo ------------------------------------------------------------------------------------
+
+
+class EchoServer:
+    """``python -m udpx echo HOST 0`` as a subprocess; ``address`` once it is listening."""
+
+    def __init__(self, host: str, *args: str) -> None:
+        self.process = subprocess.Popen([PYTHON, "-m", "udpx", "echo", host, "0", *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self.process.stdout is not None
+        try:
+            line = read_line(self.process.stdout.fileno(), ECHO_TIMEOUT)
+        except BaseException:
+            self.kill()
+            raise
+        prefix = "listening on "
+        assert line.startswith(prefix), line
+        address = line.removeprefix(prefix)
+        host_part, _, port = address.rpartition(":")
+        self.address = (host_part.strip("[]"), int(port))
+
+    def stop(self, signum: int = signal.SIGINT) -> tuple[int, str]:
+        """Send ``signum``; return the exit status and stderr."""
+        self.process.send_signal(signum)
+        _, stderr = self.process.communicate(timeout=ECHO_TIMEOUT)
+        return self.process.returncode, stderr.decode(errors="replace")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate(timeout=ECHO_TIMEOUT)
+
+
+@overload
+def read_line(fd: int, timeout: float) -> str: ...
+@overload
+def read_line(fd: int, timeout: float, *, all_lines: Literal[True]) -> list[str]: ...
+
+
+def read_line(fd: int, timeout: float, *, all_lines: bool = False) -> str | list[str]:
+    """The first line from ``fd``, waiting at most ``timeout`` seconds for it (with
+    ``all_lines``: every complete line read by then). Reads unbuffered: nothing is kept for
+    the next call beyond what is returned."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while not data.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                raise TimeoutError(f"no line within {timeout:.1f} s (got {data!r})")
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise EOFError(f"the process closed its output (got {data!r})")
+            data += chunk
+    lines = data.decode().splitlines()
+    return lines if all_lines else lines[0]
+
+
+@pytest.fixture
+def echo_server(request: pytest.FixtureRequest) -> Iterator[EchoServer]:
+    host, loop = request.param
+    server = EchoServer(host, "--loop", loop)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+ECHO_PARAMS = [pytest.param((host, loop), id=f"{host}-{loop}")
+               for host in ("127.0.0.1", "::1") for loop in ("asyncio", "uvloop")
+               if (host != "::1" or HAVE_IPV6) and (loop != "uvloop" or uvloop is not None)]
+
+
+@pytest.mark.parametrize("echo_server", ECHO_PARAMS, indirect=True)
+def test_echo_answers_a_plain_socket_and_stops_on_sigint(echo_server: EchoServer) -> None:
+    host, port = echo_server.address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as client:
+        client.settimeout(ECHO_TIMEOUT)
+        for datagram in (b"hello", b"", b"x" * 1200, b"last"):
+            client.sendto(datagram, (host, port))
+            data, source = client.recvfrom(65535)
+            assert data == datagram
+            assert source[1] == port
+    status, stderr = echo_server.stop(signal.SIGINT)
+    assert status == 0, stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("echo_server", ECHO_PARAMS[:1], indirect=True)
+def test_echo_serves_several_clients_and_stops_on_sigterm(echo_server: EchoServer) -> None:
+    host, port = echo_server.address
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(5)]
+    try:
+        for index, client in enumerate(clients):
+            client.settimeout(ECHO_TIMEOUT)
+            client.sendto(b"client %d" % index, (host, port))
+        for index, client in enumerate(clients):
+            assert client.recv(100) == b"client %d" % index
+    finally:
+        for client in clients:
+            client.close()
+    status, stderr = echo_server.stop(signal.SIGTERM)
+    assert status == 0, stderr
+
+
+def test_echo_reaps_idle_connections_and_reports_counts() -> None:
+    server = EchoServer("127.0.0.1", "--idle-timeout", "0.2", "--stats-interval", "0.1")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(ECHO_TIMEOUT)
+            client.sendto(b"ping", server.address)
+            assert client.recv(100) == b"ping"
+        # The stats lines on stderr show the connection open, then reaped (within 1.5 x the
+        # idle timeout + a sweep, far less than the bound here).
+        assert server.process.stderr is not None
+        stderr = server.process.stderr.fileno()
+        deadline = time.monotonic() + ECHO_TIMEOUT
+        lines: list[str] = []
+        while not any(line.startswith("udpx echo: 0 connection(s), 1 accepted")
+                      for line in lines):
+            lines += read_line(stderr, deadline - time.monotonic(), all_lines=True)
+        status, _ = server.stop()
+        assert status == 0
+    finally:
+        server.kill()
+
+
+def test_echo_port_in_use_exits_1() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = udpx_command("echo", "127.0.0.1", str(port), timeout=ECHO_TIMEOUT)
+    assert result.returncode == 1
+    assert "error" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_echo_on_a_free_port_given_explicitly() -> None:
+    port = free_udp_port()
+    process = subprocess.Popen([PYTHON, "-m", "udpx", "echo", "127.0.0.1", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        assert read_line(process.stdout.fileno(), ECHO_TIMEOUT) == f"listening on 127.0.0.1:{port}"
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=ECHO_TIMEOUT)
+        assert process.returncode == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=ECHO_TIMEOUT)
