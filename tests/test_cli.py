@@ -343,3 +343,36 @@ def test_echo_on_a_free_port_given_explicitly() -> None:
         if process.poll() is None:
             process.kill()
             process.communicate(timeout=ECHO_TIMEOUT)
+
+
+def test_echo_describes_itself_on_sigusr1_and_at_exit() -> None:
+    server = EchoServer("127.0.0.1", "--describe")
+    try:
+        assert server.process.stdout is not None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(ECHO_TIMEOUT)
+            client.sendto(b"hello", server.address)
+            assert client.recv(100) == b"hello"
+            server.process.send_signal(signal.SIGUSR1)
+            snapshot = json.loads(read_line(server.process.stdout.fileno(), ECHO_TIMEOUT))
+            assert snapshot["local_addr"][1] == server.address[1]
+            [conn] = snapshot["conns"]
+            assert conn["remote_addr"][1] == client.getsockname()[1]
+            assert conn["stats"]["rx_packets"] == 1
+        server.process.send_signal(signal.SIGINT)
+        stdout, stderr = server.process.communicate(timeout=ECHO_TIMEOUT)
+        assert server.process.returncode == 0, stderr
+        at_exit = json.loads(stdout.decode().splitlines()[0])
+        assert at_exit["stats"]["tx_packets"] == 1
+    finally:
+        server.kill()
+
+
+def test_perf_describe_at_exit() -> None:
+    result = udpx_command("perf", "--duration", "0.3", "--quiet", "--describe",
+                          timeout=PERF_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    snapshots = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert len(snapshots) == 1
+    assert snapshots[0]["stats"]["rx_packets"] > 0
+    assert len(snapshots[0]["conns"]) == 1

@@ -86,19 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
             "as fast as it can for DURATION seconds. Then the receiver drains briefly and a\n"
             "summary is printed: rates sent and received, loss, and drops by reason.\n"
             "A live progress line goes to stderr while it runs.\n\n"
-            "The default sender uses plain sockets with UDP GSO (one send carrying up to 64\n"
-            "datagrams): a Python sender making one sendmmsg entry per datagram manages only\n"
-            "about 200k datagrams/s on a 2-CPU machine, less than the receivers take.\n"
-            "'--sender udpx' uses udpx.dial() and send_many() instead, exercising udpx's send\n"
-            "path too; it is also the fallback where the kernel refuses GSO.\n\n"
+            "The sender is udpx itself: CLIENTS dialed connections calling send_many(), which\n"
+            "udpx turns into UDP GSO sends (one sendmsg carrying up to 64 datagrams).\n"
+            "'--sender gso' uses plain sockets with UDP_SEGMENT instead, to take udpx's send\n"
+            "path out of the picture.\n\n"
             "With --compare, the same sender is then run against a plain asyncio and a uvloop\n"
             "DatagramProtocol receiver, and a table compares them. Rates from one run only:\n"
             "repeat runs and compare ratios, not absolute numbers, on a shared machine.\n\n"
-            "By default every receiver runs in this process, one after the other. A receiver\n"
-            "can inherit state from those before it: asyncio's DatagramProtocol (which calls\n"
-            "recvfrom(256 KiB) per datagram) runs several times faster or slower depending\n"
-            "on whether glibc's malloc already serves such buffers from the heap or still\n"
-            "mmaps them. --isolate runs each receiver in a fresh process of its own."),
+            "With --compare each receiver runs in a fresh process of its own: a receiver in\n"
+            "a shared process inherits state from those before it (asyncio's DatagramProtocol,\n"
+            "which calls recvfrom(256 KiB) per datagram, runs several times faster or slower\n"
+            "depending on whether glibc's malloc already serves such buffers from the heap).\n"
+            "--no-isolate runs them all in this process, one after the other."),
         epilog=("examples:\n"
                 "  python -m udpx perf\n"
                 "  python -m udpx perf --size 1200 --clients 4 --compare\n"
@@ -119,12 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="loopback address to use (default: %(default)s)")
     perf.add_argument("--compare", action="store_true",
                       help="also measure asyncio and uvloop DatagramProtocol receivers")
-    perf.add_argument("--isolate", action="store_true",
-                      help="run each receiver in a fresh process of its own (see above)")
+    perf.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                      help="run each receiver in a fresh process of its own (default: with "
+                           "--compare)")
     perf.add_argument("--json", action="store_true",
                       help="print the summary as one JSON object on stdout (the text summary "
                            "then goes to stderr)")
-    perf.add_argument("--sender", choices=SENDERS, default="gso",
+    perf.add_argument("--sender", choices=SENDERS, default="udpx",
                       help="gso: plain sockets with UDP_SEGMENT; udpx: udpx.dial() + "
                            "send_many() (default: %(default)s)")
     perf.add_argument("--burst", type=_integer(1, 65536), default=64, metavar="N",
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "%(default)s)")
     perf.add_argument("--quiet", "-q", action="store_true",
                       help="no live progress line on stderr")
+    perf.add_argument("--describe", action="store_true",
+                      help="at exit, print the udpx listener's describe() snapshot as one JSON "
+                           "line on stderr (SIGUSR1 prints one at any time)")
 
     echo = commands.add_parser(
         "echo", help="run a udpx echo server",
@@ -164,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="SECONDS",
                       help="print connection and packet counts to stderr this often "
                            "(default: 0, never)")
+    echo.add_argument("--describe", action="store_true",
+                      help="at exit, print the listener's describe() snapshot (address, options, "
+                           "socket buffers, every connection) as one JSON line on stdout; SIGUSR1 "
+                           "prints one at any time")
     return parser
 
 
@@ -175,7 +182,9 @@ def _perf(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                         loop=args.loop, batch_size=args.batch_size, host=args.host,
                         compare=args.compare, sender=args.sender, burst=args.burst,
                         rcvbuf=args.rcvbuf, max_datagram=args.max_datagram,
-                        rx_queue_size=args.rx_queue_size, isolate=args.isolate)
+                        rx_queue_size=args.rx_queue_size,
+                        isolate=args.compare if args.isolate is None else args.isolate,
+                        describe=args.describe)
     try:
         summary = run_perf(config, progress=None if args.quiet else sys.stderr)
     except PerfError as exc:
@@ -193,7 +202,7 @@ def _perf(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def _echo(args: argparse.Namespace) -> int:
     config = EchoConfig(host=args.host, port=args.port, loop=args.loop,
                         batch_size=args.batch_size, idle_timeout=args.idle_timeout or None,
-                        stats_interval=args.stats_interval or None)
+                        stats_interval=args.stats_interval or None, describe=args.describe)
     try:
         run_echo(config, out=sys.stdout, err=sys.stderr)
     except PerfError as exc:

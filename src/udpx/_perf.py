@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import json
 import multiprocessing
 import os
 import platform
@@ -418,12 +419,33 @@ class _Receiver(Protocol):
     async def close(self) -> None: ...
 
 
+def _describe_on_sigusr1(listener: Listener | None, stream: TextIO) -> None:
+    """Print ``listener.describe()`` as one JSON line on SIGUSR1 (None: stop doing so).
+
+    Only where the platform has SIGUSR1 and this is the main thread (signal handlers can be
+    installed nowhere else)."""
+    signum = getattr(signal, "SIGUSR1", None)
+    if signum is None or threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    if listener is None:
+        loop.remove_signal_handler(signum)
+        return
+
+    def describe() -> None:
+        print(json.dumps(listener.describe()), file=stream, flush=True)
+
+    loop.add_signal_handler(signum, describe)
+
+
 class _UdpxReceiver:
     """udpx.listen(), one task per accepted connection draining it with recv_many()."""
 
     def __init__(self, loop_name: str, *, batch_size: int, max_datagram: int,
-                 rx_queue_size: int, rcvbuf: int | None, clients: int) -> None:
+                 rx_queue_size: int, rcvbuf: int | None, clients: int,
+                 describe: bool = False) -> None:
         self.name = "udpx"
+        self._describe_at_exit = describe
         self.loop_name = loop_name
         self.packets = 0
         self.bytes = 0
@@ -437,6 +459,7 @@ class _UdpxReceiver:
     async def open(self, host: str) -> int:
         self._listener = listener = await listen(host, 0, **self._options)
         self._tasks.add(asyncio.create_task(self._accept(listener)))
+        _describe_on_sigusr1(listener, sys.stderr)
         return int(listener.local_addr[1])
 
     async def _accept(self, listener: Listener) -> None:
@@ -465,6 +488,9 @@ class _UdpxReceiver:
         listener = self._listener
         if listener is None:
             return
+        _describe_on_sigusr1(None, sys.stderr)
+        if self._describe_at_exit:
+            print(json.dumps(listener.describe()), file=sys.stderr, flush=True)
         listener.close()
         # Closing ends the accept loop and, once their queues are drained, the drain tasks.
         tasks = set(self._tasks)
@@ -734,6 +760,7 @@ class PerfConfig:
     max_datagram: int = 65535
     rx_queue_size: int = 1024
     isolate: bool = False
+    describe: bool = False
 
 
 def _make_receiver(kind: str, loop_name: str, config: PerfConfig) -> _Receiver:
@@ -741,7 +768,7 @@ def _make_receiver(kind: str, loop_name: str, config: PerfConfig) -> _Receiver:
         return _UdpxReceiver(loop_name, batch_size=config.batch_size,
                              max_datagram=config.max_datagram,
                              rx_queue_size=config.rx_queue_size, rcvbuf=config.rcvbuf,
-                             clients=config.clients)
+                             clients=config.clients, describe=config.describe)
     return _ProtocolReceiver(loop_name, rcvbuf=config.rcvbuf)
 
 
@@ -869,7 +896,9 @@ def run_perf(config: PerfConfig, *, progress: TextIO | None = None) -> dict[str,
             [("protocol", "uvloop")] if uvloop_available() else [])
     measurements: list[Measurement] = []
     for kind, loop_name in runs:
-        if config.isolate:
+        # udpx always runs here, first, so that SIGUSR1 and --describe reach its listener;
+        # --isolate gives each baseline a fresh process of its own.
+        if config.isolate and kind != "udpx":
             measurements.append(_measure_isolated(kind, loop_name, config, params,
                                                   progress is not None))
         else:
@@ -960,6 +989,7 @@ class EchoConfig:
     batch_size: int = 64
     idle_timeout: float | None = 60.0
     stats_interval: float | None = None
+    describe: bool = False
 
 
 def run_echo(config: EchoConfig, *, out: TextIO, err: TextIO) -> None:
@@ -1003,6 +1033,7 @@ async def _echo(config: EchoConfig, out: TextIO, err: TextIO) -> None:
         except OSError as exc:
             raise PerfError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
         print(f"listening on {format_address(listener.local_addr)}", file=out, flush=True)
+        _describe_on_sigusr1(listener, out)
         tasks: set[asyncio.Task[None]] = set()
 
         async def accept() -> None:
@@ -1031,6 +1062,9 @@ async def _echo(config: EchoConfig, out: TextIO, err: TextIO) -> None:
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
+            _describe_on_sigusr1(None, out)
+            if config.describe:
+                print(json.dumps(listener.describe()), file=out, flush=True)
             listener.close()
             # Graceful: what the connections queued is flushed; their tasks end on
             # ConnectionClosed. Bounded, so that a stuck writer cannot keep us from exiting.
