@@ -10,7 +10,7 @@ from typing import Any, final
 from ._conn import UDPConn
 from ._idle import sweep, sweep_interval
 from ._listener import Opening
-from ._mmsg import make_receiver, make_sender
+from ._mmsg import SingleRecv, make_receiver, make_sender
 from ._options import Options
 from ._queue import TxQueue
 from ._reader import BatchReader
@@ -35,7 +35,8 @@ class _DialedSocket:
         self._sender = make_sender(sock, options.batch_size, options.max_datagram, False, None)
         self._writer = Writer(loop, sock, self._sender, TxQueue(options.tx_queue_size), False,
                               gso=options.gso and options.batch_size > 1)
-        self._reader = BatchReader(loop, sock, self._receiver, self._on_batch, self._on_error)
+        on_batch = self._on_single if isinstance(self._receiver, SingleRecv) else self._on_batch
+        self._reader = BatchReader(loop, sock, self._receiver, on_batch, self._on_error)
         self.conn = UDPConn(loop=loop, owner=self, writer=self._writer,
                             rx_queue_size=options.rx_queue_size,
                             max_send=min(options.max_datagram, max_payload(sock.family, remote)),
@@ -73,6 +74,14 @@ class _DialedSocket:
                 self._rx.dropped_truncated += 1
             else:
                 self._rx.put(arena[offset:offset + length])
+
+    def _on_single(self, count: int) -> None:
+        receiver = self._receiver
+        assert isinstance(receiver, SingleRecv)
+        if receiver.data is None:
+            self._rx.dropped_truncated += 1
+        else:
+            self._rx.put(receiver.data)
 
     def _on_error(self, exc: OSError) -> None:
         # On a connected socket, errors are ICMP reports about the peer (port unreachable...):

@@ -17,7 +17,7 @@ from ._conn import UDPConn
 from ._demux import Demux
 from ._errors import ListenerClosed
 from ._idle import sweep, sweep_interval
-from ._mmsg import make_receiver, make_sender
+from ._mmsg import SingleRecv, make_receiver, make_sender
 from ._options import Options
 from ._queue import RxQueue, TxQueue
 from ._reader import BatchReader
@@ -98,7 +98,8 @@ class Listener(asyncio.DatagramProtocol):
                                    lambda raw: address_from_sockaddr(family, raw))
         self._writer = Writer(loop, sock, self._sender, TxQueue(options.tx_queue_size), True,
                               gso=options.gso and options.batch_size > 1)
-        self._reader = BatchReader(loop, sock, self._receiver, self._on_batch, self._on_error)
+        on_batch = self._on_single if isinstance(self._receiver, SingleRecv) else self._on_batch
+        self._reader = BatchReader(loop, sock, self._receiver, on_batch, self._on_error)
         self._conns: dict[Hashable, UDPConn] = {}
         self._closing: set[UDPConn] = set()
         self._backlog: deque[UDPConn] = deque()
@@ -135,6 +136,11 @@ class Listener(asyncio.DatagramProtocol):
         feed_one = self._demux.feed_one
         for key, offset, length, cut in zip(keys, receiver.offsets, lengths, truncated):
             feed_one(key, None if cut else arena[offset:offset + length])
+
+    def _on_single(self, count: int) -> None:
+        receiver = self._receiver
+        assert isinstance(receiver, SingleRecv)
+        self._demux.feed_one(receiver.key, receiver.data)
 
     def _on_error(self, exc: OSError) -> None:
         # An unconnected socket reports few errors (no ICMP without IP_RECVERR); log and go on.

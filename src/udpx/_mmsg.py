@@ -37,8 +37,10 @@ __all__ = [
     "make_sender",
 ]
 
-MSG_TRUNC: int = getattr(socket, "MSG_TRUNC", 0x20)
+# A plain int: socket.MSG_TRUNC is an IntFlag, whose "&" costs a Python-level call.
+MSG_TRUNC: int = int(getattr(socket, "MSG_TRUNC", 0x20))
 SOCKADDR_SIZE = 128  # sizeof(struct sockaddr_storage)
+_KEY_CACHE_SIZE = 4096  # peers whose key the one-datagram receiver remembers
 _SOCKADDR_IN6_SIZE = 28
 
 
@@ -207,7 +209,9 @@ class SingleRecv:
     """The one-datagram-per-syscall receiver, same interface as ``RecvBatch``.
 
     Uses ``recvmsg_into`` on a preallocated buffer (never asyncio's 256 KiB ``recvfrom``) so
-    that MSG_TRUNC is reported as with recvmmsg.
+    that MSG_TRUNC is reported as with recvmmsg. After ``receive`` returned 1, ``data`` is the
+    datagram (None if it was truncated) and ``key`` its peer key: owners that know they have a
+    single receiver read those rather than the one-item lists of the batch interface.
     """
 
     size = 1
@@ -218,14 +222,19 @@ class SingleRecv:
         self.calls = 0
         self._buffer = bytearray(slot_size)
         self._views = [memoryview(self._buffer)]
-        self.arena: bytes = b""
         self.offsets = [0]
+        self.data: bytes | None = None
+        self.key: Hashable = None
         self._length = 0
-        self._flags = 0
-        self._key: Hashable = None
         self._key_of = key_of
+        self._keys: dict[Any, Hashable] = {}
+
+    @property
+    def arena(self) -> bytes:
+        return self.data or b""
 
     def receive(self, fd: int) -> int:
+        # Hot path of the one-datagram receiver.
         while True:
             self.calls += 1
             try:
@@ -236,20 +245,25 @@ class SingleRecv:
                 return 0
             break
         self._length = nbytes
-        self._flags = flags
-        # A full slice of bytes is the object itself: the demultiplexer's slice copies nothing.
-        self.arena = self._views[0][:nbytes].tobytes()
-        self._key = self._key_of(address) if self._key_of is not None else None
+        self.data = None if flags & MSG_TRUNC else self._views[0][:nbytes].tobytes()
+        if self._key_of is not None:
+            # Computing a key from an address tuple costs about 1 us: remember recent peers.
+            key = self._keys.get(address)
+            if key is None:
+                if len(self._keys) >= _KEY_CACHE_SIZE:
+                    self._keys.clear()
+                key = self._keys[address] = self._key_of(address)
+            self.key = key
         return 1
 
     def lengths(self, count: int) -> list[int]:
         return [self._length]
 
     def truncated(self, count: int) -> list[bool] | None:
-        return [True] if self._flags & MSG_TRUNC else None
+        return [True] if self.data is None else None
 
     def keys(self, count: int) -> Sequence[Hashable]:
-        return [self._key]
+        return [self.key]
 
     def close(self) -> None:
         self._views[0].release()

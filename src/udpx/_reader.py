@@ -13,9 +13,10 @@ __all__ = ["BatchReader"]
 
 logger = logging.getLogger("udpx")
 
-#: Batches drained per wake-up: enough to empty a busy socket, few enough that the other tasks
-#: of the loop still run between wake-ups (the loop calls us again while data is waiting).
-MAX_BATCHES_PER_WAKEUP = 16
+#: Datagrams drained per wake-up (16 batches of 64): enough to empty a busy socket, few enough
+#: that the other tasks of the loop still run between wake-ups (the loop calls us again while
+#: data is waiting). Counted in datagrams so that small batches get as many per wake-up.
+MAX_DATAGRAMS_PER_WAKEUP = 1024
 
 
 class BatchReader:
@@ -53,7 +54,7 @@ class BatchReader:
         size = self.receiver.size
         fd = self._fd
         on_batch = self._on_batch
-        for _ in range(MAX_BATCHES_PER_WAKEUP):
+        for _ in range(max(1, MAX_DATAGRAMS_PER_WAKEUP // size)):
             try:
                 count = receive(fd)
             except OSError as exc:
