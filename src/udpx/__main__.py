@@ -131,8 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="datagrams per send call of the sender: per send_many(), or GSO "
                            "segments per send (capped at 64 and 65,000 bytes) (default: "
                            "%(default)s)")
-    perf.add_argument("--rcvbuf", type=_integer(1, 2**31 - 1), default=None, metavar="BYTES",
-                      help="SO_RCVBUF requested for every receiver (default: the kernel's)")
+    perf.add_argument("--rcvbuf", type=_integer(0, 2**31 - 1), default=4 * 1024 * 1024,
+                      metavar="BYTES",
+                      help="SO_RCVBUF requested for every receiver, 0 for the kernel's default "
+                           "(default: %(default)s; Linux caps it at net.core.rmem_max and udpx "
+                           "warns when it does)")
     perf.add_argument("--max-datagram", type=_integer(1, 65535), default=65535, metavar="BYTES",
                       help="udpx max_datagram (receive slot size) of the listener (default: "
                            "%(default)s)")
@@ -181,7 +184,7 @@ def _perf(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = PerfConfig(duration=args.duration, size=args.size, clients=args.clients,
                         loop=args.loop, batch_size=args.batch_size, host=args.host,
                         compare=args.compare, sender=args.sender, burst=args.burst,
-                        rcvbuf=args.rcvbuf, max_datagram=args.max_datagram,
+                        rcvbuf=args.rcvbuf or None, max_datagram=args.max_datagram,
                         rx_queue_size=args.rx_queue_size,
                         isolate=args.compare if args.isolate is None else args.isolate,
                         describe=args.describe)
