@@ -26,6 +26,8 @@ from udpx._sockets import (
     sockaddr_from_key,
 )
 
+from .conftest import HAVE_IPV6
+
 PROPERTY_SETTINGS = settings(max_examples=200, deadline=None)
 
 ports = st.integers(0, 65535)
@@ -33,16 +35,6 @@ flowinfos = st.integers(0, 2**20 - 1)
 scope_ids = st.integers(0, 2**32 - 1)
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-HAVE_IPV6 = _ipv6_loopback()
 needs_mmsg = pytest.mark.skipif(not HAVE_MMSG, reason="no recvmmsg on this platform")
 
 

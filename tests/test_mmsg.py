@@ -17,19 +17,11 @@ import pytest
 from udpx._mmsg import HAVE_MMSG, MSG_TRUNC, RecvBatch, SendBatch, make_receiver, make_sender
 from udpx._sockets import address_from_sockaddr, key_from_address, sockaddr_from_address
 
+from .conftest import HAVE_IPV6
+
 pytestmark = pytest.mark.skipif(not HAVE_MMSG, reason="no recvmmsg/sendmmsg on this platform")
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-HAVE_IPV6 = _ipv6_loopback()
 
 
 @pytest.fixture(params=[socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
