@@ -1,0 +1,1 @@
+"""udpx's benchmark suite: ``pytest benchmarks`` (see README.md here)."""

@@ -1,0 +1,593 @@
+"""The Python processes of the benchmark suite: receivers, senders, echo servers, memory.
+
+Run by path (``python benchmarks/_workers.py KIND ...``) by the harness, one process per role,
+never inside the pytest process. Every worker prints JSON lines on stdout: ``{"event": "ready",
+"port": P}`` once it listens (receivers and servers), then one ``{"event": "result", ...}`` line.
+Each has its own deadline; the harness kills it too if it overstays.
+
+Measurement, the same in every worker (and in the C programs): a counter of datagrams is sampled
+every 10 ms; the window opens ``warmup`` seconds after the counter first moves and lasts
+``window`` seconds; the rate is the counter's increase over the window divided by the window's
+length, and CPU time is this process's user + system time (``getrusage``) over the window.
+Counting costs the same in every Python receiver: one attribute increment per datagram (or per
+batch for ``recv_many``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import resource
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar, cast
+
+import udpx
+
+T = TypeVar("T")
+
+#: Every receiver asks for the same buffer (the kernel doubles it, capped by rmem_max).
+RCVBUF = 4 * 1024 * 1024
+HOST = "127.0.0.1"
+TICK = 0.01
+
+
+def emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def run_on(loop_name: str, main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``main()`` on a fresh loop of the named kind."""
+    if loop_name == "uvloop":
+        import uvloop  # noqa: PLC0415 - only when asked for
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main())
+    with asyncio.Runner() as runner:
+        return runner.run(main())
+
+
+class Counter:
+    """The one counter a worker's hot path increments."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+class Window:
+    """Samples ``count()`` every 10 ms and measures rate and CPU over the window."""
+
+    def __init__(self, count: Callable[[], int], *, warmup: float, window: float, quiet: float,
+                 deadline: float, linger: bool = True,
+                 ready: Callable[[], bool] | None = None) -> None:
+        self.count = count
+        self.linger = linger
+        #: The warm-up starts once traffic flows and this says yes (all connections exist).
+        self.ready = ready
+        self.ready_after = 0.0
+        self.warmup = warmup
+        self.window = window
+        self.quiet = quiet
+        self.deadline = deadline
+        self.closed = asyncio.Event()  # set when the window has closed
+
+    async def run(self) -> dict[str, Any]:
+        """Return once the window closed and the counter stood still for ``quiet`` seconds
+        (or at the deadline)."""
+        start = time.perf_counter()
+        first = t0 = t1 = -1.0
+        c0 = c1 = 0
+        cpu0 = cpu1 = 0.0
+        last_value = 0
+        last_change = start
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.perf_counter()
+            value = self.count()
+            if value != last_value:
+                last_value = value
+                last_change = now
+            if first < 0 and value > 0 and (self.ready is None or self.ready()):
+                first = now
+                self.ready_after = now - start
+            if first >= 0 and t0 < 0 and now >= first + self.warmup:
+                t0, c0, cpu0 = now, value, cpu_seconds()
+            if t0 >= 0 and t1 < 0 and now >= t0 + self.window:
+                t1, c1, cpu1 = now, value, cpu_seconds()
+                self.closed.set()
+                if not self.linger:
+                    break
+                emit("window_closed")  # the harness stops the sender now
+            if now - start >= self.deadline:
+                break
+            if first >= 0 and now - last_change >= self.quiet and (
+                    t1 >= 0 or now - first > self.warmup + self.window):
+                break
+        complete = t1 >= 0
+        if t0 >= 0 and t1 < 0:  # the traffic stopped early: close the window at its end
+            t1, c1, cpu1 = last_change, last_value, cpu_seconds()
+        self.closed.set()
+        seconds = t1 - t0 if t0 >= 0 else 0.0
+        count = c1 - c0
+        cpu = cpu1 - cpu0
+        return {"total": last_value, "window_count": count, "window_seconds": seconds,
+                "cpu_seconds": cpu, "rate": count / seconds if seconds > 0 else 0.0,
+                "cpu_us_per_dgram": cpu * 1e6 / count if count > 0 else 0.0,
+                "window_complete": complete}
+
+
+def receiving_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+    sock.bind((HOST, 0))
+    sock.setblocking(False)
+    return sock
+
+
+# -- receivers -------------------------------------------------------------------------------
+
+
+class CountingProtocol(asyncio.DatagramProtocol):
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.counter.n += 1
+
+
+async def consume_recv(conn: udpx.UDPConn, counter: Counter) -> None:
+    recv = conn.recv
+    with contextlib.suppress(udpx.ConnectionClosed):
+        while True:
+            await recv()
+            counter.n += 1
+
+
+async def consume_recv_many(conn: udpx.UDPConn, counter: Counter) -> None:
+    recv_many = conn.recv_many
+    with contextlib.suppress(udpx.ConnectionClosed):
+        while True:
+            batch = await recv_many()
+            counter.n += len(batch)
+
+
+async def receive(args: argparse.Namespace) -> dict[str, Any]:
+    counter = Counter()
+    window = Window(lambda: counter.n, warmup=args.warmup, window=args.window, quiet=args.quiet,
+                    deadline=args.deadline)
+    extra: dict[str, Any] = {}
+    if args.impl in ("udpx-recv", "udpx-recv_many"):
+        consume = consume_recv if args.impl == "udpx-recv" else consume_recv_many
+        peers = args.peers
+        ln = await udpx.listen(HOST, 0, rcvbuf=RCVBUF, max_conns=max(65536, 2 * peers),
+                               backlog=max(1024, 2 * peers))
+        tasks: set[asyncio.Task[None]] = set()
+        window.ready = lambda: len(tasks) >= peers
+
+        async def accept_all() -> None:
+            async for conn in ln:
+                task = asyncio.create_task(consume(conn, counter))
+                tasks.add(task)
+
+        acceptor = asyncio.create_task(accept_all())
+        emit("ready", port=ln.local_addr[1])
+        result = await window.run()
+        stats = ln.stats
+        extra = {"conns": stats.conns, "drops": dict(stats.drops),
+                 "ready_after": window.ready_after}
+        await ln.aclose()
+        acceptor.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(acceptor, *tasks, return_exceptions=True)
+    elif args.impl == "proto":
+        loop = asyncio.get_running_loop()
+        sock = receiving_socket()
+        transport, _ = await loop.create_datagram_endpoint(lambda: CountingProtocol(counter),
+                                                           sock=sock)
+        emit("ready", port=sock.getsockname()[1])
+        result = await window.run()
+        transport.close()
+    elif args.impl == "asyncio-dgram":
+        import asyncio_dgram  # noqa: PLC0415 - an optional baseline
+
+        stream = await asyncio_dgram.from_socket(receiving_socket())
+        emit("ready", port=stream.sockname[1])
+
+        async def drain() -> None:
+            recv = stream.recv
+            while True:
+                await recv()
+                counter.n += 1
+
+        drainer = asyncio.create_task(drain())
+        result = await window.run()
+        drainer.cancel()
+        await asyncio.gather(drainer, return_exceptions=True)
+        stream.close()
+    else:
+        raise SystemExit(f"unknown receiver {args.impl}")
+    return {**result, **extra}
+
+
+# -- senders ---------------------------------------------------------------------------------
+
+
+class FlowProtocol(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.resumed = asyncio.Event()
+        self.resumed.set()
+
+    def pause_writing(self) -> None:
+        self.resumed.clear()
+
+    def resume_writing(self) -> None:
+        self.resumed.set()
+
+
+async def send_async(args: argparse.Namespace) -> dict[str, Any]:
+    payload = b"s" * args.size
+    counter = Counter()
+    stop = False
+    window = Window(lambda: counter.n, warmup=args.warmup, window=args.window,
+                    quiet=args.deadline, deadline=args.deadline, linger=False)
+
+    async def stop_after_window() -> None:
+        nonlocal stop
+        await window.closed.wait()
+        stop = True
+
+    extra: dict[str, Any] = {}
+    if args.impl in ("udpx-send", "udpx-send_many"):
+        conn = await udpx.dial(HOST, args.port, gso=not args.no_gso)
+        window.count = lambda: conn.stats.tx_packets
+
+        async def send_loop() -> None:
+            send = conn.send
+            if args.impl == "udpx-send":
+                while not stop:
+                    await send(payload)
+            else:
+                batch = [payload] * 64
+                send_many = conn.send_many
+                while not stop:
+                    await send_many(batch)
+
+        sender = asyncio.create_task(send_loop())
+        watcher = asyncio.create_task(stop_after_window())
+        result = await window.run()
+        await sender
+        await watcher
+        await conn.aclose()
+        result["total"] = conn.stats.tx_packets
+        extra = {"drops": dict(conn.stats.drops)}
+    elif args.impl == "sendto":
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.create_datagram_endpoint(
+            FlowProtocol, remote_addr=(HOST, args.port))
+
+        async def sendto_loop() -> None:
+            sendto = transport.sendto
+            resumed = protocol.resumed
+            while not stop:
+                for _ in range(64):
+                    sendto(payload)
+                counter.n += 64
+                if resumed.is_set():
+                    await asyncio.sleep(0)
+                else:
+                    await resumed.wait()
+
+        sender = asyncio.create_task(sendto_loop())
+        watcher = asyncio.create_task(stop_after_window())
+        result = await window.run()
+        await sender
+        await watcher
+        extra = {"unsent_bytes": cast(Any, transport).get_write_buffer_size()}
+        transport.close()
+        await asyncio.sleep(0)
+    else:
+        raise SystemExit(f"unknown sender {args.impl}")
+    return {**result, **extra}
+
+
+def send_socket(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain blocking ``socket.send`` in a loop (no event loop), checking the clock every 64."""
+    payload = b"s" * args.size
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect((HOST, args.port))
+    send = sock.send
+    sent = 0
+    start = time.perf_counter()
+    t0 = start + args.warmup
+    t1 = t0 + args.window
+    c0 = c1 = 0
+    cpu0 = cpu1 = 0.0
+    opened = False
+    while True:
+        for _ in range(64):
+            send(payload)
+        sent += 64
+        now = time.perf_counter()
+        if not opened and now >= t0:
+            opened, t0, c0, cpu0 = True, now, sent, cpu_seconds()
+        elif opened and now >= t1:
+            t1, c1, cpu1 = now, sent, cpu_seconds()
+            break
+    sock.close()
+    count = c1 - c0
+    cpu = cpu1 - cpu0
+    return {"total": sent, "window_count": count, "window_seconds": t1 - t0, "cpu_seconds": cpu,
+            "rate": count / (t1 - t0), "cpu_us_per_dgram": cpu * 1e6 / count,
+            "window_complete": True}
+
+
+# -- echo servers ----------------------------------------------------------------------------
+
+
+class EchoProtocol(asyncio.DatagramProtocol):
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (asyncio's own datagram transport does not subclass DatagramTransport on 3.11)
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data, addr)
+        self.counter.n += 1
+
+
+async def echo_recv(conn: udpx.UDPConn, counter: Counter) -> None:
+    # The README's echo loop: one await per datagram each way.
+    with contextlib.suppress(udpx.ConnectionClosed):
+        async for datagram in conn:
+            await conn.send(datagram)
+            counter.n += 1
+
+
+async def echo_recv_many(conn: udpx.UDPConn, counter: Counter) -> None:
+    recv_many = conn.recv_many
+    send_many = conn.send_many
+    with contextlib.suppress(udpx.ConnectionClosed):
+        while True:
+            batch = await recv_many()
+            await send_many(batch)
+            counter.n += len(batch)
+
+
+async def stdin_closed() -> None:
+    """Wait until the harness closes our stdin (its way of saying stop)."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    def readable() -> None:
+        if not os.read(0, 4096):
+            done.set()
+
+    loop.add_reader(0, readable)
+    try:
+        await done.wait()
+    finally:
+        loop.remove_reader(0)
+
+
+async def echo(args: argparse.Namespace) -> dict[str, Any]:
+    counter = Counter()
+    extra: dict[str, Any] = {}
+    if args.impl in ("udpx-recv", "udpx-recv_many"):
+        serve = echo_recv if args.impl == "udpx-recv" else echo_recv_many
+        ln = await udpx.listen(HOST, 0, rcvbuf=RCVBUF)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def accept_all() -> None:
+            async for conn in ln:
+                tasks.add(asyncio.create_task(serve(conn, counter)))
+
+        acceptor = asyncio.create_task(accept_all())
+        emit("ready", port=ln.local_addr[1])
+        await asyncio.wait_for(stdin_closed(), args.deadline)
+        stats = ln.stats
+        extra = {"drops": dict(stats.drops), "conns": stats.conns}
+        await ln.aclose()
+        acceptor.cancel()
+        await asyncio.gather(acceptor, *tasks, return_exceptions=True)
+    elif args.impl == "proto":
+        loop = asyncio.get_running_loop()
+        sock = receiving_socket()
+        transport, _ = await loop.create_datagram_endpoint(lambda: EchoProtocol(counter),
+                                                           sock=sock)
+        emit("ready", port=sock.getsockname()[1])
+        await asyncio.wait_for(stdin_closed(), args.deadline)
+        transport.close()
+    else:
+        raise SystemExit(f"unknown echo server {args.impl}")
+    return {"echoed": counter.n, "cpu_seconds": cpu_seconds(), **extra}
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+class TableProtocol(asyncio.DatagramProtocol):
+    """The smallest hand-written demultiplexer: a dict from peer address to a deque."""
+
+    def __init__(self) -> None:
+        self.table: dict[tuple[str | Any, int], deque[bytes]] = {}
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if addr not in self.table:
+            self.table[addr] = deque()  # the datagram itself is consumed: idle peers
+
+
+async def memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Resident memory per idle connection: ``peers`` (C) sends one datagram from each of N
+    new source addresses, in chunks small enough for the receive buffer; every connection is
+    accepted and its datagram read, so the connections are open, accepted and idle."""
+    n = args.n
+    chunk = 2000
+    warm = 256
+    conns: list[udpx.UDPConn] = []
+    closers: list[Callable[[], Coroutine[Any, Any, None]]] = []
+    if args.impl == "udpx":
+        ln = await udpx.listen(HOST, 0, rcvbuf=RCVBUF, max_conns=n + 2 * warm,
+                               backlog=n + 2 * warm, idle_timeout=None)
+
+        async def accept_all() -> None:
+            async for conn in ln:
+                with contextlib.suppress(udpx.WouldBlock):
+                    conn.recv_nowait()
+                conns.append(conn)
+
+        acceptor = asyncio.create_task(accept_all())
+        port = ln.local_addr[1]
+
+        def opened() -> int:
+            return len(conns)
+
+        async def close_udpx() -> None:
+            await ln.aclose()
+            acceptor.cancel()
+            await asyncio.gather(acceptor, return_exceptions=True)
+
+        closers.append(close_udpx)
+    elif args.impl == "table":
+        loop = asyncio.get_running_loop()
+        sock = receiving_socket()
+        protocol = TableProtocol()
+        transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+        port = sock.getsockname()[1]
+
+        def opened() -> int:
+            return len(protocol.table)
+
+        async def close_table() -> None:
+            transport.close()
+
+        closers.append(close_table)
+    else:
+        raise SystemExit(f"unknown memory impl {args.impl}")
+
+    peers = await asyncio.create_subprocess_exec(
+        args.peers_bin, str(port), str(args.size), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE)
+    assert peers.stdin is not None and peers.stdout is not None
+    stalls = 0
+
+    async def add_peers(count: int, target: int) -> None:
+        nonlocal stalls
+        assert peers.stdin is not None and peers.stdout is not None
+        peers.stdin.write(f"{count}\n".encode())
+        await peers.stdin.drain()
+        json.loads(await peers.stdout.readline())
+        last, since = opened(), time.perf_counter()
+        while opened() < target:
+            await asyncio.sleep(0.002)
+            if opened() != last:
+                last, since = opened(), time.perf_counter()
+            elif time.perf_counter() - since > 0.5:
+                stalls += 1  # datagrams lost (kernel drops): go on with fewer connections
+                break
+
+    # Warm up the listener with a few peers (touches the receive arena's pages, grows the
+    # tables once), then close them: "empty" means a listener that has received traffic.
+    await add_peers(warm, warm)
+    if args.impl == "udpx":
+        for conn in conns:
+            await conn.aclose()
+        conns.clear()
+    else:
+        protocol.table.clear()
+    gc.collect()
+    await asyncio.sleep(0.05)
+    rss_before = rss_bytes()
+    started = time.perf_counter()
+    while opened() < n:
+        await add_peers(min(chunk, n - opened()), min(n, opened() + chunk))
+        if time.perf_counter() - started > args.deadline:
+            break
+    fill_seconds = time.perf_counter() - started
+    gc.collect()
+    await asyncio.sleep(0.05)
+    rss_after = rss_bytes()
+    count = opened()
+    extra: dict[str, Any] = {}
+    if args.impl == "udpx":
+        stats = ln.stats
+        extra = {"listener_conns": stats.conns, "accepted": stats.accepted,
+                 "drops": dict(stats.drops)}
+    peers.stdin.close()
+    await peers.wait()
+    for close in closers:
+        await close()
+    return {"conns": count, "rss_before": rss_before, "rss_after": rss_after,
+            "bytes_per_conn": (rss_after - rss_before) / count if count else 0.0,
+            "fill_seconds": fill_seconds, "stalls": stalls, **extra}
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="_workers.py")
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    recv = kinds.add_parser("recv")
+    recv.add_argument("impl", choices=["udpx-recv", "udpx-recv_many", "proto", "asyncio-dgram"])
+    send = kinds.add_parser("send")
+    send.add_argument("impl", choices=["udpx-send", "udpx-send_many", "sendto", "socket"])
+    send.add_argument("--port", type=int, required=True)
+    send.add_argument("--size", type=int, required=True)
+    send.add_argument("--no-gso", action="store_true")
+    echo_server = kinds.add_parser("echo")
+    echo_server.add_argument("impl", choices=["udpx-recv", "udpx-recv_many", "proto"])
+    mem = kinds.add_parser("memory")
+    mem.add_argument("impl", choices=["udpx", "table"])
+    mem.add_argument("--n", type=int, required=True)
+    mem.add_argument("--size", type=int, required=True)
+    mem.add_argument("--peers-bin", required=True)
+    for sub in (recv, send, echo_server, mem):
+        sub.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+        sub.add_argument("--warmup", type=float, default=0.2)
+        sub.add_argument("--window", type=float, default=1.0)
+        sub.add_argument("--quiet", type=float, default=0.2)
+        sub.add_argument("--deadline", type=float, default=30.0)
+        sub.add_argument("--peers", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    args = parse(argv)
+    result: dict[str, Any]
+    if args.kind == "send" and args.impl == "socket":
+        result = send_socket(args)
+    else:
+        job = {"recv": receive, "send": send_async, "echo": echo, "memory": memory}[args.kind]
+        result = run_on(args.loop, lambda: job(args))
+    emit("result", **result)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

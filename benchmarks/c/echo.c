@@ -1,0 +1,174 @@
+/* echo: the echo server and the echo client (a window of datagrams in flight) of the udpx
+ * benchmarks.
+ *
+ *   echo server                  prints {"event": "ready", "port": P}; sends every datagram
+ *                                back to its source (recvmmsg + sendmmsg) until stdin closes
+ *   echo client PORT SIZE WINDOW WARMUP SECONDS DEADLINE SERVER_PID
+ *                                keeps WINDOW requests in flight on one connected socket; the
+ *                                measurement window opens WARMUP seconds after the first reply
+ *                                and lasts SECONDS; reads the server's on-CPU time from
+ *                                /proc/SERVER_PID/schedstat at both ends of the window
+ */
+#include "common.h"
+
+#include <poll.h>
+#include <sys/uio.h>
+
+static char slots[BATCH][SLOT];
+static struct iovec iovs[BATCH];
+static struct mmsghdr msgs[BATCH];
+static struct sockaddr_in names[BATCH];
+
+static void setup(int named) {
+    memset(msgs, 0, sizeof msgs);
+    for (int i = 0; i < BATCH; i++) {
+        memset(slots[i], 'e', SLOT);
+        iovs[i].iov_base = slots[i];
+        iovs[i].iov_len = SLOT;
+        msgs[i].msg_hdr.msg_iov = &iovs[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        if (named) {
+            msgs[i].msg_hdr.msg_name = &names[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof names[i];
+        }
+    }
+}
+
+static int server(void) {
+    int port;
+    int fd = bound_socket(&port);
+    printf("{\"event\": \"ready\", \"port\": %d}\n", port);
+    fflush(stdout);
+    setup(1);
+    long long echoed = 0;
+    struct pollfd pfds[2] = {{fd, POLLIN, 0}, {0, POLLIN, 0}};
+    for (;;) {
+        for (int i = 0; i < BATCH; i++) {
+            iovs[i].iov_len = SLOT;
+            msgs[i].msg_hdr.msg_namelen = sizeof names[i];
+        }
+        int n = recvmmsg(fd, msgs, BATCH, MSG_DONTWAIT, NULL);
+        if (n > 0) {
+            for (int i = 0; i < n; i++) iovs[i].iov_len = msgs[i].msg_len;
+            int done = 0;
+            while (done < n) {
+                int s = sendmmsg(fd, msgs + done, (unsigned)(n - done), 0);
+                if (s < 0) {
+                    if (errno == EINTR || errno == EAGAIN || errno == ENOBUFS) continue;
+                    done++;  /* drop the one the kernel refused */
+                    continue;
+                }
+                done += s;
+            }
+            echoed += n;
+        }
+        if (n < BATCH) {
+            if (poll(pfds, 2, 100) < 0 && errno != EINTR) die("poll");
+            if (pfds[1].revents) {
+                char buf[64];
+                if (read(0, buf, sizeof buf) <= 0) break;
+            }
+        }
+    }
+    printf("{\"event\": \"result\", \"echoed\": %lld, \"cpu_seconds\": %.6f}\n", echoed,
+           cpu_self());
+    fflush(stdout);
+    close(fd);
+    return 0;
+}
+
+static int client(int argc, char **argv) {
+    if (argc != 9) {
+        fprintf(stderr, "usage: echo client PORT SIZE WINDOW WARMUP SECONDS DEADLINE PID\n");
+        return 2;
+    }
+    int port = atoi(argv[2]), size = atoi(argv[3]), window = atoi(argv[4]);
+    double warmup = atof(argv[5]), seconds = atof(argv[6]), deadline = atof(argv[7]);
+    int server_pid = atoi(argv[8]);
+    if (size < 1 || size > SLOT || window < 1) {
+        fprintf(stderr, "echo: bad arguments\n");
+        return 2;
+    }
+    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    if (fd < 0) die("socket");
+    int rcvbuf = RCVBUF;
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+    struct sockaddr_in dest = loopback(port);
+    if (connect(fd, (struct sockaddr *)&dest, sizeof dest) < 0) die("connect");
+    setup(0);
+    static struct mmsghdr out[BATCH];
+    static struct iovec out_iovs[BATCH];
+    static char payload[SLOT];
+    memset(payload, 'q', sizeof payload);
+    memset(out, 0, sizeof out);
+    for (int i = 0; i < BATCH; i++) {
+        out_iovs[i].iov_base = payload;
+        out_iovs[i].iov_len = (size_t)size;
+        out[i].msg_hdr.msg_iov = &out_iovs[i];
+        out[i].msg_hdr.msg_iovlen = 1;
+    }
+    long long replies = 0, requests = 0, timeouts = 0, c0 = 0, c1 = 0;
+    double start = now(), first = -1, t0 = -1, t1 = -1, s0 = 0, s1 = 0, cpu0 = 0, cpu1 = 0;
+    long long in_flight = 0;
+    struct pollfd pfd = {fd, POLLIN, 0};
+    for (;;) {
+        /* Top the window up. */
+        while (in_flight < window) {
+            int want = window - in_flight > BATCH ? BATCH : (int)(window - in_flight);
+            int s = sendmmsg(fd, out, (unsigned)want, 0);
+            if (s < 0) {
+                if (errno == EINTR || errno == EAGAIN || errno == ENOBUFS ||
+                    errno == ECONNREFUSED)
+                    break;
+                die("sendmmsg");
+            }
+            in_flight += s;
+            requests += s;
+        }
+        int n = recvmmsg(fd, msgs, BATCH, MSG_DONTWAIT, NULL);
+        double t = now();
+        if (n > 0) {
+            replies += n;
+            in_flight -= n;
+            if (in_flight < 0) in_flight = 0;  /* late replies after a timeout */
+            if (first < 0) first = t;
+        } else if (n < 0 && errno != EAGAIN && errno != EINTR && errno != ECONNREFUSED) {
+            die("recvmmsg");
+        }
+        if (first >= 0 && t0 < 0 && t >= first + warmup) {
+            t0 = t; c0 = replies; s0 = cpu_of(server_pid); cpu0 = cpu_self();
+        }
+        if (t0 >= 0 && t >= t0 + seconds) {
+            t1 = t; c1 = replies; s1 = cpu_of(server_pid); cpu1 = cpu_self();
+            break;
+        }
+        if (t - start >= deadline) break;
+        if (n <= 0) {
+            int r = poll(&pfd, 1, 50);
+            if (r == 0) {  /* 50 ms without a reply: count the window lost, send it again */
+                timeouts++;
+                in_flight = 0;
+            }
+        }
+    }
+    double secs = t1 >= 0 ? t1 - t0 : 0.0;
+    long long count = c1 - c0;
+    double server_cpu = (s0 >= 0 && s1 >= 0) ? s1 - s0 : -1.0;
+    printf("{\"event\": \"result\", \"round_trips\": %lld, \"requests\": %lld, "
+           "\"window_count\": %lld, \"window_seconds\": %.6f, \"rate\": %.1f, "
+           "\"server_cpu_seconds\": %.6f, \"server_cpu_us_per_rt\": %.4f, "
+           "\"client_cpu_seconds\": %.6f, \"timeouts\": %lld, \"window_complete\": %s}\n",
+           replies, requests, count, secs, secs > 0 ? count / secs : 0.0, server_cpu,
+           count > 0 && server_cpu >= 0 ? server_cpu * 1e6 / (double)count : -1.0,
+           cpu1 - cpu0, timeouts, t1 >= 0 ? "true" : "false");
+    fflush(stdout);
+    close(fd);
+    return t1 >= 0 ? 0 : 1;
+}
+
+int main(int argc, char **argv) {
+    if (argc >= 2 && strcmp(argv[1], "server") == 0) return server();
+    if (argc >= 2 && strcmp(argv[1], "client") == 0) return client(argc, argv);
+    fprintf(stderr, "usage: echo server | echo client ...\n");
+    return 2;
+}
