@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
+import ctypes
+import mmap
 import os
 import socket
 import struct
@@ -614,5 +617,63 @@ def test_reuse_port_lets_two_listeners_share_a_port(run: Runner[Any], host: str)
         with pytest.raises(OSError):
             async with udpx.listen(host, 0) as third, udpx.listen(host, third.local_addr[1]):
                 pass
+
+    run(main())
+
+
+def test_several_receivers_take_turns(run: Runner[Any], host: str) -> None:
+    async def main() -> None:
+        async with udpx.listen(host, 0) as ln, udpx.dial(host, ln.local_addr[1]) as conn:
+            await conn.send(b"open")
+            server_conn = await ln.accept()
+            await server_conn.recv()
+            got: list[list[bytes]] = [[] for _ in range(4)]
+            arrived = asyncio.Event()
+
+            async def receiver(index: int) -> None:
+                while True:
+                    got[index].append(await server_conn.recv())
+                    arrived.set()
+
+            tasks = [asyncio.create_task(receiver(index)) for index in range(4)]
+            await asyncio.sleep(0)
+            for number in range(40):
+                arrived.clear()
+                await conn.send(b"%d" % number)
+                await arrived.wait()
+                await asyncio.sleep(0)  # let the receiver wait again, behind the others
+            # FIFO among waiters, like asyncio.Queue's getters: each takes every fourth.
+            assert [len(batch) for batch in got] == [10, 10, 10, 10]
+            assert sorted(int(d) for batch in got for d in batch) == list(range(40))
+            # A burst wakes one receiver per datagram; nothing is lost or duplicated.
+            await conn.send_many([b"b%d" % number for number in range(100)])
+            while sum(map(len, got)) < 140:
+                await asyncio.sleep(0)
+            assert sorted(d for batch in got for d in batch if d.startswith(b"b")) == sorted(
+                b"b%d" % number for number in range(100))
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    run(main())
+
+
+def test_any_buffer_can_be_sent(run: Runner[Any], host: str) -> None:
+    async def main() -> None:
+        async with udpx.listen(host, 0) as ln, udpx.dial(host, ln.local_addr[1]) as conn:
+            region = mmap.mmap(-1, 4)
+            region[:] = b"mmap"
+            buffers: list[Any] = [b"bytes", bytearray(b"bytearray"), memoryview(b"view"),
+                                  array.array("B", b"array"), region,
+                                  ctypes.create_string_buffer(b"ctypes", 6)]
+            await conn.send_many(buffers)
+            server_conn = await ln.accept()
+            assert await recv_exactly(server_conn, len(buffers)) == [
+                b"bytes", b"bytearray", b"view", b"array", b"mmap", b"ctypes"]
+            region.close()
+            with pytest.raises(TypeError, match="bytes-like"):
+                conn.send_nowait(12)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="UDPConn"):
+                udpx.BatchWriter("not a connection")  # type: ignore[arg-type]
 
     run(main())

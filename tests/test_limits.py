@@ -85,11 +85,72 @@ def test_describe_round_trips_through_json(run: Runner[Any], host: str) -> None:
             [peer] = description["conns"]
             assert peer["remote_addr"][1] == conn.local_addr[1]
             assert peer["rx_queued"] == 0 and peer["tx_pending"] == 0
-            assert peer["age"] >= 0 and peer["idle"] >= 0
+            assert peer["age"] >= 0 and peer["idle_at_least"] >= 0
             dialed = json.loads(json.dumps(conn.describe()))
             assert dialed["socket"]["sndbuf"] > 0
             assert dialed["stats"]["tx_packets"] == 1
         assert json.loads(json.dumps(ln.describe()))["closed"] is True
+
+
+def test_describe_samples_idle_time(run: Runner[Any], host: str) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with udpx.listen(host, 0, idle_timeout=None) as ln, \
+                udpx.dial(host, ln.local_addr[1]) as conn:
+            await conn.send(b"hi")
+            server_conn = await ln.accept()
+            await server_conn.recv()
+            assert server_conn.describe()["idle_at_least"] == 0  # traffic since the last sample
+            sampled = loop.time()
+            await asyncio.sleep(0.05)
+            idle = server_conn.describe()["idle_at_least"]
+            assert 0.05 <= idle <= loop.time() - sampled + 0.001
+            await conn.send(b"again")
+            await server_conn.recv()
+            assert server_conn.describe()["idle_at_least"] == 0
+
+    run(main())
+
+
+def test_stats_survive_close(run: Runner[Any], host: str) -> None:
+    async def main() -> None:
+        with socket.socket(family_of(host), socket.SOCK_DGRAM) as raw:
+            raw.bind((host, 0))
+            ln = await udpx.listen(host, 0, rcvbuf=4096)
+            conn = await udpx.dial(host, raw.getsockname()[1], rcvbuf=4096)
+            for _ in range(2000):
+                raw.sendto(bytes(100), ln.local_addr[:2])
+                raw.sendto(bytes(100), conn.local_addr[:2])
+            before = ln.stats.drops["kernel"], conn.stats.drops["kernel"]
+            assert before[0] > 0 and before[1] > 0
+            await ln.aclose()
+            await conn.aclose()
+            assert (ln.stats.drops["kernel"], conn.stats.drops["kernel"]) == before
+
+    run(main())
+
+
+def test_datagrams_of_unaccepted_connections_are_counted(run: Runner[Any], host: str) -> None:
+    async def main() -> None:
+        ln = await udpx.listen(host, 0, rcvbuf=BIG_RCVBUF)
+        with contextlib.ExitStack() as stack:
+            senders = [stack.enter_context(socket.socket(family_of(host), socket.SOCK_DGRAM))
+                       for _ in range(3)]
+            for sock in senders:
+                sock.sendto(b"one", ln.local_addr[:2])
+                sock.sendto(b"two", ln.local_addr[:2])
+            await settle(ln, 6)
+            accepted = await ln.accept()
+            assert await accepted.recv() == b"one"
+            await ln.aclose()
+        stats = ln.stats
+        # The accepted connection's datagrams are the application's (one read, one still
+        # readable); the two never accepted connections' four are dropped, and counted.
+        assert stats.rx_packets == 2
+        assert stats.drops["unaccepted"] == 4
+        assert await accepted.recv() == b"two"
+
+    run(main())
 
     run(main())
 

@@ -24,7 +24,10 @@ class BatchWriter:
     """
 
     def __init__(self, conn: UDPConn, size: int = 64) -> None:
-        """Raises ValueError when ``size`` is not between 1 and 1024."""
+        """Raises TypeError when ``conn`` is not a connection, ValueError when ``size`` is not
+        between 1 and 1024."""
+        if not isinstance(conn, UDPConn):
+            raise TypeError(f"conn must be a udpx.UDPConn, got {type(conn).__name__}")
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BATCH_SIZE:
             raise ValueError(f"size must be an int between 1 and {MAX_BATCH_SIZE}, got {size!r}")
         self._conn = conn

@@ -36,13 +36,20 @@ class _Owner(Protocol):
 
 
 def _as_bytes(data: object) -> bytes:
-    # The queue keeps the datagram until the writer runs: take a snapshot of mutable buffers so
-    # that changing them after send() returns cannot change what is sent.
+    # The queue keeps the datagram until the writer runs: take a snapshot of anything mutable
+    # (bytearray, memoryview, array, mmap, ctypes...) so that changing it after send() returns
+    # cannot change what is sent. Any object with the buffer protocol is accepted, as by
+    # socket.send.
     if type(data) is bytes:
         return data
-    if isinstance(data, bytes | bytearray | memoryview):
-        return bytes(data)
-    raise TypeError(f"datagram must be bytes-like, got {type(data).__name__}")
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"datagram must be a bytes-like object (bytes, bytearray, memoryview or another "
+            f"buffer), got {type(data).__name__}") from None
+    with view:
+        return view.tobytes()
 
 
 @final
@@ -134,18 +141,27 @@ class UDPConn:
     def describe(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot: addresses, age, idle time, queue depths, stats.
 
-        ``idle`` is the time since the connection was last seen active, at the granularity of
-        the idle sweep (``idle_timeout / 2``): 0 when it was active since the last sweep.
+        ``idle_at_least`` is a lower bound on the time without traffic: udpx reads no clock per
+        datagram, so it samples each connection's activity counters instead (in the idle sweep,
+        every ``idle_timeout / 2``, and in every ``describe()``). It is the time since the
+        first sample that saw the latest traffic: 0 when there was traffic since the previous
+        sample, and more precise the more often it is sampled.
         """
         now = self._loop.time()
-        idle = 0.0 if self.activity_count() != self.idle_count else now - self.idle_since
+        count = self.activity_count()
+        if count != self.idle_count:
+            # The same update as the idle sweep's: it can only move the start of an idle period
+            # later (closer to the real last activity), never make reaping come early.
+            self.idle_count = count
+            self.idle_since = now
+        idle = now - self.idle_since
         description: dict[str, Any] = {
             "local_addr": list(self._local),
             "remote_addr": list(self.remote_addr),
             "closed": self._closed,
             "close_reason": self.close_reason,
             "age": round(now - self._created, 3),
-            "idle": round(idle, 3),
+            "idle_at_least": round(idle, 3),
             "rx_queued": len(self._rx),
             "tx_pending": self._tx.pending(),
             "stats": self.stats.as_dict(),
@@ -161,7 +177,7 @@ class UDPConn:
         # Called by the reader or the writer of a connected socket (ICMP errors): the error is
         # raised once, by the next recv() or send().
         self._error = exc.errno
-        self._wake_receivers()
+        self._wake_all()
 
     def _raise_error(self) -> None:
         code = self._error
@@ -172,12 +188,28 @@ class UDPConn:
     # -- receiving ---------------------------------------------------------------------------
 
     def _wake_receivers(self) -> None:
+        """Datagrams arrived: wake one waiting receiver per queued datagram, oldest first (as
+        asyncio.Queue hands items to its getters), so that several tasks share the work."""
+        if self._receivers:
+            self._wake(len(self._rx.items))
+
+    def _wake(self, count: int) -> None:
         receivers = self._receivers
-        if receivers:
+        while receivers and count > 0:
+            future = receivers.pop(0)
+            if not future.done():
+                future.set_result(None)
+                count -= 1
+        if not receivers:
             self._receivers = None
-            for future in receivers:
-                if not future.done():
-                    future.set_result(None)
+
+    def _wake_all(self) -> None:
+        """Closed or failed: every waiting receiver must look again."""
+        receivers = self._receivers
+        self._receivers = None
+        for future in receivers or ():
+            if not future.done():
+                future.set_result(None)
 
     async def _wait_readable(self) -> None:
         future: asyncio.Future[None] = self._loop.create_future()
@@ -187,12 +219,18 @@ class UDPConn:
             self._receivers.append(future)
         try:
             await future
-        finally:
-            # Cancelled (or timed out): forget the future; nothing was taken from the queue.
-            receivers = self._receivers
-            if receivers is not None and (not future.done() or future.cancelled()):
+        except asyncio.CancelledError:
+            # Cancelled (or timed out): nothing was taken from the queue. A wake-up meant for
+            # this receiver goes on to the next one.
+            if future.done() and not future.cancelled():
+                if self._rx.items:
+                    self._wake(1)
+            elif self._receivers is not None:
                 with contextlib.suppress(ValueError):
-                    receivers.remove(future)
+                    self._receivers.remove(future)
+                if not self._receivers:
+                    self._receivers = None
+            raise
 
     async def recv(self) -> bytes:
         """Receive one whole datagram, waiting until one arrives.
@@ -210,7 +248,10 @@ class UDPConn:
             if self._error is not None:
                 self._raise_error()
             if items:
-                return items.popleft()
+                data = items.popleft()
+                if items and self._receivers is not None:
+                    self._wake(len(items))  # more arrived meanwhile: pass it on
+                return data
             if self._closed:
                 raise ConnectionClosed(reason=self._close_reason)
             await self._wait_readable()
@@ -247,7 +288,10 @@ class UDPConn:
             if self._error is not None:
                 self._raise_error()
             if rx.items:
-                return rx.get_many(max_count)
+                batch = rx.get_many(max_count)
+                if rx.items and self._receivers is not None:
+                    self._wake(len(rx.items))
+                return batch
             if self._closed:
                 raise ConnectionClosed(reason=self._close_reason)
             await self._wait_readable()
@@ -358,7 +402,7 @@ class UDPConn:
             return
         self._closed = True
         self._close_reason = reason
-        self._wake_receivers()
+        self._wake_all()
         self._owner._conn_closing(self)
 
     def _finished(self) -> None:

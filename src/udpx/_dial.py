@@ -43,6 +43,7 @@ class _DialedSocket:
                             local_addr=sock.getsockname(), remote_addr=remote, sockaddr=None)
         self._rx = self.conn._rx
         self._released = False
+        self._kernel_final: int | None = None
         self._loop = loop
         self._idle_timeout = options.idle_timeout
         # A dialed connection owns its socket, reader and writer; one sweep timer of its own is
@@ -102,6 +103,7 @@ class _DialedSocket:
         self._released = True
         self._writer.close()
         self._receiver.close()
+        self._kernel_final = kernel_drops(self._sock)
         self._sock.close()
         self.conn._finished()
 
@@ -109,6 +111,7 @@ class _DialedSocket:
         """Garbage collection of an unclosed connection: free the socket, send nothing more."""
         if not self._released:
             self._released = True
+            self._kernel_final = kernel_drops(self._sock)
             self._sock.close()
 
     def _describe_socket(self) -> dict[str, Any] | None:
@@ -117,7 +120,7 @@ class _DialedSocket:
                 "gso": self._writer.gso, "tx_queued": len(self._writer.queue)}
 
     def _kernel_drops(self) -> int | None:
-        return kernel_drops(self._sock)
+        return kernel_drops(self._sock) if self._kernel_final is None else self._kernel_final
 
 
 def dial(host: str, port: int, *, batch_size: int = 64, max_datagram: int = 65535,

@@ -108,6 +108,9 @@ class Listener(asyncio.DatagramProtocol):
         # Counters of connections that are finished, so that totals cover past connections.
         self._retired = {"rx_packets": 0, "rx_bytes": 0, "tx_packets": 0, "tx_bytes": 0,
                          "rx_queue_full": 0, "truncated": 0, "send_error": 0}
+        self._dropped_unaccepted = 0
+        # The kernel's drop count, read once more just before the socket is closed.
+        self._kernel_final: int | None = None
         self._closed = False
         self._done: asyncio.Future[None] = loop.create_future()
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)
@@ -225,9 +228,21 @@ class Listener(asyncio.DatagramProtocol):
         if conn in self._backlog:
             self._backlog.remove(conn)
             self._demux.accepted()
+            self._discard_unaccepted(conn)
         self._closing.add(conn)
         logger.debug("udpx: connection from %r closed", conn.remote_addr)
         self._writer.when_empty(lambda: self._retire(conn))
+
+    def _discard_unaccepted(self, conn: UDPConn) -> None:
+        """A connection closed before accept() returned it: the application can never read its
+        queue, so what is queued there counts as dropped (``unaccepted``), not delivered."""
+        rx = conn._rx
+        count = len(rx.items)
+        if count:
+            rx.rx_packets -= count
+            rx.rx_bytes -= sum(map(len, rx.items))
+            rx.items.clear()
+            self._dropped_unaccepted += count
 
     def _retire(self, conn: UDPConn) -> None:
         if conn not in self._closing:
@@ -328,7 +343,8 @@ class Listener(asyncio.DatagramProtocol):
             send_error=totals["send_error"],
             backlog_full=demux.dropped_backlog,
             conn_limit=demux.dropped_conn_limit,
-            kernel=kernel_drops(self._sock),
+            kernel=kernel_drops(self._sock) if self._kernel_final is None else self._kernel_final,
+            unaccepted=self._dropped_unaccepted,
         )
         return ListenerStats(totals["rx_packets"], totals["rx_bytes"], totals["tx_packets"],
                              totals["tx_bytes"], drops, len(self._conns), self._accepted)
@@ -351,6 +367,8 @@ class Listener(asyncio.DatagramProtocol):
             self._sweeper = None
         self._drop_reporter.cancel()
         # Empty the backlog first, so that closing each connection need not search it.
+        for conn in self._backlog:
+            self._discard_unaccepted(conn)
         self._backlog.clear()
         self._demux.pending = 0
         for conn in list(self._conns.values()):
@@ -363,6 +381,7 @@ class Listener(asyncio.DatagramProtocol):
         for conn in list(self._closing):
             self._retire(conn)
         self._receiver.close()
+        self._kernel_final = kernel_drops(self._sock)
         self._sock.close()
         if not self._done.done():
             self._done.set_result(None)
