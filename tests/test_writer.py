@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import udpx
-from udpx._mmsg import make_sender
+from udpx._mmsg import make_sender, split_segments
 from udpx._queue import TxAccount, TxQueue
 from udpx._writer import Writer
 
@@ -104,3 +104,51 @@ def test_writer_waits_for_writability_on_eagain(run: Runner[Any]) -> None:
             writer.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("gro", [True, False], ids=["gro", "no-gro"])
+def test_gro_receives_runs_in_few_calls(run: Runner[Any], host: str, gro: bool) -> None:
+    datagrams = [b"%05d" % index for index in range(3000)] + [b"z" * 300] * 65 + [b"end"]
+
+    async def main() -> None:
+        async with udpx.listen(host, 0, rcvbuf=BIG_RCVBUF, rx_queue_size=4000, gro=gro) as ln, \
+                udpx.dial(host, ln.local_addr[1], rcvbuf=BIG_RCVBUF, rx_queue_size=4000,
+                          gro=gro) as conn:
+            await conn.send_many(datagrams)
+            server_conn = await ln.accept()
+            assert await recv_exactly(server_conn, len(datagrams)) == datagrams
+            await server_conn.send_many(datagrams)  # and back, into the dialed socket
+            assert await recv_exactly(conn, len(datagrams)) == datagrams
+            for receiver in (ln._receiver, conn._owner._receiver):  # type: ignore[attr-defined]
+                if gro:
+                    assert receiver.gro_segments >= len(datagrams) // 2
+                    assert receiver.calls < len(datagrams) // 64
+                else:
+                    assert receiver.gro_segments == 0
+            stats = ln.stats
+            assert stats.rx_packets == len(datagrams)
+            assert stats.rx_bytes == sum(map(len, datagrams))
+
+    run(main())
+
+
+def test_gro_is_off_when_a_run_might_not_fit_the_slot(run: Runner[Any]) -> None:
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, max_datagram=2000) as ln, \
+                udpx.dial("127.0.0.1", ln.local_addr[1], max_datagram=2000) as conn:
+            assert not ln._receiver.gro
+            await conn.send_many([b"x" * 100] * 200)  # one GSO run of 6,400 bytes
+            server_conn = await ln.accept()
+            assert await recv_exactly(server_conn, 200) == [b"x" * 100] * 200
+            assert ln.stats.drops["truncated"] == 0
+
+    run(main())
+
+
+def test_split_segments() -> None:
+    keys, offsets, lengths = split_segments(
+        ["a", "b", "c"], [0, 100, 200], [10, 25, 7], [0, 10, 7])
+    assert keys == ["a", "b", "b", "b", "c"]
+    assert offsets == [0, 100, 110, 120, 200]
+    assert lengths == [10, 10, 10, 5, 7]
+    assert split_segments(None, [0], [20], [10]) == (None, [0, 10], [10, 10])

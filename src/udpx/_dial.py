@@ -10,7 +10,7 @@ from typing import Any, final
 from ._conn import UDPConn
 from ._idle import sweep, sweep_interval
 from ._listener import Opening
-from ._mmsg import SingleRecv, make_receiver, make_sender
+from ._mmsg import SingleRecv, make_receiver, make_sender, split_segments
 from ._options import Options
 from ._queue import TxQueue
 from ._reader import BatchReader
@@ -31,7 +31,7 @@ class _DialedSocket:
                  options: Options, remote: Address) -> None:
         self._sock = sock
         self._receiver = make_receiver(sock, options.batch_size, options.max_datagram, False,
-                                       None)
+                                       None, gro=options.gro)
         self._sender = make_sender(sock, options.batch_size, options.max_datagram, False, None)
         self._writer = Writer(loop, sock, self._sender, TxQueue(options.tx_queue_size), False,
                               gso=options.gso and options.batch_size > 1)
@@ -62,27 +62,41 @@ class _DialedSocket:
             return
         self._sweeper = self._loop.call_later(sweep_interval(timeout), self._sweep)
 
-    def _on_batch(self, count: int) -> None:
+    def _on_batch(self, count: int) -> int:
+        """Queue the ``count`` messages of one recvmmsg; returns how many datagrams they held."""
         receiver = self._receiver
         lengths = receiver.lengths(count)
         truncated = receiver.truncated(count)
+        sizes = receiver.segment_sizes(count)
         if truncated is None:
-            self._rx.put_batch(receiver.arena, receiver.offsets, lengths)
-            return
+            if sizes is None:
+                self._rx.put_batch(receiver.arena, receiver.offsets, lengths)
+                return count
+            _, offsets, lengths = receiver.split(None, lengths, sizes)
+            self._rx.put_batch(receiver.arena, offsets, lengths)
+            return len(lengths)
         arena = receiver.arena
-        for offset, length, cut in zip(receiver.offsets, lengths, truncated):
+        delivered = 0
+        for index, (offset, length, cut) in enumerate(zip(receiver.offsets, lengths, truncated)):
             if cut:
                 self._rx.dropped_truncated += 1
-            else:
-                self._rx.put(arena[offset:offset + length])
+                delivered += 1
+                continue
+            size = sizes[index] if sizes is not None else 0
+            _, offsets, pieces = split_segments(None, [offset], [length], [size])
+            for start, piece in zip(offsets, pieces):
+                self._rx.put(arena[start:start + piece])
+            delivered += len(pieces)
+        return delivered
 
-    def _on_single(self, count: int) -> None:
+    def _on_single(self, count: int) -> int:
         receiver = self._receiver
         assert isinstance(receiver, SingleRecv)
         if receiver.data is None:
             self._rx.dropped_truncated += 1
         else:
             self._rx.put(receiver.data)
+        return 1
 
     def _on_error(self, exc: OSError) -> None:
         # On a connected socket, errors are ICMP reports about the peer (port unreachable...):
@@ -127,7 +141,8 @@ def dial(host: str, port: int, *, batch_size: int = 64, max_datagram: int = 6553
          rx_queue_size: int = 1024, tx_queue_size: int = 4096,
          idle_timeout: float | None = 3600.0, rcvbuf: int | None = None,
          sndbuf: int | None = None,
-         local_addr: tuple[str, int] | None = None, gso: bool = True) -> Opening[UDPConn]:
+         local_addr: tuple[str, int] | None = None, gso: bool = True,
+         gro: bool = True) -> Opening[UDPConn]:
     """Open a connection to ``host``/``port`` over a connected UDP socket.
 
     Await the result, or use it with ``async with``. No datagram is exchanged by dialing.
@@ -140,7 +155,7 @@ def dial(host: str, port: int, *, batch_size: int = 64, max_datagram: int = 6553
     options = Options(batch_size=batch_size, max_datagram=max_datagram,
                       rx_queue_size=rx_queue_size, tx_queue_size=tx_queue_size,
                       idle_timeout=idle_timeout, rcvbuf=rcvbuf, sndbuf=sndbuf,
-                      local_addr=local_addr, gso=gso)
+                      local_addr=local_addr, gso=gso, gro=gro)
     if not isinstance(host, str):
         raise ValueError(f"host must be a str, got {host!r}")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:

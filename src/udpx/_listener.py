@@ -17,7 +17,7 @@ from ._conn import UDPConn
 from ._demux import Demux
 from ._errors import ListenerClosed
 from ._idle import sweep, sweep_interval
-from ._mmsg import SingleRecv, make_receiver, make_sender
+from ._mmsg import SingleRecv, make_receiver, make_sender, split_segments
 from ._options import Options
 from ._queue import RxQueue, TxQueue
 from ._reader import BatchReader
@@ -93,7 +93,8 @@ class Listener(asyncio.DatagramProtocol):
         self._demux = Demux(max_conns=options.max_conns, backlog=options.backlog,
                             create=self._create_conn)
         self._receiver = make_receiver(sock, options.batch_size, options.max_datagram, True,
-                                       lambda address: key_from_address(family, address))
+                                       lambda address: key_from_address(family, address),
+                                       gro=options.gro)
         self._sender = make_sender(sock, options.batch_size, options.max_datagram, True,
                                    lambda raw: address_from_sockaddr(family, raw))
         self._writer = Writer(loop, sock, self._sender, TxQueue(options.tx_queue_size), True,
@@ -127,23 +128,43 @@ class Listener(asyncio.DatagramProtocol):
 
     # -- the receive side --------------------------------------------------------------------
 
-    def _on_batch(self, count: int) -> None:
+    def _on_batch(self, count: int) -> int:
+        """Route the ``count`` messages of one recvmmsg; returns how many datagrams they held."""
         receiver = self._receiver
         lengths = receiver.lengths(count)
         truncated = receiver.truncated(count)
         keys = receiver.keys(count)
+        sizes = receiver.segment_sizes(count)
         if truncated is None:
-            self._demux.feed_batch(keys, receiver.arena, receiver.offsets, lengths)
-            return
+            if sizes is None:
+                self._demux.feed_batch(keys, receiver.arena, receiver.offsets, lengths)
+                return count
+            split_keys, offsets, lengths = receiver.split(keys, lengths, sizes)
+            assert split_keys is not None
+            self._demux.feed_batch(split_keys, receiver.arena, offsets, lengths)
+            return len(lengths)
+        # Rare: some message did not fit its slot. One message at a time.
         arena = receiver.arena
         feed_one = self._demux.feed_one
-        for key, offset, length, cut in zip(keys, receiver.offsets, lengths, truncated):
-            feed_one(key, None if cut else arena[offset:offset + length])
+        delivered = 0
+        for index, (key, offset, length, cut) in enumerate(
+                zip(keys, receiver.offsets, lengths, truncated)):
+            if cut:
+                feed_one(key, None)
+                delivered += 1
+                continue
+            size = sizes[index] if sizes is not None else 0
+            _, offsets, pieces = split_segments(None, [offset], [length], [size])
+            for start, piece in zip(offsets, pieces):
+                feed_one(key, arena[start:start + piece])
+            delivered += len(pieces)
+        return delivered
 
-    def _on_single(self, count: int) -> None:
+    def _on_single(self, count: int) -> int:
         receiver = self._receiver
         assert isinstance(receiver, SingleRecv)
         self._demux.feed_one(receiver.key, receiver.data)
+        return 1
 
     def _on_error(self, exc: OSError) -> None:
         # An unconnected socket reports few errors (no ICMP without IP_RECVERR); log and go on.
@@ -412,7 +433,7 @@ def listen(host: str | None, port: int, *, batch_size: int = 64, max_datagram: i
            rx_queue_size: int = 1024, tx_queue_size: int = 4096,
            idle_timeout: float | None = 3600.0, max_conns: int = 65536, backlog: int = 1024,
            reuse_port: bool = False, rcvbuf: int | None = None,
-           sndbuf: int | None = None, gso: bool = True) -> Opening[Listener]:
+           sndbuf: int | None = None, gso: bool = True, gro: bool = True) -> Opening[Listener]:
     """Listen for datagrams on ``host``/``port`` (``host=None``: every interface, IPv6
     dual-stack where available; ``port=0``: a free port, see ``local_addr``).
 
@@ -425,7 +446,8 @@ def listen(host: str | None, port: int, *, batch_size: int = 64, max_datagram: i
     options = Options(batch_size=batch_size, max_datagram=max_datagram,
                       rx_queue_size=rx_queue_size, tx_queue_size=tx_queue_size,
                       idle_timeout=idle_timeout, max_conns=max_conns, backlog=backlog,
-                      reuse_port=reuse_port, rcvbuf=rcvbuf, sndbuf=sndbuf, gso=gso)
+                      reuse_port=reuse_port, rcvbuf=rcvbuf, sndbuf=sndbuf, gso=gso,
+                      gro=gro)
     if port is None or isinstance(port, bool) or not isinstance(port, int) or not (
             0 <= port <= 65535):
         raise ValueError(f"port must be an int between 0 and 65535, got {port!r}")

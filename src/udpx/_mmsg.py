@@ -41,6 +41,13 @@ __all__ = [
 MSG_TRUNC: int = int(getattr(socket, "MSG_TRUNC", 0x20))
 SOCKADDR_SIZE = 128  # sizeof(struct sockaddr_storage)
 _KEY_CACHE_SIZE = 4096  # peers whose key the one-datagram receiver remembers
+
+# UDP generic receive offload: with UDP_GRO set, the kernel hands a run of equal-size datagrams
+# from one peer (sent with GSO, or coalesced by the NIC) to recvmmsg as ONE message, with the
+# segment size in a control message; udpx splits it again. The kernel's per-message receive
+# cost is paid once per run instead of once per datagram.
+SOL_UDP = 17
+UDP_GRO = 104
 _SOCKADDR_IN6_SIZE = 28
 
 
@@ -75,6 +82,24 @@ _U32_FLAGS = _MsgHdr.msg_flags.offset // 4
 _SIZE_T_CODE: Literal["I", "L", "Q"] = (
     "I" if ctypes.sizeof(ctypes.c_size_t) == 4 else "L" if array("L").itemsize == 8 else "Q")
 _IOV_WORDS = _IOV_SIZE // ctypes.sizeof(ctypes.c_size_t)
+# msg_controllen in size_t words inside one mmsghdr, and the stride.
+_SIZE_T = ctypes.sizeof(ctypes.c_size_t)
+_WORD_STRIDE = _HDR_SIZE // _SIZE_T
+_WORD_CONTROLLEN = _MsgHdr.msg_controllen.offset // _SIZE_T
+
+
+def _cmsg_align(length: int) -> int:
+    return (length + _SIZE_T - 1) & ~(_SIZE_T - 1)
+
+
+# One control message carrying an int (struct cmsghdr: size_t cmsg_len, int level, int type):
+# its space per slot, and the positions of level, type and data in 32-bit words.
+_CMSG_HEADER = _cmsg_align(_SIZE_T + 8)
+_CONTROL_SIZE = _CMSG_HEADER + _cmsg_align(4)
+_CONTROL_WORDS = _CONTROL_SIZE // 4
+_CMSG_LEVEL = _SIZE_T // 4
+_CMSG_TYPE = _CMSG_LEVEL + 1
+_CMSG_DATA = _CMSG_HEADER // 4
 
 
 def _load_libc() -> Any:
@@ -113,6 +138,37 @@ def peer_keys_ipv4(names_view: memoryview, count: int) -> list[int]:
     return names_view[0:count * 16:16].tolist()
 
 
+def split_segments(keys: Sequence[Hashable] | None, offsets: Sequence[int],
+                   lengths: Sequence[int], sizes: Sequence[int],
+                   counter: RecvBatch | None = None,
+                   ) -> tuple[list[Hashable] | None, list[int], list[int]]:
+    """Expand messages carrying GRO runs (``sizes[i] > 0``: segments of that size, the last
+    one possibly shorter) into one entry per datagram. ``keys`` may be None (connected)."""
+    out_keys: list[Hashable] | None = [] if keys is not None else None
+    out_offsets: list[int] = []
+    out_lengths: list[int] = []
+    split = 0
+    for index, (offset, length, size) in enumerate(zip(offsets, lengths, sizes)):
+        if size and length > size:
+            end = offset + length
+            starts = range(offset, end, size)
+            pieces = len(starts)
+            out_offsets.extend(starts)
+            out_lengths.extend([size] * (pieces - 1))
+            out_lengths.append(end - starts[-1])
+            split += pieces
+            if out_keys is not None and keys is not None:
+                out_keys.extend([keys[index]] * pieces)
+        else:
+            out_offsets.append(offset)
+            out_lengths.append(length)
+            if out_keys is not None and keys is not None:
+                out_keys.append(keys[index])
+    if counter is not None:
+        counter.gro_segments += split
+    return out_keys, out_offsets, out_lengths
+
+
 class RecvBatch:
     """Preallocated arrays for one socket's recvmmsg calls.
 
@@ -120,10 +176,15 @@ class RecvBatch:
     ``arena[offsets[i]:offsets[i] + lengths(n)[i]]``, from the peer ``keys(n)[i]``.
     """
 
-    def __init__(self, batch_size: int, slot_size: int, family: int, named: bool) -> None:
+    def __init__(self, batch_size: int, slot_size: int, family: int, named: bool,
+                 gro: bool = False) -> None:
         if _libc is None:  # pragma: no cover - checked by make_receiver
             raise OSError(errno.ENOSYS, "recvmmsg is not available")
         self.size = batch_size
+        #: Whether the socket has UDP_GRO set (the caller sets it), so messages may carry runs.
+        self.gro = gro
+        #: Datagrams split out of GRO messages (tests and benchmarks read it).
+        self.gro_segments = 0
         self.slot_size = slot_size
         self.family = family
         #: recvmmsg calls made (the batching test counts them).
@@ -145,8 +206,17 @@ class RecvBatch:
             if named:
                 hdr.msg_name = names_address + index * SOCKADDR_SIZE
                 hdr.msg_namelen = SOCKADDR_SIZE
-        # The kernel rewrites msg_namelen, msg_flags and msg_len; a pristine copy restores the
-        # used headers with one memmove per batch.
+        self._controls = (ctypes.c_char * (_CONTROL_SIZE * batch_size if gro else 1))()
+        if gro:
+            controls_address = ctypes.addressof(self._controls)
+            for index in range(batch_size):
+                hdr = self._hdrs[index].msg_hdr
+                hdr.msg_control = controls_address + index * _CONTROL_SIZE
+                hdr.msg_controllen = _CONTROL_SIZE
+        self._control_words = memoryview(self._controls).cast("B").cast("i") if gro else None
+        self._hdr_size_words = memoryview(self._hdrs).cast("B").cast(_SIZE_T_CODE)
+        # The kernel rewrites msg_namelen, msg_controllen, msg_flags and msg_len; a pristine
+        # copy restores the used headers with one memmove per batch.
         self._template = ctypes.create_string_buffer(bytes(self._hdrs), _HDR_SIZE * batch_size)
         self._used = 0
         self._words = memoryview(self._hdrs).cast("B").cast("I")
@@ -188,6 +258,28 @@ class RecvBatch:
             return None
         return [bool(flag & MSG_TRUNC) for flag in flags]
 
+    def segment_sizes(self, count: int) -> list[int] | None:
+        """Per message, the GRO segment size (0: a single datagram); None when no message of
+        the batch carries a run (always, without GRO)."""
+        words = self._control_words
+        if words is None:
+            return None
+        used = self._hdr_size_words[
+            _WORD_CONTROLLEN:_WORD_CONTROLLEN + count * _WORD_STRIDE:_WORD_STRIDE].tolist()
+        if not any(used):
+            return None
+        end = count * _CONTROL_WORDS
+        levels = words[_CMSG_LEVEL:end:_CONTROL_WORDS].tolist()
+        types = words[_CMSG_TYPE:end:_CONTROL_WORDS].tolist()
+        sizes = words[_CMSG_DATA:end:_CONTROL_WORDS].tolist()
+        return [size if length and level == SOL_UDP and kind == UDP_GRO else 0
+                for length, level, kind, size in zip(used, levels, types, sizes)]
+
+    def split(self, keys: Sequence[Hashable] | None, lengths: list[int],
+              sizes: list[int]) -> tuple[list[Hashable] | None, list[int], list[int]]:
+        """Expand GRO messages into their datagrams: ``(keys, offsets, lengths)`` per datagram."""
+        return split_segments(keys, self.offsets, lengths, sizes, self)
+
     def keys(self, count: int) -> Sequence[Hashable]:
         if self.family == socket.AF_INET:
             return peer_keys_ipv4(self._names_q, count)
@@ -200,6 +292,9 @@ class RecvBatch:
         self._closed = True
         self._words.release()
         self._names_q.release()
+        self._hdr_size_words.release()
+        if self._control_words is not None:
+            self._control_words.release()
         del self._arena_anchor, self._names_anchor
         self.arena.close()
         self._names.close()
@@ -215,6 +310,8 @@ class SingleRecv:
     """
 
     size = 1
+    gro = False
+    gro_segments = 0
 
     def __init__(self, sock: socket.socket, slot_size: int, key_of: Any) -> None:
         self._sock = sock
@@ -264,6 +361,13 @@ class SingleRecv:
 
     def keys(self, count: int) -> Sequence[Hashable]:
         return [self.key]
+
+    def segment_sizes(self, count: int) -> list[int] | None:
+        return None  # no GRO on the one-datagram path
+
+    def split(self, keys: Sequence[Hashable] | None, lengths: list[int],
+              sizes: list[int]) -> tuple[list[Hashable] | None, list[int], list[int]]:
+        return split_segments(keys, self.offsets, lengths, sizes)
 
     def close(self) -> None:
         self._views[0].release()
@@ -391,10 +495,20 @@ Sender = SendBatch | SingleSend
 
 
 def make_receiver(sock: socket.socket, batch_size: int, slot_size: int, named: bool,
-                  key_of: Any) -> Receiver:
-    """The batch receiver for ``sock``, or the single-datagram one (batch_size 1, no recvmmsg)."""
+                  key_of: Any, *, gro: bool = False) -> Receiver:
+    """The batch receiver for ``sock``, or the single-datagram one (batch_size 1, no recvmmsg).
+
+    ``gro`` asks for UDP GRO; it is used only where the kernel accepts it and the slot holds
+    any UDP datagram (a run of small datagrams can fill 64 KiB)."""
     if batch_size > 1 and HAVE_MMSG:
-        return RecvBatch(batch_size, slot_size, sock.family, named)
+        if gro and slot_size >= 65535:
+            try:
+                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+            except OSError:
+                gro = False
+        else:
+            gro = False
+        return RecvBatch(batch_size, slot_size, sock.family, named, gro)
     return SingleRecv(sock, slot_size, key_of)
 
 

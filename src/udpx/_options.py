@@ -71,6 +71,12 @@ class Options:
     supports it (Linux); turned off for the socket at the first refusal. Off when
     ``batch_size`` is 1."""
 
+    gro: bool = True
+    """Receive runs of datagrams that the kernel coalesced (UDP GRO: the peer sent them with
+    GSO) as one message each, and split them: one kernel receive per run instead of per
+    datagram. Used where the kernel supports it, with the default ``max_datagram`` and a
+    ``batch_size`` above 1."""
+
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _check_int("max_datagram", self.max_datagram, 1, 65535)
@@ -89,7 +95,7 @@ class Options:
                 finite = False
             if not (timeout > 0 and finite):
                 raise ValueError(f"idle_timeout must be positive and finite, got {timeout!r}")
-        for name in ("reuse_port", "gso"):
+        for name in ("reuse_port", "gso", "gro"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("rcvbuf", "sndbuf"):

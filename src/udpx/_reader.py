@@ -22,13 +22,14 @@ MAX_DATAGRAMS_PER_WAKEUP = 1024
 class BatchReader:
     """Drains one socket with its receiver whenever it is readable.
 
-    ``on_batch(count)`` handles the ``count`` datagrams now in the receiver's arrays;
+    ``on_batch(count)`` handles the ``count`` messages now in the receiver's arrays and returns
+    how many datagrams they held;
     ``on_error(exc)`` handles an error the socket reported (ICMP errors on a connected socket
     arrive this way). Neither stops the reader.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, receiver: Receiver,
-                 on_batch: Callable[[int], None], on_error: Callable[[OSError], None]) -> None:
+                 on_batch: Callable[[int], int], on_error: Callable[[OSError], None]) -> None:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
@@ -54,7 +55,8 @@ class BatchReader:
         size = self.receiver.size
         fd = self._fd
         on_batch = self._on_batch
-        for _ in range(max(1, MAX_DATAGRAMS_PER_WAKEUP // size)):
+        budget = MAX_DATAGRAMS_PER_WAKEUP
+        while budget > 0:
             try:
                 count = receive(fd)
             except OSError as exc:
@@ -62,7 +64,7 @@ class BatchReader:
                 return
             if count == 0:
                 return
-            on_batch(count)
+            budget -= on_batch(count)  # datagrams: a GRO message holds several
             if not self._active or count < size:
                 return
 
