@@ -131,7 +131,8 @@ class _DialedSocket:
     def _describe_socket(self) -> dict[str, Any] | None:
         rcvbuf, sndbuf = buffer_sizes(self._sock) if not self._released else (0, 0)
         return {"rcvbuf": rcvbuf, "sndbuf": sndbuf, "batch_size": self._receiver.size,
-                "gso": self._writer.gso, "tx_queued": len(self._writer.queue)}
+                "gso": self._writer.gso, "gro": self._receiver.gro,
+                "tx_queued": len(self._writer.queue)}
 
     def _kernel_drops(self) -> int | None:
         return kernel_drops(self._sock) if self._kernel_final is None else self._kernel_final
