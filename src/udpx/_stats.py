@@ -44,9 +44,10 @@ class ConnStats:
 class ListenerStats:
     """A listener's counters at one moment: totals over all its connections, past and present.
 
-    ``drops`` adds ``backlog_full``, ``conn_limit`` and ``kernel`` (the kernel's own drop count
-    for the socket) to the connection reasons. ``conns`` is the number open now, ``accepted``
-    the number ``accept()`` returned since the start.
+    ``drops`` adds ``backlog_full``, ``conn_limit``, ``unaccepted`` (queued on connections
+    closed before ``accept()`` returned them) and ``kernel`` (the kernel's own drop count for the
+    socket, which counts a dropped GRO run as one) to the connection reasons. ``conns`` is the
+    number open now, ``accepted`` the number ``accept()`` returned since the start.
     """
 
     rx_packets: int = 0
