@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import udpx
-from udpx._mmsg import make_sender, slice_runs, split_segments
+from udpx._mmsg import make_sender, split_segments
 from udpx._queue import TxAccount, TxQueue
 from udpx._writer import Writer
 
@@ -152,11 +152,3 @@ def test_split_segments() -> None:
     assert offsets == [0, 100, 110, 120, 200]
     assert lengths == [10, 10, 10, 5, 7]
     assert split_segments(None, [0], [20], [10]) == (None, [0, 10], [10, 10])
-
-
-def test_slice_runs_matches_split_segments() -> None:
-    arena = bytes(range(256)) * 4
-    offsets, lengths, sizes = [0, 100, 300, 700], [10, 25, 7, 64], [0, 10, 7, 8]
-    _, split_offsets, split_lengths = split_segments(None, offsets, lengths, sizes)
-    assert slice_runs(arena, offsets, lengths, sizes) == [
-        arena[offset:offset + length] for offset, length in zip(split_offsets, split_lengths)]

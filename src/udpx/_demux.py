@@ -119,18 +119,6 @@ class Demux:
         for queue in touched:
             queue.wake()
 
-    def feed_list(self, key: Hashable, datagrams: list[bytes]) -> None:
-        """Route datagrams that all come from one peer (a split GRO batch)."""
-        if not datagrams:
-            return
-        queue = self.table.get(key)
-        if queue is None:
-            queue = self.admit(key)
-        if queue is None:
-            self.feed_batch_refused(key, len(datagrams) - 1)
-        else:
-            queue.put_list(datagrams)
-
     def feed_batch_refused(self, key: Hashable, count: int) -> None:
         """Count ``count`` more datagrams from a peer that admission just refused."""
         if len(self.table) >= self.max_conns:

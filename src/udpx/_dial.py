@@ -10,7 +10,7 @@ from typing import Any, final
 from ._conn import UDPConn
 from ._idle import sweep, sweep_interval
 from ._listener import Opening
-from ._mmsg import RecvBatch, SingleRecv, make_receiver, make_sender, split_segments
+from ._mmsg import SingleRecv, make_receiver, make_sender, split_segments
 from ._options import Options
 from ._queue import TxQueue
 from ._reader import BatchReader
@@ -72,10 +72,9 @@ class _DialedSocket:
             if sizes is None:
                 self._rx.put_batch(receiver.arena, receiver.offsets, lengths)
                 return count
-            assert isinstance(receiver, RecvBatch)
-            datagrams = receiver.slice_runs(lengths, sizes)
-            self._rx.put_list(datagrams)
-            return len(datagrams)
+            _, offsets, lengths = receiver.split(None, lengths, sizes)
+            self._rx.put_batch(receiver.arena, offsets, lengths)
+            return len(lengths)
         arena = receiver.arena
         delivered = 0
         for index, (offset, length, cut) in enumerate(zip(receiver.offsets, lengths, truncated)):

@@ -17,7 +17,7 @@ from ._conn import UDPConn
 from ._demux import Demux
 from ._errors import ListenerClosed
 from ._idle import sweep, sweep_interval
-from ._mmsg import RecvBatch, SingleRecv, make_receiver, make_sender, split_segments
+from ._mmsg import SingleRecv, make_receiver, make_sender, split_segments
 from ._options import Options
 from ._queue import RxQueue, TxQueue
 from ._reader import BatchReader
@@ -139,12 +139,6 @@ class Listener(asyncio.DatagramProtocol):
             if sizes is None:
                 self._demux.feed_batch(keys, receiver.arena, receiver.offsets, lengths)
                 return count
-            assert isinstance(receiver, RecvBatch)
-            if keys.count(keys[0]) == count:
-                # One peer, the common case for GRO runs: bytes straight from the arena.
-                datagrams = receiver.slice_runs(lengths, sizes)
-                self._demux.feed_list(keys[0], datagrams)
-                return len(datagrams)
             split_keys, offsets, lengths = receiver.split(keys, lengths, sizes)
             assert split_keys is not None
             self._demux.feed_batch(split_keys, receiver.arena, offsets, lengths)

@@ -169,24 +169,6 @@ def split_segments(keys: Sequence[Hashable] | None, offsets: Sequence[int],
     return out_keys, out_offsets, out_lengths
 
 
-def slice_runs(arena: Any, offsets: Sequence[int], lengths: Sequence[int],
-               sizes: Sequence[int]) -> list[bytes]:
-    """The datagrams of a batch whose messages may carry GRO runs, built straight from the
-    arena: no per-datagram offset and length lists in between (hot path)."""
-    datagrams: list[bytes] = []
-    extend = datagrams.extend
-    append = datagrams.append
-    for offset, length, size in zip(offsets, lengths, sizes):
-        if size and length > size:
-            whole = offset + length - length % size  # where the full-size segments end
-            extend([arena[start:start + size] for start in range(offset, whole, size)])
-            if whole < offset + length:
-                append(arena[whole:offset + length])
-        else:
-            append(arena[offset:offset + length])
-    return datagrams
-
-
 class RecvBatch:
     """Preallocated arrays for one socket's recvmmsg calls.
 
@@ -297,13 +279,6 @@ class RecvBatch:
               sizes: list[int]) -> tuple[list[Hashable] | None, list[int], list[int]]:
         """Expand GRO messages into their datagrams: ``(keys, offsets, lengths)`` per datagram."""
         return split_segments(keys, self.offsets, lengths, sizes, self)
-
-    def slice_runs(self, lengths: list[int], sizes: list[int]) -> list[bytes]:
-        """The datagrams of the batch, GRO runs split (see ``slice_runs``)."""
-        datagrams = slice_runs(self.arena, self.offsets, lengths, sizes)
-        runs = sum(1 for size, length in zip(sizes, lengths) if size and length > size)
-        self.gro_segments += len(datagrams) - (len(lengths) - runs)
-        return datagrams
 
     def keys(self, count: int) -> Sequence[Hashable]:
         if self.family == socket.AF_INET:

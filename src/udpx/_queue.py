@@ -89,23 +89,6 @@ class RxQueue:
         if was_empty:
             self.wake()
 
-    def put_list(self, datagrams: list[bytes]) -> None:
-        """Queue already-built datagrams in order (a split GRO batch); what does not fit is
-        dropped and counted."""
-        items = self.items
-        was_empty = not items
-        space = self.limit - len(items)
-        if len(datagrams) > space:
-            self.dropped_full += len(datagrams) - max(space, 0)
-            datagrams = datagrams[:max(space, 0)]
-        if not datagrams:
-            return
-        items.extend(datagrams)
-        self.rx_packets += len(datagrams)
-        self.rx_bytes += sum(map(len, datagrams))
-        if was_empty:
-            self.wake()
-
     def get(self) -> bytes:
         """Remove and return the oldest datagram. Raises IndexError when empty."""
         return self.items.popleft()
