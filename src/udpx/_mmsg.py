@@ -169,6 +169,13 @@ def split_segments(keys: Sequence[Hashable] | None, offsets: Sequence[int],
     return out_keys, out_offsets, out_lengths
 
 
+def message_datagrams(arena: Any, offset: int, length: int, size: int) -> list[bytes]:
+    """The datagrams of one received message: itself, or its GRO run split (``size > 0``).
+    For the one-message-at-a-time slow paths; batches go through ``split_segments``."""
+    _, offsets, lengths = split_segments(None, [offset], [length], [size])
+    return [arena[start:start + piece] for start, piece in zip(offsets, lengths)]
+
+
 class RecvBatch:
     """Preallocated arrays for one socket's recvmmsg calls.
 
