@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -71,3 +72,16 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+def raw_udp_packet(source: str, source_port: int, destination: str, destination_port: int,
+                   payload: bytes) -> bytes:
+    """An IPv4 + UDP packet for a raw ``IPPROTO_RAW`` socket (the kernel fills the IP
+    checksum; UDP checksum 0 means none): how tests send from addresses and ports no socket
+    could bind, such as source port 0."""
+    udp_length = 8 + len(payload)
+    ip_header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_length, 0, 0, 64,
+                            socket.IPPROTO_UDP, 0, socket.inet_aton(source),
+                            socket.inet_aton(destination))
+    udp_header = struct.pack("!HHHH", source_port, destination_port, udp_length, 0)
+    return ip_header + udp_header + payload
