@@ -22,7 +22,7 @@ from hypothesis.stateful import (
 )
 
 from udpx._demux import Demux
-from udpx._queue import RxQueue
+from udpx._queue import DATAGRAM_OVERHEAD, RxPool, RxQueue
 from udpx._sockets import key_from_address
 
 #: Peer keys as the receivers compute them: ints for IPv4 peers, bytes for IPv6 peers.
@@ -107,6 +107,9 @@ class DemuxMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.max_conns = self.backlog = self.queue_limit = 1
+        self.memory_limit: int | None = None
+        self.buffered = 0
+        self.dropped_memory = 0
         self.demux = Demux(max_conns=1, backlog=1, create=self._create)
         self.serial = 0
         self.received = 0
@@ -121,10 +124,14 @@ class DemuxMachine(RuleBasedStateMachine):
         self.creations: deque[Conn] = deque()
 
     @initialize(max_conns=st.integers(1, 4), backlog=st.integers(1, 4),
-                queue_limit=st.integers(1, 4))
-    def setup(self, max_conns: int, backlog: int, queue_limit: int) -> None:
+                queue_limit=st.integers(1, 4),
+                memory_limit=st.none() | st.integers(DATAGRAM_OVERHEAD, 4 * DATAGRAM_OVERHEAD))
+    def setup(self, max_conns: int, backlog: int, queue_limit: int,
+              memory_limit: int | None) -> None:
         self.max_conns, self.backlog, self.queue_limit = max_conns, backlog, queue_limit
-        self.demux = Demux(max_conns=max_conns, backlog=backlog, create=self._create)
+        self.memory_limit = memory_limit
+        self.demux = Demux(max_conns=max_conns, backlog=backlog, create=self._create,
+                           pool=RxPool(memory_limit))
 
     # -- the callbacks ----------------------------------------------------------------------
 
@@ -137,7 +144,8 @@ class DemuxMachine(RuleBasedStateMachine):
         assert self.creations, f"unexpected create({key!r})"
         conn = self.creations.popleft()
         assert peer_of_key(key) == conn.peer
-        conn.queue = RxQueue(self.queue_limit, wake=lambda: conn.wakes.append(len(conn.rx)))
+        conn.queue = RxQueue(self.queue_limit, wake=lambda: conn.wakes.append(len(conn.rx)),
+                             pool=demux.pool)
         return conn.queue
 
     # -- the model --------------------------------------------------------------------------
@@ -167,6 +175,11 @@ class DemuxMachine(RuleBasedStateMachine):
         if len(conn.expected) >= self.queue_limit:
             conn.dropped_full += 1
             return
+        cost = len(data) + DATAGRAM_OVERHEAD
+        if self.memory_limit is not None and self.buffered + cost > self.memory_limit:
+            self.dropped_memory += 1
+            return
+        self.buffered += cost
         conn.expected.append(data)
         conn.delivered += 1
         conn.delivered_bytes += len(data)
@@ -256,6 +269,7 @@ class DemuxMachine(RuleBasedStateMachine):
         taken = len(conn.expected) if max_count is None else min(max_count,
                                                                   len(conn.expected))
         expected = [conn.expected.popleft() for _ in range(taken)]
+        self.buffered -= sum(map(len, expected)) + len(expected) * DATAGRAM_OVERHEAD
         assert conn.rx.get_many(max_count) == expected
 
     # -- the invariants ---------------------------------------------------------------------
@@ -279,7 +293,14 @@ class DemuxMachine(RuleBasedStateMachine):
         assert demux.pending == len(self.pending)
         assert demux.dropped_backlog == self.dropped_backlog
         assert demux.dropped_conn_limit == self.dropped_conn_limit
-        assert demux.dropped_truncated == self.dropped_truncated
+        pool = demux.pool
+        assert pool.dropped_truncated == self.dropped_truncated + sum(
+            conn.truncated for conn in self.conns)
+        assert pool.dropped_memory == self.dropped_memory
+        assert pool.buffered == self.buffered
+        assert pool.rx_packets == sum(conn.delivered for conn in self.conns)
+        assert pool.rx_bytes == sum(conn.delivered_bytes for conn in self.conns)
+        assert pool.dropped_full == sum(conn.dropped_full for conn in self.conns)
         for conn in self.conns:
             queue = conn.rx
             assert list(queue.items) == list(conn.expected)
@@ -290,7 +311,13 @@ class DemuxMachine(RuleBasedStateMachine):
     @invariant()
     def delivered_plus_dropped_is_received(self) -> None:
         demux = self.demux
-        total = demux.dropped_backlog + demux.dropped_conn_limit + demux.dropped_truncated
+        pool = demux.pool
+        # The pool's totals alone account for every datagram (what ln.stats reports).
+        assert (demux.dropped_backlog + demux.dropped_conn_limit + demux.dropped_bad_source
+                + pool.rx_packets + pool.dropped_full + pool.dropped_truncated
+                + pool.dropped_memory) == self.received
+        total = (demux.dropped_backlog + demux.dropped_conn_limit + pool.dropped_memory
+                 + pool.dropped_truncated - sum(conn.rx.dropped_truncated for conn in self.conns))
         for conn in self.conns:
             queue = conn.rx
             total += queue.rx_packets + queue.dropped_full + queue.dropped_truncated
@@ -315,13 +342,14 @@ def make_demux(max_conns: int = 8, backlog: int = 8, limit: int = 8
                ) -> tuple[Demux, dict[Hashable, RxQueue], list[Hashable]]:
     queues: dict[Hashable, RxQueue] = {}
     woken: list[Hashable] = []
+    pool = RxPool()
 
     def create(key: Hashable) -> RxQueue:
-        queue = RxQueue(limit, wake=lambda: woken.append(key))
+        queue = RxQueue(limit, wake=lambda: woken.append(key), pool=pool)
         queues[key] = queue
         return queue
 
-    return Demux(max_conns=max_conns, backlog=backlog, create=create), queues, woken
+    return Demux(max_conns=max_conns, backlog=backlog, create=create, pool=pool), queues, woken
 
 
 def test_batch_from_a_slot_arena() -> None:
@@ -396,11 +424,12 @@ def test_truncated_datagram_is_counted_never_delivered(known: bool) -> None:
     demux.feed_one(fresh_key(2), None)
     if known:
         queue = queues[PEER_KEYS[2]]
-        assert (queue.dropped_truncated, demux.dropped_truncated) == (1, 0)
+        # Counted on the connection, and in the listener-wide totals.
+        assert (queue.dropped_truncated, demux.pool.dropped_truncated) == (1, 1)
         assert list(queue.items) == [b"ok"]
     else:
         # A truncated datagram from an unknown peer opens no connection.
         assert queues == {}
-        assert demux.dropped_truncated == 1
+        assert demux.pool.dropped_truncated == 1
         assert demux.pending == 0
     assert woken == []

@@ -1,5 +1,7 @@
 """udpx: TCP-like connections over UDP for asyncio, batched with recvmmsg/sendmmsg."""
 
+import logging as _logging
+
 from ._batch_writer import BatchWriter as BatchWriter
 from ._conn import UDPConn as UDPConn
 from ._dial import dial as dial
@@ -16,6 +18,11 @@ from ._stats import ConnStats as ConnStats
 from ._stats import ListenerStats as ListenerStats
 
 __version__ = "0.1.0"
+
+# As libraries do: without logging configured by the application, udpx's warnings (drops, capped
+# buffers) go nowhere rather than to stderr through logging's last-resort handler. Configure
+# logging (e.g. logging.basicConfig()) to see them.
+_logging.getLogger("udpx").addHandler(_logging.NullHandler())
 
 __all__ = [
     "BatchWriter",

@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="at exit, print the listener's describe() snapshot (address, options, "
                            "socket buffers, every connection) as one JSON line on stdout; SIGUSR1 "
                            "prints one at any time")
+    perf.set_defaults(command_parser=perf)
+    echo.set_defaults(command_parser=echo)
     return parser
 
 
@@ -228,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("argument --loop: uvloop is not installed (pip install uvloop)")
     try:
         if args.command == "perf":
-            return _perf(parser, args)
+            # Errors in perf's own arguments show perf's usage, not the top level's.
+            return _perf(args.command_parser, args)
         return _echo(args)
     except KeyboardInterrupt:
         print(f"udpx {args.command}: interrupted", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import warnings
@@ -12,9 +11,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, final
 
 from ._errors import ConnectionClosed, MessageTooLong, QueueFull, WouldBlock
-from ._queue import RxQueue, TxAccount
+from ._queue import DATAGRAM_OVERHEAD, RxPool, RxQueue, TxAccount
 from ._sockets import address_from_key
 from ._stats import ConnStats, drops_mapping
+from ._waiters import FifoWaiters
 
 if TYPE_CHECKING:
     from ._sockets import Address
@@ -33,6 +33,10 @@ class _Owner(Protocol):
     def _abort(self) -> None: ...
 
     def _describe_socket(self) -> dict[str, Any] | None: ...
+
+
+def _do_nothing() -> None:
+    return None
 
 
 def _as_bytes(data: object) -> bytes:
@@ -69,17 +73,18 @@ class UDPConn:
                  "_txq", "_writer", "idle_count", "idle_since")
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, owner: _Owner, writer: Writer,
-                 rx_queue_size: int, max_send: int, local_addr: Address,
+                 rx_queue_size: int, pool: RxPool, max_send: int, local_addr: Address,
                  remote_addr: Address | None, sockaddr: bytes | None,
                  key: Hashable = None) -> None:
         self._loop = loop
         self._owner = owner
         self._writer = writer
         self._txq = writer.queue
-        self._rx = RxQueue(rx_queue_size, self._wake_receivers)
+        self._rx = RxQueue(rx_queue_size, self._wake_receivers, pool=pool)
         # Only a connected socket reports ICMP errors, so only a dialed connection needs on_error.
         self._tx = TxAccount(sockaddr, self._set_error if sockaddr is None else None)
-        self._receivers: list[asyncio.Future[None]] | None = None
+        # Made on the first wait: most of a listener's connections may never have a waiter.
+        self._receivers: FifoWaiters | None = None
         self._max_send = max_send
         self._local = local_addr
         self._remote = remote_addr
@@ -191,46 +196,23 @@ class UDPConn:
         """Datagrams arrived: wake one waiting receiver per queued datagram, oldest first (as
         asyncio.Queue hands items to its getters), so that several tasks share the work."""
         if self._receivers:
-            self._wake(len(self._rx.items))
+            self._receivers.wake(len(self._rx.items))
 
     def _wake(self, count: int) -> None:
-        receivers = self._receivers
-        while receivers and count > 0:
-            future = receivers.pop(0)
-            if not future.done():
-                future.set_result(None)
-                count -= 1
-        if not receivers:
-            self._receivers = None
+        if self._receivers:
+            self._receivers.wake(count)
 
     def _wake_all(self) -> None:
         """Closed or failed: every waiting receiver must look again."""
-        receivers = self._receivers
-        self._receivers = None
-        for future in receivers or ():
-            if not future.done():
-                future.set_result(None)
+        if self._receivers:
+            self._receivers.wake_all()
 
     async def _wait_readable(self) -> None:
-        future: asyncio.Future[None] = self._loop.create_future()
+        # Cancelled (or timed out): nothing was taken from the queue, and a wake-up meant for
+        # this receiver goes on to the next one (FifoWaiters' rule).
         if self._receivers is None:
-            self._receivers = [future]
-        else:
-            self._receivers.append(future)
-        try:
-            await future
-        except asyncio.CancelledError:
-            # Cancelled (or timed out): nothing was taken from the queue. A wake-up meant for
-            # this receiver goes on to the next one.
-            if future.done() and not future.cancelled():
-                if self._rx.items:
-                    self._wake(1)
-            elif self._receivers is not None:
-                with contextlib.suppress(ValueError):
-                    self._receivers.remove(future)
-                if not self._receivers:
-                    self._receivers = None
-            raise
+            self._receivers = FifoWaiters(self._loop)
+        await self._receivers.wait()
 
     async def recv(self) -> bytes:
         """Receive one whole datagram, waiting until one arrives.
@@ -243,14 +225,16 @@ class UDPConn:
                 call; raised once, the connection stays usable.
         """
         # Hot path: when a datagram is queued this returns without suspending.
-        items = self._rx.items
+        rx = self._rx
+        items = rx.items
         while True:
             if self._error is not None:
                 self._raise_error()
             if items:
                 data = items.popleft()
-                if items and self._receivers is not None:
-                    self._wake(len(items))  # more arrived meanwhile: pass it on
+                rx.pool.buffered -= len(data) + DATAGRAM_OVERHEAD  # RxQueue.get, inlined
+                if items and self._receivers:
+                    self._receivers.wake(len(items))  # more arrived meanwhile: pass it on
                 return data
             if self._closed:
                 raise ConnectionClosed(reason=self._close_reason)
@@ -266,9 +250,8 @@ class UDPConn:
         """
         if self._error is not None:
             self._raise_error()
-        items = self._rx.items
-        if items:
-            return items.popleft()
+        if self._rx.items:
+            return self._rx.get()
         if self._closed:
             raise ConnectionClosed(reason=self._close_reason)
         raise WouldBlock("no datagram queued")
@@ -289,8 +272,8 @@ class UDPConn:
                 self._raise_error()
             if rx.items:
                 batch = rx.get_many(max_count)
-                if rx.items and self._receivers is not None:
-                    self._wake(len(rx.items))
+                if rx.items and self._receivers:
+                    self._receivers.wake(len(rx.items))
                 return batch
             if self._closed:
                 raise ConnectionClosed(reason=self._close_reason)
@@ -343,9 +326,15 @@ class UDPConn:
         txq = self._txq
         while len(txq.datagrams) >= txq.limit:
             await self._writer.wait_space()
-            if self._closed:
-                raise ConnectionClosed(reason=self._close_reason)
+            self._check_turn()
         self._enqueue(datagram)
+
+    def _check_turn(self) -> None:
+        """After a wait for room: a closed connection will not use its turn, so it hands it
+        to the next waiter (else an open connection could wait for ever with room free)."""
+        if self._closed:
+            self._writer.space.wake(1)
+            raise ConnectionClosed(reason=self._close_reason)
 
     def send_nowait(self, data: bytes | bytearray | memoryview) -> None:
         """Queue one datagram without waiting.
@@ -377,8 +366,7 @@ class UDPConn:
             space = txq.limit - len(txq.datagrams)
             if space <= 0:
                 await self._writer.wait_space()
-                if self._closed:
-                    raise ConnectionClosed(reason=self._close_reason)
+                self._check_turn()
                 continue
             part = batch[index:index + space]
             txq.datagrams.extend(part)
@@ -404,6 +392,11 @@ class UDPConn:
         self._closed = True
         self._close_reason = reason
         self._wake_all()
+        # Nothing is put into a closed connection's queue any more: drop the queue's reference
+        # back to the connection, so that an application that lets go of it frees it (and
+        # gives its unread datagrams' share of the memory budget back) at once, not at the
+        # next garbage collection.
+        self._rx.wake = _do_nothing
         self._owner._conn_closing(self)
 
     def _finished(self) -> None:
@@ -437,6 +430,8 @@ class UDPConn:
         await self.aclose()
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
+        # Datagrams nobody will read any more give their share of the memory budget back.
+        self._rx.release()
         if not self._closed and self._key is None:
             # A dialed connection owns a socket: leaving it open is a leak worth a warning.
             _warn(f"unclosed {self!r}", ResourceWarning, source=self)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 
-from ._queue import Arena, RxQueue
+from ._queue import DATAGRAM_OVERHEAD, Arena, RxPool, RxQueue
 
 __all__ = ["Demux"]
 
@@ -19,34 +19,57 @@ _NO_KEY = object()
 _NO_QUEUE = RxQueue(1)
 
 
+def _always_valid(key: Hashable) -> bool:
+    return True
+
+
+def _do_nothing() -> None:
+    return None
+
+
 class Demux:
     """Peer table, admission of new peers and listener-level drop accounting.
 
     ``create(key)`` is called for a datagram from an unknown peer once admission allows it
-    (fewer than ``max_conns`` open, fewer than ``backlog`` not yet accepted); it returns the new
-    connection's receive queue. The owner calls ``accepted()`` when a connection leaves the
-    backlog and ``remove(key)`` when a connection closes, so that the peer's next datagram opens a
-    new connection.
+    (a valid source, fewer than ``max_conns`` open, fewer than ``backlog`` not yet accepted); it
+    returns the new connection's receive queue. The owner calls ``accepted()`` when a
+    connection leaves the backlog and ``remove(key)`` when a connection closes, so that the
+    peer's next datagram opens a new connection.
+
+    ``valid(key)`` vets a new peer's source (port 0 is never a real peer: answering it fails);
+    refused ones count as ``dropped_bad_source``. ``on_pressure()`` is called when the table
+    reaches ``pressure_mark`` entries, so the owner can reap idle connections sooner.
+    All receive queues share ``pool``, which counts every datagram they are fed.
     """
 
-    __slots__ = ("backlog", "create", "dropped_backlog", "dropped_conn_limit",
-                 "dropped_truncated", "max_conns", "pending", "table")
+    __slots__ = ("backlog", "create", "dropped_backlog", "dropped_bad_source",
+                 "dropped_conn_limit", "max_conns", "on_pressure", "pending", "pool",
+                 "pressure_mark", "table", "valid")
 
     def __init__(self, *, max_conns: int, backlog: int,
-                 create: Callable[[Hashable], RxQueue]) -> None:
+                 create: Callable[[Hashable], RxQueue], pool: RxPool | None = None,
+                 valid: Callable[[Hashable], bool] = _always_valid,
+                 pressure_mark: int | None = None,
+                 on_pressure: Callable[[], None] = _do_nothing) -> None:
         self.table: dict[Hashable, RxQueue] = {}
         self.max_conns = max_conns
         self.backlog = backlog
         self.create = create
+        self.pool = pool if pool is not None else RxPool()
+        self.valid = valid
+        self.pressure_mark = pressure_mark if pressure_mark is not None else max_conns + 1
+        self.on_pressure = on_pressure
         #: Connections created and not yet accepted.
         self.pending = 0
         self.dropped_backlog = 0
         self.dropped_conn_limit = 0
-        #: Truncated datagrams from peers with no connection (not counted on any connection).
-        self.dropped_truncated = 0
+        self.dropped_bad_source = 0
 
     def admit(self, key: Hashable) -> RxQueue | None:
         """Create the connection for a new peer, or count why it cannot be created."""
+        if not self.valid(key):
+            self.dropped_bad_source += 1
+            return None
         if len(self.table) >= self.max_conns:
             self.dropped_conn_limit += 1
             return None
@@ -56,6 +79,8 @@ class Demux:
         queue = self.create(key)
         self.table[key] = queue
         self.pending += 1
+        if len(self.table) == self.pressure_mark:
+            self.on_pressure()
         return queue
 
     def accepted(self) -> None:
@@ -89,8 +114,12 @@ class Demux:
                 queue.put_batch(arena, offsets, lengths)
             return
         # Mixed peers: locals only, the lookup skipped within runs of one peer, no per-datagram
-        # call except the slice.
+        # call except the slice; the pool's totals are added once, after the batch.
         table_get = self.table.get
+        pool = self.pool
+        buffered = pool.buffered
+        memory_limit = pool.limit - DATAGRAM_OVERHEAD  # compared with buffered + length
+        delivered = delivered_bytes = dropped_full = dropped_memory = 0
         touched: list[RxQueue] = []
         last_key: Hashable = _NO_KEY
         current = _NO_QUEUE
@@ -110,18 +139,32 @@ class Demux:
                 limit = found.limit
             if len(items) >= limit:
                 current.dropped_full += 1
+                dropped_full += 1
+                continue
+            if buffered + length > memory_limit:
+                dropped_memory += 1
                 continue
             if not items:
                 touched.append(current)
             items.append(arena[offset:offset + length])
+            buffered += length + DATAGRAM_OVERHEAD
             current.rx_packets += 1
             current.rx_bytes += length
+            delivered += 1
+            delivered_bytes += length
+        pool.buffered = buffered
+        pool.rx_packets += delivered
+        pool.rx_bytes += delivered_bytes
+        pool.dropped_full += dropped_full
+        pool.dropped_memory += dropped_memory
         for queue in touched:
             queue.wake()
 
     def feed_batch_refused(self, key: Hashable, count: int) -> None:
         """Count ``count`` more datagrams from a peer that admission just refused."""
-        if len(self.table) >= self.max_conns:
+        if not self.valid(key):
+            self.dropped_bad_source += count
+        elif len(self.table) >= self.max_conns:
             self.dropped_conn_limit += count
         else:
             self.dropped_backlog += count
@@ -131,9 +174,9 @@ class Demux:
         queue = self.table.get(key)
         if data is None:
             if queue is None:
-                self.dropped_truncated += 1
+                self.pool.dropped_truncated += 1
             else:
-                queue.dropped_truncated += 1
+                queue.count_truncated()
             return
         if queue is None:
             queue = self.admit(key)

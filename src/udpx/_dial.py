@@ -12,7 +12,7 @@ from ._idle import sweep, sweep_interval
 from ._listener import Opening
 from ._mmsg import SingleRecv, make_receiver, make_sender, message_datagrams
 from ._options import Options
-from ._queue import TxQueue
+from ._queue import RxPool, TxQueue
 from ._reader import BatchReader
 from ._sockets import Address, bind_socket, buffer_sizes, kernel_drops, max_payload, resolve
 from ._writer import Writer
@@ -39,6 +39,7 @@ class _DialedSocket:
         self._reader = BatchReader(loop, sock, self._receiver, on_batch, self._on_error)
         self.conn = UDPConn(loop=loop, owner=self, writer=self._writer,
                             rx_queue_size=options.rx_queue_size,
+                            pool=RxPool(options.rx_memory_limit),
                             max_send=min(options.max_datagram, max_payload(sock.family, remote)),
                             local_addr=sock.getsockname(), remote_addr=remote, sockaddr=None)
         self._rx = self.conn._rx
@@ -79,7 +80,7 @@ class _DialedSocket:
         delivered = 0
         for index, (offset, length, cut) in enumerate(zip(receiver.offsets, lengths, truncated)):
             if cut:
-                self._rx.dropped_truncated += 1
+                self._rx.count_truncated()
                 delivered += 1
                 continue
             datagrams = message_datagrams(arena, offset, length,
@@ -93,7 +94,7 @@ class _DialedSocket:
         receiver = self._receiver
         assert isinstance(receiver, SingleRecv)
         if receiver.data is None:
-            self._rx.dropped_truncated += 1
+            self._rx.count_truncated()
         else:
             self._rx.put(receiver.data)
         return 1
@@ -140,7 +141,7 @@ class _DialedSocket:
 
 def dial(host: str, port: int, *, batch_size: int = 64, max_datagram: int = 65535,
          rx_queue_size: int = 1024, tx_queue_size: int = 4096,
-         idle_timeout: float | None = 3600.0, rcvbuf: int | None = None,
+         rx_memory_limit: int = 64 * 2**20, idle_timeout: float | None = 3600.0, rcvbuf: int | None = None,
          sndbuf: int | None = None,
          local_addr: tuple[str, int] | None = None, gso: bool = True,
          gro: bool = True) -> Opening[UDPConn]:
@@ -155,7 +156,7 @@ def dial(host: str, port: int, *, batch_size: int = 64, max_datagram: int = 6553
     """
     options = Options(batch_size=batch_size, max_datagram=max_datagram,
                       rx_queue_size=rx_queue_size, tx_queue_size=tx_queue_size,
-                      idle_timeout=idle_timeout, rcvbuf=rcvbuf, sndbuf=sndbuf,
+                      rx_memory_limit=rx_memory_limit, idle_timeout=idle_timeout, rcvbuf=rcvbuf, sndbuf=sndbuf,
                       local_addr=local_addr, gso=gso, gro=gro)
     if not isinstance(host, str):
         raise ValueError(f"host must be a str, got {host!r}")

@@ -13,7 +13,31 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol, TypeVar
 
-__all__ = ["Tracked", "sweep", "sweep_interval"]
+__all__ = [
+    "MIN_SWEEP_INTERVAL",
+    "PRESSURE_FLOOR",
+    "PRESSURE_THRESHOLD",
+    "Tracked",
+    "effective_timeout",
+    "sweep",
+    "sweep_interval",
+]
+
+#: Sweeps never come closer together than this: a tiny ``idle_timeout`` (say 1e-6) must not
+#: make an idle listener spin. A connection is still reaped within the contract's
+#: ``1.5 * idle_timeout + 1`` seconds.
+MIN_SWEEP_INTERVAL = 0.05
+
+#: Above this share of ``max_conns`` open, the idle timeout in force shrinks (see
+#: ``effective_timeout``).
+PRESSURE_THRESHOLD = 0.75
+
+#: The idle timeout in force when ``max_conns`` is full: a flood of one-datagram connections
+#: from spoofed sources is reaped within 1.5 x this after it ends, so new peers get in again
+#: within a minute instead of after up to 1.5 x ``idle_timeout``. Legitimate connections idle
+#: that long are reaped too while the table is that full (they reconnect on their next
+#: datagram).
+PRESSURE_FLOOR = 30.0
 
 
 class Tracked(Protocol):
@@ -29,8 +53,22 @@ T = TypeVar("T", bound=Tracked)
 
 
 def sweep_interval(timeout: float) -> float:
-    """Seconds between sweeps for ``timeout``."""
-    return timeout / 2
+    """Seconds between sweeps for ``timeout`` (half of it, at least ``MIN_SWEEP_INTERVAL``)."""
+    return max(timeout / 2, MIN_SWEEP_INTERVAL)
+
+
+def effective_timeout(timeout: float, open_conns: int, max_conns: int) -> float:
+    """The idle timeout in force with ``open_conns`` of ``max_conns`` open.
+
+    Up to ``PRESSURE_THRESHOLD`` of the table it is ``timeout``; from there it falls linearly
+    to ``PRESSURE_FLOOR`` at a full table (never above ``timeout``: a short timeout stays).
+    """
+    mark = PRESSURE_THRESHOLD * max_conns
+    floor = min(PRESSURE_FLOOR, timeout)
+    if open_conns <= mark:
+        return timeout
+    fill = min(1.0, (open_conns - mark) / (max_conns - mark))
+    return timeout - (timeout - floor) * fill
 
 
 def sweep(now: float, timeout: float, items: Iterable[T]) -> list[T]:

@@ -7,8 +7,9 @@ import contextlib
 import dataclasses
 import logging
 import socket
+import math
 import warnings
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Generator, Hashable
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar, final
@@ -16,10 +17,10 @@ from typing import Any, Generic, Protocol, Self, TypeVar, final
 from ._conn import UDPConn
 from ._demux import Demux
 from ._errors import ListenerClosed
-from ._idle import sweep, sweep_interval
+from ._idle import PRESSURE_FLOOR, PRESSURE_THRESHOLD, effective_timeout, sweep, sweep_interval
 from ._mmsg import SingleRecv, make_receiver, make_sender, message_datagrams
 from ._options import Options
-from ._queue import RxQueue, TxQueue
+from ._queue import RxPool, RxQueue, TxQueue
 from ._reader import BatchReader
 from ._sockets import (
     Address,
@@ -29,11 +30,13 @@ from ._sockets import (
     buffer_sizes,
     kernel_drops,
     key_from_address,
+    key_port,
     max_payload,
     resolve,
     sockaddr_from_key,
 )
 from ._stats import ListenerStats, drops_mapping
+from ._waiters import FifoWaiters
 from ._writer import Writer
 
 __all__ = ["Listener", "Opening", "listen"]
@@ -42,6 +45,15 @@ logger = logging.getLogger("udpx")
 
 #: Seconds between two warnings about a listener's drops (at most one per interval).
 DROP_REPORT_INTERVAL = 10.0
+
+#: Connections ``describe()`` lists by default: it runs on the loop (SIGUSR1 in the command
+#: line), so it must not take seconds with a hundred thousand connections.
+DESCRIBE_CONNS = 100
+
+
+def _valid_source(key: Hashable) -> bool:
+    # Port 0 is no peer's real port: a reply to it fails (EINVAL), so it opens no connection.
+    return key_port(key) != 0
 
 class _Closeable(Protocol):
     async def aclose(self) -> None: ...
@@ -90,8 +102,11 @@ class Listener(asyncio.DatagramProtocol):
         self._family = sock.family
         self._local: Address = sock.getsockname()
         family = self._family
+        self._pool = RxPool(options.rx_memory_limit)
         self._demux = Demux(max_conns=options.max_conns, backlog=options.backlog,
-                            create=self._create_conn)
+                            create=self._create_conn, pool=self._pool, valid=_valid_source,
+                            pressure_mark=math.ceil(PRESSURE_THRESHOLD * options.max_conns),
+                            on_pressure=self._pressure)
         self._receiver = make_receiver(sock, options.batch_size, options.max_datagram, True,
                                        lambda address: key_from_address(family, address),
                                        gro=options.gro)
@@ -102,14 +117,11 @@ class Listener(asyncio.DatagramProtocol):
         on_batch = self._on_single if isinstance(self._receiver, SingleRecv) else self._on_batch
         self._reader = BatchReader(loop, sock, self._receiver, on_batch, self._on_error)
         self._conns: dict[Hashable, UDPConn] = {}
-        self._closing: set[UDPConn] = set()
-        self._backlog: deque[UDPConn] = deque()
-        self._accept_waiters: list[asyncio.Future[None]] = []
+        # Connections created and not yet accepted, oldest first. An OrderedDict so that a
+        # connection closed before accept() leaves it in O(1) (a deque's remove scans).
+        self._backlog: OrderedDict[UDPConn, None] = OrderedDict()
+        self._acceptors = FifoWaiters(loop)
         self._accepted = 0
-        # Counters of connections that are finished, so that totals cover past connections.
-        self._retired = {"rx_packets": 0, "rx_bytes": 0, "tx_packets": 0, "tx_bytes": 0,
-                         "rx_queue_full": 0, "truncated": 0, "send_error": 0}
-        self._dropped_unaccepted = 0
         # The kernel's drop count, read once more just before the socket is closed.
         self._kernel_final: int | None = None
         self._closed = False
@@ -183,23 +195,16 @@ class Listener(asyncio.DatagramProtocol):
     def _create_conn(self, key: Hashable) -> RxQueue:
         remote = address_from_key(self._family, key)
         conn = UDPConn(loop=self._loop, owner=self, writer=self._writer,
-                       rx_queue_size=self._options.rx_queue_size,
+                       rx_queue_size=self._options.rx_queue_size, pool=self._pool,
                        max_send=min(self._options.max_datagram, max_payload(self._family, remote)),
                        local_addr=self._local, remote_addr=None,  # built from key on demand
                        sockaddr=sockaddr_from_key(self._family, key), key=key)
         self._conns[key] = conn
-        self._backlog.append(conn)
+        self._backlog[conn] = None
         logger.debug("udpx: new connection from %r on %r", remote, self._local)
-        if self._accept_waiters:
-            self._wake_acceptors()
+        if self._acceptors:
+            self._acceptors.wake(1)
         return conn._rx
-
-    def _wake_acceptors(self) -> None:
-        waiters = self._accept_waiters
-        self._accept_waiters = []
-        for future in waiters:
-            if not future.done():
-                future.set_result(None)
 
     # -- connections -------------------------------------------------------------------------
 
@@ -215,18 +220,11 @@ class Listener(asyncio.DatagramProtocol):
             if self._closed:
                 raise ListenerClosed("listener closed")
             if self._backlog:
-                conn = self._backlog.popleft()
+                conn, _ = self._backlog.popitem(last=False)
                 self._demux.accepted()
                 self._accepted += 1
                 return conn
-            future: asyncio.Future[None] = self._loop.create_future()
-            self._accept_waiters.append(future)
-            try:
-                await future
-            finally:
-                if not future.done():
-                    with contextlib.suppress(ValueError):
-                        self._accept_waiters.remove(future)
+            await self._acceptors.wait()
 
     def __aiter__(self) -> Self:
         return self
@@ -246,38 +244,14 @@ class Listener(asyncio.DatagramProtocol):
         if self._conns.get(key) is conn:
             del self._conns[key]
             self._demux.remove(key)
-        if conn in self._backlog:
-            self._backlog.remove(conn)
+        if self._backlog.pop(conn, False) is None:
+            # Closed before accept() returned it: the application can never read its queue,
+            # so what is queued there counts as dropped (``unaccepted``), not delivered.
             self._demux.accepted()
-            self._discard_unaccepted(conn)
-        self._closing.add(conn)
+            conn._rx.discard_unread()
         logger.debug("udpx: connection from %r closed", conn.remote_addr)
-        self._writer.when_empty(lambda: self._retire(conn))
-
-    def _discard_unaccepted(self, conn: UDPConn) -> None:
-        """A connection closed before accept() returned it: the application can never read its
-        queue, so what is queued there counts as dropped (``unaccepted``), not delivered."""
-        rx = conn._rx
-        count = len(rx.items)
-        if count:
-            rx.rx_packets -= count
-            rx.rx_bytes -= sum(map(len, rx.items))
-            rx.items.clear()
-            self._dropped_unaccepted += count
-
-    def _retire(self, conn: UDPConn) -> None:
-        if conn not in self._closing:
-            return
-        self._closing.discard(conn)
-        stats = conn.stats
-        retired = self._retired
-        retired["rx_packets"] += stats.rx_packets
-        retired["rx_bytes"] += stats.rx_bytes
-        retired["tx_packets"] += stats.tx_packets
-        retired["tx_bytes"] += stats.tx_bytes
-        for reason in ("rx_queue_full", "truncated", "send_error"):
-            retired[reason] += stats.drops[reason]
-        conn._finished()
+        # Finished once its own queued datagrams have left, however busy the socket is.
+        self._writer.when_drained(conn._tx, conn._finished)
 
     def _kernel_drops(self) -> int | None:
         return None  # counted once, on the listener
@@ -301,9 +275,21 @@ class Listener(asyncio.DatagramProtocol):
         self._drops_reported = drops
         self._drop_reporter = self._loop.call_later(DROP_REPORT_INTERVAL, self._report_drops)
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-serialisable snapshot of the listener and every open connection: address,
-        options, socket buffer sizes granted by the kernel, queue depths, stats."""
+    def describe(self, *, max_conns: int | None = DESCRIBE_CONNS) -> dict[str, Any]:
+        """A JSON-serialisable snapshot of the listener and of its open connections: address,
+        options, socket buffer sizes granted by the kernel, queue depths, stats.
+
+        ``conns`` lists at most ``max_conns`` connections (None: all of them, which takes about
+        10 us each); ``conns_open`` says how many are open.
+
+        Raises:
+            ValueError: ``max_conns`` is not None or a non-negative int.
+        """
+        if max_conns is not None and (isinstance(max_conns, bool)
+                                      or not isinstance(max_conns, int) or max_conns < 0):
+            raise ValueError(f"max_conns must be None or an int >= 0, got {max_conns!r}")
+        listed = list(self._conns.values()) if max_conns is None else [
+            conn for conn, _ in zip(self._conns.values(), range(max_conns))]
         options = {item.name: getattr(self._options, item.name)
                    for item in dataclasses.fields(self._options)}
         options.pop("local_addr", None)
@@ -316,20 +302,53 @@ class Listener(asyncio.DatagramProtocol):
                        "gso": self._writer.gso, "gro": self._receiver.gro,
                        "tx_queued": len(self._writer.queue)},
             "backlog": len(self._backlog),
+            "idle_timeout_now": self._effective_timeout(),
             "stats": self.stats.as_dict(),
-            "conns": [conn.describe() for conn in self._conns.values()],
+            "conns_open": len(self._conns),
+            "conns": [conn.describe() for conn in listed],
         }
 
-    def _sweep(self) -> None:
-        # One timer per listener, O(connections) per sweep; nothing per datagram.
+    # -- idle reaping -----------------------------------------------------------------------
+
+    def _effective_timeout(self) -> float | None:
         timeout = self._options.idle_timeout
+        if timeout is None:
+            return None
+        return effective_timeout(timeout, len(self._conns), self._options.max_conns)
+
+    def _sweep(self) -> None:
+        # One timer per listener, O(connections) per sweep; nothing per datagram. Under
+        # pressure (many connections, e.g. a flood of one-datagram peers) the timeout in force
+        # shrinks toward PRESSURE_FLOOR and sweeps come as often, so new peers get in again.
+        timeout = self._effective_timeout()
         assert timeout is not None
         idle = sweep(self._loop.time(), timeout, self._conns.values())
         for conn in idle:
             logger.debug("udpx: connection from %r reaped after %.1f s idle", conn.remote_addr,
                          self._loop.time() - conn.idle_since)
             conn._close("idle")
-        self._sweeper = self._loop.call_later(sweep_interval(timeout), self._sweep)
+        if idle and timeout < self._options.idle_timeout:  # type: ignore[operator]
+            logger.info("udpx: listener %r reaped %d connections idle for %.0f s (under "
+                        "pressure: %d open of max_conns %d)", self._local, len(idle), timeout,
+                        len(self._conns) + len(idle), self._options.max_conns)
+        self._sweeper = self._loop.call_later(
+            sweep_interval(self._effective_timeout() or timeout), self._sweep)
+
+    def _pressure(self) -> None:
+        """The table reached 75 % of max_conns: make sure a sweep comes within the floor's
+        interval rather than in up to half an hour."""
+        if self._sweeper is None or self._closed:
+            return
+        soon = self._loop.time() + sweep_interval(min(PRESSURE_FLOOR, self._options.idle_timeout
+                                                      or PRESSURE_FLOOR))
+        if self._sweeper.when() > soon:
+            self._sweeper.cancel()
+            self._sweeper = self._loop.call_at(soon, self._sweep)
+
+    @property
+    def next_sweep(self) -> float | None:
+        """The loop time of the next idle sweep (None: no idle reaping)."""
+        return self._sweeper.when() if self._sweeper is not None else None
 
     # -- introspection ----------------------------------------------------------------------
 
@@ -348,28 +367,25 @@ class Listener(asyncio.DatagramProtocol):
 
     @property
     def stats(self) -> ListenerStats:
-        """A snapshot of the counters: totals over all connections, past and present."""
-        totals = dict(self._retired)
-        for conn in (*self._conns.values(), *self._closing):
-            stats = conn.stats
-            totals["rx_packets"] += stats.rx_packets
-            totals["rx_bytes"] += stats.rx_bytes
-            totals["tx_packets"] += stats.tx_packets
-            totals["tx_bytes"] += stats.tx_bytes
-            for reason in ("rx_queue_full", "truncated", "send_error"):
-                totals[reason] += stats.drops[reason]
+        """A snapshot of the counters: totals over all connections, past and present.
+
+        O(1): the totals are kept as datagrams pass, not summed over connections."""
+        pool = self._pool
         demux = self._demux
+        writer = self._writer
         drops = drops_mapping(
-            rx_queue_full=totals["rx_queue_full"],
-            truncated=totals["truncated"] + demux.dropped_truncated,
-            send_error=totals["send_error"],
+            rx_queue_full=pool.dropped_full,
+            truncated=pool.dropped_truncated,
+            send_error=writer.tx_errors,
             backlog_full=demux.dropped_backlog,
             conn_limit=demux.dropped_conn_limit,
             kernel=kernel_drops(self._sock) if self._kernel_final is None else self._kernel_final,
-            unaccepted=self._dropped_unaccepted,
+            unaccepted=pool.dropped_unaccepted,
+            memory_limit=pool.dropped_memory,
+            bad_source=demux.dropped_bad_source,
         )
-        return ListenerStats(totals["rx_packets"], totals["rx_bytes"], totals["tx_packets"],
-                             totals["tx_bytes"], drops, len(self._conns), self._accepted)
+        return ListenerStats(pool.rx_packets, pool.rx_bytes, writer.tx_packets, writer.tx_bytes,
+                             drops, len(self._conns), self._accepted)
 
     # -- closing -----------------------------------------------------------------------------
 
@@ -388,20 +404,13 @@ class Listener(asyncio.DatagramProtocol):
             self._sweeper.cancel()
             self._sweeper = None
         self._drop_reporter.cancel()
-        # Empty the backlog first, so that closing each connection need not search it.
-        for conn in self._backlog:
-            self._discard_unaccepted(conn)
-        self._backlog.clear()
-        self._demux.pending = 0
         for conn in list(self._conns.values()):
             conn.close()
-        self._wake_acceptors()
+        self._acceptors.wake_all()
         self._writer.when_empty(self._release)
 
     def _release(self) -> None:
-        self._writer.close()
-        for conn in list(self._closing):
-            self._retire(conn)
+        self._writer.close()  # calls every closing connection's when_drained callback
         self._receiver.close()
         self._kernel_final = kernel_drops(self._sock)
         self._sock.close()
@@ -432,6 +441,7 @@ class Listener(asyncio.DatagramProtocol):
 
 def listen(host: str | None, port: int, *, batch_size: int = 64, max_datagram: int = 65535,
            rx_queue_size: int = 1024, tx_queue_size: int = 4096,
+           rx_memory_limit: int = 64 * 2**20,
            idle_timeout: float | None = 3600.0, max_conns: int = 65536, backlog: int = 1024,
            reuse_port: bool = False, rcvbuf: int | None = None,
            sndbuf: int | None = None, gso: bool = True, gro: bool = True) -> Opening[Listener]:
@@ -446,6 +456,7 @@ def listen(host: str | None, port: int, *, batch_size: int = 64, max_datagram: i
     """
     options = Options(batch_size=batch_size, max_datagram=max_datagram,
                       rx_queue_size=rx_queue_size, tx_queue_size=tx_queue_size,
+                      rx_memory_limit=rx_memory_limit,
                       idle_timeout=idle_timeout, max_conns=max_conns, backlog=backlog,
                       reuse_port=reuse_port, rcvbuf=rcvbuf, sndbuf=sndbuf, gso=gso,
                       gro=gro)

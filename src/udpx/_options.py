@@ -48,6 +48,12 @@ class Options:
     idle_timeout: float | None = 3600.0
     """Seconds without traffic either way before a connection is closed; None: never."""
 
+    rx_memory_limit: int = 64 * 2**20
+    """Bytes that the receive queues of one socket (all connections of a listener) may hold
+    together, counting each datagram as its payload plus 48 bytes. A datagram beyond it is
+    dropped and counted as ``memory_limit``; reading makes room again. With the defaults,
+    ``backlog x rx_queue_size x 64 KiB`` could otherwise reach 64 GiB."""
+
     max_conns: int = 65536
     """Open connections per listener; datagrams from new peers beyond it are dropped."""
 
@@ -82,6 +88,7 @@ class Options:
         _check_int("max_datagram", self.max_datagram, 1, 65535)
         _check_int("rx_queue_size", self.rx_queue_size, 1)
         _check_int("tx_queue_size", self.tx_queue_size, 1)
+        _check_int("rx_memory_limit", self.rx_memory_limit, 1)
         _check_int("max_conns", self.max_conns, 1)
         _check_int("backlog", self.backlog, 1)
         timeout = self.idle_timeout

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-__all__ = ["Arena", "RxQueue", "TxQueue"]
+__all__ = ["DATAGRAM_OVERHEAD", "Arena", "RxPool", "RxQueue", "TxAccount", "TxQueue"]
 
 
 class Arena(Protocol):
@@ -21,26 +21,63 @@ class Arena(Protocol):
     def __getitem__(self, index: slice, /) -> bytes: ...
 
 
+#: What one queued datagram costs beyond its payload, as the memory budget counts it: the
+#: ``bytes`` object's header (33 bytes on 64-bit CPython) and the deque slot that holds it,
+#: rounded up. It keeps a flood of empty datagrams from costing "nothing".
+DATAGRAM_OVERHEAD = 48
+
+
 def _do_nothing() -> None:
     return None
+
+
+class RxPool:
+    """The receive side of one socket: a memory budget shared by all its connections' queues,
+    and running totals over them, past and present.
+
+    Every datagram that reaches a queue of the pool is counted here exactly once: as delivered
+    (``rx_packets``) or as one of the drops. ``buffered`` is the cost (payload plus
+    ``DATAGRAM_OVERHEAD``) of what is queued now and not yet taken by the application; a
+    datagram that would take it over ``limit`` is dropped (``dropped_memory``). Totals are kept
+    as datagrams pass, so reading them is O(1) whatever the number of connections.
+    """
+
+    __slots__ = ("buffered", "dropped_full", "dropped_memory", "dropped_truncated",
+                 "dropped_unaccepted", "limit", "rx_bytes", "rx_packets")
+
+    def __init__(self, limit: int | None = None) -> None:
+        if limit is not None and limit < 1:
+            raise ValueError(f"rx_memory_limit must be at least 1, got {limit}")
+        #: Bytes allowed in all queues together (None: no bound beyond the queue lengths).
+        self.limit = limit if limit is not None else 2**63
+        self.buffered = 0
+        self.rx_packets = 0
+        self.rx_bytes = 0
+        self.dropped_full = 0
+        self.dropped_truncated = 0
+        self.dropped_memory = 0
+        self.dropped_unaccepted = 0
 
 
 class RxQueue:
     """A connection's bounded receive queue.
 
     ``wake`` is called when a put makes the queue non-empty (at most once per batch), so the
-    owner can release whoever waits for data.
+    owner can release whoever waits for data. The queue's own counters are the connection's;
+    ``pool`` (shared by the socket's queues) keeps the totals and the memory budget.
     """
 
-    __slots__ = ("dropped_full", "dropped_truncated", "items", "limit", "rx_bytes", "rx_packets",
-                 "wake")
+    __slots__ = ("dropped_full", "dropped_truncated", "items", "limit", "pool", "rx_bytes",
+                 "rx_packets", "wake")
 
-    def __init__(self, limit: int, wake: Callable[[], None] = _do_nothing) -> None:
+    def __init__(self, limit: int, wake: Callable[[], None] = _do_nothing, *,
+                 pool: RxPool | None = None) -> None:
         if limit < 1:
             raise ValueError(f"rx_queue_size must be at least 1, got {limit}")
         self.items: deque[bytes] = deque()
         self.limit = limit
         self.wake = wake
+        self.pool = pool if pool is not None else RxPool()
         #: Datagrams and bytes accepted into the queue (delivered to the connection).
         self.rx_packets = 0
         self.rx_bytes = 0
@@ -51,17 +88,26 @@ class RxQueue:
         return len(self.items)
 
     def put(self, data: bytes) -> bool:
-        """Queue one datagram, or count it as dropped when the queue is full.
+        """Queue one datagram, or count it as dropped when the queue or the pool is full.
 
         Returns whether it was queued. Calls ``wake`` when the queue was empty.
         """
         items = self.items
+        pool = self.pool
         if len(items) >= self.limit:
             self.dropped_full += 1
+            pool.dropped_full += 1
+            return False
+        cost = len(data) + DATAGRAM_OVERHEAD
+        if pool.buffered + cost > pool.limit:
+            pool.dropped_memory += 1
             return False
         items.append(data)
+        pool.buffered += cost
         self.rx_packets += 1
         self.rx_bytes += len(data)
+        pool.rx_packets += 1
+        pool.rx_bytes += len(data)
         if len(items) == 1:
             self.wake()
         return True
@@ -69,29 +115,50 @@ class RxQueue:
     def put_batch(self, arena: Arena, offsets: Sequence[int], lengths: Sequence[int]) -> None:
         """Queue the datagrams ``arena[offset:offset + length]`` in order (hot path).
 
-        ``lengths`` gives the batch size; ``offsets`` may be longer. What does not fit is dropped
-        and counted. ``arena`` must return ``bytes`` when sliced (an ``mmap`` or ``bytes``).
+        ``lengths`` gives the batch size; ``offsets`` may be longer. What does not fit (the
+        queue's length or the pool's memory) is dropped and counted, exactly as if each
+        datagram were ``put()`` in turn. ``arena`` must return ``bytes`` when sliced (an
+        ``mmap`` or ``bytes``).
         """
         # Hot path: one list comprehension per batch, one bytes object per datagram.
         items = self.items
-        count = len(lengths)
-        was_empty = not items
-        space = self.limit - len(items)
-        if count > space:
-            self.dropped_full += count - space
-            count = max(space, 0)
-            lengths = lengths[:count]
+        pool = self.pool
+        total = len(lengths)
+        count = min(total, max(self.limit - len(items), 0))
+        fitting = lengths[:count] if count < total else lengths
+        payload = sum(fitting)
+        cost = payload + count * DATAGRAM_OVERHEAD
+        if pool.buffered + cost > pool.limit:
+            # Rare: the memory budget runs out within this batch. One datagram at a time, so
+            # that what is dropped, and why, is the same as with put() whatever the path.
+            for offset, length in zip(offsets, lengths):
+                self.put(arena[offset:offset + length])
+            return
+        if count < total:
+            self.dropped_full += total - count
+            pool.dropped_full += total - count
         if count == 0:
             return
-        items.extend([arena[offset:offset + length] for offset, length in zip(offsets, lengths)])
+        was_empty = not items
+        items.extend([arena[offset:offset + length] for offset, length in zip(offsets, fitting)])
+        pool.buffered += cost
         self.rx_packets += count
-        self.rx_bytes += sum(lengths)
+        self.rx_bytes += payload
+        pool.rx_packets += count
+        pool.rx_bytes += payload
         if was_empty:
             self.wake()
 
+    def count_truncated(self, count: int = 1) -> None:
+        """``count`` datagrams for this queue arrived cut short and were dropped."""
+        self.dropped_truncated += count
+        self.pool.dropped_truncated += count
+
     def get(self) -> bytes:
         """Remove and return the oldest datagram. Raises IndexError when empty."""
-        return self.items.popleft()
+        data = self.items.popleft()
+        self.pool.buffered -= len(data) + DATAGRAM_OVERHEAD
+        return data
 
     def get_many(self, max_count: int | None) -> list[bytes]:
         """Remove and return up to ``max_count`` (None: all) queued datagrams, oldest first."""
@@ -99,9 +166,37 @@ class RxQueue:
         if max_count is None or len(items) <= max_count:
             batch = list(items)
             items.clear()
-            return batch
-        popleft = items.popleft
-        return [popleft() for _ in range(max_count)]
+        else:
+            popleft = items.popleft
+            batch = [popleft() for _ in range(max_count)]
+        self.pool.buffered -= sum(map(len, batch)) + len(batch) * DATAGRAM_OVERHEAD
+        return batch
+
+    def discard_unread(self) -> int:
+        """The application will never read this queue (its connection closed before it was
+        accepted): what is queued is not delivered but dropped, counted as ``unaccepted``.
+        Returns how many datagrams that was."""
+        items = self.items
+        count = len(items)
+        if count:
+            payload = sum(map(len, items))
+            items.clear()
+            self.rx_packets -= count
+            self.rx_bytes -= payload
+            pool = self.pool
+            pool.rx_packets -= count
+            pool.rx_bytes -= payload
+            pool.dropped_unaccepted += count
+            pool.buffered -= payload + count * DATAGRAM_OVERHEAD
+        return count
+
+    def release(self) -> None:
+        """The queue is being freed with datagrams in it (its connection was dropped unread):
+        give their share of the memory budget back. They stay counted as delivered."""
+        items = self.items
+        if items:
+            self.pool.buffered -= sum(map(len, items)) + len(items) * DATAGRAM_OVERHEAD
+            items.clear()
 
 
 class TxQueue:

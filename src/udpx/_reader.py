@@ -37,6 +37,7 @@ class BatchReader:
         self._on_batch = on_batch
         self._on_error = on_error
         self._active = False
+        self._reregister_pending = False
 
     def start(self) -> None:
         if not self._active:
@@ -73,7 +74,17 @@ class BatchReader:
             self._on_error(exc)
         finally:
             # uvloop drops an add_reader registration after POLLERR (the way an ICMP error
-            # shows up): register again so that the socket keeps being read.
-            if self._active:
-                self._loop.remove_reader(self._fd)
-                self._loop.add_reader(self._fd, self._on_readable)
+            # shows up). Registering again from inside this callback is not enough: when the
+            # poll handle saw an error, uvloop runs the read callback (us) and *then* clears
+            # its reading handle, wiping a registration made here (seen when the writer waits
+            # on EAGAIN as ICMP errors arrive). So register again once uvloop's handler has
+            # returned. On asyncio this is a harmless re-registration.
+            if self._active and not self._reregister_pending:
+                self._reregister_pending = True
+                self._loop.call_soon(self._reregister)
+
+    def _reregister(self) -> None:
+        self._reregister_pending = False
+        if self._active:
+            self._loop.remove_reader(self._fd)
+            self._loop.add_reader(self._fd, self._on_readable)

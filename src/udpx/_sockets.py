@@ -59,6 +59,21 @@ def sockaddr_from_address(family: int, address: Address) -> bytes:
             + socket.inet_pton(socket.AF_INET6, host) + struct.pack("=I", scope_id))
 
 
+def sockaddr_port(raw: bytes) -> int:
+    """The port of a raw ``sockaddr_in``/``sockaddr_in6`` (network order at offset 2)."""
+    return int(_PORT.unpack_from(raw, 2)[0])
+
+
+def key_port(key: Hashable) -> int:
+    """The port of a peer key (see ``key_from_address``): bytes 2-3 of the sockaddr."""
+    if isinstance(key, int):
+        raw = key.to_bytes(8, sys.byteorder)
+    else:
+        assert isinstance(key, bytes)
+        raw = key
+    return sockaddr_port(raw)
+
+
 def sockaddr_from_key(family: int, key: Hashable) -> bytes:
     """The raw sockaddr to send to the peer of ``key`` (flow info cleared)."""
     if family == socket.AF_INET:
@@ -111,7 +126,12 @@ async def resolve(loop: asyncio.AbstractEventLoop, host: str | None, port: int,
         except OSError:
             continue
         if family == socket.AF_INET6 and "%" in host:
-            break  # a scoped address: let getaddrinfo work out the scope id
+            # A scoped address ("fe80::1%eth0"): the libc resolves the scope without any
+            # lookup (AI_NUMERICHOST never blocks). Not through the loop: uvloop's
+            # getaddrinfo drops the scope id, and binding fe80:: without one fails (EINVAL).
+            infos = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_DGRAM, 0,
+                                       socket.AI_NUMERICHOST)
+            return socket.AF_INET6, infos[0][4]
         return family, ((host, port) if family == socket.AF_INET else (host, port, 0, 0))
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM,
                                    flags=socket.AI_PASSIVE if passive else 0)

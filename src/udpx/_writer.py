@@ -9,7 +9,6 @@ and counted on its connection while the rest of the batch goes on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import socket
@@ -21,7 +20,8 @@ from itertools import islice
 
 from ._mmsg import Sender
 from ._queue import TxAccount, TxQueue
-from ._sockets import address_from_sockaddr
+from ._sockets import address_from_sockaddr, sockaddr_port
+from ._waiters import FifoWaiters
 
 __all__ = ["Writer"]
 
@@ -38,6 +38,13 @@ UDP_SEGMENT = 103
 GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS on older kernels; newer ones allow 128
 GSO_MAX_BYTES = 65507  # one IPv4 datagram's payload (IPv4-mapped peers included)
 HAVE_GSO = sys.platform.startswith("linux")
+
+# Errors a GSO send can get that say "not for this socket or device" rather than "not for this
+# destination": the device cannot checksum segments (EIO), the kernel has no UDP_SEGMENT
+# (ENOPROTOOPT, EOPNOTSUPP). EINVAL is ambiguous: the kernel also returns it for a bad
+# destination (port 0) or a segment above the path MTU, so it turns GSO off only while no GSO
+# send ever succeeded on the socket and the destination is well formed.
+_GSO_REFUSALS = frozenset({errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 
 
 class Writer:
@@ -56,12 +63,22 @@ class Writer:
         #: GSO sends made, and times EAGAIN made the writer wait (tests and benchmarks read them).
         self.gso_sends = 0
         self.blocked = 0
+        #: Whether a GSO send ever succeeded here (then EINVAL means the destination, not GSO).
+        self._gso_proven = False
+        #: Totals over every account of this socket (handed to the kernel / refused), kept as
+        #: chunks go so that a listener's stats cost O(1).
+        self.tx_packets = 0
+        self.tx_bytes = 0
+        self.tx_errors = 0
         self._gso_control: dict[int, list[tuple[int, int, bytes]]] = {}
         self._scheduled = False
         self._waiting_writable = False
         self._closed = False
-        self._space_waiters: deque[asyncio.Future[None]] = deque()
+        #: Tasks waiting for room in the queue (``send()``), woken one per freed slot.
+        self.space = FifoWaiters(loop)
         self._on_empty: list[Callable[[], None]] = []
+        #: Accounts of closing connections, with what to call once their own datagrams left.
+        self._draining: dict[TxAccount, Callable[[], None]] = {}
 
     # -- the application side ------------------------------------------------------------
 
@@ -72,19 +89,21 @@ class Writer:
             self._loop.call_soon(self._flush)
 
     async def wait_space(self) -> None:
-        """Wait until the queue has room (FIFO among waiters). Cancellation-safe."""
-        future: asyncio.Future[None] = self._loop.create_future()
-        self._space_waiters.append(future)
-        try:
-            await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                # Woken and cancelled at once: hand the wake-up on to the next waiter.
-                self._wake_space(1)
-            else:
-                with contextlib.suppress(ValueError):
-                    self._space_waiters.remove(future)
-            raise
+        """Wait for a turn at a free slot (FIFO among waiters). Cancellation-safe. A caller
+        that is woken and does not queue a datagram must call ``space.wake(1)``."""
+        await self.space.wait()
+
+    def when_drained(self, account: TxAccount, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every datagram ``account`` queued was handled (sent or
+        counted as failed), or when the writer closes; at once if none is pending.
+
+        This is what a closing connection waits for: its own datagrams, not the whole socket's
+        queue (which another connection may keep busy for ever).
+        """
+        if account.pending() == 0 or self._closed:
+            callback()
+        else:
+            self._draining[account] = callback
 
     def when_empty(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once every datagram queued now was handled (sent or counted as
@@ -103,21 +122,22 @@ class Writer:
             self._waiting_writable = False
             self._loop.remove_writer(self._fd)
         self._run_on_empty()
-        for future in self._space_waiters:
-            if not future.done():
-                future.set_result(None)
-        self._space_waiters.clear()
+        self._run_drained(everyone=True)
+        self.space.wake_all()
         self.sender.close()
 
     # -- the loop side --------------------------------------------------------------------
 
-    def _wake_space(self, count: int) -> None:
-        waiters = self._space_waiters
-        while count > 0 and waiters:
-            future = waiters.popleft()
-            if not future.done():
-                future.set_result(None)
-                count -= 1
+    def _run_drained(self, *, everyone: bool = False) -> None:
+        # Per handled chunk, O(closing connections): nothing per datagram.
+        done = [account for account in self._draining
+                if everyone or account.pending() == 0]
+        for account in done:
+            callback = self._draining.pop(account)
+            try:
+                callback()
+            except Exception:  # a bug in a callback must not stop the writer
+                logger.exception("udpx: error in a writer callback")
 
     def _run_on_empty(self) -> None:
         callbacks = self._on_empty
@@ -148,6 +168,7 @@ class Writer:
         datagrams = queue.datagrams
         owners = queue.owners
         sender = self.sender
+        space = self.space
         for _ in range(MAX_BATCHES_PER_CALLBACK):
             if not datagrams:
                 break
@@ -157,11 +178,11 @@ class Writer:
                     handled = self._send_gso(run)
                     if handled >= 0:
                         queue.pop(handled)
-                        if self._space_waiters:
-                            self._wake_space(handled)
+                        if space:
+                            space.wake(handled)
                         if handled < run:
                             self._wait_writable()
-                            return
+                            break
                         continue
             count = min(len(datagrams), sender.size)
             chunk = list(islice(datagrams, count))
@@ -170,15 +191,18 @@ class Writer:
             sender.fill(chunk, names)  # type: ignore[arg-type]
             handled = self._send_chunk(chunk, chunk_owners)
             queue.pop(handled)
-            if self._space_waiters:
-                self._wake_space(handled)
+            if space:
+                space.wake(handled)
             if handled < count:
                 self._wait_writable()
-                return
-        if datagrams:
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
-        elif self._on_empty:
+                break
+        else:
+            if datagrams:
+                self._scheduled = True
+                self._loop.call_soon(self._flush)
+        if self._draining:
+            self._run_drained()
+        if not datagrams and self._on_empty:
             self._run_on_empty()
 
     def _gso_run(self, datagrams: deque[bytes], owners: deque[TxAccount]) -> int:
@@ -205,9 +229,10 @@ class Writer:
     def _send_gso(self, run: int) -> int:
         """Send the ``run`` datagrams at the head of the queue with one UDP_SEGMENT sendmsg.
 
-        Returns how many were handled: ``run``, or 0 on EAGAIN, or -1 when the kernel or the
-        device refused GSO (it is then off for this socket and the caller falls back to
-        sendmmsg).
+        Returns how many were handled: ``run``, or 0 on EAGAIN, or -1 when this run must go
+        through sendmmsg instead: the destination refused it (the per-datagram path then
+        counts each datagram's error), or the kernel or device refused GSO (then it is off for
+        this socket, logged at WARNING).
         """
         queue = self.queue
         chunk = list(islice(queue.datagrams, run))
@@ -237,16 +262,31 @@ class Writer:
                         retried = True
                         continue
                     return -1
-                # EIO (no checksum offload), EINVAL (segment over the path MTU), ENOPROTOOPT
-                # (old kernel)...: GSO is not for this socket; sendmmsg takes over.
-                self.gso = False
-                logger.info("udpx: UDP GSO turned off for %r: %s", self._sock, exc)
+                if self._gso_refused(exc, owner):
+                    self.gso = False
+                    logger.warning("udpx: UDP GSO turned off for %r: the kernel or device "
+                                   "refused it (%s); sending with sendmmsg", self._sock, exc)
+                # Either way, this run goes out (or fails, counted per datagram) with sendmmsg.
                 return -1
             break
+        self._gso_proven = True
         self.gso_sends += 1
         owner.packets += run
         owner.bytes += len(payload)
+        self.tx_packets += run
+        self.tx_bytes += len(payload)
         return run
+
+    def _gso_refused(self, exc: OSError, owner: TxAccount) -> bool:
+        """Whether a failed GSO send means "no GSO here" (a capability refusal) rather than
+        "not to this destination" (that datagram's ``send_error``). A remote peer must not be
+        able to switch GSO off for everyone, e.g. by sending from port 0."""
+        if exc.errno in _GSO_REFUSALS:
+            return True
+        if exc.errno != errno.EINVAL or self._gso_proven:
+            return False
+        # EINVAL on the first GSO send: a capability refusal unless the destination is odd.
+        return owner.sockaddr is None or sockaddr_port(owner.sockaddr) != 0
 
     def send_now(self, datagrams: list[bytes], owner: TxAccount, sender: Sender) -> int:
         """Send ``datagrams`` of one connection at once through ``sender`` (a batch of the
@@ -291,19 +331,23 @@ class Writer:
                         retried_refusal = True
                         continue
                 owner.errors += 1
+                self.tx_errors += 1
                 logger.debug("udpx: datagram of %d bytes dropped: %s", len(chunk[start]), exc)
                 start += 1
                 retried_refusal = False
                 continue
             end = start + sent
             first = owners[start]
+            sent_bytes = sum(map(len, chunk[start:end]))
             if owners.count(first) == count:
                 first.packets += sent
-                first.bytes += sum(map(len, chunk[start:end]))
+                first.bytes += sent_bytes
             else:
                 for owner, data in zip(owners[start:end], chunk[start:end]):
                     owner.packets += 1
                     owner.bytes += len(data)
+            self.tx_packets += sent
+            self.tx_bytes += sent_bytes
             start = end
             retried_refusal = False
         return count

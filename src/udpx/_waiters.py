@@ -1,0 +1,81 @@
+"""FIFO waiters: tasks that wait for something that comes in units, served in order of arrival.
+
+One primitive serves every wait in udpx: ``recv()`` waits for a queued datagram, ``accept()``
+for a new connection, ``send()`` for a free slot in the socket's transmit queue.
+
+The rule: **a wake-up is never lost.** ``wake(n)`` is called by whoever makes ``n`` units
+available, and resolves the futures of the ``n`` oldest live waiters: each of those owns one
+turn. A woken waiter must either take a unit or hand its turn on with ``wake(1)``:
+- cancelled (or timed out) after it was woken: ``wait()`` hands the turn on itself;
+- woken but unable to use the unit (its connection was closed meanwhile): the caller calls
+  ``wake(1)`` before raising. ``Writer`` / ``UDPConn.send`` do this.
+A waiter cancelled before it was woken owned no turn and is simply removed.
+
+Why this is enough: let ``u`` be the units available and ``w`` the live (unresolved) waiters.
+Every unit made available is either taken or followed by one ``wake(1)``: at each moment the
+number of resolved-but-not-yet-resumed waiters is at least ``min(u, w + resolved)``. A unit can
+only sit unused while someone waits if a turn for it was dropped; no path drops one: a turn
+leaves a waiter only by taking a unit, by ``wake(1)``, or (when there is no waiter left) by
+there being nobody to hand it to, in which case the unit waits for the next caller, who finds
+it without waiting. A waiter that finds no unit after waking (another caller, e.g. a
+``*_nowait``, took it first) has lost no turn: the unit was used, so it waits again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+
+__all__ = ["FifoWaiters"]
+
+
+class FifoWaiters:
+    """Futures of waiting tasks, oldest first. Not thread-safe (one event loop)."""
+
+    __slots__ = ("_futures", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._futures: deque[asyncio.Future[None]] = deque()
+
+    def __len__(self) -> int:
+        """Waiters queued (including any woken that have not resumed yet)."""
+        return len(self._futures)
+
+    async def wait(self) -> None:
+        """Wait for a turn. Cancellation-safe: a turn given to a cancelled waiter goes on.
+
+        Raises:
+            asyncio.CancelledError: cancelled; nothing was taken.
+        """
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._futures.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.wake(1)  # woken, then cancelled before the task could use its turn
+            else:
+                with contextlib.suppress(ValueError):
+                    self._futures.remove(future)
+            raise
+
+    def wake(self, count: int = 1) -> int:
+        """Give a turn to each of the ``count`` oldest waiters; returns how many got one."""
+        futures = self._futures
+        woken = 0
+        while woken < count and futures:
+            future = futures.popleft()
+            if not future.done():
+                future.set_result(None)
+                woken += 1
+        return woken
+
+    def wake_all(self) -> None:
+        """Every waiter must look again (closed, or an error to report)."""
+        futures = self._futures
+        while futures:
+            future = futures.popleft()
+            if not future.done():
+                future.set_result(None)
