@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import secrets
+import shutil
 import socket
 import struct
-from collections.abc import Callable, Coroutine
+import subprocess
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -85,3 +92,103 @@ def raw_udp_packet(source: str, source_port: int, destination: str, destination_
                             socket.inet_aton(destination))
     udp_header = struct.pack("!HHHH", source_port, destination_port, udp_length, 0)
     return ip_header + udp_header + payload
+# -- network namespaces ---------------------------------------------------------------------
+#
+# For tests that need a network of their own (qdiscs, link-local addresses, veth pairs...): a
+# fresh namespace per test, deleted at teardown. Creating one needs root (CAP_SYS_ADMIN) and the
+# ``ip`` tool; where that is refused the test is skipped with the reason. Code runs inside with
+# ``NetNS.python``: a child process (``ip netns exec``), so that every thread of it (the loops'
+# resolver threads too) is in the namespace.
+
+#: Any one command run for a namespace (the scenarios bound themselves well below this).
+NETNS_COMMAND_TIMEOUT = 60.0
+
+_netns_counter = itertools.count()
+
+
+class NetNS:
+    """A network namespace created for one test (``lo`` up), deleted at teardown."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<NetNS {self.name}>"
+
+    def run(self, *argv: str, check: bool = True,
+            timeout: float = NETNS_COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the namespace; ``check``: fail with its output if it fails."""
+        return _command(["ip", "netns", "exec", self.name, *argv], check, timeout)
+
+    def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``ip -n NAME ARGS...``, e.g. ``ns.ip("-6", "addr", "add", "fe80::1/64", "dev", "lo",
+        "nodad")``. A veth pair to another namespace: ``ns.ip("link", "add", "a0", "type",
+        "veth", "peer", "name", "b0", "netns", other.name)`` (then set both ends up)."""
+        return _command(["ip", "-n", self.name, *args], check, NETNS_COMMAND_TIMEOUT)
+
+    def python(self, script: Path, *args: str,
+               timeout: float = NETNS_COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        """Run ``script`` with this interpreter inside the namespace (not checked: the caller
+        reads the exit status, stdout and stderr)."""
+        return self.run(sys.executable, str(script), *args, check=False, timeout=timeout)
+
+    def delete(self) -> None:
+        _command(["ip", "netns", "delete", self.name], True, NETNS_COMMAND_TIMEOUT)
+
+
+def _command(argv: list[str], check: bool, timeout: float) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} exited with {done.returncode}: "
+                             f"{done.stderr.strip() or done.stdout.strip()}")
+    return done
+
+
+def netns_skip_reason() -> str | None:
+    """Why network namespaces cannot be used here, or None."""
+    if not sys.platform.startswith("linux"):
+        return "network namespaces are Linux-only"
+    if shutil.which("ip") is None:
+        return "the ip tool (iproute2) is not installed"
+    return None
+
+
+@pytest.fixture
+def netns_factory() -> Iterator[Callable[[], NetNS]]:
+    """Creates uniquely named namespaces (``lo`` up) on demand; deletes them all at teardown.
+
+    Skips the test when namespaces cannot be created (not root, no iproute2...).
+    """
+    reason = netns_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    created: list[NetNS] = []
+
+    def make() -> NetNS:
+        name = f"udpx-test-{os.getpid()}-{next(_netns_counter)}-{secrets.token_hex(3)}"
+        added = _command(["ip", "netns", "add", name], False, NETNS_COMMAND_TIMEOUT)
+        if added.returncode != 0:
+            pytest.skip(f"cannot create a network namespace (ip netns add {name}): "
+                        f"{added.stderr.strip()}")
+        namespace = NetNS(name)
+        created.append(namespace)
+        namespace.ip("link", "set", "lo", "up")
+        return namespace
+
+    try:
+        yield make
+    finally:
+        errors = []
+        for namespace in reversed(created):
+            try:
+                namespace.delete()
+            except (AssertionError, subprocess.TimeoutExpired) as exc:
+                errors.append(str(exc))
+        if errors:
+            raise AssertionError("; ".join(errors))
+
+
+@pytest.fixture
+def netns(netns_factory: Callable[[], NetNS]) -> NetNS:
+    """One network namespace of the test's own, ``lo`` up."""
+    return netns_factory()

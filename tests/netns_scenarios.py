@@ -1,0 +1,180 @@
+"""Scenarios that tests/test_netns.py runs inside a network namespace of its own.
+
+Run as ``python netns_scenarios.py SCENARIO LOOP_KIND [ARGS...]`` (under ``ip netns exec``): the
+scenario runs on a new loop of LOOP_KIND ("asyncio" or "uvloop") and its result is printed as one
+line of JSON on stdout, for the test to assert on. A separate process, rather than a thread that
+calls setns(2), because every thread of a process must be in the namespace: uvloop and asyncio
+resolve names in threads of their own.
+
+Traffic goes only to loopback addresses of the namespace the test created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import udpx
+
+#: Bounds every scenario (the parent's subprocess timeout is larger).
+SCENARIO_TIMEOUT = 30.0
+
+Result = dict[str, Any]
+
+
+def icmp_counter(name: str) -> int:
+    """One of this namespace's ``Icmp:`` counters in /proc/net/snmp (per network namespace)."""
+    with open("/proc/net/snmp") as file:
+        rows = [line.split() for line in file if line.startswith("Icmp:")]
+    header, values = rows[0], rows[1]
+    return int(values[header.index(name)])
+
+
+def drain_raw(sock: socket.socket, limit: int) -> list[bytes]:
+    """Read (without blocking) what is waiting in a socket's receive queue, at most ``limit``
+    datagrams; socket errors (pending ICMP reports) are skipped."""
+    found: list[bytes] = []
+    for _ in range(limit + 10):  # a few spare rounds for errors
+        if len(found) >= limit:
+            break
+        try:
+            found.append(sock.recv(65535, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            break
+        except ConnectionRefusedError:
+            continue
+    return found
+
+
+async def deaf_after_icmp(count: int, size: int, sndbuf: int) -> Result:
+    """Dial a closed port of 127.0.0.1 and send ``count`` datagrams of ``size`` bytes through a
+    small send buffer (the namespace's lo has a slow tbf qdisc, so the writer hits EAGAIN and
+    waits in add_writer) while ICMP port-unreachable errors come back. Then a peer binds that
+    port and sends 5 datagrams: how many does ``recv()`` get within 5 s?"""
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    icmp_before = icmp_counter("InDestUnreachs")
+    conn = await udpx.dial("127.0.0.1", port, sndbuf=sndbuf)
+    writer = conn._writer
+    refused_on_send = 0
+    payload = bytes(size)
+    for _ in range(count):
+        try:
+            await conn.send(payload)
+        except ConnectionRefusedError:
+            refused_on_send += 1
+
+    # Wait (bounded; kernel state, so polled) until the writer has met EAGAIN and ICMP errors
+    # have come back while it waits: counted by the namespace, and reported to this socket (the
+    # connection holds an error for its next recv() or send()).
+    wanted_icmp = 20
+    deadline = loop.time() + 5.0
+    while loop.time() < deadline:
+        if (writer.blocked > 0 and conn._error is not None
+                and icmp_counter("InDestUnreachs") - icmp_before >= wanted_icmp):
+            break
+        await asyncio.sleep(0.01)
+    icmp_seen = icmp_counter("InDestUnreachs") - icmp_before
+    icmp_reported = conn._error is not None
+    blocked = writer.blocked
+
+    replies = [b"reply %d" % index for index in range(5)]
+    received: list[bytes] = []
+    refused_on_recv = 0
+    started = time.monotonic()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind(("127.0.0.1", port))
+        for reply in replies:
+            peer.sendto(reply, conn.local_addr)
+        deadline = loop.time() + 5.0
+        for _ in range(1000):  # each round receives a datagram, an error, or times out
+            if len(received) == len(replies) or loop.time() >= deadline:
+                break
+            try:
+                async with asyncio.timeout_at(deadline):
+                    data = await conn.recv()
+            except ConnectionRefusedError:
+                refused_on_recv += 1
+                continue
+            except TimeoutError:
+                break
+            if data.startswith(b"reply "):  # the writer's datagrams go to the peer, not here
+                received.append(data)
+        waited = time.monotonic() - started
+        # What recv() did not get, where it is: still in the kernel socket (the reader is not
+        # registered) or nowhere.
+        sock: socket.socket = conn._owner._sock  # type: ignore[attr-defined]
+        left_in_kernel = [data for data in drain_raw(sock, 64)
+                          if data.startswith(b"reply ")]
+        # Close gracefully without waiting for the rest of the queue to crawl through the slow
+        # qdisc: remove it (this namespace is ours), then the queue drains at once.
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False, timeout=10)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                await conn.aclose()
+    return {"received": [data.decode() for data in received],
+            "expected": [reply.decode() for reply in replies],
+            "left_in_kernel": len(left_in_kernel), "waited": round(waited, 3),
+            "refused_on_send": refused_on_send, "refused_on_recv": refused_on_recv,
+            "blocked": blocked, "icmp_in_dest_unreachs": icmp_seen,
+            "icmp_reported": icmp_reported, "tx_packets": conn.stats.tx_packets}
+
+
+async def link_local(ifname: str) -> Result:
+    """Listen on ``fe80::1%IFNAME``, dial it at the same scoped address, exchange one datagram
+    each way; report the addresses (with scope ids) both sides saw."""
+    host = f"fe80::1%{ifname}"
+    result: Result = {"scope_id": socket.if_nametoindex(ifname)}
+    try:
+        ln = await udpx.listen(host, 0)
+    except OSError as exc:
+        result["error"] = f"listen({host!r}, 0): {exc!r}"
+        return result
+    async with ln:
+        result["listener_local"] = list(ln.local_addr)
+        try:
+            conn = await udpx.dial(host, ln.local_addr[1])
+        except OSError as exc:
+            result["error"] = f"dial({host!r}, {ln.local_addr[1]}): {exc!r}"
+            return result
+        async with conn:
+            result["dialed_local"] = list(conn.local_addr)
+            result["dialed_remote"] = list(conn.remote_addr)
+            await conn.send(b"ping")
+            accepted = await ln.accept()
+            result["to_listener"] = (await accepted.recv()).decode()
+            result["accepted_remote"] = list(accepted.remote_addr)
+            await accepted.send(b"pong")
+            result["to_dialer"] = (await conn.recv()).decode()
+    return result
+
+
+SCENARIOS: dict[str, Callable[[list[str]], Coroutine[Any, Any, Result]]] = {
+    "deaf_after_icmp": lambda args: deaf_after_icmp(int(args[0]), int(args[1]), int(args[2])),
+    "link_local": lambda args: link_local(args[0]),
+}
+
+
+def main(argv: list[str]) -> None:
+    scenario, loop_kind, args = argv[0], argv[1], argv[2:]
+    if loop_kind == "uvloop":
+        import uvloop  # noqa: PLC0415 - only where asked for
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    else:
+        factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        result = runner.run(asyncio.wait_for(SCENARIOS[scenario](args), SCENARIO_TIMEOUT))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
