@@ -141,8 +141,8 @@ class _DialedSocket:
 
 def dial(host: str, port: int, *, batch_size: int = 64, max_datagram: int = 65535,
          rx_queue_size: int = 1024, tx_queue_size: int = 4096,
-         rx_memory_limit: int = 64 * 2**20, idle_timeout: float | None = 3600.0, rcvbuf: int | None = None,
-         sndbuf: int | None = None,
+         rx_memory_limit: int = 64 * 2**20, idle_timeout: float | None = 3600.0,
+         rcvbuf: int | None = None, sndbuf: int | None = None,
          local_addr: tuple[str, int] | None = None, gso: bool = True,
          gro: bool = True) -> Opening[UDPConn]:
     """Open a connection to ``host``/``port`` over a connected UDP socket.
@@ -156,7 +156,8 @@ def dial(host: str, port: int, *, batch_size: int = 64, max_datagram: int = 6553
     """
     options = Options(batch_size=batch_size, max_datagram=max_datagram,
                       rx_queue_size=rx_queue_size, tx_queue_size=tx_queue_size,
-                      rx_memory_limit=rx_memory_limit, idle_timeout=idle_timeout, rcvbuf=rcvbuf, sndbuf=sndbuf,
+                      rx_memory_limit=rx_memory_limit, idle_timeout=idle_timeout,
+                      rcvbuf=rcvbuf, sndbuf=sndbuf,
                       local_addr=local_addr, gso=gso, gro=gro)
     if not isinstance(host, str):
         raise ValueError(f"host must be a str, got {host!r}")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import socket
 import math
+import socket
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Generator, Hashable
