@@ -70,6 +70,8 @@ def test_kernel_drops_are_reported(run: Runner[Any], host: str) -> None:
                     raw.sendto(bytes(100), conn.local_addr[:2])
                 assert conn.stats.drops["kernel"] > 0
 
+    run(main())
+
 
 def test_describe_round_trips_through_json(run: Runner[Any], host: str) -> None:
     async def main() -> None:
@@ -149,8 +151,6 @@ def test_datagrams_of_unaccepted_connections_are_counted(run: Runner[Any], host:
         assert stats.rx_packets == 2
         assert stats.drops["unaccepted"] == 4
         assert await accepted.recv() == b"two"
-
-    run(main())
 
     run(main())
 
