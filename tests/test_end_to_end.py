@@ -677,3 +677,39 @@ def test_any_buffer_can_be_sent(run: Runner[Any], host: str) -> None:
                 udpx.BatchWriter("not a connection")  # type: ignore[arg-type]
 
     run(main())
+
+
+# -- listen() and dial() are coroutines ------------------------------------------------------
+
+
+def test_listen_and_dial_work_with_create_task_and_gather(run: Runner[Any], host: str) -> None:
+    async def main() -> None:
+        listening = udpx.listen(host, 0)
+        assert isinstance(listening, udpx.Opening)
+        assert asyncio.iscoroutine(listening)
+        ln = await asyncio.create_task(listening)
+        try:
+            conn, = await asyncio.gather(udpx.dial(host, ln.local_addr[1]))
+            async with conn:
+                await conn.send(b"via a task")
+                accepted = await ln.accept()
+                assert await accepted.recv() == b"via a task"
+        finally:
+            await ln.aclose()
+
+    run(main())
+
+
+def test_awaiting_an_opening_twice_raises(run: Runner[Any]) -> None:
+    async def main() -> None:
+        opening = udpx.listen("127.0.0.1", 0)
+        ln = await opening
+        try:
+            with pytest.raises(RuntimeError):
+                await opening
+        finally:
+            await ln.aclose()
+        # Never awaited: no socket, no warning.
+        udpx.dial("127.0.0.1", 9).close()
+
+    run(main())

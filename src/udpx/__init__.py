@@ -13,6 +13,7 @@ from ._errors import UDPXError as UDPXError
 from ._errors import WouldBlock as WouldBlock
 from ._listener import Listener as Listener
 from ._listener import listen as listen
+from ._opening import Opening as Opening
 from ._options import Options as Options
 from ._stats import ConnStats as ConnStats
 from ._stats import ListenerStats as ListenerStats
@@ -31,6 +32,7 @@ __all__ = [
     "ListenerClosed",
     "ListenerStats",
     "MessageTooLong",
+    "Opening",
     "Options",
     "QueueFull",
     "UDPConn",

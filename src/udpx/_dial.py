@@ -9,8 +9,8 @@ from typing import Any, final
 
 from ._conn import UDPConn
 from ._idle import sweep, sweep_interval
-from ._listener import Opening
 from ._mmsg import SingleRecv, make_receiver, make_sender, message_datagrams
+from ._opening import Opening
 from ._options import Options
 from ._queue import RxPool, TxQueue
 from ._reader import BatchReader

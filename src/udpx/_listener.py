@@ -9,15 +9,16 @@ import math
 import socket
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Generator, Hashable
+from collections.abc import Hashable
 from types import TracebackType
-from typing import Any, Generic, Protocol, Self, TypeVar, final
+from typing import Any, Self, final
 
 from ._conn import UDPConn
 from ._demux import Demux
 from ._errors import ListenerClosed
 from ._idle import PRESSURE_FLOOR, PRESSURE_THRESHOLD, effective_timeout, sweep, sweep_interval
 from ._mmsg import SingleRecv, make_receiver, make_sender, message_datagrams
+from ._opening import Opening
 from ._options import Options
 from ._queue import RxPool, RxQueue, TxQueue
 from ._reader import BatchReader
@@ -38,7 +39,7 @@ from ._stats import ListenerStats, drops_mapping
 from ._waiters import FifoWaiters
 from ._writer import Writer
 
-__all__ = ["Listener", "Opening", "listen"]
+__all__ = ["Listener", "listen"]
 
 logger = logging.getLogger("udpx")
 
@@ -53,36 +54,6 @@ DESCRIBE_CONNS = 100
 def _valid_source(key: Hashable) -> bool:
     # Port 0 is no peer's real port: a reply to it fails (EINVAL), so it opens no connection.
     return key_port(key) != 0
-
-class _Closeable(Protocol):
-    async def aclose(self) -> None: ...
-
-
-T = TypeVar("T", bound=_Closeable)
-
-
-class Opening(Generic[T]):
-    """What ``listen()`` and ``dial()`` return: await it, or use it with ``async with``."""
-
-    __slots__ = ("_factory", "_opened")
-
-    def __init__(self, factory: Callable[[], Coroutine[Any, Any, T]]) -> None:
-        self._factory = factory
-        self._opened: T | None = None
-
-    def __await__(self) -> Generator[Any, None, T]:
-        return self._factory().__await__()
-
-    async def __aenter__(self) -> T:
-        self._opened = await self._factory()
-        return self._opened
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._opened is not None:
-            opened, self._opened = self._opened, None
-            await opened.aclose()
-
 
 @final
 class Listener(asyncio.DatagramProtocol):
