@@ -129,10 +129,7 @@ class RxQueue:
         payload = sum(fitting)
         cost = payload + count * DATAGRAM_OVERHEAD
         if pool.buffered + cost > pool.limit:
-            # Rare: the memory budget runs out within this batch. One datagram at a time, so
-            # that what is dropped, and why, is the same as with put() whatever the path.
-            for offset, length in zip(offsets, lengths):
-                self.put(arena[offset:offset + length])
+            self._put_each(arena, offsets, lengths)
             return
         if count < total:
             self.dropped_full += total - count
@@ -148,6 +145,21 @@ class RxQueue:
         pool.rx_bytes += payload
         if was_empty:
             self.wake()
+
+    def _put_each(self, arena: Arena, offsets: Sequence[int], lengths: Sequence[int]) -> None:
+        """Rare: the memory budget runs out within a batch. One datagram at a time, so that
+        what is dropped, and why, is the same as with put() whatever the path; the queue is
+        still woken once, after the batch."""
+        was_empty = not self.items
+        wake = self.wake
+        self.wake = _do_nothing
+        try:
+            for offset, length in zip(offsets, lengths):
+                self.put(arena[offset:offset + length])
+        finally:
+            self.wake = wake
+        if was_empty and self.items:
+            wake()
 
     def count_truncated(self, count: int = 1) -> None:
         """``count`` datagrams for this queue arrived cut short and were dropped."""
