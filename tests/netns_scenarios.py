@@ -112,7 +112,7 @@ async def deaf_after_icmp(count: int, size: int, sndbuf: int) -> Result:
         waited = time.monotonic() - started
         # What recv() did not get, where it is: still in the kernel socket (the reader is not
         # registered) or nowhere.
-        sock: socket.socket = conn._owner._sock  # type: ignore[attr-defined]
+        sock: socket.socket = conn._engine.sock  # type: ignore[union-attr]
         left_in_kernel = [data for data in drain_raw(sock, 64)
                           if data.startswith(b"reply ")]
         # Close gracefully without waiting for the rest of the queue to crawl through the slow

@@ -6,7 +6,6 @@ from __future__ import annotations
 import mmap
 import socket
 from collections import deque
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import pytest
@@ -21,12 +20,12 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from udpx._demux import Demux
+from udpx._demux import Demux, PeerKey
 from udpx._queue import DATAGRAM_OVERHEAD, RxPool, RxQueue
 from udpx._sockets import key_from_address
 
 #: Peer keys as the receivers compute them: ints for IPv4 peers, bytes for IPv6 peers.
-PEER_KEYS: list[Hashable] = [
+PEER_KEYS: list[PeerKey] = [
     key_from_address(socket.AF_INET, ("10.0.0.1", 4000)),
     key_from_address(socket.AF_INET, ("10.0.0.1", 4001)),
     key_from_address(socket.AF_INET, ("192.168.7.9", 4000)),
@@ -37,7 +36,7 @@ PEER_KEYS: list[Hashable] = [
 PEERS = range(len(PEER_KEYS))
 
 
-def fresh_key(peer: int) -> Hashable:
+def fresh_key(peer: int) -> PeerKey:
     """A new object equal to the peer's key, as each received batch builds its own keys."""
     key = PEER_KEYS[peer]
     if isinstance(key, int):
@@ -46,7 +45,7 @@ def fresh_key(peer: int) -> Hashable:
     return bytes(bytearray(key))
 
 
-def peer_of_key(key: Hashable) -> int:
+def peer_of_key(key: PeerKey) -> int:
     return PEER_KEYS.index(key)
 
 
@@ -135,7 +134,7 @@ class DemuxMachine(RuleBasedStateMachine):
 
     # -- the callbacks ----------------------------------------------------------------------
 
-    def _create(self, key: Hashable) -> RxQueue:
+    def _create(self, key: PeerKey) -> RxQueue:
         demux = self.demux
         # Admission must allow it, and the peer must be new.
         assert key not in demux.table
@@ -339,12 +338,12 @@ def test_demux_machine() -> None:
 
 
 def make_demux(max_conns: int = 8, backlog: int = 8, limit: int = 8
-               ) -> tuple[Demux, dict[Hashable, RxQueue], list[Hashable]]:
-    queues: dict[Hashable, RxQueue] = {}
-    woken: list[Hashable] = []
+               ) -> tuple[Demux, dict[PeerKey, RxQueue], list[PeerKey]]:
+    queues: dict[PeerKey, RxQueue] = {}
+    woken: list[PeerKey] = []
     pool = RxPool()
 
-    def create(key: Hashable) -> RxQueue:
+    def create(key: PeerKey) -> RxQueue:
         queue = RxQueue(limit, wake=lambda: woken.append(key), pool=pool)
         queues[key] = queue
         return queue
@@ -400,7 +399,7 @@ def test_removed_peer_opens_a_new_connection() -> None:
     created: list[RxQueue] = []
     original = demux.create
 
-    def create(key: Hashable) -> RxQueue:
+    def create(key: PeerKey) -> RxQueue:
         created.append(original(key))
         return created[-1]
 

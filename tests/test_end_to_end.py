@@ -511,7 +511,7 @@ def test_batching_is_real(run: Runner[Any], host: str) -> None:
 
     async def main() -> None:
         async with udpx.listen(host, 0, rcvbuf=BIG_RCVBUF, rx_queue_size=total) as ln:
-            receiver = ln._receiver
+            receiver = ln._engine.receiver
             with socket.socket(family_of(host), socket.SOCK_DGRAM) as raw:
                 raw.connect(ln.local_addr[:2])
                 raw.send(b"first")

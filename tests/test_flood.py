@@ -316,7 +316,7 @@ def first_echo(port: int, started: float, tries: int = 70) -> float | None:
 def test_spoofed_flood_does_not_lock_out_new_peers(loop_kind: str) -> None:
     # Imported here, not at the top, so that the other tests of the file run without it (the
     # ignore is for the commits before it existed; drop it once it is there).
-    from udpx._idle import PRESSURE_FLOOR  # type: ignore[attr-defined,unused-ignore]  # noqa: PLC0415
+    from udpx._idle import PRESSURE_FLOOR  # noqa: PLC0415
 
     with raw_socket() as raw, child_listener(loop_kind, "echo") as child:
         max_conns: int = child.options["max_conns"]
@@ -371,7 +371,7 @@ LARGE_TIME_LIMIT = 60.0
 
 def test_large_datagram_flood_bounded_by_memory_limit(loop_kind: str) -> None:
     # As PRESSURE_FLOOR above.
-    from udpx._queue import DATAGRAM_OVERHEAD  # type: ignore[attr-defined,unused-ignore]  # noqa: PLC0415
+    from udpx._queue import DATAGRAM_OVERHEAD  # noqa: PLC0415
 
     payload = b"\xa5" * LARGE_SIZE
     with child_listener(loop_kind, "hold", rcvbuf=4 * MiB) as child, \

@@ -6,17 +6,18 @@ import asyncio
 import os
 import socket
 import warnings
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, final
 
 from ._errors import ConnectionClosed, MessageTooLong, QueueFull, WouldBlock
 from ._queue import DATAGRAM_OVERHEAD, RxPool, RxQueue, TxAccount
-from ._sockets import address_from_key
+from ._sockets import PeerKey, address_from_key
 from ._stats import ConnStats, drops_mapping
 from ._waiters import FifoWaiters
 
 if TYPE_CHECKING:
+    from ._engine import SocketEngine
     from ._sockets import Address
     from ._writer import Writer
 
@@ -24,15 +25,9 @@ __all__ = ["UDPConn"]
 
 
 class _Owner(Protocol):
-    """What owns a connection's socket: its listener, or the dialed socket itself."""
+    """What a connection tells when it closes: its listener, or its dialed socket."""
 
     def _conn_closing(self, conn: UDPConn) -> None: ...
-
-    def _kernel_drops(self) -> int | None: ...
-
-    def _abort(self) -> None: ...
-
-    def _describe_socket(self) -> dict[str, Any] | None: ...
 
 
 def _do_nothing() -> None:
@@ -68,16 +63,20 @@ class UDPConn:
     # Slots, and objects made only when needed (the receivers list, the closed future, the
     # remote address tuple of a listener's connection), keep an idle connection small: a
     # listener may hold a hundred thousand of them.
-    __slots__ = ("__weakref__", "_close_reason", "_closed", "_created", "_done", "_error", "_key",
+    __slots__ = ("__weakref__", "_close_reason", "_closed", "_created", "_done", "_engine",
+                 "_error", "_key",
                  "_local", "_loop", "_max_send", "_owner", "_receivers", "_remote", "_rx", "_tx",
                  "_txq", "_writer", "idle_count", "idle_since")
 
-    def __init__(self, *, loop: asyncio.AbstractEventLoop, owner: _Owner, writer: Writer,
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, owner: _Owner,
+                 engine: SocketEngine | None, writer: Writer,
                  rx_queue_size: int, pool: RxPool, max_send: int, local_addr: Address,
                  remote_addr: Address | None, sockaddr: bytes | None,
-                 key: Hashable = None) -> None:
+                 key: PeerKey | None = None) -> None:
         self._loop = loop
         self._owner = owner
+        # The socket this connection owns (dialed), None on a listener's shared socket.
+        self._engine = engine
         self._writer = writer
         self._txq = writer.queue
         self._rx = RxQueue(rx_queue_size, self._wake_receivers, pool=pool)
@@ -119,6 +118,7 @@ class UDPConn:
         if self._remote is not None:
             return self._remote
         family = socket.AF_INET if len(self._local) == 2 else socket.AF_INET6
+        assert self._key is not None  # a listener's connection: its remote address is its key
         return address_from_key(family, self._key)
 
     @property
@@ -138,9 +138,8 @@ class UDPConn:
         tx = self._tx
         drops = {"rx_queue_full": rx.dropped_full, "truncated": rx.dropped_truncated,
                  "send_error": tx.errors}
-        kernel = self._owner._kernel_drops()
-        if kernel is not None:
-            drops["kernel"] = kernel
+        if self._engine is not None:
+            drops["kernel"] = self._engine.kernel_drops()
         return ConnStats(rx.rx_packets, rx.rx_bytes, tx.packets, tx.bytes, drops_mapping(**drops))
 
     def describe(self) -> dict[str, Any]:
@@ -171,9 +170,8 @@ class UDPConn:
             "tx_pending": self._tx.pending(),
             "stats": self.stats.as_dict(),
         }
-        socket_info = self._owner._describe_socket()
-        if socket_info is not None:
-            description["socket"] = socket_info
+        if self._engine is not None:
+            description["socket"] = self._engine.describe()
         return description
 
     # -- errors reported by the socket -------------------------------------------------------
@@ -435,6 +433,7 @@ class UDPConn:
         if not self._closed and self._key is None:
             # A dialed connection owns a socket: leaving it open is a leak worth a warning.
             _warn(f"unclosed {self!r}", ResourceWarning, source=self)
-            self._owner._abort()
+            if self._engine is not None:
+                self._engine.abort()
 
 

@@ -8,18 +8,23 @@ equal for equal peers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 
 from ._queue import DATAGRAM_OVERHEAD, Arena, RxPool, RxQueue
 
-__all__ = ["Demux"]
+__all__ = ["Demux", "PeerKey"]
+
+#: A peer's key: for IPv4 the first 8 bytes of its ``sockaddr_in`` as one native-order int, for
+#: IPv6 the 28 bytes of its ``sockaddr_in6`` (see ``_sockets``). Equal for equal peers; no
+#: ``(host, port)`` tuple is built to make one.
+PeerKey = int | bytes
 
 # Placeholders for "no peer yet" in the hot loop, so that it needs no None checks.
 _NO_KEY = object()
 _NO_QUEUE = RxQueue(1)
 
 
-def _always_valid(key: Hashable) -> bool:
+def _always_valid(key: PeerKey) -> bool:
     return True
 
 
@@ -47,11 +52,11 @@ class Demux:
                  "pressure_mark", "table", "valid")
 
     def __init__(self, *, max_conns: int, backlog: int,
-                 create: Callable[[Hashable], RxQueue], pool: RxPool | None = None,
-                 valid: Callable[[Hashable], bool] = _always_valid,
+                 create: Callable[[PeerKey], RxQueue], pool: RxPool | None = None,
+                 valid: Callable[[PeerKey], bool] = _always_valid,
                  pressure_mark: int | None = None,
                  on_pressure: Callable[[], None] = _do_nothing) -> None:
-        self.table: dict[Hashable, RxQueue] = {}
+        self.table: dict[PeerKey, RxQueue] = {}
         self.max_conns = max_conns
         self.backlog = backlog
         self.create = create
@@ -65,7 +70,7 @@ class Demux:
         self.dropped_conn_limit = 0
         self.dropped_bad_source = 0
 
-    def admit(self, key: Hashable) -> RxQueue | None:
+    def admit(self, key: PeerKey) -> RxQueue | None:
         """Create the connection for a new peer, or count why it cannot be created."""
         if not self.valid(key):
             self.dropped_bad_source += 1
@@ -87,11 +92,11 @@ class Demux:
         """One connection left the backlog."""
         self.pending -= 1
 
-    def remove(self, key: Hashable) -> None:
+    def remove(self, key: PeerKey) -> None:
         """Forget a closed connection's peer (no-op if unknown)."""
         self.table.pop(key, None)
 
-    def feed_batch(self, keys: Sequence[Hashable], arena: Arena, offsets: Sequence[int],
+    def feed_batch(self, keys: Sequence[PeerKey] | None, arena: Arena, offsets: Sequence[int],
                    lengths: Sequence[int]) -> None:
         """Route one received batch: datagram i is ``arena[offsets[i]:offsets[i] + lengths[i]]``
         from peer ``keys[i]``. ``lengths`` gives the batch size.
@@ -100,6 +105,7 @@ class Demux:
         that became non-empty is woken once, after the whole batch.
         """
         # Hot path, run for every datagram a listener receives.
+        assert keys is not None  # a listener's socket is unconnected: every datagram has one
         count = len(lengths)
         if count > 1 and keys.count(keys[0]) == count:
             # A whole batch from one peer (a bulk sender, a dialed client): one lookup and one
@@ -121,7 +127,7 @@ class Demux:
         memory_limit = pool.limit - DATAGRAM_OVERHEAD  # compared with buffered + length
         delivered = delivered_bytes = dropped_full = dropped_memory = 0
         touched: list[RxQueue] = []
-        last_key: Hashable = _NO_KEY
+        last_key: object = _NO_KEY
         current = _NO_QUEUE
         items = current.items
         limit = 0
@@ -160,7 +166,7 @@ class Demux:
         for queue in touched:
             queue.wake()
 
-    def feed_batch_refused(self, key: Hashable, count: int) -> None:
+    def feed_batch_refused(self, key: PeerKey, count: int) -> None:
         """Count ``count`` more datagrams from a peer that admission just refused."""
         if not self.valid(key):
             self.dropped_bad_source += count
@@ -169,8 +175,9 @@ class Demux:
         else:
             self.dropped_backlog += count
 
-    def feed_one(self, key: Hashable, data: bytes | None) -> None:
+    def feed_one(self, key: PeerKey | None, data: bytes | None) -> None:
         """Route one datagram (``None``: it was truncated and is dropped, counted)."""
+        assert key is not None
         queue = self.table.get(key)
         if data is None:
             if queue is None:

@@ -9,27 +9,22 @@ import math
 import socket
 import warnings
 from collections import OrderedDict
-from collections.abc import Hashable
 from types import TracebackType
 from typing import Any, Self, final
 
 from ._conn import UDPConn
 from ._demux import Demux
+from ._engine import SocketEngine
 from ._errors import ListenerClosed
 from ._idle import PRESSURE_FLOOR, PRESSURE_THRESHOLD, effective_timeout, sweep, sweep_interval
-from ._mmsg import SingleRecv, make_receiver, make_sender, message_datagrams
 from ._opening import Opening
 from ._options import Options
-from ._queue import RxPool, RxQueue, TxQueue
-from ._reader import BatchReader
+from ._queue import RxPool, RxQueue
 from ._sockets import (
     Address,
+    PeerKey,
     address_from_key,
-    address_from_sockaddr,
     bind_socket,
-    buffer_sizes,
-    kernel_drops,
-    key_from_address,
     key_port,
     max_payload,
     resolve,
@@ -37,7 +32,6 @@ from ._sockets import (
 )
 from ._stats import ListenerStats, drops_mapping
 from ._waiters import FifoWaiters
-from ._writer import Writer
 
 __all__ = ["Listener", "listen"]
 
@@ -51,7 +45,7 @@ DROP_REPORT_INTERVAL = 10.0
 DESCRIBE_CONNS = 100
 
 
-def _valid_source(key: Hashable) -> bool:
+def _valid_source(key: PeerKey) -> bool:
     # Port 0 is no peer's real port: a reply to it fails (EINVAL), so it opens no connection.
     return key_port(key) != 0
 
@@ -67,42 +61,34 @@ class Listener(asyncio.DatagramProtocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  options: Options) -> None:
         self._loop = loop
-        self._sock = sock
         self._options = options
         self._family = sock.family
         self._local: Address = sock.getsockname()
-        family = self._family
         self._pool = RxPool(options.rx_memory_limit)
         self._demux = Demux(max_conns=options.max_conns, backlog=options.backlog,
                             create=self._create_conn, pool=self._pool, valid=_valid_source,
                             pressure_mark=math.ceil(PRESSURE_THRESHOLD * options.max_conns),
                             on_pressure=self._pressure)
-        self._receiver = make_receiver(sock, options.batch_size, options.max_datagram, True,
-                                       lambda address: key_from_address(family, address),
-                                       gro=options.gro)
-        self._sender = make_sender(sock, options.batch_size, options.max_datagram, True,
-                                   lambda raw: address_from_sockaddr(family, raw))
-        self._writer = Writer(loop, sock, self._sender, TxQueue(options.tx_queue_size), True,
-                              gso=options.gso and options.batch_size > 1)
-        on_batch = self._on_single if isinstance(self._receiver, SingleRecv) else self._on_batch
-        self._reader = BatchReader(loop, sock, self._receiver, on_batch, self._on_error)
-        self._conns: dict[Hashable, UDPConn] = {}
+        # The sink interface, bound straight to the demultiplexer: no call layer per batch.
+        self.feed_batch = self._demux.feed_batch
+        self.feed_one = self._demux.feed_one
+        self._engine = SocketEngine(loop, sock, options, self, named=True)
+        self._writer = self._engine.writer
+        self._conns: dict[PeerKey, UDPConn] = {}
         # Connections created and not yet accepted, oldest first. An OrderedDict so that a
         # connection closed before accept() leaves it in O(1) (a deque's remove scans).
         self._backlog: OrderedDict[UDPConn, None] = OrderedDict()
         self._acceptors = FifoWaiters(loop)
         self._accepted = 0
-        # The kernel's drop count, read once more just before the socket is closed.
-        self._kernel_final: int | None = None
         self._closed = False
         self._done: asyncio.Future[None] = loop.create_future()
-        self.rcvbuf, self.sndbuf = buffer_sizes(sock)
+        self.rcvbuf, self.sndbuf = self._engine.rcvbuf, self._engine.sndbuf
         self._sweeper: asyncio.TimerHandle | None = None
         if options.idle_timeout is not None:
             self._sweeper = loop.call_later(sweep_interval(options.idle_timeout), self._sweep)
         self._drops_reported: dict[str, int] = {}
         self._drop_reporter = loop.call_later(DROP_REPORT_INTERVAL, self._report_drops)
-        self._reader.start()
+        self._engine.start()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -110,45 +96,7 @@ class Listener(asyncio.DatagramProtocol):
 
     # -- the receive side --------------------------------------------------------------------
 
-    def _on_batch(self, count: int) -> int:
-        """Route the ``count`` messages of one recvmmsg; returns how many datagrams they held."""
-        receiver = self._receiver
-        lengths = receiver.lengths(count)
-        truncated = receiver.truncated(count)
-        keys = receiver.keys(count)
-        sizes = receiver.segment_sizes(count)
-        if truncated is None:
-            if sizes is None:
-                self._demux.feed_batch(keys, receiver.arena, receiver.offsets, lengths)
-                return count
-            split_keys, offsets, lengths = receiver.split(keys, lengths, sizes)
-            assert split_keys is not None
-            self._demux.feed_batch(split_keys, receiver.arena, offsets, lengths)
-            return len(lengths)
-        # Rare: some message did not fit its slot. One message at a time.
-        arena = receiver.arena
-        feed_one = self._demux.feed_one
-        delivered = 0
-        for index, (key, offset, length, cut) in enumerate(
-                zip(keys, receiver.offsets, lengths, truncated)):
-            if cut:
-                feed_one(key, None)
-                delivered += 1
-                continue
-            datagrams = message_datagrams(arena, offset, length,
-                                          sizes[index] if sizes is not None else 0)
-            for data in datagrams:
-                feed_one(key, data)
-            delivered += len(datagrams)
-        return delivered
-
-    def _on_single(self, count: int) -> int:
-        receiver = self._receiver
-        assert isinstance(receiver, SingleRecv)
-        self._demux.feed_one(receiver.key, receiver.data)
-        return 1
-
-    def _on_error(self, exc: OSError) -> None:
+    def socket_error(self, exc: OSError) -> None:
         # An unconnected socket reports few errors (no ICMP without IP_RECVERR); log and go on.
         logger.warning("udpx: receive error on listener %r: %s", self._local, exc)
 
@@ -156,15 +104,14 @@ class Listener(asyncio.DatagramProtocol):
         """Route one datagram from ``addr`` (asyncio's DatagramProtocol entry point)."""
         if self._closed:
             return
-        cut = len(data) > self._options.max_datagram
-        self._demux.feed_one(key_from_address(self._family, addr), None if cut else data)
+        self._engine.datagram_received(data, addr, self._options.max_datagram)
 
     def error_received(self, exc: Exception) -> None:
         logger.warning("udpx: error on listener %r: %s", self._local, exc)
 
-    def _create_conn(self, key: Hashable) -> RxQueue:
+    def _create_conn(self, key: PeerKey) -> RxQueue:
         remote = address_from_key(self._family, key)
-        conn = UDPConn(loop=self._loop, owner=self, writer=self._writer,
+        conn = UDPConn(loop=self._loop, owner=self, engine=None, writer=self._writer,
                        rx_queue_size=self._options.rx_queue_size, pool=self._pool,
                        max_send=min(self._options.max_datagram, max_payload(self._family, remote)),
                        local_addr=self._local, remote_addr=None,  # built from key on demand
@@ -211,6 +158,7 @@ class Listener(asyncio.DatagramProtocol):
 
     def _conn_closing(self, conn: UDPConn) -> None:
         key = conn._key
+        assert key is not None
         if self._conns.get(key) is conn:
             del self._conns[key]
             self._demux.remove(key)
@@ -222,15 +170,6 @@ class Listener(asyncio.DatagramProtocol):
         logger.debug("udpx: connection from %r closed", conn.remote_addr)
         # Finished once its own queued datagrams have left, however busy the socket is.
         self._writer.when_drained(conn._tx, conn._finished)
-
-    def _kernel_drops(self) -> int | None:
-        return None  # counted once, on the listener
-
-    def _abort(self) -> None:
-        return None  # the listener's own finaliser frees the socket
-
-    def _describe_socket(self) -> dict[str, Any] | None:
-        return None  # described once, by the listener
 
     def _report_drops(self) -> None:
         # At most one warning per interval, and only when something was dropped: never per
@@ -263,14 +202,11 @@ class Listener(asyncio.DatagramProtocol):
         options = {item.name: getattr(self._options, item.name)
                    for item in dataclasses.fields(self._options)}
         options.pop("local_addr", None)
-        rcvbuf, sndbuf = buffer_sizes(self._sock) if self._sock.fileno() >= 0 else (0, 0)
         return {
             "local_addr": list(self._local),
             "closed": self._closed,
             "options": options,
-            "socket": {"rcvbuf": rcvbuf, "sndbuf": sndbuf, "batch_size": self._receiver.size,
-                       "gso": self._writer.gso, "gro": self._receiver.gro,
-                       "tx_queued": len(self._writer.queue)},
+            "socket": self._engine.describe(),
             "backlog": len(self._backlog),
             "idle_timeout_now": self._effective_timeout(),
             "stats": self.stats.as_dict(),
@@ -349,7 +285,7 @@ class Listener(asyncio.DatagramProtocol):
             send_error=writer.tx_errors,
             backlog_full=demux.dropped_backlog,
             conn_limit=demux.dropped_conn_limit,
-            kernel=kernel_drops(self._sock) if self._kernel_final is None else self._kernel_final,
+            kernel=self._engine.kernel_drops(),
             unaccepted=pool.dropped_unaccepted,
             memory_limit=pool.dropped_memory,
             bad_source=demux.dropped_bad_source,
@@ -369,7 +305,7 @@ class Listener(asyncio.DatagramProtocol):
         if self._closed:
             return
         self._closed = True
-        self._reader.stop()
+        self._engine.stop_reading()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -377,13 +313,9 @@ class Listener(asyncio.DatagramProtocol):
         for conn in list(self._conns.values()):
             conn.close()
         self._acceptors.wake_all()
-        self._writer.when_empty(self._release)
+        self._engine.close(self._released)
 
-    def _release(self) -> None:
-        self._writer.close()  # calls every closing connection's when_drained callback
-        self._receiver.close()
-        self._kernel_final = kernel_drops(self._sock)
-        self._sock.close()
+    def _released(self) -> None:
         if not self._done.done():
             self._done.set_result(None)
 
@@ -406,7 +338,7 @@ class Listener(asyncio.DatagramProtocol):
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if not getattr(self, "_closed", True):
             _warn(f"unclosed {self!r}", ResourceWarning, source=self)
-            self._sock.close()
+            self._engine.abort()
 
 
 def listen(host: str | None, port: int, *, batch_size: int = 64, max_datagram: int = 65535,

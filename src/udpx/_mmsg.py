@@ -21,8 +21,11 @@ import mmap
 import os
 import socket
 from array import array
-from collections.abc import Hashable, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ._demux import PeerKey
 
 __all__ = [
     "HAVE_MMSG",
@@ -138,13 +141,13 @@ def peer_keys_ipv4(names_view: memoryview, count: int) -> list[int]:
     return names_view[0:count * 16:16].tolist()
 
 
-def split_segments(keys: Sequence[Hashable] | None, offsets: Sequence[int],
+def split_segments(keys: Sequence[PeerKey] | None, offsets: Sequence[int],
                    lengths: Sequence[int], sizes: Sequence[int],
                    counter: RecvBatch | None = None,
-                   ) -> tuple[list[Hashable] | None, list[int], list[int]]:
+                   ) -> tuple[list[PeerKey] | None, list[int], list[int]]:
     """Expand messages carrying GRO runs (``sizes[i] > 0``: segments of that size, the last
     one possibly shorter) into one entry per datagram. ``keys`` may be None (connected)."""
-    out_keys: list[Hashable] | None = [] if keys is not None else None
+    out_keys: list[PeerKey] | None = [] if keys is not None else None
     out_offsets: list[int] = []
     out_lengths: list[int] = []
     split = 0
@@ -282,12 +285,12 @@ class RecvBatch:
         return [size if length and level == SOL_UDP and kind == UDP_GRO else 0
                 for length, level, kind, size in zip(used, levels, types, sizes)]
 
-    def split(self, keys: Sequence[Hashable] | None, lengths: list[int],
-              sizes: list[int]) -> tuple[list[Hashable] | None, list[int], list[int]]:
+    def split(self, keys: Sequence[PeerKey] | None, lengths: list[int],
+              sizes: list[int]) -> tuple[list[PeerKey] | None, list[int], list[int]]:
         """Expand GRO messages into their datagrams: ``(keys, offsets, lengths)`` per datagram."""
         return split_segments(keys, self.offsets, lengths, sizes, self)
 
-    def keys(self, count: int) -> Sequence[Hashable]:
+    def keys(self, count: int) -> Sequence[PeerKey]:
         if self.family == socket.AF_INET:
             return peer_keys_ipv4(self._names_q, count)
         names = self._names
@@ -328,10 +331,10 @@ class SingleRecv:
         self._views = [memoryview(self._buffer)]
         self.offsets = [0]
         self.data: bytes | None = None
-        self.key: Hashable = None
+        self.key: PeerKey | None = None
         self._length = 0
         self._key_of = key_of
-        self._keys: dict[Any, Hashable] = {}
+        self._keys: dict[Any, PeerKey] = {}
 
     @property
     def arena(self) -> bytes:
@@ -366,14 +369,14 @@ class SingleRecv:
     def truncated(self, count: int) -> list[bool] | None:
         return [True] if self.data is None else None
 
-    def keys(self, count: int) -> Sequence[Hashable]:
-        return [self.key]
+    def keys(self, count: int) -> Sequence[PeerKey]:
+        return [self.key] if self.key is not None else []
 
     def segment_sizes(self, count: int) -> list[int] | None:
         return None  # no GRO on the one-datagram path
 
-    def split(self, keys: Sequence[Hashable] | None, lengths: list[int],
-              sizes: list[int]) -> tuple[list[Hashable] | None, list[int], list[int]]:
+    def split(self, keys: Sequence[PeerKey] | None, lengths: list[int],
+              sizes: list[int]) -> tuple[list[PeerKey] | None, list[int], list[int]]:
         return split_segments(keys, self.offsets, lengths, sizes)
 
     def close(self) -> None:

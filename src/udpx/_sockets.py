@@ -8,11 +8,13 @@ import logging
 import socket
 import struct
 import sys
-from collections.abc import Hashable
 from typing import Any
+
+from ._demux import PeerKey
 
 __all__ = [
     "Address",
+    "PeerKey",
     "address_from_key",
     "bind_socket",
     "buffer_sizes",
@@ -35,13 +37,13 @@ _IPV4_HEAD = struct.Struct("=H")  # sa_family in host order
 _PORT = struct.Struct("!H")
 
 
-def key_from_address(family: int, address: Address) -> Hashable:
+def key_from_address(family: int, address: Address) -> PeerKey:
     """The peer key of a socket address as Python reports it, equal to the key the batch
     receiver reads from the raw sockaddr (see ``_mmsg.RecvBatch.keys``)."""
     return _key_from_sockaddr(family, sockaddr_from_address(family, address))
 
 
-def _key_from_sockaddr(family: int, raw: bytes) -> Hashable:
+def _key_from_sockaddr(family: int, raw: bytes) -> PeerKey:
     if family == socket.AF_INET:
         return int.from_bytes(raw[:8], sys.byteorder)  # as the batch reader's native view
     return raw[:28]
@@ -64,7 +66,7 @@ def sockaddr_port(raw: bytes) -> int:
     return int(_PORT.unpack_from(raw, 2)[0])
 
 
-def key_port(key: Hashable) -> int:
+def key_port(key: PeerKey) -> int:
     """The port of a peer key (see ``key_from_address``): bytes 2-3 of the sockaddr."""
     if isinstance(key, int):
         raw = key.to_bytes(8, sys.byteorder)
@@ -74,7 +76,7 @@ def key_port(key: Hashable) -> int:
     return sockaddr_port(raw)
 
 
-def sockaddr_from_key(family: int, key: Hashable) -> bytes:
+def sockaddr_from_key(family: int, key: PeerKey) -> bytes:
     """The raw sockaddr to send to the peer of ``key`` (flow info cleared)."""
     if family == socket.AF_INET:
         assert isinstance(key, int)
@@ -83,7 +85,7 @@ def sockaddr_from_key(family: int, key: Hashable) -> bytes:
     return key[:4] + bytes(4) + key[8:28]
 
 
-def address_from_key(family: int, key: Hashable) -> Address:
+def address_from_key(family: int, key: PeerKey) -> Address:
     """The ``(host, port)`` (IPv4) or ``(host, port, flowinfo, scope_id)`` tuple of a key.
 
     Built once per new peer, never per datagram.

@@ -1,0 +1,196 @@
+"""The socket engine: one object owns one UDP socket and everything the kernel does for it.
+
+It owns the socket, its kernel capabilities (the batch arrays, GSO in the writer, GRO in the
+receiver), the batch reader, the single writer with its transmit queue, the kernel's drop
+counter, the socket's part of ``describe()`` and the flush-then-close. What the datagrams mean
+is a **sink**'s business:
+
+- a listener is an engine plus the demultiplexer sink (``Listener``);
+- ``dial()`` is an engine plus a one-peer sink (``_dial.PeerSink``).
+
+The reader decodes each batch once (lengths, truncation, GRO runs split into datagrams) and
+hands the result to the sink: a clean batch as arrays in one ``feed_batch`` call, a batch with
+a truncated message one message at a time through ``feed_one``. Like trio's ``DTLSEndpoint``,
+the engine owns the socket and the receive loop, and what it feeds owns none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, final
+
+from ._mmsg import SingleRecv, make_receiver, make_sender, message_datagrams
+from ._options import Options
+from ._queue import Arena, TxQueue
+from ._reader import BatchReader
+from ._sockets import (
+    Address,
+    PeerKey,
+    address_from_sockaddr,
+    buffer_sizes,
+    kernel_drops,
+    key_from_address,
+)
+from ._writer import Writer
+
+__all__ = ["Sink", "SocketEngine"]
+
+logger = logging.getLogger("udpx")
+
+
+class Sink(Protocol):
+    """Where an engine's received datagrams go."""
+
+    def feed_batch(self, keys: Sequence[PeerKey] | None, arena: Arena, offsets: Sequence[int],
+                   lengths: Sequence[int]) -> None:
+        """Datagram i is ``arena[offsets[i]:offsets[i] + lengths[i]]``, from ``keys[i]``
+        (``keys`` is None on a connected socket); ``lengths`` gives the count (hot path)."""
+
+    def feed_one(self, key: PeerKey | None, data: bytes | None) -> None:
+        """One datagram (None: it arrived truncated, to be counted and dropped)."""
+
+    def socket_error(self, exc: OSError) -> None:
+        """The socket reported an error (ICMP errors on a connected socket come this way)."""
+
+
+@final
+class SocketEngine:
+    """One UDP socket, read in batches into ``sink`` and written by one writer.
+
+    ``named``: the socket is unconnected, so every datagram carries its peer's address (keys
+    on receive, destinations on send). Reading starts with ``start()``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, options: Options,
+                 sink: Sink, *, named: bool) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.family = sock.family
+        self.sink = sink
+        family = sock.family
+        self.receiver = make_receiver(sock, options.batch_size, options.max_datagram, named,
+                                      lambda address: key_from_address(family, address),
+                                      gro=options.gro)
+        self.sender = make_sender(sock, options.batch_size, options.max_datagram, named,
+                                  lambda raw: address_from_sockaddr(family, raw))
+        self.writer = Writer(loop, sock, self.sender, TxQueue(options.tx_queue_size), named,
+                             gso=options.gso and options.batch_size > 1)
+        single = isinstance(self.receiver, SingleRecv)
+        self.reader = BatchReader(loop, sock, self.receiver,
+                                  self._on_single if single else self._on_batch,
+                                  self._on_error)
+        self._named = named
+        self.rcvbuf, self.sndbuf = buffer_sizes(sock)
+        # The kernel's drop count, read once more just before the socket is closed.
+        self._kernel_final: int | None = None
+        self._released = False
+        self._on_release: list[Callable[[], None]] = []
+
+    def start(self) -> None:
+        self.reader.start()
+
+    # -- receiving: decode once, feed the sink ------------------------------------------------
+
+    def _on_batch(self, count: int) -> int:
+        """Decode the ``count`` messages of one recvmmsg for the sink; returns how many
+        datagrams they held (a GRO message holds several)."""
+        receiver = self.receiver
+        lengths = receiver.lengths(count)
+        truncated = receiver.truncated(count)
+        keys = receiver.keys(count) if self._named else None
+        sizes = receiver.segment_sizes(count)
+        sink = self.sink
+        if truncated is None:
+            if sizes is None:
+                sink.feed_batch(keys, receiver.arena, receiver.offsets, lengths)
+                return count
+            split_keys, offsets, lengths = receiver.split(keys, lengths, sizes)
+            sink.feed_batch(split_keys, receiver.arena, offsets, lengths)
+            return len(lengths)
+        # Rare: some message did not fit its slot. One message at a time.
+        arena = receiver.arena
+        feed_one = sink.feed_one
+        delivered = 0
+        for index, (offset, length, cut) in enumerate(zip(receiver.offsets, lengths,
+                                                          truncated)):
+            key = keys[index] if keys is not None else None
+            if cut:
+                feed_one(key, None)
+                delivered += 1
+                continue
+            datagrams = message_datagrams(arena, offset, length,
+                                          sizes[index] if sizes is not None else 0)
+            for data in datagrams:
+                feed_one(key, data)
+            delivered += len(datagrams)
+        return delivered
+
+    def _on_single(self, count: int) -> int:
+        receiver = self.receiver
+        assert isinstance(receiver, SingleRecv)
+        self.sink.feed_one(receiver.key if self._named else None, receiver.data)
+        return 1
+
+    def _on_error(self, exc: OSError) -> None:
+        self.sink.socket_error(exc)
+
+    def datagram_received(self, data: bytes, addr: Address, max_datagram: int) -> None:
+        """One datagram from ``addr``, delivered by someone else than the batch reader (an
+        asyncio ``DatagramProtocol`` entry point)."""
+        key = key_from_address(self.family, addr) if self._named else None
+        self.sink.feed_one(key, None if len(data) > max_datagram else data)
+
+    # -- introspection --------------------------------------------------------------------
+
+    def kernel_drops(self) -> int:
+        """The kernel's drop count for the socket (kept after close)."""
+        return kernel_drops(self.sock) if self._kernel_final is None else self._kernel_final
+
+    def describe(self) -> dict[str, Any]:
+        """The socket's part of ``describe()``."""
+        rcvbuf, sndbuf = buffer_sizes(self.sock) if not self._released else (0, 0)
+        return {"rcvbuf": rcvbuf, "sndbuf": sndbuf, "batch_size": self.receiver.size,
+                "gso": self.writer.gso, "gro": self.receiver.gro,
+                "tx_queued": len(self.writer.queue)}
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def stop_reading(self) -> None:
+        self.reader.stop()
+
+    def close(self, on_release: Callable[[], None] | None = None) -> None:
+        """Stop reading, flush what is queued, then free the socket; ``on_release`` is called
+        then (at once if it already was)."""
+        self.reader.stop()
+        if on_release is not None:
+            if self._released:
+                on_release()
+            else:
+                self._on_release.append(on_release)
+        self.writer.when_empty(self._release)
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self.writer.close()  # calls every closing connection's when_drained callback
+        self.receiver.close()
+        self._kernel_final = kernel_drops(self.sock)
+        self.sock.close()
+        callbacks, self._on_release = self._on_release, []
+        for callback in callbacks:
+            callback()
+
+    def abort(self) -> None:
+        """Garbage collection of an unclosed owner: free the socket, send nothing more."""
+        if not self._released:
+            self._released = True
+            self._kernel_final = kernel_drops(self.sock)
+            self.sock.close()
