@@ -125,7 +125,7 @@ class Demux:
         pool = self.pool
         buffered = pool.buffered
         memory_limit = pool.limit - DATAGRAM_OVERHEAD  # compared with buffered + length
-        delivered = delivered_bytes = dropped_full = dropped_memory = 0
+        delivered = dropped_full = dropped_memory = 0
         touched: list[RxQueue] = []
         last_key: object = _NO_KEY
         current = _NO_QUEUE
@@ -157,10 +157,10 @@ class Demux:
             current.rx_packets += 1
             current.rx_bytes += length
             delivered += 1
-            delivered_bytes += length
+        # Bytes delivered, from the budget's growth: one addition less per datagram.
+        pool.rx_bytes += buffered - pool.buffered - delivered * DATAGRAM_OVERHEAD
         pool.buffered = buffered
         pool.rx_packets += delivered
-        pool.rx_bytes += delivered_bytes
         pool.dropped_full += dropped_full
         pool.dropped_memory += dropped_memory
         for queue in touched:

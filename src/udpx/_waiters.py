@@ -30,18 +30,18 @@ from collections import deque
 __all__ = ["FifoWaiters"]
 
 
-class FifoWaiters:
-    """Futures of waiting tasks, oldest first. Not thread-safe (one event loop)."""
+class FifoWaiters(deque["asyncio.Future[None]"]):
+    """Futures of waiting tasks, oldest first. Not thread-safe (one event loop).
 
-    __slots__ = ("_futures", "_loop")
+    A deque subclass so that ``if waiters:`` and ``len(waiters)`` on the hot path (every
+    ``recv()``, every batch's wake-up) cost no Python-level call.
+    """
+
+    __slots__ = ("_loop",)
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self._loop = loop
-        self._futures: deque[asyncio.Future[None]] = deque()
-
-    def __len__(self) -> int:
-        """Waiters queued (including any woken that have not resumed yet)."""
-        return len(self._futures)
 
     async def wait(self) -> None:
         """Wait for a turn. Cancellation-safe: a turn given to a cancelled waiter goes on.
@@ -50,7 +50,7 @@ class FifoWaiters:
             asyncio.CancelledError: cancelled; nothing was taken.
         """
         future: asyncio.Future[None] = self._loop.create_future()
-        self._futures.append(future)
+        self.append(future)
         try:
             await future
         except asyncio.CancelledError:
@@ -58,15 +58,14 @@ class FifoWaiters:
                 self.wake(1)  # woken, then cancelled before the task could use its turn
             else:
                 with contextlib.suppress(ValueError):
-                    self._futures.remove(future)
+                    self.remove(future)
             raise
 
     def wake(self, count: int = 1) -> int:
         """Give a turn to each of the ``count`` oldest waiters; returns how many got one."""
-        futures = self._futures
         woken = 0
-        while woken < count and futures:
-            future = futures.popleft()
+        while woken < count and self:
+            future = self.popleft()
             if not future.done():
                 future.set_result(None)
                 woken += 1
@@ -74,8 +73,7 @@ class FifoWaiters:
 
     def wake_all(self) -> None:
         """Every waiter must look again (closed, or an error to report)."""
-        futures = self._futures
-        while futures:
-            future = futures.popleft()
+        while self:
+            future = self.popleft()
             if not future.done():
                 future.set_result(None)
