@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+import udpx
+
 T = TypeVar("T")
 
 try:
@@ -192,3 +194,14 @@ def netns_factory() -> Iterator[Callable[[], NetNS]]:
 def netns(netns_factory: Callable[[], NetNS]) -> NetNS:
     """One network namespace of the test's own, ``lo`` up."""
     return netns_factory()
+
+
+async def settle(ln: udpx.Listener, count: int) -> None:
+    """Wait until the listener has accounted for ``count`` datagrams (delivered or dropped),
+    bounded in time (10 s)."""
+    for _ in range(2000):
+        stats = ln.stats
+        if stats.rx_packets + sum(stats.drops.values()) >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"listener saw {ln.stats} after 10 s, expected {count} datagrams")

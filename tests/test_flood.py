@@ -31,8 +31,7 @@ import pytest
 
 import udpx
 
-from .conftest import Runner
-from .test_limits import settle
+from .conftest import Runner, settle
 
 MiB = 2**20
 

@@ -21,7 +21,7 @@ import udpx
 from udpx import _idle
 from udpx._conn import UDPConn
 
-from .conftest import Runner, raw_udp_packet
+from .conftest import Runner, raw_udp_packet, settle
 
 # -- 1. a wake-up for room to send is never lost ------------------------------------------
 
@@ -445,13 +445,3 @@ def _overhead() -> int:
     from udpx._queue import DATAGRAM_OVERHEAD  # noqa: PLC0415
 
     return DATAGRAM_OVERHEAD
-
-
-async def settle(ln: udpx.Listener, count: int) -> None:
-    """Wait until the listener has received (delivered or dropped) ``count`` datagrams."""
-    for _ in range(2000):
-        stats = ln.stats
-        if stats.rx_packets + sum(stats.drops.values()) >= count:
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"listener saw {ln.stats} after 10 s, expected {count} datagrams")

@@ -14,19 +14,8 @@ import pytest
 import udpx
 from udpx import _sockets
 
-from .conftest import Runner
+from .conftest import Runner, settle
 from .test_end_to_end import BIG_RCVBUF, family_of
-
-
-async def settle(ln: udpx.Listener, expected_total: int) -> None:
-    """Yield to the loop until the listener has accounted for ``expected_total`` datagrams
-    (bounded: the datagrams are already in the socket's queue)."""
-    for _ in range(10_000):
-        stats = ln.stats
-        if stats.rx_packets + sum(stats.drops.values()) >= expected_total:
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"only {ln.stats} of {expected_total} accounted for")
 
 
 def test_backlog_and_max_conns_hold_against_a_flood(run: Runner[Any], host: str) -> None:
