@@ -174,31 +174,50 @@ def test_default_datagrams_received_calls_datagram_received(run: Runner[Any]) ->
 
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(plan=st.lists(st.tuples(st.integers(0, 5), st.binary(max_size=40)), min_size=1,
-                     max_size=150))
-def test_each_datagram_reaches_its_own_protocol_in_order(loop_kind: str,
-                                                         plan: list[tuple[int, bytes]]) -> None:
-    """Six peers' datagrams interleaved as Hypothesis says, all sent before the listener
-    reads, so that batches mix peers: every protocol gets exactly its own peer's datagrams,
-    in order, and each of its calls holds datagrams of one batch."""
+@given(peers=st.integers(1, 40),
+       plan=st.lists(st.tuples(st.integers(0, 39), st.binary(max_size=40)), min_size=1,
+                     max_size=150),
+       paused=st.sets(st.integers(0, 39), max_size=5))
+def test_each_datagram_reaches_its_own_protocol_in_order(
+        loop_kind: str, peers: int, plan: list[tuple[int, bytes]], paused: set[int]) -> None:
+    """Up to 40 peers' datagrams interleaved as Hypothesis says, all sent before the listener
+    reads, so that batches mix peers (with repeats, or all different: two routing paths), in
+    two rounds (the second finds every peer known), some peers' reading paused in between:
+    every protocol gets exactly its own peer's datagrams, in order, once resumed."""
+    plan = [(index % peers, data) for index, data in plan]
     async def main() -> None:
         factory = Factory()
         async with udpx.listen("127.0.0.1", 0, protocol_factory=factory, rcvbuf=1 << 20,
                                batch_size=16) as ln:
-            with _peers("127.0.0.1", 6) as peers:
+            with _peers("127.0.0.1", peers) as sockets:
                 expected: dict[int, list[bytes]] = {}
                 for index, data in plan:
-                    peers[index].sendto(data, ln.local_addr)
-                    expected.setdefault(peers[index].getsockname()[1], []).append(data)
+                    sockets[index].sendto(data, ln.local_addr)
+                    expected.setdefault(sockets[index].getsockname()[1], []).append(data)
                 await settle(ln, len(plan))
+                by_port = {protocol.conn.remote_addr[1]: protocol
+                           for protocol in factory.made if protocol.conn is not None}
+                held = [by_port[sockets[index % peers].getsockname()[1]] for index in paused
+                        if sockets[index % peers].getsockname()[1] in by_port]
+                for protocol in held:
+                    assert protocol.conn is not None
+                    protocol.conn.pause_reading()
+                for index, data in plan:
+                    sockets[index].sendto(data, ln.local_addr)
+                    expected[sockets[index].getsockname()[1]].append(data)
+                await settle(ln, 2 * len(plan))
+                for protocol in held:
+                    assert protocol.conn is not None
+                    protocol.conn.resume_reading()
+                for port, protocol in by_port.items():
+                    await _received(protocol, len(expected[port]))
             stats = ln.stats
-            assert stats.rx_packets == len(plan), stats
+            assert stats.rx_packets == 2 * len(plan), stats
             assert sum(stats.drops.values()) == 0, stats
-            got = {protocol.conn.remote_addr[1]: protocol.received
-                   for protocol in factory.made if protocol.conn is not None}
+            got = {port: protocol.received for port, protocol in by_port.items()}
             assert got == expected
             for protocol in factory.made:
-                assert all(1 <= len(batch) <= 16 for batch in protocol.batches)
+                assert all(len(batch) >= 1 for batch in protocol.batches)
 
     factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:  # the run fixture, per example
@@ -386,6 +405,23 @@ def test_an_exception_in_a_callback_closes_only_that_connection(run: Runner[Any]
                 bad.sendto(b"again", ln.local_addr[:2])
                 await factory.wait_for(3)
                 assert ln.stats.conns == 2
+                # Known peers, one datagram each in one batch (the all-different-peers path):
+                # the one that raises closes, the ones after it still get theirs.
+                again = factory.made[2]
+                await _received(again, 1)
+                with _peers(host, 1) as (third,):
+                    third.sendto(b"hello", ln.local_addr[:2])
+                    await factory.wait_for(4)
+                    last = factory.made[3]
+                    await _received(last, 1)
+                    good.sendto(b"one", ln.local_addr[:2])
+                    bad.sendto(b"boom", ln.local_addr[:2])
+                    third.sendto(b"two", ln.local_addr[:2])
+                    await _received(last, 2)
+                    assert last.received == [b"hello", b"two"]
+                    assert fine.received[-1] == b"one"
+                    assert isinstance(await again.lost, RuntimeError)
+                    assert len(reported) == 2
 
     run(main())
 

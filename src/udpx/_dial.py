@@ -65,14 +65,15 @@ class _DialedSocket:
     idle timer (a listener has one timer for all its connections)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 options: Options, remote: Address) -> None:
+                 options: Options, remote: Address, *, protocol_mode: bool = False) -> None:
         sink = PeerSink()
         self._engine = SocketEngine(loop, sock, options, sink, named=False)
         self.conn = UDPConn(loop=loop, owner=self, engine=self._engine,
                             writer=self._engine.writer, rx_queue_size=options.rx_queue_size,
                             pool=RxPool(options.rx_memory_limit),
                             max_send=min(options.max_datagram, max_payload(sock.family, remote)),
-                            local_addr=sock.getsockname(), remote_addr=remote, sockaddr=None)
+                            local_addr=sock.getsockname(), remote_addr=remote, sockaddr=None,
+                            protocol_mode=protocol_mode)
         sink.attach(self.conn)
         self._loop = loop
         self._idle_timeout = options.idle_timeout
@@ -157,7 +158,8 @@ def dial(host: str, port: int, *,
                 if not isinstance(protocol, ConnProtocol):
                     raise TypeError(f"protocol_factory must return a udpx.ConnProtocol, got "
                                     f"{type(protocol).__name__}")
-            conn = _DialedSocket(loop, sock, options, sock.getpeername()).conn
+            conn = _DialedSocket(loop, sock, options, sock.getpeername(),
+                                 protocol_mode=protocol is not None).conn
         except BaseException:
             sock.close()
             raise

@@ -78,7 +78,7 @@ class Listener(asyncio.DatagramProtocol):
                             else self._create_protocol_conn,
                             pool=self._pool, valid=_valid_source,
                             pressure_mark=math.ceil(PRESSURE_THRESHOLD * options.max_conns),
-                            on_pressure=self._pressure)
+                            on_pressure=self._pressure, protocol=protocol_factory is not None)
         # The sink interface, bound straight to the demultiplexer: no call layer per batch.
         self.feed_batch = self._demux.feed_batch
         self.feed_one = self._demux.feed_one
@@ -125,7 +125,8 @@ class Listener(asyncio.DatagramProtocol):
                        rx_queue_size=self._options.rx_queue_size, pool=self._pool,
                        max_send=min(self._options.max_datagram, max_payload(self._family, remote)),
                        local_addr=self._local, remote_addr=None,  # built from key on demand
-                       sockaddr=sockaddr_from_key(self._family, key), key=key)
+                       sockaddr=sockaddr_from_key(self._family, key), key=key,
+                       protocol_mode=self._protocol_factory is not None)
         self._conns[key] = conn
         logger.debug("udpx: new connection from %r on %r", remote, self._local)
         return conn
