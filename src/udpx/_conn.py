@@ -18,7 +18,7 @@ from ._stats import ConnStats, drops_mapping
 from ._waiters import FifoWaiters
 
 if TYPE_CHECKING:
-    from ._engine import SocketEngine
+    from ._engine import Engine
     from ._sockets import Address
     from ._writer import Writer
 
@@ -70,7 +70,7 @@ class UDPConn:
                  "_writing_paused", "idle_count", "idle_since")
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, owner: _Owner,
-                 engine: SocketEngine | None, writer: Writer,
+                 engine: Engine | None, writer: Writer,
                  rx_queue_size: int, pool: RxPool, max_send: int, local_addr: Address,
                  remote_addr: Address | None, sockaddr: bytes | None,
                  key: PeerKey | None = None, protocol_mode: bool = False) -> None:
