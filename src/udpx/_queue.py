@@ -360,6 +360,13 @@ class TxQueue:
         self.datagrams.append(data)
         self.owners.append(owner)
 
+    def put_many(self, datagrams: list[bytes], account: TxAccount) -> None:
+        """Append ``account``'s datagrams in order and count them as its ``enqueued``; the
+        caller has checked ``space()``. (``UDPConn.send`` inlines the one-datagram case.)"""
+        self.datagrams.extend(datagrams)
+        self.owners.extend([account] * len(datagrams))
+        account.enqueued += len(datagrams)
+
     def pop(self, count: int) -> None:
         """Forget the ``count`` oldest datagrams (handled by the writer)."""
         datagrams = self.datagrams
