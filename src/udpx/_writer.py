@@ -113,6 +113,7 @@ class Writer:
 
     def block(self) -> None:
         """Hold sending back until ``unblock()`` (a loop transport's buffer is full)."""
+        self.blocked += 1
         self._waiting_writable = True
 
     def unblock(self) -> None:
