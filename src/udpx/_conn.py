@@ -73,7 +73,8 @@ class UDPConn:
                  engine: Engine | None, writer: Writer,
                  rx_queue_size: int, pool: RxPool, max_send: int, local_addr: Address,
                  remote_addr: Address | None, sockaddr: bytes | None,
-                 key: PeerKey | None = None, protocol_mode: bool = False) -> None:
+                 key: PeerKey | None = None, protocol_mode: bool = False,
+                 source: tuple[bytes, tuple[int, int, bytes]] | None = None) -> None:
         self._loop = loop
         self._owner = owner
         # The socket this connection owns (dialed), None on a listener's shared socket.
@@ -84,7 +85,8 @@ class UDPConn:
         self._rx = (ProtocolRxQueue(rx_queue_size, pool=pool) if protocol_mode
                     else RxQueue(rx_queue_size, self._wake_receivers, pool=pool))
         # Only a connected socket reports ICMP errors, so only a dialed connection needs on_error.
-        self._tx = TxAccount(sockaddr, self._set_error if sockaddr is None else None)
+        self._tx = TxAccount(sockaddr, self._set_error if sockaddr is None else None,
+                             source=source)
         # Made on the first wait: most of a listener's connections may never have a waiter.
         self._receivers: FifoWaiters | None = None
         self._max_send = max_send

@@ -387,13 +387,19 @@ class TxAccount:
     datagrams it refused; ``enqueued - packets - errors`` is what is still queued.
     """
 
-    __slots__ = ("bytes", "enqueued", "errors", "on_error", "packets", "sockaddr")
+    __slots__ = ("ancillary", "bytes", "control", "enqueued", "errors", "on_error", "packets",
+                 "sockaddr")
 
     def __init__(self, sockaddr: bytes | None,
-                 on_error: Callable[[OSError], None] | None = None) -> None:
+                 on_error: Callable[[OSError], None] | None = None, *,
+                 source: tuple[bytes, tuple[int, int, bytes]] | None = None) -> None:
         #: Raw destination sockaddr; None on a connected socket.
         self.sockaddr = sockaddr
         self.on_error = on_error
+        #: The source address every datagram carries (packet-info listeners): as a whole
+        #: control message for sendmmsg slots, and as ``(level, type, data)`` for sendmsg.
+        self.control = source[0] if source is not None else b""
+        self.ancillary = source[1] if source is not None else None
         self.enqueued = 0
         self.packets = 0
         self.bytes = 0
