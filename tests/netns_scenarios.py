@@ -179,7 +179,60 @@ async def transport_backpressure(count: int, size: int, sndbuf: int) -> Result:
                 "describe": conn.describe()["socket"]}
 
 
+async def wildcard_echo(seconds: float) -> Result:
+    """Serve on every address (``::``, dual-stack): answer each datagram with itself, the local
+    address its connection has, and whether that is where the datagram was sent (the client
+    checks the reply's source). Prints the port first; stops after ``seconds`` or when stdin
+    closes."""
+    async with udpx.listen(None, 0) as ln:
+        print(json.dumps({"port": ln.local_addr[1]}), flush=True)
+
+        async def echo(conn: udpx.UDPConn) -> None:
+            async for data in conn:
+                await conn.send(data + b"|" + conn.local_addr[0].encode())
+
+        async def serve() -> None:
+            async with asyncio.TaskGroup() as group:
+                async for conn in ln:
+                    group.create_task(echo(conn))
+
+        server = asyncio.create_task(serve())
+        loop = asyncio.get_running_loop()
+        stdin_closed: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not stdin_closed.done():
+                stdin_closed.set_result(None)
+
+        loop.add_reader(sys.stdin.fileno(), readable)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await stdin_closed
+        loop.remove_reader(sys.stdin.fileno())
+        result = {"conns": sorted([list(conn.remote_addr), list(conn.local_addr)]
+                                  for conn in ln.conns())}
+        ln.close()
+        await server
+    return result
+
+
+async def dial_each(port: int, *targets: str) -> Result:
+    """Dial ``port`` at each target address, send one datagram, report the reply (or None)."""
+    replies: dict[str, Any] = {}
+    for target in targets:
+        async with udpx.dial(target, port) as conn:
+            await conn.send(target.encode())
+            try:
+                async with asyncio.timeout(3):
+                    replies[target] = (await conn.recv()).decode()
+            except TimeoutError:
+                replies[target] = None
+    return {"replies": replies}
+
+
 SCENARIOS: dict[str, Callable[[list[str]], Coroutine[Any, Any, Result]]] = {
+    "wildcard_echo": lambda args: wildcard_echo(float(args[0])),
+    "dial_each": lambda args: dial_each(int(args[0]), *args[1:]),
     "transport_backpressure": lambda args: transport_backpressure(
         int(args[0]), int(args[1]), int(args[2])),
     "deaf_after_icmp": lambda args: deaf_after_icmp(int(args[0]), int(args[1]), int(args[2])),

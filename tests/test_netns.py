@@ -1,5 +1,6 @@
-"""Regression tests that need a network namespace of their own: a slow qdisc on ``lo`` (EAGAIN
-on send while ICMP errors come back), IPv6 link-local addresses with a scope.
+"""Tests that need a network namespace of their own: a slow qdisc on ``lo`` (EAGAIN on send
+while ICMP errors come back), IPv6 link-local addresses with a scope, a host with several
+addresses per family behind a veth link.
 
 Each scenario runs in a child process inside the namespace (tests/netns_scenarios.py) on the
 loop kind under test and reports JSON. Traffic stays on the namespace's loopback interface.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,6 +103,49 @@ def test_ipv6_link_local_listen_and_dial_keep_the_scope(netns: NetNS, loop_kind:
     assert result["dialed_local"][0] == "fe80::1" and result["dialed_local"][3] == scope_id
     assert result["accepted_remote"] == result["dialed_local"]
     assert (result["to_listener"], result["to_dialer"]) == ("ping", "pong")
+
+
+def test_wildcard_listener_on_a_host_with_two_addresses_per_family(
+        netns_factory: Callable[[], NetNS], loop_kind: str) -> None:
+    """A server namespace with two IPv4 and two IPv6 addresses on a veth link to a client
+    namespace; a listener on every address (dual-stack ``::``) answers the client at each of
+    the four from the address it dialed (the client's connected sockets drop anything else),
+    and each connection's ``local_addr`` is that address."""
+    server_ns, client_ns = netns_factory(), netns_factory()
+    server_ns.ip("link", "add", "srv0", "type", "veth", "peer", "name", "cli0", "netns",
+                 client_ns.name)
+    for namespace, device, v4, v6 in ((server_ns, "srv0", ("10.200.0.1", "10.200.0.2"),
+                                       ("fd00:200::1", "fd00:200::2")),
+                                      (client_ns, "cli0", ("10.200.0.10",),
+                                       ("fd00:200::10",))):
+        for address in v4:
+            namespace.ip("addr", "add", f"{address}/24", "dev", device)
+        for address in v6:
+            namespace.ip("-6", "addr", "add", f"{address}/64", "dev", device, "nodad")
+        namespace.ip("link", "set", device, "up")
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", server_ns.name, sys.executable, str(SCENARIOS),
+         "wildcard_echo", loop_kind, "20"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdin is not None
+        port = json.loads(server.stdout.readline())["port"]
+        targets = ["10.200.0.1", "10.200.0.2", "fd00:200::1", "fd00:200::2"]
+        result = run_scenario(client_ns, "dial_each", loop_kind, str(port), *targets)
+        server.stdin.close()
+        served = json.loads(server.stdout.readline())
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(10)
+        for pipe in (server.stdin, server.stdout):
+            if pipe is not None:
+                pipe.close()
+    expected_local = {"10.200.0.1": "::ffff:10.200.0.1", "10.200.0.2": "::ffff:10.200.0.2",
+                      "fd00:200::1": "fd00:200::1", "fd00:200::2": "fd00:200::2"}
+    assert result["replies"] == {target: f"{target}|{expected_local[target]}"
+                                 for target in targets}, result
+    assert sorted(local[0] for _, local in served["conns"]) == sorted(expected_local.values())
 
 
 def test_netns_fixtures_link_two_namespaces_with_veth(
