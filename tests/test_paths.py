@@ -170,3 +170,82 @@ def test_pktinfo_control_messages_round_trip(family: int, host: str) -> None:
     assert ancillary_of(cmsg) == pktinfo_ancillary(family, raw)
     if family == socket.AF_INET6:
         assert parse_local(cmsg, family) == raw
+
+
+# -- ICMP errors on listeners -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listen_host", ["127.0.0.1", "0.0.0.0"])
+def test_listener_routes_icmp_errors_to_the_peer_they_concern(run: Runner[Any],
+                                                              listen_host: str) -> None:
+    """A listener whose peer's port closed: that connection's next recv() raises
+    ConnectionRefusedError once and it stays usable; another connection of the same listener
+    gets all its datagrams, even those sent in the same sendmmsg right after the refused ones
+    (the socket's pending error must not fail them)."""
+
+    async def main() -> None:
+        async with udpx.listen(listen_host, 0) as ln:
+            port = ln.local_addr[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone, \
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as alive:
+                for peer in (gone, alive):
+                    peer.bind(("127.0.0.1", 0))
+                    peer.sendto(b"hello", ("127.0.0.1", port))
+                first, second = await ln.accept(), await ln.accept()
+                by_port = {first.remote_addr[1]: first, second.remote_addr[1]: second}
+                dead = by_port[gone.getsockname()[1]]
+                live = by_port[alive.getsockname()[1]]
+                assert [await dead.recv(), await live.recv()] == [b"hello", b"hello"]
+                gone.close()  # its port is closed now: datagrams to it come back as ICMP
+                alive.settimeout(5)
+                for index in range(20):  # interleaved: one writer flush, one sendmmsg
+                    dead.send_nowait(b"to nobody")
+                    live.send_nowait(b"%d" % index)
+                got = [await asyncio.to_thread(alive.recv, 100) for _ in range(20)]
+                assert got == [b"%d" % index for index in range(20)]
+                assert live.stats.drops["send_error"] == 0
+                with pytest.raises(ConnectionRefusedError):
+                    async with asyncio.timeout(5):
+                        await dead.recv()
+                assert dead.stats.icmp_errors >= 1
+                assert ln.stats.icmp_errors >= dead.stats.icmp_errors
+                assert live.stats.icmp_errors == 0
+                with pytest.raises(TimeoutError):  # raised once: the connection is usable
+                    async with asyncio.timeout(0.05):
+                        await dead.recv()
+                assert not dead.closed
+                alive.sendto(b"still here", ("127.0.0.1", port))
+                async with asyncio.timeout(5):
+                    assert await live.recv() == b"still here"
+
+    run(main())
+
+
+def test_listener_icmp_errors_reach_protocol_mode_error_received(run: Runner[Any]) -> None:
+    errors: list[OSError] = []
+
+    class Watcher(udpx.ConnProtocol):
+        def connection_made(self, conn: udpx.UDPConn) -> None:
+            self.conn = conn
+
+        def datagrams_received(self, datagrams: list[bytes]) -> None:
+            self.conn.send_many_nowait([b"reply"] * 3)
+
+        def error_received(self, exc: OSError) -> None:
+            errors.append(exc)
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=Watcher) as ln:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+                peer.bind(("127.0.0.1", 0))
+                peer.sendto(b"hi", ln.local_addr)
+                peer.close()  # gone before the replies arrive
+                for _ in range(500):
+                    if errors:
+                        break
+                    await asyncio.sleep(0.01)
+            assert errors and isinstance(errors[0], ConnectionRefusedError)
+            (conn,) = ln.conns()
+            assert not conn.closed and conn.stats.icmp_errors == len(errors)
+
+    run(main())

@@ -35,9 +35,15 @@ __all__ = [
 
 IPPROTO_IP = 0
 IP_PKTINFO = 8
+IP_RECVERR = 11
 IPPROTO_IPV6 = 41
+IPV6_RECVERR = 25
 IPV6_RECVPKTINFO = 49
 IPV6_PKTINFO = 50
+MSG_ERRQUEUE = 0x2000
+#: struct sock_extended_err: u32 ee_errno; u8 ee_origin, ee_type, ee_code, ee_pad;
+#: u32 ee_info (the MTU, for "fragmentation needed"), ee_data.
+_EXTENDED_ERR = struct.Struct("=IBBBBII")
 
 _SIZE_T = ctypes.sizeof(ctypes.c_size_t)
 #: struct cmsghdr: size_t cmsg_len, int cmsg_level, int cmsg_type, then the data (aligned).
@@ -100,6 +106,44 @@ def ancillary_of(cmsg: bytes) -> tuple[int, int, bytes]:
     length = struct.unpack_from("=Q" if _SIZE_T == 8 else "=I", cmsg, 0)[0]
     level, kind = struct.unpack_from("=ii", cmsg, _SIZE_T)
     return level, kind, cmsg[CMSG_HEADER:length]
+
+
+def enable_recverr(sock: socket.socket) -> bool:
+    """Have the kernel queue ICMP errors about this socket's datagrams, with the address each
+    concerns, on the socket's error queue (read with ``read_error``); whether it agreed.
+
+    Without it an unconnected socket never hears of them. With it, a pending error also fails
+    the socket's next send, whatever its destination: the writer drains the queue and retries
+    (see ``Writer``), so it never fails an unrelated send."""
+    try:
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(IPPROTO_IP, IP_RECVERR, 1)
+        else:
+            sock.setsockopt(IPPROTO_IPV6, IPV6_RECVERR, 1)
+            with contextlib.suppress(OSError):  # IPv4 peers of a dual-stack socket
+                sock.setsockopt(IPPROTO_IP, IP_RECVERR, 1)
+    except OSError:
+        return False
+    return True
+
+
+def read_error(sock: socket.socket) -> tuple[object, int, int, bytes | None] | None:
+    """One entry of the socket's error queue: ``(address the failed datagram was sent to,
+    errno, ee_info, local address or None)``; None when the queue is empty.
+
+    Raises:
+        OSError: reading the queue failed (not EAGAIN).
+    """
+    try:
+        _, ancdata, _, address = sock.recvmsg(1, 512, MSG_ERRQUEUE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    code = info = 0
+    for level, kind, data in ancdata:
+        if ((level == IPPROTO_IP and kind == IP_RECVERR)
+                or (level == IPPROTO_IPV6 and kind == IPV6_RECVERR)) and len(data) >= 16:
+            code, _, _, _, _, info, _ = _EXTENDED_ERR.unpack_from(data)
+    return address, code, info, local_from_ancillary(ancdata, sock.family)
 
 
 def local_from_ancillary(ancdata: list[tuple[int, int, bytes]], family: int) -> bytes | None:

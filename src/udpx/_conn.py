@@ -65,9 +65,9 @@ class UDPConn:
     # remote address tuple of a listener's connection), keep an idle connection small: a
     # listener may hold a hundred thousand of them.
     __slots__ = ("__weakref__", "_close_reason", "_closed", "_created", "_done", "_engine",
-                 "_error", "_key", "_local", "_loop", "_lost", "_max_send", "_owner", "_protocol",
-                 "_receivers", "_remote", "_rx", "_tx", "_txq", "_writer",
-                 "_writing_paused", "idle_count", "idle_since")
+                 "_error", "_icmp_errors", "_key", "_local", "_loop", "_lost", "_max_send",
+                 "_owner", "_protocol", "_receivers", "_remote", "_rx", "_tx", "_txq",
+                 "_writer", "_writing_paused", "idle_count", "idle_since")
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, owner: _Owner,
                  engine: Engine | None, writer: Writer,
@@ -101,6 +101,7 @@ class UDPConn:
         # for its connection_lost.
         self._protocol: ConnProtocol | None = None
         self._writing_paused = False
+        self._icmp_errors = 0
         self._lost: Exception | None = None
         # Idle tracking (see _idle): the activity count seen by the last sweep, and since when.
         self._created = self.idle_since = loop.time()
@@ -151,7 +152,8 @@ class UDPConn:
                  "send_error": tx.errors, "closed": rx.dropped_closed}
         if self._engine is not None:
             drops["kernel"] = self._engine.kernel_drops()
-        return ConnStats(rx.rx_packets, rx.rx_bytes, tx.packets, tx.bytes, drops_mapping(**drops))
+        return ConnStats(rx.rx_packets, rx.rx_bytes, tx.packets, tx.bytes, drops_mapping(**drops),
+                         self._icmp_errors)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot: addresses, age, idle time, queue depths, stats.
@@ -186,6 +188,11 @@ class UDPConn:
         return description
 
     # -- errors reported by the socket -------------------------------------------------------
+
+    def _network_error(self, exc: OSError, info: int) -> None:
+        """An ICMP error about this connection's peer, from its listener's error queue."""
+        self._icmp_errors += 1
+        self._set_error(exc)
 
     def _set_error(self, exc: OSError) -> None:
         # Called by the reader or the writer of a connected socket (ICMP errors): the error is

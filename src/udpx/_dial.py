@@ -51,6 +51,10 @@ class PeerSink:
         else:
             rx.put(data)
 
+    def peer_error(self, key: PeerKey, exc: OSError, info: int) -> None:
+        # A connected socket's errors come through socket_error (no error queue read here).
+        self.socket_error(exc)
+
     def socket_error(self, exc: OSError) -> None:
         # On a connected socket, errors are ICMP reports about the peer (port unreachable...):
         # hand them to the connection, which raises them once from recv() or send().

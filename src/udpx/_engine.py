@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, final
 
-from ._cmsg import enable_pktinfo
+from ._cmsg import enable_pktinfo, enable_recverr, read_error
 from ._mmsg import SingleRecv, make_receiver, make_sender, message_datagrams
 from ._options import Options
 from ._queue import Arena, TxQueue
@@ -32,6 +33,7 @@ from ._sockets import (
     PeerKey,
     address_from_sockaddr,
     buffer_sizes,
+    join_key,
     kernel_drops,
     key_from_address,
 )
@@ -40,6 +42,9 @@ from ._writer import Writer
 __all__ = ["Engine", "Sink", "SocketEngine"]
 
 logger = logging.getLogger("udpx")
+
+#: Error-queue entries read per drain (a flood of ICMP errors cannot hold the loop).
+MAX_ERRORS_PER_DRAIN = 256
 
 
 class Sink(Protocol):
@@ -55,6 +60,10 @@ class Sink(Protocol):
 
     def socket_error(self, exc: OSError) -> None:
         """The socket reported an error (ICMP errors on a connected socket come this way)."""
+
+    def peer_error(self, key: PeerKey, exc: OSError, info: int) -> None:
+        """The network reported an error about a datagram sent to ``key``'s peer (the error
+        queue of an unconnected socket); ``info`` is the ICMP's extra (an MTU)."""
 
 
 class Engine(Protocol):
@@ -93,7 +102,8 @@ class SocketEngine:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, options: Options,
-                 sink: Sink, *, named: bool, pktinfo: bool = False) -> None:
+                 sink: Sink, *, named: bool, pktinfo: bool = False,
+                 recverr: bool = False) -> None:
         self.loop = loop
         self.sock = sock
         self.family = sock.family
@@ -108,12 +118,17 @@ class SocketEngine:
         self.sender = make_sender(sock, options.batch_size, options.max_datagram, named,
                                   lambda raw: address_from_sockaddr(family, raw),
                                   pktinfo=self.pktinfo)
+        #: ICMP errors about datagrams sent from this unconnected socket are read from its
+        #: error queue and handed to the sink per peer (a listener's connections).
+        self.recverr = recverr and enable_recverr(sock)
         self.writer = Writer(loop, sock, self.sender, TxQueue(options.tx_queue_size), named,
-                             gso=options.gso and options.batch_size > 1, pktinfo=self.pktinfo)
+                             gso=options.gso and options.batch_size > 1, pktinfo=self.pktinfo,
+                             pending_error=self.drain_errors if self.recverr else None)
         single = isinstance(self.receiver, SingleRecv)
         self.reader = BatchReader(loop, sock, self.receiver,
                                   self._on_single if single else self._on_batch,
-                                  self._on_error)
+                                  self._on_error,
+                                  on_nothing=self.drain_errors if self.recverr else None)
         self._named = named
         self._max_datagram = options.max_datagram
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)
@@ -169,7 +184,35 @@ class SocketEngine:
         return 1
 
     def _on_error(self, exc: OSError) -> None:
-        self.sink.socket_error(exc)
+        # With IP_RECVERR the error is the first queued one: the queue says whose it is.
+        if not (self.recverr and self.drain_errors()):
+            self.sink.socket_error(exc)
+
+    def drain_errors(self) -> bool:
+        """Read the socket's error queue (IP_RECVERR), handing each error to the sink with the
+        key of the peer it concerns; whether there was any. Also clears the socket's pending
+        error, so that it fails no unrelated send."""
+        family = self.family
+        found = False
+        for _ in range(MAX_ERRORS_PER_DRAIN):
+            try:
+                entry = read_error(self.sock)
+            except OSError:
+                break
+            if entry is None:
+                break
+            found = True
+            address, code, info, local = entry
+            if not code or not isinstance(address, tuple):
+                continue
+            try:
+                key = key_from_address(family, address)
+            except (OSError, ValueError, TypeError):
+                continue
+            if self.pktinfo and local is not None:
+                key = join_key(family, key, local)
+            self.sink.peer_error(key, OSError(code, os.strerror(code)), info)
+        return found
 
     def feed_datagram(self, data: bytes, addr: Address) -> None:
         """One datagram from ``addr``, delivered by someone else than the batch reader."""
@@ -187,6 +230,7 @@ class SocketEngine:
         rcvbuf, sndbuf = buffer_sizes(self.sock) if not self._released else (0, 0)
         return {"engine": "mmsg", "rcvbuf": rcvbuf, "sndbuf": sndbuf,
                 "batch_size": self.receiver.size, "pktinfo": self.pktinfo,
+                "recverr": self.recverr,
                 "gso": self.writer.gso, "gro": self.receiver.gro,
                 "tx_queued": len(self.writer.queue)}
 

@@ -87,7 +87,7 @@ class Listener(asyncio.DatagramProtocol):
         self.feed_one = self._demux.feed_one
         # A wildcard listener answers each peer from the address it sent to (see _cmsg).
         self._engine = make_engine(loop, sock, options, self, named=True,
-                                   pktinfo=self._local[0] in ("0.0.0.0", "::"))
+                                   pktinfo=self._local[0] in ("0.0.0.0", "::"), recverr=True)
         self._pktinfo = getattr(self._engine, "pktinfo", False)
         self._writer = self._engine.writer
         self._conns: dict[PeerKey, UDPConn] = {}
@@ -96,6 +96,7 @@ class Listener(asyncio.DatagramProtocol):
         self._backlog: OrderedDict[UDPConn, None] = OrderedDict()
         self._acceptors = FifoWaiters(loop)
         self._accepted = 0
+        self._icmp_errors = 0
         self._closed = False
         self._done: asyncio.Future[None] = loop.create_future()
         self.rcvbuf, self.sndbuf = self._engine.rcvbuf, self._engine.sndbuf
@@ -112,8 +113,19 @@ class Listener(asyncio.DatagramProtocol):
     # -- the receive side --------------------------------------------------------------------
 
     def socket_error(self, exc: OSError) -> None:
-        # An unconnected socket reports few errors (no ICMP without IP_RECVERR); log and go on.
+        # An error the error queue did not attribute to a peer: log and go on.
         logger.warning("udpx: receive error on listener %r: %s", self._local, exc)
+
+    def peer_error(self, key: PeerKey, exc: OSError, info: int) -> None:
+        """An ICMP error about a datagram sent to ``key``'s peer (from the socket's error
+        queue): it goes to that connection only, as on a dialed one."""
+        self._icmp_errors += 1
+        conn = self._conns.get(key)
+        if conn is not None:
+            conn._network_error(exc, info)
+        else:
+            logger.debug("udpx: listener %r: %s from a peer with no connection", self._local,
+                         exc)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         """Route one datagram from ``addr`` (asyncio's DatagramProtocol entry point)."""
@@ -352,7 +364,7 @@ class Listener(asyncio.DatagramProtocol):
             closed=pool.dropped_closed,
         )
         return ListenerStats(pool.rx_packets, pool.rx_bytes, writer.tx_packets, writer.tx_bytes,
-                             drops, len(self._conns), self._accepted)
+                             drops, len(self._conns), self._accepted, self._icmp_errors)
 
     # -- closing -----------------------------------------------------------------------------
 

@@ -29,13 +29,17 @@ class BatchReader:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, receiver: Receiver,
-                 on_batch: Callable[[int], int], on_error: Callable[[OSError], None]) -> None:
+                 on_batch: Callable[[int], int], on_error: Callable[[OSError], None], *,
+                 on_nothing: Callable[[], object] | None = None) -> None:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
         self.receiver = receiver
         self._on_batch = on_batch
         self._on_error = on_error
+        # Called when a wake-up finds nothing to read: the socket may be readable for its error
+        # queue alone (IP_RECVERR), which must be drained or the loop calls us again at once.
+        self._on_nothing = on_nothing
         self._active = False
         self._reregister_pending = False
 
@@ -64,6 +68,12 @@ class BatchReader:
                 self._handle_error(exc)
                 return
             if count == 0:
+                if budget == MAX_DATAGRAMS_PER_WAKEUP and self._on_nothing is not None:
+                    # Woken for nothing: the error queue (POLLERR). uvloop drops a reader after
+                    # POLLERR even when the error was already read (by the writer's drain),
+                    # so register again, as after an error.
+                    self._on_nothing()
+                    self._reregister_soon()
                 return
             budget -= on_batch(count)  # datagrams: a GRO message holds several
             if not self._active or count < size:
@@ -79,9 +89,12 @@ class BatchReader:
             # its reading handle, wiping a registration made here (seen when the writer waits
             # on EAGAIN as ICMP errors arrive). So register again once uvloop's handler has
             # returned. On asyncio this is a harmless re-registration.
-            if self._active and not self._reregister_pending:
-                self._reregister_pending = True
-                self._loop.call_soon(self._reregister)
+            self._reregister_soon()
+
+    def _reregister_soon(self) -> None:
+        if self._active and not self._reregister_pending:
+            self._reregister_pending = True
+            self._loop.call_soon(self._reregister)
 
     def _reregister(self) -> None:
         self._reregister_pending = False

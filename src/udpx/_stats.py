@@ -35,6 +35,8 @@ class ConnStats:
     tx_packets: int = 0
     tx_bytes: int = 0
     drops: Mapping[str, int] = field(default_factory=drops_mapping)
+    #: ICMP errors the network reported about this peer (port unreachable...).
+    icmp_errors: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""
@@ -60,6 +62,8 @@ class ListenerStats:
     drops: Mapping[str, int] = field(default_factory=drops_mapping)
     conns: int = 0
     accepted: int = 0
+    #: ICMP errors read from the socket's error queue (about any peer, open or gone).
+    icmp_errors: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""

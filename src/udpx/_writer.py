@@ -46,6 +46,11 @@ HAVE_GSO = sys.platform.startswith("linux")
 # send ever succeeded on the socket and the destination is well formed.
 _GSO_REFUSALS = frozenset({errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 
+# What an ICMP error leaves as a socket's pending error (and so as the failure of its next send).
+_ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                          errno.EHOSTDOWN, errno.ENETDOWN, errno.EPROTO, errno.EACCES,
+                          errno.EMSGSIZE, errno.ENONET, errno.ETIMEDOUT})
+
 
 class Sender(Protocol):
     """What the writer sends through: the batch arrays (``_mmsg``), the one-datagram
@@ -73,7 +78,8 @@ class Writer:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, sender: Sender,
                  queue: TxQueue, named: bool, *, gso: bool = True,
-                 pktinfo: bool = False) -> None:
+                 pktinfo: bool = False,
+                 pending_error: Callable[[], bool] | None = None) -> None:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
@@ -82,6 +88,11 @@ class Writer:
         self._named = named
         #: Datagrams carry their connection's source address (packet-info listeners).
         self._pktinfo = pktinfo
+        #: On an unconnected socket with IP_RECVERR, an ICMP error about one peer is also the
+        #: socket's pending error, which fails its next send whatever the destination: this
+        #: drains the error queue (handing each error to its peer's connection) and says
+        #: whether there was one, so the send is tried again rather than counted as failed.
+        self._pending_error = pending_error
         #: Whether runs of equal-size datagrams to one peer go out as one GSO send.
         self.gso = gso and HAVE_GSO
         #: GSO sends made, and times EAGAIN made the writer wait (tests and benchmarks read them).
@@ -311,6 +322,10 @@ class Writer:
                         retried = True
                         continue
                     return -1
+                if (not retried and self._pending_error is not None
+                        and exc.errno in _ICMP_ERRNOS and self._pending_error()):
+                    retried = True  # another peer's error, as in _send_chunk
+                    continue
                 if self._gso_refused(exc, owner):
                     self.gso = False
                     logger.warning("udpx: UDP GSO turned off for %r: the kernel or device "
@@ -380,6 +395,10 @@ class Writer:
                     if not retried_refusal:
                         retried_refusal = True
                         continue
+                elif (not retried_refusal and self._pending_error is not None
+                      and exc.errno in _ICMP_ERRNOS and self._pending_error()):
+                    retried_refusal = True  # another peer's error: it went to its connection
+                    continue
                 owner.errors += 1
                 self.tx_errors += 1
                 logger.debug("udpx: datagram of %d bytes dropped: %s", len(chunk[start]), exc)
