@@ -399,9 +399,11 @@ def test_removed_peer_opens_a_new_connection() -> None:
     created: list[RxQueue] = []
     original = demux.create
 
-    def create(key: PeerKey) -> RxQueue:
-        created.append(original(key))
-        return created[-1]
+    def create(key: PeerKey) -> RxQueue | None:
+        queue = original(key)
+        assert queue is not None
+        created.append(queue)
+        return queue
 
     demux.create = create
     demux.feed_one(fresh_key(4), b"1")

@@ -15,6 +15,7 @@ from ._listener import Listener as Listener
 from ._listener import listen as listen
 from ._opening import Opening as Opening
 from ._options import Options as Options
+from ._protocol import ConnProtocol as ConnProtocol
 from ._stats import ConnStats as ConnStats
 from ._stats import ListenerStats as ListenerStats
 
@@ -27,6 +28,7 @@ _logging.getLogger("udpx").addHandler(_logging.NullHandler())
 
 __all__ = [
     "BatchWriter",
+    "ConnProtocol",
     "ConnStats",
     "ConnectionClosed",
     "ListenerClosed",

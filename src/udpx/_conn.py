@@ -10,7 +10,8 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, final
 
-from ._errors import ConnectionClosed, MessageTooLong, QueueFull, WouldBlock
+from ._errors import ConnectionClosed, MessageTooLong, QueueFull, UDPXError, WouldBlock
+from ._protocol import ConnProtocol
 from ._queue import DATAGRAM_OVERHEAD, RxPool, RxQueue, TxAccount
 from ._sockets import PeerKey, address_from_key
 from ._stats import ConnStats, drops_mapping
@@ -64,9 +65,9 @@ class UDPConn:
     # remote address tuple of a listener's connection), keep an idle connection small: a
     # listener may hold a hundred thousand of them.
     __slots__ = ("__weakref__", "_close_reason", "_closed", "_created", "_done", "_engine",
-                 "_error", "_key",
-                 "_local", "_loop", "_max_send", "_owner", "_receivers", "_remote", "_rx", "_tx",
-                 "_txq", "_writer", "idle_count", "idle_since")
+                 "_error", "_key", "_local", "_loop", "_lost", "_max_send", "_owner", "_protocol",
+                 "_reading", "_receivers", "_remote", "_rx", "_tx", "_txq", "_writer",
+                 "_writing_paused", "idle_count", "idle_since")
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, owner: _Owner,
                  engine: SocketEngine | None, writer: Writer,
@@ -92,6 +93,13 @@ class UDPConn:
         self._close_reason = "closed"
         self._error: int | None = None
         self._done: asyncio.Future[None] | bool = False  # True: finished before anyone waited
+        # Protocol mode (see _start_protocol): the protocol, whether its datagrams are
+        # delivered (pause_reading), whether it was told to pause writing, and the exception
+        # for its connection_lost.
+        self._protocol: ConnProtocol | None = None
+        self._reading = True
+        self._writing_paused = False
+        self._lost: Exception | None = None
         # Idle tracking (see _idle): the activity count seen by the last sweep, and since when.
         self._created = self.idle_since = loop.time()
         self.idle_count = 0
@@ -128,7 +136,8 @@ class UDPConn:
 
     @property
     def close_reason(self) -> str | None:
-        """None while open; then ``"closed"`` or ``"idle"``."""
+        """None while open; then ``"closed"``, ``"idle"`` or (protocol mode) ``"error"``: a
+        callback raised."""
         return self._close_reason if self._closed else None
 
     @property
@@ -137,7 +146,7 @@ class UDPConn:
         rx = self._rx
         tx = self._tx
         drops = {"rx_queue_full": rx.dropped_full, "truncated": rx.dropped_truncated,
-                 "send_error": tx.errors}
+                 "send_error": tx.errors, "closed": rx.dropped_closed}
         if self._engine is not None:
             drops["kernel"] = self._engine.kernel_drops()
         return ConnStats(rx.rx_packets, rx.rx_bytes, tx.packets, tx.bytes, drops_mapping(**drops))
@@ -178,7 +187,15 @@ class UDPConn:
 
     def _set_error(self, exc: OSError) -> None:
         # Called by the reader or the writer of a connected socket (ICMP errors): the error is
-        # raised once, by the next recv() or send().
+        # raised once, by the next recv() or send(); in protocol mode it goes to the protocol.
+        protocol = self._protocol
+        if protocol is not None:
+            if not self._closed:
+                try:
+                    protocol.error_received(exc)
+                except Exception as error:
+                    self._callback_failed(error, "error_received")
+            return
         self._error = exc.errno
         self._wake_all()
 
@@ -208,6 +225,8 @@ class UDPConn:
     async def _wait_readable(self) -> None:
         # Cancelled (or timed out): nothing was taken from the queue, and a wake-up meant for
         # this receiver goes on to the next one (FifoWaiters' rule).
+        if self._protocol is not None:
+            self._no_recv()
         if self._receivers is None:
             self._receivers = FifoWaiters(self._loop)
         await self._receivers.wait()
@@ -248,6 +267,8 @@ class UDPConn:
         """
         if self._error is not None:
             self._raise_error()
+        if self._protocol is not None:
+            self._no_recv()
         if self._rx.items:
             return self._rx.get()
         if self._closed:
@@ -285,6 +306,118 @@ class UDPConn:
             return await self.recv()
         except ConnectionClosed:
             raise StopAsyncIteration from None
+
+    # -- protocol mode -----------------------------------------------------------------------
+
+    def _no_recv(self) -> None:
+        raise UDPXError(
+            f"{self!r} is in protocol mode: its datagrams go to its protocol's "
+            f"datagrams_received(), so recv() has nothing to return")
+
+    def _start_protocol(self, protocol: ConnProtocol, *, propagate: bool = False) -> None:
+        """Hand this new connection to ``protocol``: from now on each received batch goes to
+        ``protocol.datagrams_received``. Calls ``connection_made``; if that raises, the
+        connection is closed (``closed`` is then true), or with ``propagate`` the exception
+        is the caller's."""
+        self._protocol = protocol
+        self._rx.wake = self._deliver
+        try:
+            protocol.connection_made(self)
+        except Exception as exc:
+            if propagate:
+                raise
+            self._callback_failed(exc, "connection_made")
+
+    def _forget_protocol(self) -> None:
+        """Back to no protocol (its connection_made failed): it gets no connection_lost."""
+        self._protocol = None
+        self._rx.wake = self._wake_receivers
+
+    @property
+    def protocol(self) -> ConnProtocol | None:
+        """The connection's protocol in protocol mode (None: task mode, read with ``recv``)."""
+        return self._protocol
+
+    def _deliver(self) -> None:
+        # The receive queue's wake-up in protocol mode, called once per batch that made it
+        # non-empty (hot path): the whole queue goes to the protocol in one call.
+        batch = self._rx.take_all()
+        try:
+            self._protocol.datagrams_received(batch)  # type: ignore[union-attr]
+        except Exception as exc:
+            self._callback_failed(exc, "datagrams_received")
+
+    def _callback_failed(self, exc: Exception, name: str) -> None:
+        protocol = self._protocol
+        self._loop.call_exception_handler({
+            "message": f"udpx: {type(protocol).__name__}.{name}() raised; closing {self!r}",
+            "exception": exc,
+            "protocol": protocol,
+        })
+        self._close("error", exc)
+
+    def pause_reading(self) -> None:
+        """Protocol mode: stop delivering datagrams. They wait in the connection's receive
+        queue (``rx_queue_size``; beyond it they are dropped and counted as ``rx_queue_full``)
+        and are delivered after ``resume_reading()``. Idempotent.
+
+        Raises:
+            UDPXError: the connection is in task mode (it reads when it calls ``recv``).
+        """
+        if self._protocol is None:
+            raise UDPXError("pause_reading() is for protocol-mode connections; a task-mode "
+                            "connection receives only when it calls recv()")
+        if self._reading:
+            self._reading = False
+            if not self._closed:
+                self._rx.wake = _do_nothing
+
+    def resume_reading(self) -> None:
+        """Protocol mode: deliver again, starting (soon, from the event loop) with what was
+        queued meanwhile. Idempotent.
+
+        Raises:
+            UDPXError: the connection is in task mode.
+        """
+        if self._protocol is None:
+            raise UDPXError("resume_reading() is for protocol-mode connections")
+        if not self._reading:
+            self._reading = True
+            if not self._closed:
+                self._rx.wake = self._deliver
+                if self._rx.items:
+                    # Not from inside this call (it may come from a callback): as asyncio
+                    # delivers after resume_reading(), from the loop.
+                    self._loop.call_soon(self._deliver_queued)
+
+    def _deliver_queued(self) -> None:
+        if self._reading and not self._closed and self._rx.items:
+            self._deliver()
+
+    def is_reading(self) -> bool:
+        """Protocol mode: False between ``pause_reading()`` and ``resume_reading()``."""
+        return self._reading and not self._closed
+
+    def _over_high_mark(self) -> None:
+        # A protocol-mode send found the transmit queue above its high mark: tell this
+        # connection's protocol once; the writer tells it to resume at the low mark.
+        if self._protocol is None or self._writing_paused or self._closed:
+            return
+        self._writing_paused = True
+        self._writer.paused.append(self)
+        try:
+            self._protocol.pause_writing()
+        except Exception as exc:
+            self._callback_failed(exc, "pause_writing")
+
+    def _resume_writing(self) -> None:
+        """Called by the writer when the transmit queue is down to its low mark."""
+        self._writing_paused = False
+        if self._protocol is not None and not self._closed:
+            try:
+                self._protocol.resume_writing()
+            except Exception as exc:
+                self._callback_failed(exc, "resume_writing")
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -342,9 +475,44 @@ class UDPConn:
             MessageTooLong, ConnectionClosed, ConnectionRefusedError, TypeError: as ``send()``.
         """
         datagram = self._check_send(data)
-        if len(self._txq.datagrams) >= self._txq.limit:
-            raise QueueFull(f"transmit queue full ({self._txq.limit} datagrams)")
+        txq = self._txq
+        if len(txq.datagrams) >= txq.limit:
+            raise QueueFull(f"transmit queue full ({txq.limit} datagrams)")
         self._enqueue(datagram)
+        if len(txq.datagrams) >= txq.high:
+            self._over_high_mark()
+
+    def send_many_nowait(self, datagrams: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Queue several datagrams in order without waiting: all of them, or none.
+
+        Raises:
+            QueueFull: the transmit queue has no room for all of them; nothing was queued.
+            MessageTooLong, ConnectionClosed, ConnectionRefusedError, TypeError: as ``send()``;
+                nothing was queued.
+        """
+        given = datagrams if type(datagrams) is list else list(datagrams)
+        if not given:
+            return
+        # Hot path (an echo in datagrams_received): the common case, a list of bytes within
+        # the limit on an open connection, is checked in C, not per datagram in Python.
+        batch: list[bytes]
+        if (self._error is None and not self._closed and set(map(type, given)) == {bytes}
+                and max(map(len, given)) <= self._max_send):
+            batch = given  # type: ignore[assignment]  # all bytes, just checked
+        else:
+            batch = [self._check_send(data) for data in given]
+        txq = self._txq
+        count = len(batch)
+        if len(txq.datagrams) + count > txq.limit:
+            raise QueueFull(f"transmit queue has room for {txq.limit - len(txq.datagrams)} "
+                            f"datagrams, not {count} ({txq.limit} in all)")
+        tx = self._tx
+        txq.datagrams.extend(batch)
+        txq.owners.extend([tx] * count)
+        tx.enqueued += count
+        self._writer.schedule()
+        if len(txq.datagrams) >= txq.high:
+            self._over_high_mark()
 
     async def send_many(self, datagrams: Iterable[bytes | bytearray | memoryview]) -> None:
         """Queue several datagrams in order, waiting for room as needed.
@@ -384,26 +552,41 @@ class UDPConn:
         """
         self._close("closed")
 
-    def _close(self, reason: str) -> None:
+    def _close(self, reason: str, exc: Exception | None = None) -> None:
         if self._closed:
             return
         self._closed = True
         self._close_reason = reason
         self._wake_all()
-        # Nothing is put into a closed connection's queue any more: drop the queue's reference
-        # back to the connection, so that an application that lets go of it frees it (and
-        # gives its unread datagrams' share of the memory budget back) at once, not at the
-        # next garbage collection.
-        self._rx.wake = _do_nothing
+        rx = self._rx
+        if self._protocol is None:
+            # Nothing is put into a closed connection's queue any more: drop the queue's
+            # reference back to the connection, so that an application that lets go of it
+            # frees it (and gives its unread datagrams' share of the memory budget back) at
+            # once, not at the next garbage collection.
+            rx.wake = _do_nothing
+        else:
+            # A closed protocol connection delivers nothing more (as an asyncio transport after
+            # close()): what is queued (reading paused) or still arrives in the batch at hand
+            # is dropped and counted as ``closed``.
+            self._lost = exc
+            rx.discard_closed()
+            rx.wake = rx.discard_closed
         self._owner._conn_closing(self)
 
     def _finished(self) -> None:
         """Everything this connection queued was handled; its resources are free."""
         done = self._done
+        if done is True or (isinstance(done, asyncio.Future) and done.done()):
+            return  # already finished
         if done is False:
             self._done = True
         elif isinstance(done, asyncio.Future) and not done.done():
             done.set_result(None)
+        if self._protocol is not None:
+            # From the loop, never from inside close() (which a callback may have called), as
+            # asyncio calls connection_lost; an exception there goes to the exception handler.
+            self._loop.call_soon(self._protocol.connection_lost, self._lost)
 
     async def wait_closed(self) -> None:
         """Wait until a closed connection has flushed its queued datagrams and freed its

@@ -37,9 +37,12 @@ class Demux:
 
     ``create(key)`` is called for a datagram from an unknown peer once admission allows it
     (a valid source, fewer than ``max_conns`` open, fewer than ``backlog`` not yet accepted); it
-    returns the new connection's receive queue. The owner calls ``accepted()`` when a
-    connection leaves the backlog and ``remove(key)`` when a connection closes, so that the
-    peer's next datagram opens a new connection.
+    returns the new connection's receive queue, or None when the connection refused the peer
+    as it was made (a protocol-mode connection closed in ``connection_made``), which counts as
+    ``dropped_refused``. The owner calls ``accepted()`` when a connection leaves the backlog
+    (``backlog=None``: there is none, connections are handed over as they are made) and
+    ``remove(key)`` when a connection closes, so that the peer's next datagram opens a new
+    connection.
 
     ``valid(key)`` vets a new peer's source (port 0 is never a real peer: answering it fails);
     refused ones count as ``dropped_bad_source``. ``on_pressure()`` is called when the table
@@ -48,17 +51,18 @@ class Demux:
     """
 
     __slots__ = ("backlog", "create", "dropped_backlog", "dropped_bad_source",
-                 "dropped_conn_limit", "max_conns", "on_pressure", "pending", "pool",
-                 "pressure_mark", "table", "valid")
+                 "dropped_conn_limit", "dropped_refused", "max_conns", "on_pressure", "pending",
+                 "pool", "pressure_mark", "refusal", "table", "valid")
 
-    def __init__(self, *, max_conns: int, backlog: int,
-                 create: Callable[[PeerKey], RxQueue], pool: RxPool | None = None,
+    def __init__(self, *, max_conns: int, backlog: int | None,
+                 create: Callable[[PeerKey], RxQueue | None], pool: RxPool | None = None,
                  valid: Callable[[PeerKey], bool] = _always_valid,
                  pressure_mark: int | None = None,
                  on_pressure: Callable[[], None] = _do_nothing) -> None:
         self.table: dict[PeerKey, RxQueue] = {}
         self.max_conns = max_conns
-        self.backlog = backlog
+        # No backlog: an unreachable bound, and ``pending`` stays 0.
+        self.backlog = backlog if backlog is not None else -1
         self.create = create
         self.pool = pool if pool is not None else RxPool()
         self.valid = valid
@@ -69,21 +73,33 @@ class Demux:
         self.dropped_backlog = 0
         self.dropped_conn_limit = 0
         self.dropped_bad_source = 0
+        self.dropped_refused = 0
+        #: Why admit() last refused a peer (the counter's name), for feed_batch_refused().
+        self.refusal = ""
 
     def admit(self, key: PeerKey) -> RxQueue | None:
         """Create the connection for a new peer, or count why it cannot be created."""
         if not self.valid(key):
             self.dropped_bad_source += 1
+            self.refusal = "dropped_bad_source"
             return None
         if len(self.table) >= self.max_conns:
             self.dropped_conn_limit += 1
+            self.refusal = "dropped_conn_limit"
             return None
-        if self.pending >= self.backlog:
+        backlog = self.backlog
+        if self.pending >= backlog >= 0:
             self.dropped_backlog += 1
+            self.refusal = "dropped_backlog"
             return None
         queue = self.create(key)
+        if queue is None:
+            self.dropped_refused += 1
+            self.refusal = "dropped_refused"
+            return None
         self.table[key] = queue
-        self.pending += 1
+        if backlog >= 0:
+            self.pending += 1
         if len(self.table) == self.pressure_mark:
             self.on_pressure()
         return queue
@@ -115,7 +131,7 @@ class Demux:
                 queue = self.admit(keys[0])
             if queue is None:
                 # admit() counted one drop; the rest of the batch is refused the same way.
-                self.feed_batch_refused(keys[0], count - 1)
+                self.feed_batch_refused(count - 1)
             else:
                 queue.put_batch(arena, offsets, lengths)
             return
@@ -166,14 +182,12 @@ class Demux:
         for queue in touched:
             queue.wake()
 
-    def feed_batch_refused(self, key: PeerKey, count: int) -> None:
-        """Count ``count`` more datagrams from a peer that admission just refused."""
-        if not self.valid(key):
-            self.dropped_bad_source += count
-        elif len(self.table) >= self.max_conns:
-            self.dropped_conn_limit += count
-        else:
-            self.dropped_backlog += count
+    def feed_batch_refused(self, count: int) -> None:
+        """Count ``count`` more datagrams from a peer that admission just refused, for the same
+        reason (a refusing protocol refuses them all: asking it again per datagram would
+        make and close a connection per datagram)."""
+        name = self.refusal
+        setattr(self, name, getattr(self, name) + count)
 
     def feed_one(self, key: PeerKey | None, data: bytes | None) -> None:
         """Route one datagram (``None``: it was truncated and is dropped, counted)."""

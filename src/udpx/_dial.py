@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import final
 
 from ._conn import UDPConn
 from ._engine import SocketEngine
 from ._idle import sweep, sweep_interval
 from ._opening import Opening
-from ._options import Options
+from ._options import DEFAULTS, Options
+from ._protocol import ConnProtocol
 from ._queue import Arena, RxPool, RxQueue
 from ._sockets import Address, PeerKey, bind_socket, max_payload, resolve
 
@@ -96,20 +97,33 @@ class _DialedSocket:
         self._engine.close(conn._finished)
 
 
-def dial(host: str, port: int, *, batch_size: int = 64, max_datagram: int = 65535,
-         rx_queue_size: int = 1024, tx_queue_size: int = 4096,
-         rx_memory_limit: int = 64 * 2**20, idle_timeout: float | None = 3600.0,
-         rcvbuf: int | None = None, sndbuf: int | None = None,
-         local_addr: tuple[str, int] | None = None, gso: bool = True,
-         gro: bool = True) -> Opening[UDPConn]:
+def dial(host: str, port: int, *,
+         protocol_factory: Callable[[], ConnProtocol] | None = None,
+         batch_size: int = DEFAULTS.batch_size, max_datagram: int = DEFAULTS.max_datagram,
+         rx_queue_size: int = DEFAULTS.rx_queue_size,
+         tx_queue_size: int = DEFAULTS.tx_queue_size,
+         rx_memory_limit: int = DEFAULTS.rx_memory_limit,
+         idle_timeout: float | None = DEFAULTS.idle_timeout,
+         rcvbuf: int | None = DEFAULTS.rcvbuf, sndbuf: int | None = DEFAULTS.sndbuf,
+         local_addr: tuple[str, int] | None = DEFAULTS.local_addr, gso: bool = DEFAULTS.gso,
+         gro: bool = DEFAULTS.gro) -> Opening[UDPConn]:
     """Open a connection to ``host``/``port`` over a connected UDP socket.
 
     Await the result, or use it with ``async with``. No datagram is exchanged by dialing.
 
+    ``protocol_factory`` (protocol mode): a callable returning a ``udpx.ConnProtocol``; the
+    connection's datagrams go to that protocol's callbacks (``connection_made`` is called
+    before the await returns) instead of to ``recv()``. The options are described in
+    ``udpx.Options``.
+
     Raises:
         ValueError: an option is invalid (raised here, at the call), naming it.
+        TypeError: ``protocol_factory`` is not callable, or did not return a ConnProtocol
+            (raised when awaited).
         OSError: the host cannot be resolved or the socket cannot be created, bound or
             connected (raised when awaited).
+        Exception: what ``protocol_factory()`` or ``connection_made()`` raised (when awaited;
+            the socket is closed).
     """
     options = Options(batch_size=batch_size, max_datagram=max_datagram,
                       rx_queue_size=rx_queue_size, tx_queue_size=tx_queue_size,
@@ -118,6 +132,9 @@ def dial(host: str, port: int, *, batch_size: int = 64, max_datagram: int = 6553
                       local_addr=local_addr, gso=gso, gro=gro)
     if not isinstance(host, str):
         raise ValueError(f"host must be a str, got {host!r}")
+    if protocol_factory is not None and not callable(protocol_factory):
+        raise TypeError(f"protocol_factory must be callable (a udpx.ConnProtocol subclass, "
+                        f"say), got {protocol_factory!r}")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ValueError(f"port must be an int between 1 and 65535, got {port!r}")
 
@@ -134,9 +151,26 @@ def dial(host: str, port: int, *, batch_size: int = 64, max_datagram: int = 6553
         sock = bind_socket(family, local, connect_to=remote, rcvbuf=options.rcvbuf,
                            sndbuf=options.sndbuf)
         try:
-            return _DialedSocket(loop, sock, options, sock.getpeername()).conn
+            protocol = None
+            if protocol_factory is not None:
+                protocol = protocol_factory()
+                if not isinstance(protocol, ConnProtocol):
+                    raise TypeError(f"protocol_factory must return a udpx.ConnProtocol, got "
+                                    f"{type(protocol).__name__}")
+            conn = _DialedSocket(loop, sock, options, sock.getpeername()).conn
         except BaseException:
             sock.close()
             raise
+        if protocol is not None:
+            # Nothing was received yet (the reader runs from the loop, after this step). What
+            # connection_made raises is dial()'s to raise, with the socket closed, rather than
+            # the exception handler's: the application is right here, awaiting.
+            try:
+                conn._start_protocol(protocol, propagate=True)
+            except BaseException:
+                conn._forget_protocol()
+                conn.close()
+                raise
+        return conn
 
     return Opening(open_conn)

@@ -9,16 +9,18 @@ import math
 import socket
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self, final
 
 from ._conn import UDPConn
 from ._demux import Demux
 from ._engine import SocketEngine
-from ._errors import ListenerClosed
+from ._errors import ListenerClosed, UDPXError
 from ._idle import PRESSURE_FLOOR, PRESSURE_THRESHOLD, effective_timeout, sweep, sweep_interval
 from ._opening import Opening
-from ._options import Options
+from ._options import DEFAULTS, Options
+from ._protocol import ConnProtocol
 from ._queue import RxPool, RxQueue
 from ._sockets import (
     Address,
@@ -56,17 +58,25 @@ class Listener(asyncio.DatagramProtocol):
     Created by ``udpx.listen()``. It is also an asyncio ``DatagramProtocol``:
     ``datagram_received`` is the demultiplexer's one-datagram entry, which the batch reader
     bypasses with whole batches.
+
+    With a ``protocol_factory`` (protocol mode) every new connection is handed to its own
+    protocol as it is made, and ``accept()`` is not used.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 options: Options) -> None:
+                 options: Options,
+                 protocol_factory: Callable[[], ConnProtocol] | None = None) -> None:
         self._loop = loop
         self._options = options
+        self._protocol_factory = protocol_factory
         self._family = sock.family
         self._local: Address = sock.getsockname()
         self._pool = RxPool(options.rx_memory_limit)
-        self._demux = Demux(max_conns=options.max_conns, backlog=options.backlog,
-                            create=self._create_conn, pool=self._pool, valid=_valid_source,
+        self._demux = Demux(max_conns=options.max_conns,
+                            backlog=options.backlog if protocol_factory is None else None,
+                            create=self._create_conn if protocol_factory is None
+                            else self._create_protocol_conn,
+                            pool=self._pool, valid=_valid_source,
                             pressure_mark=math.ceil(PRESSURE_THRESHOLD * options.max_conns),
                             on_pressure=self._pressure)
         # The sink interface, bound straight to the demultiplexer: no call layer per batch.
@@ -109,7 +119,7 @@ class Listener(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         logger.warning("udpx: error on listener %r: %s", self._local, exc)
 
-    def _create_conn(self, key: PeerKey) -> RxQueue:
+    def _new_conn(self, key: PeerKey) -> UDPConn:
         remote = address_from_key(self._family, key)
         conn = UDPConn(loop=self._loop, owner=self, engine=None, writer=self._writer,
                        rx_queue_size=self._options.rx_queue_size, pool=self._pool,
@@ -117,11 +127,38 @@ class Listener(asyncio.DatagramProtocol):
                        local_addr=self._local, remote_addr=None,  # built from key on demand
                        sockaddr=sockaddr_from_key(self._family, key), key=key)
         self._conns[key] = conn
-        self._backlog[conn] = None
         logger.debug("udpx: new connection from %r on %r", remote, self._local)
+        return conn
+
+    def _create_conn(self, key: PeerKey) -> RxQueue:
+        conn = self._new_conn(key)
+        self._backlog[conn] = None
         if self._acceptors:
             self._acceptors.wake(1)
         return conn._rx
+
+    def _create_protocol_conn(self, key: PeerKey) -> RxQueue | None:
+        # Protocol mode: the connection goes to its protocol now, not to a backlog. A failing
+        # factory, or a connection_made that raises or closes the connection, refuses the peer
+        # (the demultiplexer counts its datagram as ``refused``).
+        factory = self._protocol_factory
+        assert factory is not None
+        try:
+            protocol = factory()
+            if not isinstance(protocol, ConnProtocol):
+                raise TypeError(f"protocol_factory must return a udpx.ConnProtocol, got "
+                                f"{type(protocol).__name__}")
+        except Exception as exc:
+            self._loop.call_exception_handler({
+                "message": f"udpx: protocol_factory raised on listener {self._local!r}; "
+                           f"peer {address_from_key(self._family, key)!r} refused",
+                "exception": exc,
+            })
+            return None
+        conn = self._new_conn(key)
+        self._accepted += 1
+        conn._start_protocol(protocol)
+        return None if conn.closed else conn._rx
 
     # -- connections -------------------------------------------------------------------------
 
@@ -132,7 +169,13 @@ class Listener(asyncio.DatagramProtocol):
 
         Raises:
             ListenerClosed: the listener is closed.
+            UDPXError: the listener is in protocol mode (its connections go to their
+                protocols).
         """
+        if self._protocol_factory is not None:
+            raise UDPXError("this listener is in protocol mode: every connection is handed to "
+                            "a protocol from protocol_factory as it is made, so accept() has "
+                            "none to return")
         while True:
             if self._closed:
                 raise ListenerClosed("listener closed")
@@ -162,7 +205,7 @@ class Listener(asyncio.DatagramProtocol):
         if self._conns.get(key) is conn:
             del self._conns[key]
             self._demux.remove(key)
-        if self._backlog.pop(conn, False) is None:
+        if self._protocol_factory is None and self._backlog.pop(conn, False) is None:
             # Closed before accept() returned it: the application can never read its queue,
             # so what is queued there counts as dropped (``unaccepted``), not delivered.
             self._demux.accepted()
@@ -205,6 +248,7 @@ class Listener(asyncio.DatagramProtocol):
         return {
             "local_addr": list(self._local),
             "closed": self._closed,
+            "mode": "task" if self._protocol_factory is None else "protocol",
             "options": options,
             "socket": self._engine.describe(),
             "backlog": len(self._backlog),
@@ -289,6 +333,8 @@ class Listener(asyncio.DatagramProtocol):
             unaccepted=pool.dropped_unaccepted,
             memory_limit=pool.dropped_memory,
             bad_source=demux.dropped_bad_source,
+            refused=demux.dropped_refused,
+            closed=pool.dropped_closed,
         )
         return ListenerStats(pool.rx_packets, pool.rx_bytes, writer.tx_packets, writer.tx_bytes,
                              drops, len(self._conns), self._accepted)
@@ -341,19 +387,30 @@ class Listener(asyncio.DatagramProtocol):
             self._engine.abort()
 
 
-def listen(host: str | None, port: int, *, batch_size: int = 64, max_datagram: int = 65535,
-           rx_queue_size: int = 1024, tx_queue_size: int = 4096,
-           rx_memory_limit: int = 64 * 2**20,
-           idle_timeout: float | None = 3600.0, max_conns: int = 65536, backlog: int = 1024,
-           reuse_port: bool = False, rcvbuf: int | None = None,
-           sndbuf: int | None = None, gso: bool = True, gro: bool = True) -> Opening[Listener]:
+def listen(host: str | None, port: int, *,
+           protocol_factory: Callable[[], ConnProtocol] | None = None,
+           batch_size: int = DEFAULTS.batch_size, max_datagram: int = DEFAULTS.max_datagram,
+           rx_queue_size: int = DEFAULTS.rx_queue_size,
+           tx_queue_size: int = DEFAULTS.tx_queue_size,
+           rx_memory_limit: int = DEFAULTS.rx_memory_limit,
+           idle_timeout: float | None = DEFAULTS.idle_timeout,
+           max_conns: int = DEFAULTS.max_conns, backlog: int = DEFAULTS.backlog,
+           reuse_port: bool = DEFAULTS.reuse_port, rcvbuf: int | None = DEFAULTS.rcvbuf,
+           sndbuf: int | None = DEFAULTS.sndbuf, gso: bool = DEFAULTS.gso,
+           gro: bool = DEFAULTS.gro) -> Opening[Listener]:
     """Listen for datagrams on ``host``/``port`` (``host=None``: every interface, IPv6
     dual-stack where available; ``port=0``: a free port, see ``local_addr``).
 
     Await the result, or use it with ``async with``.
 
+    ``protocol_factory`` (protocol mode): a callable returning a ``udpx.ConnProtocol``, called
+    for every new peer; the connection's datagrams then go to its protocol's callbacks, in
+    the reader, with no task per peer, and ``accept()`` is not used (``backlog`` does not
+    apply). The options are described in ``udpx.Options``.
+
     Raises:
         ValueError: an option is invalid (raised here, at the call), naming it.
+        TypeError: ``protocol_factory`` is not callable.
         OSError: the socket cannot be created or bound (raised when awaited).
     """
     options = Options(batch_size=batch_size, max_datagram=max_datagram,
@@ -362,6 +419,9 @@ def listen(host: str | None, port: int, *, batch_size: int = 64, max_datagram: i
                       idle_timeout=idle_timeout, max_conns=max_conns, backlog=backlog,
                       reuse_port=reuse_port, rcvbuf=rcvbuf, sndbuf=sndbuf, gso=gso,
                       gro=gro)
+    if protocol_factory is not None and not callable(protocol_factory):
+        raise TypeError(f"protocol_factory must be callable (a udpx.ConnProtocol subclass, "
+                        f"say), got {protocol_factory!r}")
     if port is None or isinstance(port, bool) or not isinstance(port, int) or not (
             0 <= port <= 65535):
         raise ValueError(f"port must be an int between 0 and 65535, got {port!r}")
@@ -372,7 +432,7 @@ def listen(host: str | None, port: int, *, batch_size: int = 64, max_datagram: i
         sock = bind_socket(family, address, reuse_port=options.reuse_port,
                            rcvbuf=options.rcvbuf, sndbuf=options.sndbuf)
         try:
-            return Listener(loop, sock, options)
+            return Listener(loop, sock, options, protocol_factory)
         except BaseException:
             sock.close()
             raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["MAX_BATCH_SIZE", "MAX_UDP_PAYLOAD", "Options"]
+__all__ = ["DEFAULTS", "MAX_BATCH_SIZE", "MAX_UDP_PAYLOAD", "Options"]
 
 #: The largest UDP payload that fits an IP packet: 65,535 minus the UDP header and a minimal
 #: IPv4 header gives 65,507; IPv6 has no header in the 65,535 and allows 65,527.
@@ -119,3 +119,8 @@ class Options:
             and 0 <= local[1] <= 65535
         ):
             raise ValueError(f"local_addr must be a (host, port) tuple, got {local!r}")
+
+
+#: Every option's default: the one place they are written (``listen()`` and ``dial()`` take
+#: their signatures' defaults from here).
+DEFAULTS = Options()

@@ -42,8 +42,8 @@ class RxPool:
     as datagrams pass, so reading them is O(1) whatever the number of connections.
     """
 
-    __slots__ = ("buffered", "dropped_full", "dropped_memory", "dropped_truncated",
-                 "dropped_unaccepted", "limit", "rx_bytes", "rx_packets")
+    __slots__ = ("buffered", "dropped_closed", "dropped_full", "dropped_memory",
+                 "dropped_truncated", "dropped_unaccepted", "limit", "rx_bytes", "rx_packets")
 
     def __init__(self, limit: int | None = None) -> None:
         if limit is not None and limit < 1:
@@ -57,6 +57,7 @@ class RxPool:
         self.dropped_truncated = 0
         self.dropped_memory = 0
         self.dropped_unaccepted = 0
+        self.dropped_closed = 0
 
 
 class RxQueue:
@@ -67,8 +68,8 @@ class RxQueue:
     ``pool`` (shared by the socket's queues) keeps the totals and the memory budget.
     """
 
-    __slots__ = ("dropped_full", "dropped_truncated", "items", "limit", "pool", "rx_bytes",
-                 "rx_packets", "wake")
+    __slots__ = ("dropped_closed", "dropped_full", "dropped_truncated", "items", "limit", "pool",
+                 "rx_bytes", "rx_packets", "wake")
 
     def __init__(self, limit: int, wake: Callable[[], None] = _do_nothing, *,
                  pool: RxPool | None = None) -> None:
@@ -83,6 +84,7 @@ class RxQueue:
         self.rx_bytes = 0
         self.dropped_full = 0
         self.dropped_truncated = 0
+        self.dropped_closed = 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -184,10 +186,9 @@ class RxQueue:
         self.pool.buffered -= sum(map(len, batch)) + len(batch) * DATAGRAM_OVERHEAD
         return batch
 
-    def discard_unread(self) -> int:
-        """The application will never read this queue (its connection closed before it was
-        accepted): what is queued is not delivered but dropped, counted as ``unaccepted``.
-        Returns how many datagrams that was."""
+    def _undeliver(self) -> int:
+        """Remove what is queued from the queue and from the delivered counts (the caller
+        counts it as a drop); returns how many datagrams that was."""
         items = self.items
         count = len(items)
         if count:
@@ -198,9 +199,38 @@ class RxQueue:
             pool = self.pool
             pool.rx_packets -= count
             pool.rx_bytes -= payload
-            pool.dropped_unaccepted += count
             pool.buffered -= payload + count * DATAGRAM_OVERHEAD
         return count
+
+    def discard_unread(self) -> int:
+        """The application will never read this queue (its connection closed before it was
+        accepted): what is queued is not delivered but dropped, counted as ``unaccepted``.
+        Returns how many datagrams that was."""
+        count = self._undeliver()
+        self.pool.dropped_unaccepted += count
+        return count
+
+    def take_all(self) -> list[bytes]:
+        """Remove and return every queued datagram (at least one is queued): a protocol-mode
+        connection's delivery, once per batch (hot path)."""
+        items = self.items
+        if len(items) == 1:
+            data = items.popleft()
+            self.pool.buffered -= len(data) + DATAGRAM_OVERHEAD
+            return [data]
+        batch = list(items)
+        items.clear()
+        self.pool.buffered -= sum(map(len, batch)) + len(batch) * DATAGRAM_OVERHEAD
+        return batch
+
+    def discard_closed(self) -> None:
+        """Drop what is queued, counted as ``closed``: datagrams that a closed protocol-mode
+        connection will never deliver (queued while its reading was paused, or arriving in the
+        batch that closed it). Delivered means handed to the protocol, so they leave the
+        delivered counts."""
+        count = self._undeliver()
+        self.dropped_closed += count
+        self.pool.dropped_closed += count
 
     def release(self) -> None:
         """The queue is being freed with datagrams in it (its connection was dropped unread):
@@ -215,7 +245,7 @@ class TxQueue:
     """A socket's bounded transmit queue: datagrams with, in parallel, the connection that sent
     each (kept in a second deque rather than as pairs, so that a send allocates no tuple)."""
 
-    __slots__ = ("datagrams", "limit", "owners")
+    __slots__ = ("datagrams", "high", "limit", "low", "owners")
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
@@ -223,6 +253,11 @@ class TxQueue:
         self.datagrams: deque[bytes] = deque()
         self.owners: deque[Any] = deque()
         self.limit = limit
+        #: Flow-control marks for protocol-mode connections: above ``high`` a sender is told
+        #: to pause, at ``low`` the paused ones are told to resume (hysteresis, so that a busy
+        #: queue does not flap).
+        self.high = max(1, limit * 3 // 4)
+        self.low = limit // 4
 
     def __len__(self) -> int:
         return len(self.datagrams)

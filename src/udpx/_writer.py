@@ -17,6 +17,7 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
+from typing import Protocol
 
 from ._mmsg import Sender
 from ._queue import TxAccount, TxQueue
@@ -45,6 +46,12 @@ HAVE_GSO = sys.platform.startswith("linux")
 # destination (port 0) or a segment above the path MTU, so it turns GSO off only while no GSO
 # send ever succeeded on the socket and the destination is well formed.
 _GSO_REFUSALS = frozenset({errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+
+
+class _Pausable(Protocol):
+    """A protocol-mode connection, told to resume writing."""
+
+    def _resume_writing(self) -> None: ...
 
 
 class Writer:
@@ -79,6 +86,9 @@ class Writer:
         self._on_empty: list[Callable[[], None]] = []
         #: Accounts of closing connections, with what to call once their own datagrams left.
         self._draining: dict[TxAccount, Callable[[], None]] = {}
+        #: Protocol-mode connections told to pause writing (the queue crossed its high mark),
+        #: told to resume once it is down to its low mark.
+        self.paused: list[_Pausable] = []
 
     # -- the application side ------------------------------------------------------------
 
@@ -202,8 +212,16 @@ class Writer:
                 self._loop.call_soon(self._flush)
         if self._draining:
             self._run_drained()
+        if self.paused and len(datagrams) <= queue.low:
+            self._resume_paused()
         if not datagrams and self._on_empty:
             self._run_on_empty()
+
+    def _resume_paused(self) -> None:
+        # Once per crossing of the low mark, O(connections told to pause).
+        paused, self.paused = self.paused, []
+        for conn in paused:
+            conn._resume_writing()
 
     def _gso_run(self, datagrams: deque[bytes], owners: deque[TxAccount]) -> int:
         """How many datagrams at the head of the queue one GSO send can carry: same connection,

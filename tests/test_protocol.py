@@ -1,0 +1,603 @@
+"""Protocol-mode connections: ``listen(..., protocol_factory=F)`` and ``dial(...,
+protocol_factory=F)``, over real sockets on loopback, on both loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import udpx
+
+from .conftest import Runner, free_udp_port, settle
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is in the test extra
+    uvloop = None  # type: ignore[assignment]
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+@contextlib.contextmanager
+def _peers(host: str, count: int) -> Iterator[list[socket.socket]]:
+    """``count`` plain blocking client sockets, each its own peer."""
+    with contextlib.ExitStack() as stack:
+        peers = [stack.enter_context(socket.socket(_family(host), socket.SOCK_DGRAM))
+                 for _ in range(count)]
+        for peer in peers:
+            peer.bind((host, 0))
+            peer.settimeout(5)
+        yield peers
+
+
+class Recorder(udpx.ConnProtocol):
+    """Records every callback, in order, and signals what tests wait for."""
+
+    def __init__(self, events: list[tuple[Recorder, str, Any]] | None = None) -> None:
+        self.events = events if events is not None else []
+        self.conn: udpx.UDPConn | None = None
+        self.received: list[bytes] = []
+        self.batches: list[list[bytes]] = []
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self.arrived = asyncio.Event()
+
+    def connection_made(self, conn: udpx.UDPConn) -> None:
+        self.conn = conn
+        self.events.append((self, "made", conn))
+
+    def datagrams_received(self, datagrams: list[bytes]) -> None:
+        self.events.append((self, "received", list(datagrams)))
+        self.batches.append(datagrams)
+        self.received.extend(datagrams)
+        self.arrived.set()
+
+    def error_received(self, exc: OSError) -> None:
+        self.events.append((self, "error", exc))
+        self.arrived.set()
+
+    def pause_writing(self) -> None:
+        self.events.append((self, "pause_writing", None))
+
+    def resume_writing(self) -> None:
+        self.events.append((self, "resume_writing", None))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.append((self, "lost", exc))
+        self.lost.set_result(exc)
+
+
+class Factory:
+    """A protocol factory that keeps what it made."""
+
+    def __init__(self, cls: Callable[[], Recorder] = Recorder) -> None:
+        self.cls = cls
+        self.made: list[Recorder] = []
+        self.new = asyncio.Event()
+
+    def __call__(self) -> Recorder:
+        protocol = self.cls()
+        self.made.append(protocol)
+        self.new.set()
+        return protocol
+
+    async def wait_for(self, count: int) -> None:
+        while len(self.made) < count:
+            self.new.clear()
+            await self.new.wait()
+
+
+async def _received(protocol: Recorder, count: int) -> None:
+    while len(protocol.received) < count:
+        protocol.arrived.clear()
+        await protocol.arrived.wait()
+
+
+# -- the callbacks ---------------------------------------------------------------------------
+
+
+def test_callback_order_and_echo(run: Runner[Any], host: str) -> None:
+    """connection_made, then datagrams_received with the datagrams in order, once per batch
+    (the three datagrams sent at once arrive in one batch), then connection_lost(None) after
+    close; nothing goes to accept()."""
+
+    class Echo(Recorder):
+        def datagrams_received(self, datagrams: list[bytes]) -> None:
+            super().datagrams_received(datagrams)
+            assert self.conn is not None
+            self.conn.send_many_nowait(datagrams)
+
+    async def main() -> None:
+        factory = Factory(Echo)
+        async with udpx.listen(host, 0, protocol_factory=factory) as ln:
+            with _peers(host, 1) as (peer,):
+                for data in (b"one", b"two", b""):
+                    peer.sendto(data, ln.local_addr[:2])
+                replies = [await asyncio.to_thread(peer.recv, 100) for _ in range(3)]
+            assert replies == [b"one", b"two", b""]
+            (protocol,) = factory.made
+            assert protocol.conn is not None and protocol.conn.protocol is protocol
+            assert [kind for _, kind, _ in protocol.events] == ["made", "received"]
+            assert protocol.batches == [[b"one", b"two", b""]]
+            assert ln.conns() == [protocol.conn]
+            stats = ln.stats
+            assert (stats.rx_packets, stats.tx_packets, stats.conns, stats.accepted) == (
+                3, 3, 1, 1)
+            with pytest.raises(udpx.UDPXError, match="protocol mode"):
+                await ln.accept()
+            assert ln.describe()["mode"] == "protocol"
+            with pytest.raises(udpx.UDPXError, match="protocol mode"):
+                await protocol.conn.recv()
+            protocol.conn.close()
+            assert await protocol.lost is None
+            assert [kind for _, kind, _ in protocol.events] == ["made", "received", "lost"]
+
+    run(main())
+
+
+def test_default_datagrams_received_calls_datagram_received(run: Runner[Any]) -> None:
+    class One(udpx.ConnProtocol):
+        def __init__(self) -> None:
+            self.got: list[bytes] = []
+            self.done = asyncio.Event()
+
+        def datagram_received(self, data: bytes) -> None:
+            self.got.append(data)
+            if len(self.got) == 3:
+                self.done.set()
+
+    async def main() -> None:
+        made: list[One] = []
+
+        def factory() -> One:
+            made.append(One())
+            return made[-1]
+
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory) as ln:
+            with _peers("127.0.0.1", 1) as (peer,):
+                for data in (b"a", b"b", b"c"):
+                    peer.sendto(data, ln.local_addr)
+                await settle(ln, 3)
+            await asyncio.wait_for(made[0].done.wait(), 5)
+            assert made[0].got == [b"a", b"b", b"c"]
+
+    run(main())
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=st.lists(st.tuples(st.integers(0, 5), st.binary(max_size=40)), min_size=1,
+                     max_size=150))
+def test_each_datagram_reaches_its_own_protocol_in_order(loop_kind: str,
+                                                         plan: list[tuple[int, bytes]]) -> None:
+    """Six peers' datagrams interleaved as Hypothesis says, all sent before the listener
+    reads, so that batches mix peers: every protocol gets exactly its own peer's datagrams,
+    in order, and each of its calls holds datagrams of one batch."""
+    async def main() -> None:
+        factory = Factory()
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory, rcvbuf=1 << 20,
+                               batch_size=16) as ln:
+            with _peers("127.0.0.1", 6) as peers:
+                expected: dict[int, list[bytes]] = {}
+                for index, data in plan:
+                    peers[index].sendto(data, ln.local_addr)
+                    expected.setdefault(peers[index].getsockname()[1], []).append(data)
+                await settle(ln, len(plan))
+            stats = ln.stats
+            assert stats.rx_packets == len(plan), stats
+            assert sum(stats.drops.values()) == 0, stats
+            got = {protocol.conn.remote_addr[1]: protocol.received
+                   for protocol in factory.made if protocol.conn is not None}
+            assert got == expected
+            for protocol in factory.made:
+                assert all(1 <= len(batch) <= 16 for batch in protocol.batches)
+
+    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:  # the run fixture, per example
+        runner.run(asyncio.wait_for(main(), 30))
+
+
+# -- reading paused ---------------------------------------------------------------------------
+
+
+def test_pause_and_resume_reading_lose_nothing_uncounted(run: Runner[Any], host: str) -> None:
+    """While reading is paused, datagrams wait in the connection's queue (its bound drops the
+    rest, counted); resume delivers what waited, in order, from the loop."""
+
+    class Pausing(Recorder):
+        def connection_made(self, conn: udpx.UDPConn) -> None:
+            super().connection_made(conn)
+            conn.pause_reading()
+            assert not conn.is_reading()
+
+    async def main() -> None:
+        factory = Factory(Pausing)
+        async with udpx.listen(host, 0, protocol_factory=factory, rx_queue_size=10) as ln:
+            with _peers(host, 1) as (peer,):
+                for index in range(25):
+                    peer.sendto(b"%d" % index, ln.local_addr[:2])
+                await settle(ln, 25)
+                (protocol,) = factory.made
+                conn = protocol.conn
+                assert conn is not None
+                assert protocol.received == []
+                assert conn.stats.drops["rx_queue_full"] == 15
+                assert conn.describe()["rx_queued"] == 10
+                conn.resume_reading()
+                conn.resume_reading()  # idempotent
+                assert protocol.received == []  # delivered from the loop, not from inside
+                await _received(protocol, 10)
+                assert protocol.received == [b"%d" % index for index in range(10)]
+                assert conn.is_reading()
+                peer.sendto(b"after", ln.local_addr[:2])
+                await _received(protocol, 11)
+                assert protocol.received[-1] == b"after"
+                stats = ln.stats
+                assert (stats.rx_packets, stats.drops["rx_queue_full"]) == (11, 15)
+
+    run(main())
+
+
+def test_closing_while_paused_counts_the_queued_datagrams(run: Runner[Any]) -> None:
+    async def main() -> None:
+        factory = Factory()
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory) as ln:
+            with _peers("127.0.0.1", 1) as (peer,):
+                peer.sendto(b"first", ln.local_addr)
+                await factory.wait_for(1)
+                (protocol,) = factory.made
+                await _received(protocol, 1)
+                assert protocol.conn is not None
+                protocol.conn.pause_reading()
+                for _ in range(4):
+                    peer.sendto(b"unread", ln.local_addr)
+                await settle(ln, 5)
+                protocol.conn.close()
+                assert await protocol.lost is None
+            assert protocol.received == [b"first"]
+            conn_stats = protocol.conn.stats
+            assert (conn_stats.rx_packets, conn_stats.drops["closed"]) == (1, 4)
+            assert (ln.stats.rx_packets, ln.stats.drops["closed"]) == (1, 4)
+
+    run(main())
+
+
+def test_task_mode_connection_cannot_pause_reading(run: Runner[Any]) -> None:
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0) as ln, udpx.dial(*ln.local_addr) as conn:
+            with pytest.raises(udpx.UDPXError, match="protocol-mode"):
+                conn.pause_reading()
+            with pytest.raises(udpx.UDPXError, match="protocol-mode"):
+                conn.resume_reading()
+            assert conn.protocol is None
+
+    run(main())
+
+
+# -- writing paused ---------------------------------------------------------------------------
+
+
+def test_pause_writing_above_the_high_mark_and_resume_at_the_low_mark(
+        run: Runner[Any], host: str) -> None:
+    """tx_queue_size=8: the high mark is 6 and the low mark 2. A callback that queues 7
+    datagrams is told to pause at the 6th; once the writer has sent them, to resume. A full
+    queue refuses more with QueueFull, and send_many_nowait queues all or nothing."""
+
+    class Burst(Recorder):
+        def datagrams_received(self, datagrams: list[bytes]) -> None:
+            super().datagrams_received(datagrams)
+            conn = self.conn
+            assert conn is not None
+            for index in range(5):
+                conn.send_nowait(b"%d" % index)
+            self.events.append((self, "sent 5", None))
+            conn.send_nowait(b"5")
+            self.events.append((self, "sent 6", None))
+            with pytest.raises(udpx.QueueFull):
+                conn.send_many_nowait([b"6", b"7", b"8"])  # 6 + 3 > 8: none queued
+            conn.send_many_nowait([b"6", b"7"])
+            with pytest.raises(udpx.QueueFull):
+                conn.send_nowait(b"8")
+            self.events.append((self, "sent 8", None))
+
+    async def main() -> None:
+        factory = Factory(Burst)
+        async with udpx.listen(host, 0, protocol_factory=factory, tx_queue_size=8) as ln:
+            with _peers(host, 1) as (peer,):
+                peer.sendto(b"go", ln.local_addr[:2])
+                replies = [await asyncio.to_thread(peer.recv, 100) for _ in range(8)]
+            assert replies == [b"%d" % index for index in range(8)]
+            (protocol,) = factory.made
+            while "resume_writing" not in [kind for _, kind, _ in protocol.events]:
+                protocol.arrived.clear()
+                await asyncio.sleep(0)
+            kinds = [kind for _, kind, _ in protocol.events]
+            assert kinds == ["made", "received", "sent 5", "pause_writing", "sent 6", "sent 8",
+                             "resume_writing"]
+
+    run(main())
+
+
+def test_send_many_nowait_checks_every_datagram_first(run: Runner[Any]) -> None:
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, max_datagram=100) as ln, \
+                udpx.dial(*ln.local_addr, max_datagram=100) as conn:
+            with pytest.raises(TypeError, match="bytes-like"):
+                conn.send_many_nowait([b"ok", "text"])  # type: ignore[list-item]
+            with pytest.raises(udpx.MessageTooLong):
+                conn.send_many_nowait([b"ok", b"x" * 101])
+            assert conn.describe()["tx_pending"] == 0
+            mixed: list[bytes | bytearray | memoryview] = [b"a", bytearray(b"b"), memoryview(b"c")]
+            conn.send_many_nowait(iter(mixed))
+            conn.send_many_nowait([])
+            server = await ln.accept()
+            assert [await server.recv() for _ in range(3)] == [b"a", b"b", b"c"]
+            conn.close()
+            with pytest.raises(udpx.ConnectionClosed):
+                conn.send_many_nowait([b"late"])
+
+    run(main())
+
+
+# -- errors in callbacks --------------------------------------------------------------------
+
+
+def test_an_exception_in_a_callback_closes_only_that_connection(run: Runner[Any],
+                                                                host: str) -> None:
+    class Fragile(Recorder):
+        def datagrams_received(self, datagrams: list[bytes]) -> None:
+            super().datagrams_received(datagrams)
+            if b"boom" in datagrams:
+                raise RuntimeError("boom")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: reported.append(context))
+        factory = Factory(Fragile)
+        async with udpx.listen(host, 0, protocol_factory=factory) as ln:
+            with _peers(host, 2) as (good, bad):
+                good.sendto(b"hello", ln.local_addr[:2])
+                bad.sendto(b"boom", ln.local_addr[:2])
+                await settle(ln, 2)
+                by_port = {protocol.conn.remote_addr[1]: protocol
+                           for protocol in factory.made if protocol.conn is not None}
+                failed = by_port[bad.getsockname()[1]]
+                fine = by_port[good.getsockname()[1]]
+                exc = await failed.lost
+                assert isinstance(exc, RuntimeError) and str(exc) == "boom"
+                assert failed.conn is not None and failed.conn.close_reason == "error"
+                assert len(reported) == 1 and reported[0]["exception"] is exc
+                assert "Fragile.datagrams_received" in reported[0]["message"]
+                # The listener and the other connection go on.
+                good.sendto(b"still here", ln.local_addr[:2])
+                await _received(fine, 2)
+                assert fine.received == [b"hello", b"still here"]
+                assert not fine.lost.done()
+                # The failed peer's next datagram opens a new connection.
+                bad.sendto(b"again", ln.local_addr[:2])
+                await factory.wait_for(3)
+                assert ln.stats.conns == 2
+
+    run(main())
+
+
+def test_refused_peers_are_counted(run: Runner[Any]) -> None:
+    """A factory that raises, or a connection_made that closes the connection, refuses the
+    peer: its datagrams are counted as ``refused``, the exception is reported, and nothing is
+    left open."""
+
+    class Picky(Recorder):
+        def connection_made(self, conn: udpx.UDPConn) -> None:
+            super().connection_made(conn)
+            if conn.remote_addr[1] % 2:
+                conn.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: reported.append(context))
+        factory = Factory(Picky)
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory) as ln:
+            with _peers("127.0.0.1", 6) as peers:
+                odd = sum(1 for peer in peers if peer.getsockname()[1] % 2)
+                for peer in peers:
+                    peer.sendto(b"x", ln.local_addr)
+                await settle(ln, 6)
+            stats = ln.stats
+            assert (stats.conns, stats.rx_packets, stats.drops["refused"]) == (6 - odd, 6 - odd,
+                                                                              odd)
+            refused = [protocol for protocol in factory.made if not protocol.received]
+            assert len(refused) == odd
+            for protocol in refused:
+                assert await protocol.lost is None
+            assert reported == []
+
+        def broken() -> udpx.ConnProtocol:
+            raise ValueError("no protocol today")
+
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=broken) as ln:
+            with _peers("127.0.0.1", 1) as (peer,):
+                peer.sendto(b"x", ln.local_addr)
+                peer.sendto(b"y", ln.local_addr)
+                await settle(ln, 2)
+            assert (ln.stats.conns, ln.stats.drops["refused"]) == (0, 2)
+            # Both arrived in one batch: the factory is asked once, the batch refused with it.
+            assert len(reported) == 1
+            assert isinstance(reported[0]["exception"], ValueError)
+        async with udpx.listen("127.0.0.1", 0,
+                               protocol_factory=object) as ln:  # type: ignore[arg-type]
+            with _peers("127.0.0.1", 1) as (peer,):
+                peer.sendto(b"x", ln.local_addr)
+                await settle(ln, 1)
+            assert isinstance(reported[-1]["exception"], TypeError)
+            assert "udpx.ConnProtocol" in str(reported[-1]["exception"])
+
+    run(main())
+
+
+def test_bad_protocol_factory_is_refused_at_the_call() -> None:
+    with pytest.raises(TypeError, match="protocol_factory must be callable"):
+        udpx.listen("127.0.0.1", 0, protocol_factory=42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="protocol_factory must be callable"):
+        udpx.dial("127.0.0.1", 9, protocol_factory="x")  # type: ignore[arg-type]
+
+
+# -- connection_lost ---------------------------------------------------------------------------
+
+
+def test_connection_lost_on_listener_close_and_on_idle_reaping(run: Runner[Any],
+                                                              host: str) -> None:
+    async def main() -> None:
+        factory = Factory()
+        ln = await udpx.listen(host, 0, protocol_factory=factory, idle_timeout=0.2)
+        with _peers(host, 2) as (first, second):
+            first.sendto(b"a", ln.local_addr[:2])
+            await factory.wait_for(1)
+            reaped = factory.made[0]
+            assert await asyncio.wait_for(reaped.lost, 10) is None
+            assert reaped.conn is not None and reaped.conn.close_reason == "idle"
+            second.sendto(b"b", ln.local_addr[:2])
+            await factory.wait_for(2)
+            open_one = factory.made[1]
+            await _received(open_one, 1)
+            await ln.aclose()
+            assert await open_one.lost is None
+            assert open_one.conn is not None and open_one.conn.close_reason == "closed"
+            assert [kind for _, kind, _ in open_one.events] == ["made", "received", "lost"]
+
+    run(main())
+
+
+def test_connection_lost_comes_after_the_queued_datagrams_left(run: Runner[Any]) -> None:
+    """close() from inside a callback: the datagrams queued before it are still sent, and
+    connection_lost is called later, from the loop."""
+
+    class Closer(Recorder):
+        def datagrams_received(self, datagrams: list[bytes]) -> None:
+            super().datagrams_received(datagrams)
+            assert self.conn is not None
+            self.conn.send_many_nowait([b"bye"] * 3)
+            self.conn.close()
+            assert not self.lost.done()
+
+    async def main() -> None:
+        factory = Factory(Closer)
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory) as ln:
+            with _peers("127.0.0.1", 1) as (peer,):
+                peer.sendto(b"x", ln.local_addr)
+                replies = [await asyncio.to_thread(peer.recv, 10) for _ in range(3)]
+            assert replies == [b"bye"] * 3
+            assert await factory.made[0].lost is None
+
+    run(main())
+
+
+# -- dial --------------------------------------------------------------------------------------
+
+
+def test_dialed_protocol_connection(run: Runner[Any], host: str) -> None:
+    """A dialed protocol-mode connection: connection_made before dial() returns, replies to
+    datagrams_received, ICMP port unreachable to error_received (the connection stays open),
+    connection_lost after close."""
+
+    async def main() -> None:
+        async with udpx.listen(host, 0) as ln:
+            made: list[Recorder] = []
+
+            def factory() -> Recorder:
+                made.append(Recorder())
+                return made[-1]
+
+            conn = await udpx.dial(ln.local_addr[0], ln.local_addr[1], protocol_factory=factory)
+            (protocol,) = made
+            assert protocol.events == [(protocol, "made", conn)]
+            conn.send_nowait(b"ping")
+            server = await ln.accept()
+            assert await server.recv() == b"ping"
+            await server.send_many([b"pong", b"pong"])
+            await _received(protocol, 2)
+            assert protocol.received == [b"pong", b"pong"]
+            await conn.aclose()
+            assert await protocol.lost is None
+
+        async with udpx.dial(host, free_udp_port(host), protocol_factory=Recorder) as conn:
+            dialed = conn.protocol
+            assert isinstance(dialed, Recorder)
+            protocol = dialed
+            conn.send_nowait(b"anyone?")
+            while not any(kind == "error" for _, kind, _ in protocol.events):
+                protocol.arrived.clear()
+                await asyncio.wait_for(protocol.arrived.wait(), 5)
+            errors = [exc for _, kind, exc in protocol.events if kind == "error"]
+            assert isinstance(errors[0], ConnectionRefusedError)
+            assert not conn.closed
+
+    run(main())
+
+
+def test_dial_raises_what_connection_made_raised_and_closes_the_socket(
+        run: Runner[Any]) -> None:
+    class Fails(udpx.ConnProtocol):
+        def connection_made(self, conn: udpx.UDPConn) -> None:
+            self.conn = conn
+            raise RuntimeError("not today")
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            raise AssertionError("connection_lost after a failed connection_made")
+
+    async def main() -> None:
+        made: list[Fails] = []
+
+        def factory() -> Fails:
+            made.append(Fails())
+            return made[-1]
+
+        with pytest.raises(RuntimeError, match="not today"):
+            await udpx.dial("127.0.0.1", 9, protocol_factory=factory)
+        conn = made[0].conn
+        assert conn.closed
+        await asyncio.wait_for(conn.wait_closed(), 5)
+        with pytest.raises(TypeError, match=r"udpx\.ConnProtocol"):
+            await udpx.dial("127.0.0.1", 9, protocol_factory=object)  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+
+    run(main())
+
+
+def test_protocol_listener_many_peers_all_served(run: Runner[Any]) -> None:
+    """200 peers, each answered by its own protocol, with one idle sweep's worth of
+    bookkeeping: conns, accepted and stats agree."""
+
+    class Echo(udpx.ConnProtocol):
+        def connection_made(self, conn: udpx.UDPConn) -> None:
+            self.conn = conn
+
+        def datagrams_received(self, datagrams: list[bytes]) -> None:
+            self.conn.send_many_nowait(datagrams)
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=Echo, rcvbuf=1 << 20) as ln:
+            with _peers("127.0.0.1", 200) as peers:
+                for index, peer in enumerate(peers):
+                    peer.sendto(b"%d" % index, ln.local_addr)
+
+                def collect() -> list[bytes]:
+                    return [peer.recv(10) for peer in peers]
+
+                replies = await asyncio.to_thread(collect)
+            assert replies == [b"%d" % index for index in range(200)]
+            stats = ln.stats
+            assert (stats.conns, stats.accepted, stats.rx_packets, stats.tx_packets) == (
+                200, 200, 200, 200)
+            assert all(isinstance(conn.protocol, Echo) for conn in ln.conns())
+
+    run(main())
