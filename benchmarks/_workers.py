@@ -461,8 +461,9 @@ class EchoConnProtocol(udpx.ConnProtocol):
         try:
             self.conn.send_many_nowait(datagrams)
         except udpx.QueueFull:
-            self.full.n += 1  # the transmit queue is full: these go unanswered
-        self.counter.n += len(datagrams)
+            self.full.n += 1  # the transmit queue is full: none of these is answered
+        else:
+            self.counter.n += len(datagrams)
 
 
 async def stdin_closed() -> None:
