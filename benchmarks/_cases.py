@@ -505,9 +505,13 @@ def echo_many_case(size: int, settings: Settings, programs: Programs) -> Case:
             "Client: one C process with N connected sockets (N peers of the server), each "
             "with exactly one request in flight, like DNS or a game tick: send one datagram, "
             "wait for its reply, send the next; epoll over the sockets. A request not answered "
-            "within 200 ms counts as a timeout and is sent again (timeouts: the whole run, "
-            "warm-up included). The sockets start 256 at a time; the warm-up opens once every "
-            "socket had a reply.",
+            "within 200 ms counts as a timeout and is sent again unchanged (the first reply to "
+            "either copy answers it; timeouts: the whole run, warm-up included). The sockets "
+            "start 256 at a time; the warm-up opens once every socket had a reply.",
+            "10,000 requests in flight: a server answering fewer than 50,000 a second cannot "
+            "answer them within 200 ms, and one that falls behind overflows its receive buffer "
+            "(8 MiB: about 10,000 datagrams of 64 B, 3,600 of 1,200 B); every lost or late "
+            "request is a timeout and its resend adds load.",
             "Server CPU: /proc/PID/schedstat over the client's window. udpx task: the "
             "README's server, an accept loop and one task per connection running "
             "`async for d in conn: await conn.send(d)`; ConnProtocol: datagrams_received() "

@@ -13,8 +13,9 @@
  *                                connected to 127.0.0.1:PORT with exactly one request in flight
  *                                (like DNS or a game tick): send one datagram, wait for its
  *                                reply, send the next; epoll over the sockets. A request not
- *                                answered within 200 ms counts as a timeout and is sent again
- *                                (a late reply to an old request is ignored: every request
+ *                                answered within 200 ms counts as a timeout and is sent again,
+ *                                unchanged, as a DNS client does: the first reply to either
+ *                                copy answers it, a second one is ignored (every request
  *                                carries its socket's index and sequence number). The sockets
  *                                start 256 at a time; the warm-up opens once every socket had
  *                                a reply (or after half the deadline) and lasts WARMUP seconds,
@@ -255,7 +256,7 @@ static int clients(int argc, char **argv) {
                 memcpy(&index, reply, 4);
                 memcpy(&number, reply + 4, 4);
                 if (r < 8 || index != i || number != seq[i]) {
-                    stale++;  /* the reply to a request that timed out and was sent again */
+                    stale++;  /* the second reply to a request that was sent twice */
                     continue;
                 }
                 replies++;
@@ -275,8 +276,7 @@ static int clients(int argc, char **argv) {
             last_scan = t;
             for (int i = 0; i < started; i++) {
                 if (t - sent_at[i] < TIMEOUT) continue;
-                timeouts++;
-                seq[i]++;
+                timeouts++;  /* sent again as it was: whichever reply comes first answers it */
                 sent_at[i] = t;
                 memcpy(request, &i, 4);
                 memcpy(request + 4, &seq[i], 4);
