@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 import udpx
+from udpx._engine import SocketEngine
 
 T = TypeVar("T")
 
@@ -64,6 +65,14 @@ def run(loop_kind: str) -> Runner[Any]:
             return loop_runner.run(asyncio.wait_for(coro, TEST_TIMEOUT))
 
     return runner
+
+
+@pytest.fixture(params=["mmsg", "transport"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """The engine under test: udpx's batch engine, or the event loop's own datagram transport
+    (the portable path), for the tests that run through both."""
+    kind: str = request.param
+    return kind
 
 
 @pytest.fixture(params=["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
@@ -194,6 +203,12 @@ def netns_factory() -> Iterator[Callable[[], NetNS]]:
 def netns(netns_factory: Callable[[], NetNS]) -> NetNS:
     """One network namespace of the test's own, ``lo`` up."""
     return netns_factory()
+
+
+def socket_engine(engine: object) -> SocketEngine:
+    """The batch engine behind a listener or a dialed connection (tests look inside it)."""
+    assert isinstance(engine, SocketEngine), engine
+    return engine
 
 
 async def settle(ln: udpx.Listener, count: int) -> None:

@@ -16,7 +16,7 @@ import pytest
 import udpx
 from udpx._listener import Listener
 
-from .conftest import HAVE_IPV6, Runner, free_udp_port
+from .conftest import HAVE_IPV6, Runner, free_udp_port, socket_engine
 
 BIG_RCVBUF = 4 * 1024 * 1024  # net.core.rmem_max here; bursts in one process need the room
 
@@ -49,16 +49,16 @@ async def echo_server(ln: Listener) -> None:
             group.create_task(echo(conn))
 
 
-def test_echo_many_clients_each_get_their_own(run: Runner[Any], host: str) -> None:
+def test_echo_many_clients_each_get_their_own(run: Runner[Any], host: str, engine: str) -> None:
     clients, per_client = 50, 20
 
     async def main() -> None:
-        async with udpx.listen(host, 0, rcvbuf=BIG_RCVBUF) as ln:
+        async with udpx.listen(host, 0, rcvbuf=BIG_RCVBUF, engine=engine) as ln:
             server = asyncio.create_task(echo_server(ln))
             port = ln.local_addr[1]
 
             async def client(index: int) -> None:
-                async with udpx.dial(host, port, rcvbuf=BIG_RCVBUF) as conn:
+                async with udpx.dial(host, port, rcvbuf=BIG_RCVBUF, engine=engine) as conn:
                     sent = [struct.pack("!II", index, seq) + bytes(index) for seq in
                             range(per_client)]
                     await conn.send_many(sent)
@@ -77,9 +77,10 @@ def test_echo_many_clients_each_get_their_own(run: Runner[Any], host: str) -> No
     run(main())
 
 
-def test_zero_length_and_largest_datagrams(run: Runner[Any], host: str) -> None:
+def test_zero_length_and_largest_datagrams(run: Runner[Any], host: str, engine: str) -> None:
     async def main() -> None:
-        async with udpx.listen(host, 0) as ln, udpx.dial(host, ln.local_addr[1]) as conn:
+        async with udpx.listen(host, 0, engine=engine) as ln, \
+                udpx.dial(host, ln.local_addr[1], engine=engine) as conn:
             largest = os.urandom(max_payload(host))
             await conn.send(b"")
             server_conn = await ln.accept()
@@ -96,10 +97,11 @@ def test_zero_length_and_largest_datagrams(run: Runner[Any], host: str) -> None:
     run(main())
 
 
-def test_message_too_long_leaves_the_writer_working(run: Runner[Any], host: str) -> None:
+def test_message_too_long_leaves_the_writer_working(run: Runner[Any], host: str,
+        engine: str) -> None:
     async def main() -> None:
-        async with udpx.listen(host, 0, max_datagram=1000) as ln, \
-                udpx.dial(host, ln.local_addr[1], max_datagram=500) as conn:
+        async with udpx.listen(host, 0, max_datagram=1000, engine=engine) as ln, \
+                udpx.dial(host, ln.local_addr[1], max_datagram=500, engine=engine) as conn:
             with pytest.raises(udpx.MessageTooLong, match="501 bytes"):
                 await conn.send(bytes(501))
             with pytest.raises(udpx.MessageTooLong):
@@ -118,10 +120,11 @@ def test_message_too_long_leaves_the_writer_working(run: Runner[Any], host: str)
     run(main())
 
 
-def test_truncated_datagrams_are_counted_not_delivered(run: Runner[Any], host: str) -> None:
+def test_truncated_datagrams_are_counted_not_delivered(run: Runner[Any], host: str,
+        engine: str) -> None:
     async def main() -> None:
-        async with udpx.listen(host, 0, max_datagram=100) as ln, \
-                udpx.dial(host, ln.local_addr[1]) as conn:
+        async with udpx.listen(host, 0, max_datagram=100, engine=engine) as ln, \
+                udpx.dial(host, ln.local_addr[1], engine=engine) as conn:
             await conn.send(b"first")
             server_conn = await ln.accept()
             assert await server_conn.recv() == b"first"
@@ -134,9 +137,9 @@ def test_truncated_datagrams_are_counted_not_delivered(run: Runner[Any], host: s
             assert ln.stats.drops["truncated"] == 1
         # The dialed side, with the batch and the one-syscall receivers.
         for batch_size in (64, 1):
-            async with udpx.listen(host, 0) as ln, \
+            async with udpx.listen(host, 0, engine=engine) as ln, \
                     udpx.dial(host, ln.local_addr[1], max_datagram=50,
-                              batch_size=batch_size) as conn:
+                              batch_size=batch_size, engine=engine) as conn:
                 await conn.send(b"hi")
                 server_conn = await ln.accept()
                 await server_conn.send(bytes(51))
@@ -163,13 +166,13 @@ def test_truncation_on_the_single_datagram_path(run: Runner[Any], host: str) -> 
 # -- queues and accounting ---------------------------------------------------------------------
 
 
-def test_rx_queue_overflow_is_counted_exactly(run: Runner[Any], host: str) -> None:
+def test_rx_queue_overflow_is_counted_exactly(run: Runner[Any], host: str, engine: str) -> None:
     sent = 300
 
     async def main() -> None:
-        async with udpx.listen(host, 0, rx_queue_size=10, rcvbuf=BIG_RCVBUF) as ln, \
-                udpx.dial(host, ln.local_addr[1]) as flooder, \
-                udpx.dial(host, ln.local_addr[1]) as marker:
+        async with udpx.listen(host, 0, rx_queue_size=10, rcvbuf=BIG_RCVBUF, engine=engine) as ln, \
+                udpx.dial(host, ln.local_addr[1], engine=engine) as flooder, \
+                udpx.dial(host, ln.local_addr[1], engine=engine) as marker:
             await flooder.send_many([b"%d" % index for index in range(sent)])
             await flooder.wait_closed() if flooder.closed else None
             # Wait until the flood has left the writer, then send a marker from another peer:
@@ -194,11 +197,11 @@ def test_rx_queue_overflow_is_counted_exactly(run: Runner[Any], host: str) -> No
     run(main())
 
 
-def test_send_backpressure_and_queue_full(run: Runner[Any], host: str) -> None:
+def test_send_backpressure_and_queue_full(run: Runner[Any], host: str, engine: str) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        async with udpx.listen(host, 0) as ln, \
-                udpx.dial(host, ln.local_addr[1], tx_queue_size=4) as conn:
+        async with udpx.listen(host, 0, engine=engine) as ln, \
+                udpx.dial(host, ln.local_addr[1], tx_queue_size=4, engine=engine) as conn:
 
             def fill() -> None:
                 for index in range(4):
@@ -219,11 +222,11 @@ def test_send_backpressure_and_queue_full(run: Runner[Any], host: str) -> None:
     run(main())
 
 
-def test_cancelled_send_queues_nothing(run: Runner[Any], host: str) -> None:
+def test_cancelled_send_queues_nothing(run: Runner[Any], host: str, engine: str) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        async with udpx.listen(host, 0) as ln, \
-                udpx.dial(host, ln.local_addr[1], tx_queue_size=2) as conn:
+        async with udpx.listen(host, 0, engine=engine) as ln, \
+                udpx.dial(host, ln.local_addr[1], tx_queue_size=2, engine=engine) as conn:
             def fill() -> None:
                 conn.send_nowait(b"a")
                 conn.send_nowait(b"b")
@@ -245,9 +248,10 @@ def test_cancelled_send_queues_nothing(run: Runner[Any], host: str) -> None:
     run(main())
 
 
-def test_cancelled_recv_loses_nothing(run: Runner[Any], host: str) -> None:
+def test_cancelled_recv_loses_nothing(run: Runner[Any], host: str, engine: str) -> None:
     async def main() -> None:
-        async with udpx.listen(host, 0) as ln, udpx.dial(host, ln.local_addr[1]) as conn:
+        async with udpx.listen(host, 0, engine=engine) as ln, \
+                udpx.dial(host, ln.local_addr[1], engine=engine) as conn:
             await conn.send(b"hello")
             server_conn = await ln.accept()
             assert await server_conn.recv() == b"hello"
@@ -289,10 +293,10 @@ def test_recv_many_bounds_and_validation(run: Runner[Any], host: str) -> None:
 # -- errors -----------------------------------------------------------------------------------
 
 
-def test_connection_refused_surfaces_once(run: Runner[Any], host: str) -> None:
+def test_connection_refused_surfaces_once(run: Runner[Any], host: str, engine: str) -> None:
     async def main() -> None:
         port = free_udp_port(host)
-        async with udpx.dial(host, port) as conn:
+        async with udpx.dial(host, port, engine=engine) as conn:
             await conn.send(b"anyone?")
             with pytest.raises(ConnectionRefusedError):
                 await conn.recv()
@@ -305,14 +309,14 @@ def test_connection_refused_surfaces_once(run: Runner[Any], host: str) -> None:
     run(main())
 
 
-def test_connection_refused_then_peer_appears(run: Runner[Any], host: str) -> None:
+def test_connection_refused_then_peer_appears(run: Runner[Any], host: str, engine: str) -> None:
     async def main() -> None:
         port = free_udp_port(host)
-        async with udpx.dial(host, port) as conn:
+        async with udpx.dial(host, port, engine=engine) as conn:
             await conn.send(b"anyone?")
             with pytest.raises(ConnectionRefusedError):
                 await conn.recv()
-            async with udpx.listen(host, port) as ln:
+            async with udpx.listen(host, port, engine=engine) as ln:
                 await conn.send(b"now")
                 server_conn = await ln.accept()
                 assert await server_conn.recv() == b"now"
@@ -322,10 +326,10 @@ def test_connection_refused_then_peer_appears(run: Runner[Any], host: str) -> No
     run(main())
 
 
-def test_send_after_close_and_bad_data(run: Runner[Any], host: str) -> None:
+def test_send_after_close_and_bad_data(run: Runner[Any], host: str, engine: str) -> None:
     async def main() -> None:
-        async with udpx.listen(host, 0) as ln:
-            conn = await udpx.dial(host, ln.local_addr[1])
+        async with udpx.listen(host, 0, engine=engine) as ln:
+            conn = await udpx.dial(host, ln.local_addr[1], engine=engine)
             with pytest.raises(TypeError, match="bytes-like"):
                 await conn.send("text")  # type: ignore[arg-type]
             conn.close()
@@ -345,12 +349,14 @@ def test_send_after_close_and_bad_data(run: Runner[Any], host: str) -> None:
 # -- closing ----------------------------------------------------------------------------------
 
 
-def test_graceful_close_delivers_everything_queued(run: Runner[Any], host: str) -> None:
+def test_graceful_close_delivers_everything_queued(run: Runner[Any], host: str,
+        engine: str) -> None:
     count = 1000
 
     async def main() -> None:
-        async with udpx.listen(host, 0, rcvbuf=BIG_RCVBUF, rx_queue_size=count) as ln:
-            conn = await udpx.dial(host, ln.local_addr[1])
+        async with udpx.listen(host, 0, rcvbuf=BIG_RCVBUF, rx_queue_size=count,
+                               engine=engine) as ln:
+            conn = await udpx.dial(host, ln.local_addr[1], engine=engine)
             await conn.send_many([b"%d" % index for index in range(count)])
             conn.close()
             await conn.wait_closed()
@@ -360,7 +366,7 @@ def test_graceful_close_delivers_everything_queued(run: Runner[Any], host: str) 
 
             # The same from the listener's side: close the server connection right after queueing.
             client = await udpx.dial(host, ln.local_addr[1], rcvbuf=BIG_RCVBUF,
-                                     rx_queue_size=count)
+                                     rx_queue_size=count, engine=engine)
             await client.send(b"start")
             server_conn = await ln.accept()
             await server_conn.recv()
@@ -373,9 +379,10 @@ def test_graceful_close_delivers_everything_queued(run: Runner[Any], host: str) 
     run(main())
 
 
-def test_recv_drains_then_raises_after_close(run: Runner[Any], host: str) -> None:
+def test_recv_drains_then_raises_after_close(run: Runner[Any], host: str, engine: str) -> None:
     async def main() -> None:
-        async with udpx.listen(host, 0) as ln, udpx.dial(host, ln.local_addr[1]) as conn:
+        async with udpx.listen(host, 0, engine=engine) as ln, \
+                udpx.dial(host, ln.local_addr[1], engine=engine) as conn:
             await conn.send_many([b"1", b"2", b"3"])
             server_conn = await ln.accept()
             await recv_exactly(server_conn, 1)
@@ -396,10 +403,11 @@ def test_recv_drains_then_raises_after_close(run: Runner[Any], host: str) -> Non
     run(main())
 
 
-def test_listener_close_wakes_accept_and_recv_waiters(run: Runner[Any], host: str) -> None:
+def test_listener_close_wakes_accept_and_recv_waiters(run: Runner[Any], host: str,
+        engine: str) -> None:
     async def main() -> None:
-        ln = await udpx.listen(host, 0)
-        conn = await udpx.dial(host, ln.local_addr[1])
+        ln = await udpx.listen(host, 0, engine=engine)
+        conn = await udpx.dial(host, ln.local_addr[1], engine=engine)
         await conn.send(b"x")
         server_conn = await ln.accept()
         assert await server_conn.recv() == b"x"
@@ -423,16 +431,17 @@ def test_listener_close_wakes_accept_and_recv_waiters(run: Runner[Any], host: st
     run(main())
 
 
-def test_dial_close_cycles_leak_no_file_descriptor(run: Runner[Any], host: str) -> None:
+def test_dial_close_cycles_leak_no_file_descriptor(run: Runner[Any], host: str,
+        engine: str) -> None:
     def open_fds() -> int:
         return len(os.listdir("/proc/self/fd"))
 
     async def main() -> None:
-        async with udpx.listen(host, 0) as ln:
+        async with udpx.listen(host, 0, engine=engine) as ln:
             await asyncio.sleep(0)
             before = open_fds()
             for index in range(200):
-                conn = await udpx.dial(host, ln.local_addr[1])
+                conn = await udpx.dial(host, ln.local_addr[1], engine=engine)
                 await conn.send(b"%d" % index)
                 if index % 2:
                     await conn.aclose()
@@ -447,11 +456,12 @@ def test_dial_close_cycles_leak_no_file_descriptor(run: Runner[Any], host: str) 
     run(main())
 
 
-def test_listener_close_leaks_nothing(run: Runner[Any], host: str) -> None:
+def test_listener_close_leaks_nothing(run: Runner[Any], host: str, engine: str) -> None:
     async def main() -> None:
         before = len(os.listdir("/proc/self/fd"))
         for _ in range(20):
-            async with udpx.listen(host, 0) as ln, udpx.dial(host, ln.local_addr[1]) as conn:
+            async with udpx.listen(host, 0, engine=engine) as ln, \
+                    udpx.dial(host, ln.local_addr[1], engine=engine) as conn:
                 await conn.send(b"x")
                 await (await ln.accept()).recv()
         assert len(os.listdir("/proc/self/fd")) == before
@@ -511,7 +521,7 @@ def test_batching_is_real(run: Runner[Any], host: str) -> None:
 
     async def main() -> None:
         async with udpx.listen(host, 0, rcvbuf=BIG_RCVBUF, rx_queue_size=total) as ln:
-            receiver = ln._engine.receiver
+            receiver = socket_engine(ln._engine).receiver
             with socket.socket(family_of(host), socket.SOCK_DGRAM) as raw:
                 raw.connect(ln.local_addr[:2])
                 raw.send(b"first")
@@ -621,9 +631,10 @@ def test_reuse_port_lets_two_listeners_share_a_port(run: Runner[Any], host: str)
     run(main())
 
 
-def test_several_receivers_take_turns(run: Runner[Any], host: str) -> None:
+def test_several_receivers_take_turns(run: Runner[Any], host: str, engine: str) -> None:
     async def main() -> None:
-        async with udpx.listen(host, 0) as ln, udpx.dial(host, ln.local_addr[1]) as conn:
+        async with udpx.listen(host, 0, engine=engine) as ln, \
+                udpx.dial(host, ln.local_addr[1], engine=engine) as conn:
             await conn.send(b"open")
             server_conn = await ln.accept()
             await server_conn.recv()
@@ -658,9 +669,10 @@ def test_several_receivers_take_turns(run: Runner[Any], host: str) -> None:
     run(main())
 
 
-def test_any_buffer_can_be_sent(run: Runner[Any], host: str) -> None:
+def test_any_buffer_can_be_sent(run: Runner[Any], host: str, engine: str) -> None:
     async def main() -> None:
-        async with udpx.listen(host, 0) as ln, udpx.dial(host, ln.local_addr[1]) as conn:
+        async with udpx.listen(host, 0, engine=engine) as ln, \
+                udpx.dial(host, ln.local_addr[1], engine=engine) as conn:
             region = mmap.mmap(-1, 4)
             region[:] = b"mmap"
             buffers: list[Any] = [b"bytes", bytearray(b"bytearray"), memoryview(b"view"),

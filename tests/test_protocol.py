@@ -104,7 +104,7 @@ async def _received(protocol: Recorder, count: int) -> None:
 # -- the callbacks ---------------------------------------------------------------------------
 
 
-def test_callback_order_and_echo(run: Runner[Any], host: str) -> None:
+def test_callback_order_and_echo(run: Runner[Any], host: str, engine: str) -> None:
     """connection_made, then datagrams_received with the datagrams in order, once per batch
     (the three datagrams sent at once arrive in one batch), then connection_lost(None) after
     close; nothing goes to accept()."""
@@ -117,7 +117,7 @@ def test_callback_order_and_echo(run: Runner[Any], host: str) -> None:
 
     async def main() -> None:
         factory = Factory(Echo)
-        async with udpx.listen(host, 0, protocol_factory=factory) as ln:
+        async with udpx.listen(host, 0, protocol_factory=factory, engine=engine) as ln:
             with _peers(host, 1) as (peer,):
                 for data in (b"one", b"two", b""):
                     peer.sendto(data, ln.local_addr[:2])
@@ -125,8 +125,11 @@ def test_callback_order_and_echo(run: Runner[Any], host: str) -> None:
             assert replies == [b"one", b"two", b""]
             (protocol,) = factory.made
             assert protocol.conn is not None and protocol.conn.protocol is protocol
-            assert [kind for _, kind, _ in protocol.events] == ["made", "received"]
-            assert protocol.batches == [[b"one", b"two", b""]]
+            calls = 1 if engine == "mmsg" else 3
+            assert [kind for _, kind, _ in protocol.events] == ["made"] + ["received"] * calls
+            # One batch (the loop's transport delivers one datagram per call).
+            assert protocol.batches == ([[b"one", b"two", b""]] if engine == "mmsg" else
+                                        [[b"one"], [b"two"], [b""]])
             assert ln.conns() == [protocol.conn]
             stats = ln.stats
             assert (stats.rx_packets, stats.tx_packets, stats.conns, stats.accepted) == (
@@ -138,12 +141,13 @@ def test_callback_order_and_echo(run: Runner[Any], host: str) -> None:
                 await protocol.conn.recv()
             protocol.conn.close()
             assert await protocol.lost is None
-            assert [kind for _, kind, _ in protocol.events] == ["made", "received", "lost"]
+            assert [kind for _, kind, _ in protocol.events] == (
+                ["made"] + ["received"] * calls + ["lost"])
 
     run(main())
 
 
-def test_default_datagrams_received_calls_datagram_received(run: Runner[Any]) -> None:
+def test_default_datagrams_received_calls_datagram_received(run: Runner[Any], engine: str) -> None:
     class One(udpx.ConnProtocol):
         def __init__(self) -> None:
             self.got: list[bytes] = []
@@ -161,7 +165,7 @@ def test_default_datagrams_received_calls_datagram_received(run: Runner[Any]) ->
             made.append(One())
             return made[-1]
 
-        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory) as ln:
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory, engine=engine) as ln:
             with _peers("127.0.0.1", 1) as (peer,):
                 for data in (b"a", b"b", b"c"):
                     peer.sendto(data, ln.local_addr)
@@ -174,31 +178,50 @@ def test_default_datagrams_received_calls_datagram_received(run: Runner[Any]) ->
 
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(plan=st.lists(st.tuples(st.integers(0, 5), st.binary(max_size=40)), min_size=1,
-                     max_size=150))
-def test_each_datagram_reaches_its_own_protocol_in_order(loop_kind: str,
-                                                         plan: list[tuple[int, bytes]]) -> None:
-    """Six peers' datagrams interleaved as Hypothesis says, all sent before the listener
-    reads, so that batches mix peers: every protocol gets exactly its own peer's datagrams,
-    in order, and each of its calls holds datagrams of one batch."""
+@given(peers=st.integers(1, 40),
+       plan=st.lists(st.tuples(st.integers(0, 39), st.binary(max_size=40)), min_size=1,
+                     max_size=150),
+       paused=st.sets(st.integers(0, 39), max_size=5))
+def test_each_datagram_reaches_its_own_protocol_in_order(
+        loop_kind: str, peers: int, plan: list[tuple[int, bytes]], paused: set[int]) -> None:
+    """Up to 40 peers' datagrams interleaved as Hypothesis says, all sent before the listener
+    reads, so that batches mix peers (with repeats, or all different: two routing paths), in
+    two rounds (the second finds every peer known), some peers' reading paused in between:
+    every protocol gets exactly its own peer's datagrams, in order, once resumed."""
+    plan = [(index % peers, data) for index, data in plan]
     async def main() -> None:
         factory = Factory()
         async with udpx.listen("127.0.0.1", 0, protocol_factory=factory, rcvbuf=1 << 20,
                                batch_size=16) as ln:
-            with _peers("127.0.0.1", 6) as peers:
+            with _peers("127.0.0.1", peers) as sockets:
                 expected: dict[int, list[bytes]] = {}
                 for index, data in plan:
-                    peers[index].sendto(data, ln.local_addr)
-                    expected.setdefault(peers[index].getsockname()[1], []).append(data)
+                    sockets[index].sendto(data, ln.local_addr)
+                    expected.setdefault(sockets[index].getsockname()[1], []).append(data)
                 await settle(ln, len(plan))
+                by_port = {protocol.conn.remote_addr[1]: protocol
+                           for protocol in factory.made if protocol.conn is not None}
+                held = [by_port[sockets[index % peers].getsockname()[1]] for index in paused
+                        if sockets[index % peers].getsockname()[1] in by_port]
+                for protocol in held:
+                    assert protocol.conn is not None
+                    protocol.conn.pause_reading()
+                for index, data in plan:
+                    sockets[index].sendto(data, ln.local_addr)
+                    expected[sockets[index].getsockname()[1]].append(data)
+                await settle(ln, 2 * len(plan))
+                for protocol in held:
+                    assert protocol.conn is not None
+                    protocol.conn.resume_reading()
+                for port, protocol in by_port.items():
+                    await _received(protocol, len(expected[port]))
             stats = ln.stats
-            assert stats.rx_packets == len(plan), stats
+            assert stats.rx_packets == 2 * len(plan), stats
             assert sum(stats.drops.values()) == 0, stats
-            got = {protocol.conn.remote_addr[1]: protocol.received
-                   for protocol in factory.made if protocol.conn is not None}
+            got = {port: protocol.received for port, protocol in by_port.items()}
             assert got == expected
             for protocol in factory.made:
-                assert all(1 <= len(batch) <= 16 for batch in protocol.batches)
+                assert all(len(batch) >= 1 for batch in protocol.batches)
 
     factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:  # the run fixture, per example
@@ -208,7 +231,8 @@ def test_each_datagram_reaches_its_own_protocol_in_order(loop_kind: str,
 # -- reading paused ---------------------------------------------------------------------------
 
 
-def test_pause_and_resume_reading_lose_nothing_uncounted(run: Runner[Any], host: str) -> None:
+def test_pause_and_resume_reading_lose_nothing_uncounted(run: Runner[Any], host: str,
+        engine: str) -> None:
     """While reading is paused, datagrams wait in the connection's queue (its bound drops the
     rest, counted); resume delivers what waited, in order, from the loop."""
 
@@ -220,7 +244,8 @@ def test_pause_and_resume_reading_lose_nothing_uncounted(run: Runner[Any], host:
 
     async def main() -> None:
         factory = Factory(Pausing)
-        async with udpx.listen(host, 0, protocol_factory=factory, rx_queue_size=10) as ln:
+        async with udpx.listen(host, 0, protocol_factory=factory, rx_queue_size=10,
+                               engine=engine) as ln:
             with _peers(host, 1) as (peer,):
                 for index in range(25):
                     peer.sendto(b"%d" % index, ln.local_addr[:2])
@@ -246,10 +271,10 @@ def test_pause_and_resume_reading_lose_nothing_uncounted(run: Runner[Any], host:
     run(main())
 
 
-def test_closing_while_paused_counts_the_queued_datagrams(run: Runner[Any]) -> None:
+def test_closing_while_paused_counts_the_queued_datagrams(run: Runner[Any], engine: str) -> None:
     async def main() -> None:
         factory = Factory()
-        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory) as ln:
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory, engine=engine) as ln:
             with _peers("127.0.0.1", 1) as (peer,):
                 peer.sendto(b"first", ln.local_addr)
                 await factory.wait_for(1)
@@ -286,7 +311,7 @@ def test_task_mode_connection_cannot_pause_reading(run: Runner[Any]) -> None:
 
 
 def test_pause_writing_above_the_high_mark_and_resume_at_the_low_mark(
-        run: Runner[Any], host: str) -> None:
+        run: Runner[Any], host: str, engine: str) -> None:
     """tx_queue_size=8: the high mark is 6 and the low mark 2. A callback that queues 7
     datagrams is told to pause at the 6th; once the writer has sent them, to resume. A full
     queue refuses more with QueueFull, and send_many_nowait queues all or nothing."""
@@ -310,7 +335,8 @@ def test_pause_writing_above_the_high_mark_and_resume_at_the_low_mark(
 
     async def main() -> None:
         factory = Factory(Burst)
-        async with udpx.listen(host, 0, protocol_factory=factory, tx_queue_size=8) as ln:
+        async with udpx.listen(host, 0, protocol_factory=factory, tx_queue_size=8,
+                               engine=engine) as ln:
             with _peers(host, 1) as (peer,):
                 peer.sendto(b"go", ln.local_addr[:2])
                 replies = [await asyncio.to_thread(peer.recv, 100) for _ in range(8)]
@@ -351,7 +377,7 @@ def test_send_many_nowait_checks_every_datagram_first(run: Runner[Any]) -> None:
 
 
 def test_an_exception_in_a_callback_closes_only_that_connection(run: Runner[Any],
-                                                                host: str) -> None:
+                                                                host: str, engine: str) -> None:
     class Fragile(Recorder):
         def datagrams_received(self, datagrams: list[bytes]) -> None:
             super().datagrams_received(datagrams)
@@ -363,7 +389,7 @@ def test_an_exception_in_a_callback_closes_only_that_connection(run: Runner[Any]
         reported: list[dict[str, Any]] = []
         loop.set_exception_handler(lambda _, context: reported.append(context))
         factory = Factory(Fragile)
-        async with udpx.listen(host, 0, protocol_factory=factory) as ln:
+        async with udpx.listen(host, 0, protocol_factory=factory, engine=engine) as ln:
             with _peers(host, 2) as (good, bad):
                 good.sendto(b"hello", ln.local_addr[:2])
                 bad.sendto(b"boom", ln.local_addr[:2])
@@ -386,11 +412,28 @@ def test_an_exception_in_a_callback_closes_only_that_connection(run: Runner[Any]
                 bad.sendto(b"again", ln.local_addr[:2])
                 await factory.wait_for(3)
                 assert ln.stats.conns == 2
+                # Known peers, one datagram each in one batch (the all-different-peers path):
+                # the one that raises closes, the ones after it still get theirs.
+                again = factory.made[2]
+                await _received(again, 1)
+                with _peers(host, 1) as (third,):
+                    third.sendto(b"hello", ln.local_addr[:2])
+                    await factory.wait_for(4)
+                    last = factory.made[3]
+                    await _received(last, 1)
+                    good.sendto(b"one", ln.local_addr[:2])
+                    bad.sendto(b"boom", ln.local_addr[:2])
+                    third.sendto(b"two", ln.local_addr[:2])
+                    await _received(last, 2)
+                    assert last.received == [b"hello", b"two"]
+                    assert fine.received[-1] == b"one"
+                    assert isinstance(await again.lost, RuntimeError)
+                    assert len(reported) == 2
 
     run(main())
 
 
-def test_refused_peers_are_counted(run: Runner[Any]) -> None:
+def test_refused_peers_are_counted(run: Runner[Any], engine: str) -> None:
     """A factory that raises, or a connection_made that closes the connection, refuses the
     peer: its datagrams are counted as ``refused``, the exception is reported, and nothing is
     left open."""
@@ -406,7 +449,7 @@ def test_refused_peers_are_counted(run: Runner[Any]) -> None:
         reported: list[dict[str, Any]] = []
         loop.set_exception_handler(lambda _, context: reported.append(context))
         factory = Factory(Picky)
-        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory) as ln:
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory, engine=engine) as ln:
             with _peers("127.0.0.1", 6) as peers:
                 odd = sum(1 for peer in peers if peer.getsockname()[1] % 2)
                 for peer in peers:
@@ -424,16 +467,17 @@ def test_refused_peers_are_counted(run: Runner[Any]) -> None:
         def broken() -> udpx.ConnProtocol:
             raise ValueError("no protocol today")
 
-        async with udpx.listen("127.0.0.1", 0, protocol_factory=broken) as ln:
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=broken, engine=engine) as ln:
             with _peers("127.0.0.1", 1) as (peer,):
                 peer.sendto(b"x", ln.local_addr)
                 peer.sendto(b"y", ln.local_addr)
                 await settle(ln, 2)
             assert (ln.stats.conns, ln.stats.drops["refused"]) == (0, 2)
-            # Both arrived in one batch: the factory is asked once, the batch refused with it.
-            assert len(reported) == 1
+            # Both arrived in one batch: the factory is asked once, the batch refused with it
+            # (the loop's transport delivers them one by one: asked twice).
+            assert len(reported) == (1 if engine == "mmsg" else 2)
             assert isinstance(reported[0]["exception"], ValueError)
-        async with udpx.listen("127.0.0.1", 0,
+        async with udpx.listen("127.0.0.1", 0, engine=engine,
                                protocol_factory=object) as ln:  # type: ignore[arg-type]
             with _peers("127.0.0.1", 1) as (peer,):
                 peer.sendto(b"x", ln.local_addr)
@@ -455,10 +499,10 @@ def test_bad_protocol_factory_is_refused_at_the_call() -> None:
 
 
 def test_connection_lost_on_listener_close_and_on_idle_reaping(run: Runner[Any],
-                                                              host: str) -> None:
+                                                              host: str, engine: str) -> None:
     async def main() -> None:
         factory = Factory()
-        ln = await udpx.listen(host, 0, protocol_factory=factory, idle_timeout=0.2)
+        ln = await udpx.listen(host, 0, protocol_factory=factory, idle_timeout=0.2, engine=engine)
         with _peers(host, 2) as (first, second):
             first.sendto(b"a", ln.local_addr[:2])
             await factory.wait_for(1)
@@ -477,7 +521,8 @@ def test_connection_lost_on_listener_close_and_on_idle_reaping(run: Runner[Any],
     run(main())
 
 
-def test_connection_lost_comes_after_the_queued_datagrams_left(run: Runner[Any]) -> None:
+def test_connection_lost_comes_after_the_queued_datagrams_left(run: Runner[Any],
+        engine: str) -> None:
     """close() from inside a callback: the datagrams queued before it are still sent, and
     connection_lost is called later, from the loop."""
 
@@ -491,7 +536,7 @@ def test_connection_lost_comes_after_the_queued_datagrams_left(run: Runner[Any])
 
     async def main() -> None:
         factory = Factory(Closer)
-        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory) as ln:
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory, engine=engine) as ln:
             with _peers("127.0.0.1", 1) as (peer,):
                 peer.sendto(b"x", ln.local_addr)
                 replies = [await asyncio.to_thread(peer.recv, 10) for _ in range(3)]
@@ -504,20 +549,21 @@ def test_connection_lost_comes_after_the_queued_datagrams_left(run: Runner[Any])
 # -- dial --------------------------------------------------------------------------------------
 
 
-def test_dialed_protocol_connection(run: Runner[Any], host: str) -> None:
+def test_dialed_protocol_connection(run: Runner[Any], host: str, engine: str) -> None:
     """A dialed protocol-mode connection: connection_made before dial() returns, replies to
     datagrams_received, ICMP port unreachable to error_received (the connection stays open),
     connection_lost after close."""
 
     async def main() -> None:
-        async with udpx.listen(host, 0) as ln:
+        async with udpx.listen(host, 0, engine=engine) as ln:
             made: list[Recorder] = []
 
             def factory() -> Recorder:
                 made.append(Recorder())
                 return made[-1]
 
-            conn = await udpx.dial(ln.local_addr[0], ln.local_addr[1], protocol_factory=factory)
+            conn = await udpx.dial(ln.local_addr[0], ln.local_addr[1], protocol_factory=factory,
+                                   engine=engine)
             (protocol,) = made
             assert protocol.events == [(protocol, "made", conn)]
             conn.send_nowait(b"ping")
@@ -529,7 +575,8 @@ def test_dialed_protocol_connection(run: Runner[Any], host: str) -> None:
             await conn.aclose()
             assert await protocol.lost is None
 
-        async with udpx.dial(host, free_udp_port(host), protocol_factory=Recorder) as conn:
+        async with udpx.dial(host, free_udp_port(host), protocol_factory=Recorder,
+                             engine=engine) as conn:
             dialed = conn.protocol
             assert isinstance(dialed, Recorder)
             protocol = dialed
@@ -573,7 +620,7 @@ def test_dial_raises_what_connection_made_raised_and_closes_the_socket(
     run(main())
 
 
-def test_protocol_listener_many_peers_all_served(run: Runner[Any]) -> None:
+def test_protocol_listener_many_peers_all_served(run: Runner[Any], engine: str) -> None:
     """200 peers, each answered by its own protocol, with one idle sweep's worth of
     bookkeeping: conns, accepted and stats agree."""
 
@@ -585,7 +632,8 @@ def test_protocol_listener_many_peers_all_served(run: Runner[Any]) -> None:
             self.conn.send_many_nowait(datagrams)
 
     async def main() -> None:
-        async with udpx.listen("127.0.0.1", 0, protocol_factory=Echo, rcvbuf=1 << 20) as ln:
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=Echo, rcvbuf=1 << 20,
+                               engine=engine) as ln:
             with _peers("127.0.0.1", 200) as peers:
                 for index, peer in enumerate(peers):
                     peer.sendto(b"%d" % index, ln.local_addr)

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, final
 
 from ._errors import ConnectionClosed, MessageTooLong, QueueFull, UDPXError, WouldBlock
 from ._protocol import ConnProtocol
-from ._queue import DATAGRAM_OVERHEAD, RxPool, RxQueue, TxAccount
+from ._queue import DATAGRAM_OVERHEAD, ProtocolRxQueue, RxPool, RxQueue, TxAccount
 from ._sockets import PeerKey, address_from_key
 from ._stats import ConnStats, drops_mapping
 from ._waiters import FifoWaiters
 
 if TYPE_CHECKING:
-    from ._engine import SocketEngine
+    from ._engine import Engine
     from ._sockets import Address
     from ._writer import Writer
 
@@ -66,21 +66,23 @@ class UDPConn:
     # listener may hold a hundred thousand of them.
     __slots__ = ("__weakref__", "_close_reason", "_closed", "_created", "_done", "_engine",
                  "_error", "_key", "_local", "_loop", "_lost", "_max_send", "_owner", "_protocol",
-                 "_reading", "_receivers", "_remote", "_rx", "_tx", "_txq", "_writer",
+                 "_receivers", "_remote", "_rx", "_tx", "_txq", "_writer",
                  "_writing_paused", "idle_count", "idle_since")
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, owner: _Owner,
-                 engine: SocketEngine | None, writer: Writer,
+                 engine: Engine | None, writer: Writer,
                  rx_queue_size: int, pool: RxPool, max_send: int, local_addr: Address,
                  remote_addr: Address | None, sockaddr: bytes | None,
-                 key: PeerKey | None = None) -> None:
+                 key: PeerKey | None = None, protocol_mode: bool = False) -> None:
         self._loop = loop
         self._owner = owner
         # The socket this connection owns (dialed), None on a listener's shared socket.
         self._engine = engine
         self._writer = writer
         self._txq = writer.queue
-        self._rx = RxQueue(rx_queue_size, self._wake_receivers, pool=pool)
+        # Protocol mode (see _start_protocol) delivers each batch to the protocol as it ends.
+        self._rx = (ProtocolRxQueue(rx_queue_size, pool=pool) if protocol_mode
+                    else RxQueue(rx_queue_size, self._wake_receivers, pool=pool))
         # Only a connected socket reports ICMP errors, so only a dialed connection needs on_error.
         self._tx = TxAccount(sockaddr, self._set_error if sockaddr is None else None)
         # Made on the first wait: most of a listener's connections may never have a waiter.
@@ -93,11 +95,9 @@ class UDPConn:
         self._close_reason = "closed"
         self._error: int | None = None
         self._done: asyncio.Future[None] | bool = False  # True: finished before anyone waited
-        # Protocol mode (see _start_protocol): the protocol, whether its datagrams are
-        # delivered (pause_reading), whether it was told to pause writing, and the exception
+        # Protocol mode: the protocol, whether it was told to pause writing, and the exception
         # for its connection_lost.
         self._protocol: ConnProtocol | None = None
-        self._reading = True
         self._writing_paused = False
         self._lost: Exception | None = None
         # Idle tracking (see _idle): the activity count seen by the last sweep, and since when.
@@ -315,12 +315,16 @@ class UDPConn:
             f"datagrams_received(), so recv() has nothing to return")
 
     def _start_protocol(self, protocol: ConnProtocol, *, propagate: bool = False) -> None:
-        """Hand this new connection to ``protocol``: from now on each received batch goes to
-        ``protocol.datagrams_received``. Calls ``connection_made``; if that raises, the
-        connection is closed (``closed`` is then true), or with ``propagate`` the exception
-        is the caller's."""
+        """Hand this new connection (made with ``protocol_mode``) to ``protocol``: from now on
+        each received batch goes to ``protocol.datagrams_received``. Calls
+        ``connection_made``; if that raises, the connection is closed (``closed`` is then
+        true), or with ``propagate`` the exception is the caller's."""
+        rx = self._rx
+        assert isinstance(rx, ProtocolRxQueue)
         self._protocol = protocol
-        self._rx.wake = self._deliver
+        # The queue calls the protocol itself: one call per connection per batch.
+        rx.deliver = protocol.datagrams_received
+        rx.failed = self._datagrams_failed
         try:
             protocol.connection_made(self)
         except Exception as exc:
@@ -329,23 +333,16 @@ class UDPConn:
             self._callback_failed(exc, "connection_made")
 
     def _forget_protocol(self) -> None:
-        """Back to no protocol (its connection_made failed): it gets no connection_lost."""
+        """Its connection_made failed: the protocol gets no connection_lost."""
         self._protocol = None
-        self._rx.wake = self._wake_receivers
 
     @property
     def protocol(self) -> ConnProtocol | None:
         """The connection's protocol in protocol mode (None: task mode, read with ``recv``)."""
         return self._protocol
 
-    def _deliver(self) -> None:
-        # The receive queue's wake-up in protocol mode, called once per batch that made it
-        # non-empty (hot path): the whole queue goes to the protocol in one call.
-        batch = self._rx.take_all()
-        try:
-            self._protocol.datagrams_received(batch)  # type: ignore[union-attr]
-        except Exception as exc:
-            self._callback_failed(exc, "datagrams_received")
+    def _datagrams_failed(self, exc: Exception) -> None:
+        self._callback_failed(exc, "datagrams_received")
 
     def _callback_failed(self, exc: Exception, name: str) -> None:
         protocol = self._protocol
@@ -356,47 +353,57 @@ class UDPConn:
         })
         self._close("error", exc)
 
+    def _protocol_rx(self, method: str) -> ProtocolRxQueue:
+        rx = self._rx
+        if not isinstance(rx, ProtocolRxQueue):
+            raise UDPXError(f"{method}() is for protocol-mode connections; a task-mode "
+                            f"connection receives only when it calls recv()")
+        return rx
+
     def pause_reading(self) -> None:
         """Protocol mode: stop delivering datagrams. They wait in the connection's receive
-        queue (``rx_queue_size``; beyond it they are dropped and counted as ``rx_queue_full``)
-        and are delivered after ``resume_reading()``. Idempotent.
+        queue (``rx_queue_size`` and ``rx_memory_limit``; beyond them they are dropped and
+        counted as ``rx_queue_full`` / ``memory_limit``) and are delivered after
+        ``resume_reading()``. Idempotent.
 
         Raises:
             UDPXError: the connection is in task mode (it reads when it calls ``recv``).
         """
-        if self._protocol is None:
-            raise UDPXError("pause_reading() is for protocol-mode connections; a task-mode "
-                            "connection receives only when it calls recv()")
-        if self._reading:
-            self._reading = False
-            if not self._closed:
-                self._rx.wake = _do_nothing
+        self._protocol_rx("pause_reading").pause()
 
     def resume_reading(self) -> None:
         """Protocol mode: deliver again, starting (soon, from the event loop) with what was
-        queued meanwhile. Idempotent.
+        held meanwhile. Idempotent.
 
         Raises:
             UDPXError: the connection is in task mode.
         """
-        if self._protocol is None:
-            raise UDPXError("resume_reading() is for protocol-mode connections")
-        if not self._reading:
-            self._reading = True
-            if not self._closed:
-                self._rx.wake = self._deliver
-                if self._rx.items:
-                    # Not from inside this call (it may come from a callback): as asyncio
-                    # delivers after resume_reading(), from the loop.
-                    self._loop.call_soon(self._deliver_queued)
+        rx = self._protocol_rx("resume_reading")
+        if rx.paused and rx.resume():
+            # Not from inside this call (it may come from a callback): as asyncio delivers
+            # after resume_reading(), from the loop. Until then new datagrams are held behind
+            # the held ones, so the order holds.
+            self._loop.call_soon(self._deliver_held)
 
-    def _deliver_queued(self) -> None:
-        if self._reading and not self._closed and self._rx.items:
-            self._deliver()
+    def _deliver_held(self) -> None:
+        rx = self._rx
+        assert isinstance(rx, ProtocolRxQueue)
+        if not rx.paused and not rx.closed and rx.items:
+            batch = rx.take_held()
+            try:
+                rx.deliver(batch)
+            except Exception as exc:
+                self._datagrams_failed(exc)
 
     def is_reading(self) -> bool:
-        """Protocol mode: False between ``pause_reading()`` and ``resume_reading()``."""
-        return self._reading and not self._closed
+        """Protocol mode: False between ``pause_reading()`` and ``resume_reading()``, and once
+        closed.
+
+        Raises:
+            UDPXError: the connection is in task mode.
+        """
+        rx = self._protocol_rx("is_reading")
+        return not rx.paused and not rx.closed
 
     def _over_high_mark(self) -> None:
         # A protocol-mode send found the transmit queue above its high mark: tell this
@@ -559,19 +566,18 @@ class UDPConn:
         self._close_reason = reason
         self._wake_all()
         rx = self._rx
-        if self._protocol is None:
+        if isinstance(rx, ProtocolRxQueue):
+            # A closed protocol connection delivers nothing more (as an asyncio transport after
+            # close()): what is held (reading paused) or still arrives in the batch at hand
+            # is dropped and counted as ``closed``.
+            self._lost = exc
+            rx.close()
+        else:
             # Nothing is put into a closed connection's queue any more: drop the queue's
             # reference back to the connection, so that an application that lets go of it
             # frees it (and gives its unread datagrams' share of the memory budget back) at
             # once, not at the next garbage collection.
             rx.wake = _do_nothing
-        else:
-            # A closed protocol connection delivers nothing more (as an asyncio transport after
-            # close()): what is queued (reading paused) or still arrives in the batch at hand
-            # is dropped and counted as ``closed``.
-            self._lost = exc
-            rx.discard_closed()
-            rx.wake = rx.discard_closed
         self._owner._conn_closing(self)
 
     def _finished(self) -> None:

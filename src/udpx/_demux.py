@@ -9,8 +9,10 @@ equal for equal peers.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import islice
+from operator import add
 
-from ._queue import DATAGRAM_OVERHEAD, Arena, RxPool, RxQueue
+from ._queue import DATAGRAM_OVERHEAD, Arena, ProtocolRxQueue, RxPool, RxQueue
 
 __all__ = ["Demux", "PeerKey"]
 
@@ -22,6 +24,7 @@ PeerKey = int | bytes
 # Placeholders for "no peer yet" in the hot loop, so that it needs no None checks.
 _NO_KEY = object()
 _NO_QUEUE = RxQueue(1)
+_NO_LIST: list[bytes] = []
 
 
 def _always_valid(key: PeerKey) -> bool:
@@ -50,7 +53,7 @@ class Demux:
     All receive queues share ``pool``, which counts every datagram they are fed.
     """
 
-    __slots__ = ("backlog", "create", "dropped_backlog", "dropped_bad_source",
+    __slots__ = ("_feed_mixed", "backlog", "create", "dropped_backlog", "dropped_bad_source",
                  "dropped_conn_limit", "dropped_refused", "max_conns", "on_pressure", "pending",
                  "pool", "pressure_mark", "refusal", "table", "valid")
 
@@ -58,8 +61,10 @@ class Demux:
                  create: Callable[[PeerKey], RxQueue | None], pool: RxPool | None = None,
                  valid: Callable[[PeerKey], bool] = _always_valid,
                  pressure_mark: int | None = None,
-                 on_pressure: Callable[[], None] = _do_nothing) -> None:
+                 on_pressure: Callable[[], None] = _do_nothing, protocol: bool = False) -> None:
         self.table: dict[PeerKey, RxQueue] = {}
+        # ``protocol``: every queue is a ProtocolRxQueue, delivered to as the batch ends.
+        self._feed_mixed = self._feed_mixed_protocol if protocol else self._feed_mixed_tasks
         self.max_conns = max_conns
         # No backlog: an unreachable bound, and ``pending`` stays 0.
         self.backlog = backlog if backlog is not None else -1
@@ -135,6 +140,10 @@ class Demux:
             else:
                 queue.put_batch(arena, offsets, lengths)
             return
+        self._feed_mixed(keys, arena, offsets, lengths)
+
+    def _feed_mixed_tasks(self, keys: Sequence[PeerKey], arena: Arena, offsets: Sequence[int],
+                          lengths: Sequence[int]) -> None:
         # Mixed peers: locals only, the lookup skipped within runs of one peer, no per-datagram
         # call except the slice; the pool's totals are added once, after the batch.
         table_get = self.table.get
@@ -181,6 +190,69 @@ class Demux:
         pool.dropped_memory += dropped_memory
         for queue in touched:
             queue.wake()
+
+    def _feed_mixed_protocol(self, keys: Sequence[PeerKey], arena: Arena,
+                             offsets: Sequence[int], lengths: Sequence[int]) -> None:
+        # Protocol mode, mixed peers (hot path: many busy peers land here). Delivery is
+        # synchronous, after the routing, so nothing is queued, limited or budgeted per
+        # datagram: each connection's datagrams are collected in a plain list, and each
+        # connection is counted and delivered to once (ProtocolRxQueue.flush).
+        table_get = self.table.get
+        count = len(lengths)
+        if len(set(keys)) == count:
+            # Every datagram from a different known peer, the usual batch with thousands of
+            # peers: lookups and slices in C, one delivery per datagram.
+            queues = list(map(table_get, keys))
+            if None not in queues:
+                self._deliver_distinct(queues, arena, offsets, lengths)  # type: ignore[arg-type]
+                return
+        touched: list[ProtocolRxQueue] = []
+        last_key: object = _NO_KEY
+        incoming = _NO_LIST
+        for key, offset, length in zip(keys, offsets, lengths):
+            if key != last_key:
+                found = table_get(key)
+                if found is None:
+                    found = self.admit(key)
+                    if found is None:
+                        last_key = _NO_KEY
+                        continue
+                last_key = key
+                incoming = found.incoming  # type: ignore[attr-defined]
+                if not incoming:
+                    touched.append(found)  # type: ignore[arg-type]
+            incoming.append(arena[offset:offset + length])
+        for queue in touched:
+            queue.flush()
+
+    def _deliver_distinct(self, queues: list[ProtocolRxQueue], arena: Arena,
+                          offsets: Sequence[int], lengths: Sequence[int]) -> None:
+        """One datagram for each of ``queues``: ProtocolRxQueue.flush inlined, the pool's
+        totals added once."""
+        datagrams = list(map(arena.__getitem__, map(slice, offsets, map(add, offsets, lengths))))
+        total = len(datagrams)
+        held = held_bytes = 0
+        index = 0
+        while index < total:
+            try:
+                for queue, data in zip(islice(queues, index, None),
+                                       islice(datagrams, index, None)):
+                    index += 1
+                    if queue.hold:
+                        queue.hold_back([data])
+                        held += 1
+                        held_bytes += len(data)
+                        continue
+                    queue.rx_packets += 1
+                    queue.rx_bytes += len(data)
+                    queue.deliver([data])
+            except Exception as exc:
+                # The callback of datagram ``index - 1`` raised: its connection handles it
+                # (closes), the rest of the batch goes on.
+                queues[index - 1].failed(exc)
+        pool = self.pool
+        pool.rx_packets += total - held
+        pool.rx_bytes += sum(lengths) - held_bytes
 
     def feed_batch_refused(self, count: int) -> None:
         """Count ``count`` more datagrams from a peer that admission just refused, for the same

@@ -9,13 +9,13 @@ from collections.abc import Callable, Sequence
 from typing import final
 
 from ._conn import UDPConn
-from ._engine import SocketEngine
 from ._idle import sweep, sweep_interval
 from ._opening import Opening
 from ._options import DEFAULTS, Options
 from ._protocol import ConnProtocol
 from ._queue import Arena, RxPool, RxQueue
 from ._sockets import Address, PeerKey, bind_socket, max_payload, resolve
+from ._transport import make_engine
 
 __all__ = ["dial"]
 
@@ -65,21 +65,21 @@ class _DialedSocket:
     idle timer (a listener has one timer for all its connections)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 options: Options, remote: Address) -> None:
+                 options: Options, remote: Address, *, protocol_mode: bool = False) -> None:
         sink = PeerSink()
-        self._engine = SocketEngine(loop, sock, options, sink, named=False)
+        self._engine = make_engine(loop, sock, options, sink, named=False)
         self.conn = UDPConn(loop=loop, owner=self, engine=self._engine,
                             writer=self._engine.writer, rx_queue_size=options.rx_queue_size,
                             pool=RxPool(options.rx_memory_limit),
                             max_send=min(options.max_datagram, max_payload(sock.family, remote)),
-                            local_addr=sock.getsockname(), remote_addr=remote, sockaddr=None)
+                            local_addr=sock.getsockname(), remote_addr=remote, sockaddr=None,
+                            protocol_mode=protocol_mode)
         sink.attach(self.conn)
         self._loop = loop
         self._idle_timeout = options.idle_timeout
         self._sweeper: asyncio.TimerHandle | None = None
         if options.idle_timeout is not None:
             self._sweeper = loop.call_later(sweep_interval(options.idle_timeout), self._sweep)
-        self._engine.start()
 
     def _sweep(self) -> None:
         timeout = self._idle_timeout
@@ -106,7 +106,7 @@ def dial(host: str, port: int, *,
          idle_timeout: float | None = DEFAULTS.idle_timeout,
          rcvbuf: int | None = DEFAULTS.rcvbuf, sndbuf: int | None = DEFAULTS.sndbuf,
          local_addr: tuple[str, int] | None = DEFAULTS.local_addr, gso: bool = DEFAULTS.gso,
-         gro: bool = DEFAULTS.gro) -> Opening[UDPConn]:
+         gro: bool = DEFAULTS.gro, engine: str = DEFAULTS.engine) -> Opening[UDPConn]:
     """Open a connection to ``host``/``port`` over a connected UDP socket.
 
     Await the result, or use it with ``async with``. No datagram is exchanged by dialing.
@@ -129,7 +129,7 @@ def dial(host: str, port: int, *,
                       rx_queue_size=rx_queue_size, tx_queue_size=tx_queue_size,
                       rx_memory_limit=rx_memory_limit, idle_timeout=idle_timeout,
                       rcvbuf=rcvbuf, sndbuf=sndbuf,
-                      local_addr=local_addr, gso=gso, gro=gro)
+                      local_addr=local_addr, gso=gso, gro=gro, engine=engine)
     if not isinstance(host, str):
         raise ValueError(f"host must be a str, got {host!r}")
     if protocol_factory is not None and not callable(protocol_factory):
@@ -157,9 +157,17 @@ def dial(host: str, port: int, *,
                 if not isinstance(protocol, ConnProtocol):
                     raise TypeError(f"protocol_factory must return a udpx.ConnProtocol, got "
                                     f"{type(protocol).__name__}")
-            conn = _DialedSocket(loop, sock, options, sock.getpeername()).conn
+            dialed = _DialedSocket(loop, sock, options, sock.getpeername(),
+                                   protocol_mode=protocol is not None)
         except BaseException:
             sock.close()
+            raise
+        conn = dialed.conn
+        try:
+            await dialed._engine.open()
+        except BaseException:
+            conn._forget_protocol()
+            conn.close()
             raise
         if protocol is not None:
             # Nothing was received yet (the reader runs from the loop, after this step). What

@@ -36,7 +36,7 @@ from ._sockets import (
 )
 from ._writer import Writer
 
-__all__ = ["Sink", "SocketEngine"]
+__all__ = ["Engine", "Sink", "SocketEngine"]
 
 logger = logging.getLogger("udpx")
 
@@ -54,6 +54,33 @@ class Sink(Protocol):
 
     def socket_error(self, exc: OSError) -> None:
         """The socket reported an error (ICMP errors on a connected socket come this way)."""
+
+
+class Engine(Protocol):
+    """What listeners, dialed connections and connections use of an engine: the batch engine
+    here, or the loop-transport engine (``_transport``)."""
+
+    sock: socket.socket
+    writer: Writer
+    rcvbuf: int
+    sndbuf: int
+
+    async def open(self) -> None: ...
+
+    def feed_datagram(self, data: bytes, addr: Address) -> None: ...
+
+    def kernel_drops(self) -> int: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    @property
+    def released(self) -> bool: ...
+
+    def stop_reading(self) -> None: ...
+
+    def close(self, on_release: Callable[[], None] | None = None) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 @final
@@ -83,13 +110,15 @@ class SocketEngine:
                                   self._on_single if single else self._on_batch,
                                   self._on_error)
         self._named = named
+        self._max_datagram = options.max_datagram
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)
         # The kernel's drop count, read once more just before the socket is closed.
         self._kernel_final: int | None = None
         self._released = False
         self._on_release: list[Callable[[], None]] = []
 
-    def start(self) -> None:
+    async def open(self) -> None:
+        """Start reading (the loop watches the socket from now on)."""
         self.reader.start()
 
     # -- receiving: decode once, feed the sink ------------------------------------------------
@@ -137,11 +166,10 @@ class SocketEngine:
     def _on_error(self, exc: OSError) -> None:
         self.sink.socket_error(exc)
 
-    def datagram_received(self, data: bytes, addr: Address, max_datagram: int) -> None:
-        """One datagram from ``addr``, delivered by someone else than the batch reader (an
-        asyncio ``DatagramProtocol`` entry point)."""
+    def feed_datagram(self, data: bytes, addr: Address) -> None:
+        """One datagram from ``addr``, delivered by someone else than the batch reader."""
         key = key_from_address(self.family, addr) if self._named else None
-        self.sink.feed_one(key, None if len(data) > max_datagram else data)
+        self.sink.feed_one(key, None if len(data) > self._max_datagram else data)
 
     # -- introspection --------------------------------------------------------------------
 
@@ -152,7 +180,8 @@ class SocketEngine:
     def describe(self) -> dict[str, Any]:
         """The socket's part of ``describe()``."""
         rcvbuf, sndbuf = buffer_sizes(self.sock) if not self._released else (0, 0)
-        return {"rcvbuf": rcvbuf, "sndbuf": sndbuf, "batch_size": self.receiver.size,
+        return {"engine": "mmsg", "rcvbuf": rcvbuf, "sndbuf": sndbuf,
+                "batch_size": self.receiver.size,
                 "gso": self.writer.gso, "gro": self.receiver.gro,
                 "tx_queued": len(self.writer.queue)}
 

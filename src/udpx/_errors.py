@@ -23,8 +23,9 @@ class UDPXError(Exception):
 class ConnectionClosed(UDPXError):
     """The connection is closed (and, for ``recv``, drained).
 
-    ``reason`` says why: ``"closed"`` (the application or its listener closed it) or
-    ``"idle"`` (reaped after ``idle_timeout``).
+    ``reason`` says why: ``"closed"`` (the application or its listener closed it),
+    ``"idle"`` (reaped after ``idle_timeout``) or ``"error"`` (a protocol-mode callback
+    raised).
     """
 
     def __init__(self, message: str = "connection closed", *, reason: str = "closed") -> None:

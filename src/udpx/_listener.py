@@ -15,7 +15,6 @@ from typing import Any, Self, final
 
 from ._conn import UDPConn
 from ._demux import Demux
-from ._engine import SocketEngine
 from ._errors import ListenerClosed, UDPXError
 from ._idle import PRESSURE_FLOOR, PRESSURE_THRESHOLD, effective_timeout, sweep, sweep_interval
 from ._opening import Opening
@@ -33,6 +32,7 @@ from ._sockets import (
     sockaddr_from_key,
 )
 from ._stats import ListenerStats, drops_mapping
+from ._transport import make_engine
 from ._waiters import FifoWaiters
 
 __all__ = ["Listener", "listen"]
@@ -78,11 +78,11 @@ class Listener(asyncio.DatagramProtocol):
                             else self._create_protocol_conn,
                             pool=self._pool, valid=_valid_source,
                             pressure_mark=math.ceil(PRESSURE_THRESHOLD * options.max_conns),
-                            on_pressure=self._pressure)
+                            on_pressure=self._pressure, protocol=protocol_factory is not None)
         # The sink interface, bound straight to the demultiplexer: no call layer per batch.
         self.feed_batch = self._demux.feed_batch
         self.feed_one = self._demux.feed_one
-        self._engine = SocketEngine(loop, sock, options, self, named=True)
+        self._engine = make_engine(loop, sock, options, self, named=True)
         self._writer = self._engine.writer
         self._conns: dict[PeerKey, UDPConn] = {}
         # Connections created and not yet accepted, oldest first. An OrderedDict so that a
@@ -98,7 +98,6 @@ class Listener(asyncio.DatagramProtocol):
             self._sweeper = loop.call_later(sweep_interval(options.idle_timeout), self._sweep)
         self._drops_reported: dict[str, int] = {}
         self._drop_reporter = loop.call_later(DROP_REPORT_INTERVAL, self._report_drops)
-        self._engine.start()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -114,7 +113,7 @@ class Listener(asyncio.DatagramProtocol):
         """Route one datagram from ``addr`` (asyncio's DatagramProtocol entry point)."""
         if self._closed:
             return
-        self._engine.datagram_received(data, addr, self._options.max_datagram)
+        self._engine.feed_datagram(data, addr)
 
     def error_received(self, exc: Exception) -> None:
         logger.warning("udpx: error on listener %r: %s", self._local, exc)
@@ -125,7 +124,8 @@ class Listener(asyncio.DatagramProtocol):
                        rx_queue_size=self._options.rx_queue_size, pool=self._pool,
                        max_send=min(self._options.max_datagram, max_payload(self._family, remote)),
                        local_addr=self._local, remote_addr=None,  # built from key on demand
-                       sockaddr=sockaddr_from_key(self._family, key), key=key)
+                       sockaddr=sockaddr_from_key(self._family, key), key=key,
+                       protocol_mode=self._protocol_factory is not None)
         self._conns[key] = conn
         logger.debug("udpx: new connection from %r on %r", remote, self._local)
         return conn
@@ -397,7 +397,7 @@ def listen(host: str | None, port: int, *,
            max_conns: int = DEFAULTS.max_conns, backlog: int = DEFAULTS.backlog,
            reuse_port: bool = DEFAULTS.reuse_port, rcvbuf: int | None = DEFAULTS.rcvbuf,
            sndbuf: int | None = DEFAULTS.sndbuf, gso: bool = DEFAULTS.gso,
-           gro: bool = DEFAULTS.gro) -> Opening[Listener]:
+           gro: bool = DEFAULTS.gro, engine: str = DEFAULTS.engine) -> Opening[Listener]:
     """Listen for datagrams on ``host``/``port`` (``host=None``: every interface, IPv6
     dual-stack where available; ``port=0``: a free port, see ``local_addr``).
 
@@ -418,7 +418,7 @@ def listen(host: str | None, port: int, *,
                       rx_memory_limit=rx_memory_limit,
                       idle_timeout=idle_timeout, max_conns=max_conns, backlog=backlog,
                       reuse_port=reuse_port, rcvbuf=rcvbuf, sndbuf=sndbuf, gso=gso,
-                      gro=gro)
+                      gro=gro, engine=engine)
     if protocol_factory is not None and not callable(protocol_factory):
         raise TypeError(f"protocol_factory must be callable (a udpx.ConnProtocol subclass, "
                         f"say), got {protocol_factory!r}")
@@ -432,10 +432,16 @@ def listen(host: str | None, port: int, *,
         sock = bind_socket(family, address, reuse_port=options.reuse_port,
                            rcvbuf=options.rcvbuf, sndbuf=options.sndbuf)
         try:
-            return Listener(loop, sock, options, protocol_factory)
+            listener = Listener(loop, sock, options, protocol_factory)
         except BaseException:
             sock.close()
             raise
+        try:
+            await listener._engine.open()
+        except BaseException:
+            listener.close()
+            raise
+        return listener
 
     return Opening(open_listener)
 

@@ -83,6 +83,13 @@ class Options:
     datagram. Used where the kernel supports it, with the default ``max_datagram`` and a
     ``batch_size`` above 1."""
 
+    engine: str = "auto"
+    """How the socket is driven: ``"mmsg"`` (udpx's batch engine: the loop watches the socket
+    and udpx reads and writes it with recvmmsg/sendmmsg), ``"transport"`` (the event loop's
+    own datagram transport, one datagram per call: the portable path, which works on any
+    loop, also Windows' Proactor), or ``"auto"``: the batch engine wherever the loop can watch
+    a socket."""
+
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _check_int("max_datagram", self.max_datagram, 1, 65535)
@@ -102,6 +109,9 @@ class Options:
                 finite = False
             if not (timeout > 0 and finite):
                 raise ValueError(f"idle_timeout must be positive and finite, got {timeout!r}")
+        if self.engine not in ("auto", "mmsg", "transport"):
+            raise ValueError(f"engine must be 'auto', 'mmsg' or 'transport', got "
+                             f"{self.engine!r}")
         for name in ("reuse_port", "gso", "gro"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -12,7 +12,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-__all__ = ["DATAGRAM_OVERHEAD", "Arena", "RxPool", "RxQueue", "TxAccount", "TxQueue"]
+__all__ = ["DATAGRAM_OVERHEAD", "Arena", "ProtocolRxQueue", "RxPool", "RxQueue", "TxAccount",
+           "TxQueue"]
 
 
 class Arena(Protocol):
@@ -210,19 +211,6 @@ class RxQueue:
         self.pool.dropped_unaccepted += count
         return count
 
-    def take_all(self) -> list[bytes]:
-        """Remove and return every queued datagram (at least one is queued): a protocol-mode
-        connection's delivery, once per batch (hot path)."""
-        items = self.items
-        if len(items) == 1:
-            data = items.popleft()
-            self.pool.buffered -= len(data) + DATAGRAM_OVERHEAD
-            return [data]
-        batch = list(items)
-        items.clear()
-        self.pool.buffered -= sum(map(len, batch)) + len(batch) * DATAGRAM_OVERHEAD
-        return batch
-
     def discard_closed(self) -> None:
         """Drop what is queued, counted as ``closed``: datagrams that a closed protocol-mode
         connection will never deliver (queued while its reading was paused, or arriving in the
@@ -239,6 +227,105 @@ class RxQueue:
         if items:
             self.pool.buffered -= sum(map(len, items)) + len(items) * DATAGRAM_OVERHEAD
             items.clear()
+
+
+class ProtocolRxQueue(RxQueue):
+    """A protocol-mode connection's receive side: each batch's datagrams for the connection
+    are collected in ``incoming`` (a plain list) and handed to ``deliver`` (the protocol's
+    ``datagrams_received``) by ``flush()``, once per batch; what ``deliver`` raises goes to
+    ``failed``. The bounded queue (``items``) holds datagrams only while delivery is held
+    back (``hold``: reading paused, older held datagrams not yet delivered, or closed), with
+    the same limits and drop accounting as a task-mode queue.
+
+    Delivery is synchronous, so a delivered datagram never counts against the memory budget:
+    only held ones do.
+    """
+
+    __slots__ = ("closed", "deliver", "failed", "hold", "incoming", "paused")
+
+    def __init__(self, limit: int, *, pool: RxPool | None = None) -> None:
+        super().__init__(limit, pool=pool)
+        #: This batch's datagrams for the connection, not yet flushed.
+        self.incoming: list[bytes] = []
+        self.deliver: Callable[[list[bytes]], object] = _discard
+        self.failed: Callable[[Exception], None] = _ignore
+        #: Reading paused: datagrams are held in ``items``.
+        self.paused = False
+        #: The connection is closed: datagrams are dropped, counted as ``closed``.
+        self.closed = False
+        #: Paused, closed, or held datagrams wait for delivery: hold new ones back too.
+        self.hold = False
+
+    def flush(self) -> None:
+        """Hand ``incoming`` to ``deliver`` (called once per batch that added to it), or
+        hold it back."""
+        batch = self.incoming
+        self.incoming = []
+        if self.hold:
+            self.hold_back(batch)
+            return
+        count = len(batch)
+        payload = sum(map(len, batch))
+        self.rx_packets += count
+        self.rx_bytes += payload
+        pool = self.pool
+        pool.rx_packets += count
+        pool.rx_bytes += payload
+        try:
+            self.deliver(batch)
+        except Exception as exc:
+            self.failed(exc)
+
+    def hold_back(self, batch: list[bytes]) -> None:
+        """Queue ``batch`` (bounded and counted, as ``put``), or count it as ``closed``."""
+        if self.closed:
+            self.dropped_closed += len(batch)
+            self.pool.dropped_closed += len(batch)
+            return
+        put = super().put
+        for data in batch:
+            put(data)  # ``wake`` does nothing here
+
+    def put(self, data: bytes) -> bool:
+        """One datagram, delivered (or held back) at once."""
+        self.incoming.append(data)
+        self.flush()
+        return True
+
+    def put_batch(self, arena: Arena, offsets: Sequence[int], lengths: Sequence[int]) -> None:
+        """A batch of one peer: one list, one delivery (hot path)."""
+        self.incoming = [arena[offset:offset + length]
+                         for offset, length in zip(offsets, lengths)]
+        self.flush()
+
+    def pause(self) -> None:
+        self.paused = self.hold = True
+
+    def resume(self) -> bool:
+        """Reading resumed; returns whether held datagrams wait for ``take_held()`` (new ones
+        are held behind them until then)."""
+        self.paused = False
+        self.hold = self.closed or bool(self.items)
+        return self.hold and not self.closed
+
+    def take_held(self) -> list[bytes]:
+        """The held datagrams, oldest first, once reading resumed; delivery is direct again."""
+        batch = self.get_many(None)
+        self.hold = self.paused or self.closed
+        return batch
+
+    def close(self) -> None:
+        """Deliver nothing more: drop what is held and what still arrives (``closed``)."""
+        self.closed = self.hold = True
+        self.discard_closed()
+
+
+def _discard(batch: list[bytes]) -> None:
+    return None
+
+
+def _ignore(exc: Exception) -> None:
+    return None
 
 
 class TxQueue:

@@ -26,7 +26,8 @@ class ConnStats:
 
     ``rx_*`` count datagrams delivered to the connection (queued for ``recv``), ``tx_*`` those
     handed to the kernel. ``drops`` maps each reason to a count: ``rx_queue_full``,
-    ``truncated``, ``send_error`` (and ``kernel`` on a dialed connection's own socket).
+    ``truncated``, ``send_error``, ``closed`` (protocol mode: held or arriving when it closed;
+    it delivers nothing after close) and ``kernel`` on a dialed connection's own socket.
     """
 
     rx_packets: int = 0
@@ -45,9 +46,11 @@ class ListenerStats:
     """A listener's counters at one moment: totals over all its connections, past and present.
 
     ``drops`` adds ``backlog_full``, ``conn_limit``, ``unaccepted`` (queued on connections
-    closed before ``accept()`` returned them) and ``kernel`` (the kernel's own drop count for the
-    socket, which counts a dropped GRO run as one) to the connection reasons. ``conns`` is the
-    number open now, ``accepted`` the number ``accept()`` returned since the start.
+    closed before ``accept()`` returned them), ``memory_limit``, ``bad_source``, ``refused``
+    (protocol mode: the protocol refused a new peer) and ``kernel`` (the kernel's own drop
+    count for the socket, which counts a dropped GRO run as one) to the connection reasons.
+    ``conns`` is the number open now, ``accepted`` the number ``accept()`` returned since the
+    start (in protocol mode: connections handed to protocols).
     """
 
     rx_packets: int = 0

@@ -15,11 +15,10 @@ import socket
 import struct
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Protocol
 
-from ._mmsg import Sender
 from ._queue import TxAccount, TxQueue
 from ._sockets import address_from_sockaddr, sockaddr_port
 from ._waiters import FifoWaiters
@@ -46,6 +45,20 @@ HAVE_GSO = sys.platform.startswith("linux")
 # destination (port 0) or a segment above the path MTU, so it turns GSO off only while no GSO
 # send ever succeeded on the socket and the destination is well formed.
 _GSO_REFUSALS = frozenset({errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+
+
+class Sender(Protocol):
+    """What the writer sends through: the batch arrays (``_mmsg``), the one-datagram
+    sender, or a loop transport (``_transport``)."""
+
+    size: int
+    calls: int
+
+    def fill(self, datagrams: Sequence[bytes], names: Sequence[bytes] | None) -> int: ...
+
+    def send(self, fd: int, start: int) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class _Pausable(Protocol):
@@ -97,6 +110,15 @@ class Writer:
         if not self._scheduled and not self._waiting_writable and not self._closed:
             self._scheduled = True
             self._loop.call_soon(self._flush)
+
+    def block(self) -> None:
+        """Hold sending back until ``unblock()`` (a loop transport's buffer is full)."""
+        self._waiting_writable = True
+
+    def unblock(self) -> None:
+        self._waiting_writable = False
+        if self.queue.datagrams:
+            self.schedule()
 
     async def wait_space(self) -> None:
         """Wait for a turn at a free slot (FIFO among waiters). Cancellation-safe. A caller

@@ -1,0 +1,260 @@
+"""The portable engine: the same sinks, fed by the event loop's own datagram transport.
+
+Where a loop cannot watch a socket with ``add_reader`` (Windows' IOCP Proactor loop), or where
+recvmmsg/sendmmsg do not exist, udpx still runs: the socket is handed to the loop's
+``create_datagram_endpoint`` and this engine is its ``DatagramProtocol``. Each datagram goes
+to the sink one at a time (``feed_one``); the writer drains the transmit queue into
+``transport.sendto``, one datagram per call, and waits while the transport says its buffer is
+full (``pause_writing``). Listeners, dialed connections and protocol mode work unchanged; only
+the speed differs. On Linux it can be chosen with ``engine="transport"``, which is how the test
+suite runs its portable path.
+
+What the loop does not report, udpx cannot count: a failed send reaches ``error_received``
+without saying which datagram failed, so in this mode send errors are logged (listeners) or
+handed to the connection (dialed sockets), not counted as ``send_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any, final
+
+from ._engine import Engine, Sink, SocketEngine
+from ._options import Options
+from ._queue import TxQueue
+from ._sockets import (
+    Address,
+    PeerKey,
+    address_from_sockaddr,
+    buffer_sizes,
+    kernel_drops,
+    key_from_address,
+)
+from ._writer import Writer
+
+__all__ = ["Engine", "TransportEngine", "make_engine"]
+
+logger = logging.getLogger("udpx")
+
+#: Peer keys remembered per address tuple (computing one costs about a microsecond).
+_KEY_CACHE_SIZE = 4096
+
+
+@final
+class TransportSender:
+    """The writer's sender in transport mode: ``transport.sendto`` per datagram."""
+
+    def __init__(self, sock: socket.socket, size: int) -> None:
+        self.sock = sock
+        self.size = size
+        self.calls = 0
+        self.transport: asyncio.DatagramTransport | None = None
+        self._family = sock.family
+        self._datagrams: Sequence[bytes] = ()
+        self._names: Sequence[bytes] | None = None
+        self._addresses: dict[bytes, Address] = {}
+
+    def fill(self, datagrams: Sequence[bytes], names: Sequence[bytes] | None) -> int:
+        self._datagrams = datagrams
+        self._names = names
+        return len(datagrams)
+
+    def send(self, fd: int, start: int) -> int:
+        """Hand the filled datagrams from ``start`` on to the transport; it takes them all
+        (what the kernel does not take at once, it buffers and reports by pausing us)."""
+        transport = self.transport
+        assert transport is not None
+        datagrams = self._datagrams
+        names = self._names
+        self.calls += 1
+        for index in range(start, len(datagrams)):
+            data = datagrams[index]
+            address = None
+            if names is not None:
+                name = names[index]
+                address = self._addresses.get(name)
+                if address is None:
+                    if len(self._addresses) >= _KEY_CACHE_SIZE:
+                        self._addresses.clear()
+                    address = self._addresses[name] = address_from_sockaddr(self._family, name)
+            if data:
+                transport.sendto(data, address)
+                continue
+            # Loop transports silently skip empty datagrams (asyncio before 3.12, uvloop); UDP
+            # allows them, so they go straight to the socket. A failure is that datagram's:
+            # raised when it is the first of the call (the writer counts it), else the call
+            # ends before it.
+            try:
+                if address is None:
+                    self.sock.send(b"")
+                else:
+                    self.sock.sendto(b"", address)
+            except OSError:
+                if index == start:
+                    raise
+                return index - start
+        return len(datagrams) - start
+
+    def close(self) -> None:
+        self._datagrams = ()
+
+
+@final
+class TransportEngine(asyncio.DatagramProtocol):
+    """One UDP socket served by the loop's datagram transport, feeding ``sink``; the same
+    surface as ``SocketEngine``. ``open()`` hands the socket to the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, options: Options,
+                 sink: Sink, *, named: bool) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.family = sock.family
+        self.sink = sink
+        self._named = named
+        self._max_datagram = options.max_datagram
+        self.sender = TransportSender(sock, options.batch_size)
+        self.writer = Writer(loop, sock, self.sender, TxQueue(options.tx_queue_size), named,
+                             gso=False)
+        self.transport: asyncio.DatagramTransport | None = None
+        self.rcvbuf, self.sndbuf = buffer_sizes(sock)
+        self._keys: dict[Address, PeerKey] = {}
+        self._kernel_final: int | None = None
+        self._released = False
+        self._closing = False
+        self._on_release: list[Callable[[], None]] = []
+        self._lost: asyncio.Future[None] = loop.create_future()
+
+    async def open(self) -> None:
+        """Hand the socket to the loop's datagram transport."""
+        transport, _ = await self.loop.create_datagram_endpoint(lambda: self, sock=self.sock)
+        self.transport = transport
+        self.sender.transport = transport
+        if self._closing:
+            _pause_reading(transport)
+
+    # -- the loop's DatagramProtocol -----------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        if self._closing:
+            return
+        key: PeerKey | None = None
+        if self._named:
+            key = self._keys.get(addr)
+            if key is None:
+                if len(self._keys) >= _KEY_CACHE_SIZE:
+                    self._keys.clear()
+                key = self._keys[addr] = key_from_address(self.family, addr)
+        self.sink.feed_one(key, None if len(data) > self._max_datagram else data)
+
+    def error_received(self, exc: Exception) -> None:
+        if isinstance(exc, OSError):
+            self.sink.socket_error(exc)
+        else:  # pragma: no cover - loops report OSErrors
+            logger.warning("udpx: transport error: %r", exc)
+
+    def pause_writing(self) -> None:
+        self.writer.block()
+
+    def resume_writing(self) -> None:
+        self.writer.unblock()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            logger.warning("udpx: transport of %r lost: %s", self.sock, exc)
+        if not self._lost.done():
+            self._lost.set_result(None)
+        self._release()
+
+    # -- the engine's surface ----------------------------------------------------------
+
+    def feed_datagram(self, data: bytes, addr: Address) -> None:
+        """One datagram from ``addr``, from someone else than the transport."""
+        self.datagram_received(data, addr)
+
+    def kernel_drops(self) -> int:
+        return kernel_drops(self.sock) if self._kernel_final is None else self._kernel_final
+
+    def describe(self) -> dict[str, Any]:
+        rcvbuf, sndbuf = buffer_sizes(self.sock) if not self._released else (0, 0)
+        return {"engine": "transport", "rcvbuf": rcvbuf, "sndbuf": sndbuf, "batch_size": 1,
+                "gso": False, "gro": False, "tx_queued": len(self.writer.queue)}
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def stop_reading(self) -> None:
+        self._closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            _pause_reading(self.transport)
+
+    def close(self, on_release: Callable[[], None] | None = None) -> None:
+        """Stop reading, flush the queue into the transport, close it (it flushes its own
+        buffer), then call ``on_release`` once the loop reports the socket closed."""
+        self.stop_reading()
+        if on_release is not None:
+            if self._released:
+                on_release()
+            else:
+                self._on_release.append(on_release)
+        self.writer.when_empty(self._close_transport)
+
+    def _close_transport(self) -> None:
+        if self._kernel_final is None and self.sock.fileno() >= 0:
+            self._kernel_final = kernel_drops(self.sock)
+        if self.transport is None:
+            self.sock.close()
+            self._release()
+        elif not self.transport.is_closing():
+            self.transport.close()  # connection_lost follows, from the loop
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self.writer.close()
+        if self._kernel_final is None:
+            self._kernel_final = 0
+        callbacks, self._on_release = self._on_release, []
+        for callback in callbacks:
+            callback()
+
+    def abort(self) -> None:
+        """Garbage collection of an unclosed owner: free the socket, send nothing more."""
+        if not self._released:
+            self._released = True
+            if self.transport is not None:
+                self.transport.abort()
+            else:
+                self.sock.close()
+
+
+def _pause_reading(transport: asyncio.DatagramTransport) -> None:
+    # asyncio's datagram transports can pause reading; uvloop's cannot (then what still
+    # arrives before the close is ignored: the socket is closing).
+    pause = getattr(transport, "pause_reading", None)
+    if pause is not None:
+        pause()
+
+
+def _has_add_reader(loop: asyncio.AbstractEventLoop) -> bool:
+    # The IOCP Proactor loop (Windows) cannot watch a socket for readiness.
+    proactor = getattr(asyncio, "ProactorEventLoop", None)
+    return not (proactor is not None and isinstance(loop, proactor))
+
+
+def make_engine(loop: asyncio.AbstractEventLoop, sock: socket.socket, options: Options,
+                sink: Sink, *, named: bool) -> Engine:
+    """The engine ``options.engine`` asks for: ``"mmsg"`` (the batch engine: add_reader and
+    recvmmsg/sendmmsg, one datagram per syscall where those do not exist), ``"transport"``
+    (the loop's own datagram transport), or ``"auto"`` (the batch engine wherever the loop can
+    watch a socket)."""
+    kind = options.engine
+    if kind == "auto":
+        kind = "mmsg" if _has_add_reader(loop) else "transport"
+    if kind == "transport":
+        return TransportEngine(loop, sock, options, sink, named=named)
+    return SocketEngine(loop, sock, options, sink, named=named)
