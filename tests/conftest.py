@@ -205,6 +205,16 @@ def netns(netns_factory: Callable[[], NetNS]) -> NetNS:
     return netns_factory()
 
 
+class EchoProtocol(udpx.ConnProtocol):
+    """A protocol-mode echo: each batch goes back as it came."""
+
+    def connection_made(self, conn: udpx.UDPConn) -> None:
+        self.conn = conn
+
+    def datagrams_received(self, datagrams: list[bytes]) -> None:
+        self.conn.send_many_nowait(datagrams)
+
+
 def socket_engine(engine: object) -> SocketEngine:
     """The batch engine behind a listener or a dialed connection (tests look inside it)."""
     assert isinstance(engine, SocketEngine), engine

@@ -158,7 +158,30 @@ async def link_local(ifname: str) -> Result:
     return result
 
 
+async def transport_backpressure(count: int, size: int, sndbuf: int) -> Result:
+    """A dialed connection on the loop-transport engine sends ``count`` datagrams into a slow
+    link: the transport's buffer fills (EAGAIN), it pauses udpx's writer, ``send_many`` waits
+    for room, and every datagram still arrives, in order."""
+    received: list[bytes] = []
+    async with udpx.listen("127.0.0.1", 0, rcvbuf=4 << 20) as ln, \
+            udpx.dial("127.0.0.1", ln.local_addr[1], engine="transport", sndbuf=sndbuf,
+                      tx_queue_size=64) as conn:
+        datagrams = [index.to_bytes(4, "big") * (size // 4) for index in range(count)]
+        started = time.monotonic()
+        await conn.send_many(datagrams)
+        server = await ln.accept()
+        while len(received) < count:
+            async with asyncio.timeout(20):
+                received.extend(await server.recv_many())
+        writer = conn._writer
+        return {"in_order": received == datagrams, "received": len(received),
+                "paused": writer.blocked, "seconds": round(time.monotonic() - started, 2),
+                "describe": conn.describe()["socket"]}
+
+
 SCENARIOS: dict[str, Callable[[list[str]], Coroutine[Any, Any, Result]]] = {
+    "transport_backpressure": lambda args: transport_backpressure(
+        int(args[0]), int(args[1]), int(args[2])),
     "deaf_after_icmp": lambda args: deaf_after_icmp(int(args[0]), int(args[1]), int(args[2])),
     "link_local": lambda args: link_local(args[0]),
 }

@@ -62,6 +62,21 @@ def test_dialed_conn_keeps_reading_after_icmp_errors_while_writer_waits(
         f"{result['left_in_kernel']} left unread in the kernel socket: {result}")
 
 
+def test_transport_engine_pauses_the_writer_and_loses_nothing(netns: NetNS,
+                                                              loop_kind: str) -> None:
+    """The loop-transport engine under real EAGAIN (a 4 Mbit/s tbf on the namespace's lo, a
+    small send buffer): the loop's transport buffers, tells udpx to pause, udpx's transmit
+    queue fills and send_many() waits; all 1,000 datagrams arrive in order."""
+    if shutil.which("tc") is None:
+        pytest.skip("the tc tool (iproute2) is not installed")
+    netns.run("tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "4mbit",
+              "burst", "32kbit", "latency", "400ms")
+    result = run_scenario(netns, "transport_backpressure", loop_kind, "1000", "400", "4096")
+    assert result["describe"]["engine"] == "transport", result
+    assert result["in_order"] and result["received"] == 1000, result
+    assert result["paused"] > 0, f"the transport never paused the writer: {result}"
+
+
 def test_ipv6_link_local_listen_and_dial_keep_the_scope(netns: NetNS, loop_kind: str) -> None:
     """``listen("fe80::1%lo", 0)`` and ``dial`` to it work, with the interface's scope id.
 

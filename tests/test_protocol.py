@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import udpx
 
-from .conftest import Runner, free_udp_port, settle
+from .conftest import EchoProtocol, Runner, free_udp_port, settle
 
 try:
     import uvloop
@@ -624,15 +624,8 @@ def test_protocol_listener_many_peers_all_served(run: Runner[Any], engine: str) 
     """200 peers, each answered by its own protocol, with one idle sweep's worth of
     bookkeeping: conns, accepted and stats agree."""
 
-    class Echo(udpx.ConnProtocol):
-        def connection_made(self, conn: udpx.UDPConn) -> None:
-            self.conn = conn
-
-        def datagrams_received(self, datagrams: list[bytes]) -> None:
-            self.conn.send_many_nowait(datagrams)
-
     async def main() -> None:
-        async with udpx.listen("127.0.0.1", 0, protocol_factory=Echo, rcvbuf=1 << 20,
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=EchoProtocol, rcvbuf=1 << 20,
                                engine=engine) as ln:
             with _peers("127.0.0.1", 200) as peers:
                 for index, peer in enumerate(peers):
@@ -646,6 +639,6 @@ def test_protocol_listener_many_peers_all_served(run: Runner[Any], engine: str) 
             stats = ln.stats
             assert (stats.conns, stats.accepted, stats.rx_packets, stats.tx_packets) == (
                 200, 200, 200, 200)
-            assert all(isinstance(conn.protocol, Echo) for conn in ln.conns())
+            assert all(isinstance(conn.protocol, EchoProtocol) for conn in ln.conns())
 
     run(main())

@@ -73,7 +73,8 @@ class UDPConn:
                  engine: Engine | None, writer: Writer,
                  rx_queue_size: int, pool: RxPool, max_send: int, local_addr: Address,
                  remote_addr: Address | None, sockaddr: bytes | None,
-                 key: PeerKey | None = None, protocol_mode: bool = False) -> None:
+                 key: PeerKey | None = None, protocol_mode: bool = False,
+                 source: tuple[bytes, tuple[int, int, bytes]] | None = None) -> None:
         self._loop = loop
         self._owner = owner
         # The socket this connection owns (dialed), None on a listener's shared socket.
@@ -84,7 +85,8 @@ class UDPConn:
         self._rx = (ProtocolRxQueue(rx_queue_size, pool=pool) if protocol_mode
                     else RxQueue(rx_queue_size, self._wake_receivers, pool=pool))
         # Only a connected socket reports ICMP errors, so only a dialed connection needs on_error.
-        self._tx = TxAccount(sockaddr, self._set_error if sockaddr is None else None)
+        self._tx = TxAccount(sockaddr, self._set_error if sockaddr is None else None,
+                             source=source)
         # Made on the first wait: most of a listener's connections may never have a waiter.
         self._receivers: FifoWaiters | None = None
         self._max_send = max_send
@@ -441,7 +443,8 @@ class UDPConn:
         return datagram
 
     def _enqueue(self, datagram: bytes) -> None:
-        # Hot path: TxQueue.put inlined (A/B with a C receiver: the method call cost ~3% per send).
+        # Hot path: TxQueue.put and the account's count inlined (A/B with a C receiver: the
+        # method call cost ~3% per send). Every other enqueue goes through TxQueue.put_many.
         txq = self._txq
         txq.datagrams.append(datagram)
         txq.owners.append(self._tx)
@@ -513,10 +516,7 @@ class UDPConn:
         if len(txq.datagrams) + count > txq.limit:
             raise QueueFull(f"transmit queue has room for {txq.limit - len(txq.datagrams)} "
                             f"datagrams, not {count} ({txq.limit} in all)")
-        tx = self._tx
-        txq.datagrams.extend(batch)
-        txq.owners.extend([tx] * count)
-        tx.enqueued += count
+        txq.put_many(batch, self._tx)
         self._writer.schedule()
         if len(txq.datagrams) >= txq.high:
             self._over_high_mark()
@@ -542,9 +542,7 @@ class UDPConn:
                 self._check_turn()
                 continue
             part = batch[index:index + space]
-            txq.datagrams.extend(part)
-            txq.owners.extend([tx] * len(part))
-            tx.enqueued += len(part)
+            txq.put_many(part, tx)
             index += len(part)
             self._writer.schedule()
 

@@ -22,6 +22,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, final
 
+from ._cmsg import enable_pktinfo
 from ._mmsg import SingleRecv, make_receiver, make_sender, message_datagrams
 from ._options import Options
 from ._queue import Arena, TxQueue
@@ -92,19 +93,23 @@ class SocketEngine:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, options: Options,
-                 sink: Sink, *, named: bool) -> None:
+                 sink: Sink, *, named: bool, pktinfo: bool = False) -> None:
         self.loop = loop
         self.sock = sock
         self.family = sock.family
         self.sink = sink
         family = sock.family
+        #: Each datagram's local address is known and each reply leaves from it (a wildcard
+        #: listener; see _cmsg): keys are (peer, local address).
+        self.pktinfo = pktinfo and enable_pktinfo(sock)
         self.receiver = make_receiver(sock, options.batch_size, options.max_datagram, named,
                                       lambda address: key_from_address(family, address),
-                                      gro=options.gro)
+                                      gro=options.gro, pktinfo=self.pktinfo)
         self.sender = make_sender(sock, options.batch_size, options.max_datagram, named,
-                                  lambda raw: address_from_sockaddr(family, raw))
+                                  lambda raw: address_from_sockaddr(family, raw),
+                                  pktinfo=self.pktinfo)
         self.writer = Writer(loop, sock, self.sender, TxQueue(options.tx_queue_size), named,
-                             gso=options.gso and options.batch_size > 1)
+                             gso=options.gso and options.batch_size > 1, pktinfo=self.pktinfo)
         single = isinstance(self.receiver, SingleRecv)
         self.reader = BatchReader(loop, sock, self.receiver,
                                   self._on_single if single else self._on_batch,
@@ -181,7 +186,7 @@ class SocketEngine:
         """The socket's part of ``describe()``."""
         rcvbuf, sndbuf = buffer_sizes(self.sock) if not self._released else (0, 0)
         return {"engine": "mmsg", "rcvbuf": rcvbuf, "sndbuf": sndbuf,
-                "batch_size": self.receiver.size,
+                "batch_size": self.receiver.size, "pktinfo": self.pktinfo,
                 "gso": self.writer.gso, "gro": self.receiver.gro,
                 "tx_queued": len(self.writer.queue)}
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self, final
 
+from ._cmsg import pktinfo_ancillary, pktinfo_cmsg
 from ._conn import UDPConn
 from ._demux import Demux
 from ._errors import ListenerClosed, UDPXError
@@ -27,9 +28,11 @@ from ._sockets import (
     address_from_key,
     bind_socket,
     key_port,
+    local_address,
     max_payload,
     resolve,
     sockaddr_from_key,
+    split_key,
 )
 from ._stats import ListenerStats, drops_mapping
 from ._transport import make_engine
@@ -82,7 +85,10 @@ class Listener(asyncio.DatagramProtocol):
         # The sink interface, bound straight to the demultiplexer: no call layer per batch.
         self.feed_batch = self._demux.feed_batch
         self.feed_one = self._demux.feed_one
-        self._engine = make_engine(loop, sock, options, self, named=True)
+        # A wildcard listener answers each peer from the address it sent to (see _cmsg).
+        self._engine = make_engine(loop, sock, options, self, named=True,
+                                   pktinfo=self._local[0] in ("0.0.0.0", "::"))
+        self._pktinfo = getattr(self._engine, "pktinfo", False)
         self._writer = self._engine.writer
         self._conns: dict[PeerKey, UDPConn] = {}
         # Connections created and not yet accepted, oldest first. An OrderedDict so that a
@@ -119,13 +125,22 @@ class Listener(asyncio.DatagramProtocol):
         logger.warning("udpx: error on listener %r: %s", self._local, exc)
 
     def _new_conn(self, key: PeerKey) -> UDPConn:
-        remote = address_from_key(self._family, key)
+        family = self._family
+        remote = address_from_key(family, key)
+        local_addr = self._local
+        source = None
+        if self._pktinfo:
+            # The connection is (peer, local address): it answers from that address.
+            local = split_key(family, key)[1]
+            if local is not None:
+                local_addr = local_address(family, local, self._local[1])
+                source = (pktinfo_cmsg(family, local), pktinfo_ancillary(family, local))
         conn = UDPConn(loop=self._loop, owner=self, engine=None, writer=self._writer,
                        rx_queue_size=self._options.rx_queue_size, pool=self._pool,
-                       max_send=min(self._options.max_datagram, max_payload(self._family, remote)),
-                       local_addr=self._local, remote_addr=None,  # built from key on demand
-                       sockaddr=sockaddr_from_key(self._family, key), key=key,
-                       protocol_mode=self._protocol_factory is not None)
+                       max_send=min(self._options.max_datagram, max_payload(family, remote)),
+                       local_addr=local_addr, remote_addr=None,  # built from key on demand
+                       sockaddr=sockaddr_from_key(family, key), key=key,
+                       protocol_mode=self._protocol_factory is not None, source=source)
         self._conns[key] = conn
         logger.debug("udpx: new connection from %r on %r", remote, self._local)
         return conn

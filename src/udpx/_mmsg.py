@@ -20,9 +20,24 @@ import errno
 import mmap
 import os
 import socket
+import sys
 from array import array
 from collections.abc import Sequence
+from itertools import repeat
+from operator import add, lshift, or_
 from typing import TYPE_CHECKING, Any, Literal
+
+from ._cmsg import (
+    IP_PKTINFO,
+    IPPROTO_IP,
+    IPPROTO_IPV6,
+    IPV6_PKTINFO,
+    ancillary_of,
+    cmsg_space,
+    local_from_ancillary,
+    parse_local,
+)
+from ._sockets import join_key
 
 if TYPE_CHECKING:
     from ._demux import PeerKey
@@ -99,10 +114,13 @@ def _cmsg_align(length: int) -> int:
 # its space per slot, and the positions of level, type and data in 32-bit words.
 _CMSG_HEADER = _cmsg_align(_SIZE_T + 8)
 _CONTROL_SIZE = _CMSG_HEADER + _cmsg_align(4)
-_CONTROL_WORDS = _CONTROL_SIZE // 4
 _CMSG_LEVEL = _SIZE_T // 4
 _CMSG_TYPE = _CMSG_LEVEL + 1
 _CMSG_DATA = _CMSG_HEADER // 4
+#: Control space per slot when the socket reports packet info (room for GRO's and PKTINFO's
+#: messages together, with margin): a power of two, so slots are a fixed stride of words.
+_PKTINFO_CONTROL_SIZE = 128
+_V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 def _load_libc() -> Any:
@@ -186,11 +204,14 @@ class RecvBatch:
     ``arena[offsets[i]:offsets[i] + lengths(n)[i]]``, from the peer ``keys(n)[i]``.
     """
 
-    def __init__(self, batch_size: int, slot_size: int, family: int, named: bool,
-                 gro: bool = False) -> None:
+    def __init__(self, batch_size: int, slot_size: int, family: int, named: bool, *,
+                 gro: bool = False, pktinfo: bool = False) -> None:
         if _libc is None:  # pragma: no cover - checked by make_receiver
             raise OSError(errno.ENOSYS, "recvmmsg is not available")
         self.size = batch_size
+        #: Whether the socket reports each datagram's local address (IP_PKTINFO set): keys
+        #: are then (peer, local address), see ``_sockets.join_key``.
+        self.pktinfo = pktinfo
         #: Whether the socket has UDP_GRO set (the caller sets it), so messages may carry runs.
         self.gro = gro
         #: Datagrams split out of GRO messages (tests and benchmarks read it).
@@ -216,14 +237,26 @@ class RecvBatch:
             if named:
                 hdr.msg_name = names_address + index * SOCKADDR_SIZE
                 hdr.msg_namelen = SOCKADDR_SIZE
-        self._controls = (ctypes.c_char * (_CONTROL_SIZE * batch_size if gro else 1))()
-        if gro:
-            controls_address = ctypes.addressof(self._controls)
+        control_size = _PKTINFO_CONTROL_SIZE if pktinfo else _CONTROL_SIZE
+        self._control_stride = control_size // 4
+        self._controls, controls_address, self._controls_anchor = _anonymous_arena(
+            control_size * batch_size if gro or pktinfo else 1)
+        if gro or pktinfo:
             for index in range(batch_size):
                 hdr = self._hdrs[index].msg_hdr
-                hdr.msg_control = controls_address + index * _CONTROL_SIZE
-                hdr.msg_controllen = _CONTROL_SIZE
-        self._control_words = memoryview(self._controls).cast("B").cast("i") if gro else None
+                hdr.msg_control = controls_address + index * control_size
+                hdr.msg_controllen = control_size
+        self._control_words = (memoryview(self._controls).cast("i") if gro or pktinfo
+                               else None)
+        # Unsigned, for IPv4 addresses read as native ints (as _sockets.join_key makes them).
+        self._control_uwords = memoryview(self._controls).cast("I") if pktinfo else None
+        self._control_offsets = [index * control_size for index in range(batch_size)]
+        # Where PKTINFO's address sits when it is a slot's first message: IPv4's ipi_addr (8
+        # bytes into in_pktinfo), IPv6's ipi6_addr (at the start of in6_pktinfo).
+        self._v4_local_slices = [slice(offset + _CMSG_HEADER + 8, offset + _CMSG_HEADER + 12)
+                                 for offset in self._control_offsets]
+        self._v6_local_slices = [slice(offset + _CMSG_HEADER, offset + _CMSG_HEADER + 16)
+                                 for offset in self._control_offsets]
         self._hdr_size_words = memoryview(self._hdrs).cast("B").cast(_SIZE_T_CODE)
         # The kernel rewrites msg_namelen, msg_controllen, msg_flags and msg_len; a pristine
         # copy restores the used headers with one memmove per batch.
@@ -272,16 +305,18 @@ class RecvBatch:
         """Per message, the GRO segment size (0: a single datagram); None when no message of
         the batch carries a run (always, without GRO)."""
         words = self._control_words
-        if words is None:
+        if words is None or not self.gro:
             return None
         used = self._hdr_size_words[
             _WORD_CONTROLLEN:_WORD_CONTROLLEN + count * _WORD_STRIDE:_WORD_STRIDE].tolist()
         if not any(used):
             return None
-        end = count * _CONTROL_WORDS
-        levels = words[_CMSG_LEVEL:end:_CONTROL_WORDS].tolist()
-        types = words[_CMSG_TYPE:end:_CONTROL_WORDS].tolist()
-        sizes = words[_CMSG_DATA:end:_CONTROL_WORDS].tolist()
+        stride = self._control_stride
+        end = count * stride
+        # The kernel puts UDP_GRO's message first, before any packet info.
+        levels = words[_CMSG_LEVEL:end:stride].tolist()
+        types = words[_CMSG_TYPE:end:stride].tolist()
+        sizes = words[_CMSG_DATA:end:stride].tolist()
         return [size if length and level == SOL_UDP and kind == UDP_GRO else 0
                 for length, level, kind, size in zip(used, levels, types, sizes)]
 
@@ -292,9 +327,50 @@ class RecvBatch:
 
     def keys(self, count: int) -> Sequence[PeerKey]:
         if self.family == socket.AF_INET:
-            return peer_keys_ipv4(self._names_q, count)
-        names = self._names
-        return [names[offset:offset + _SOCKADDR_IN6_SIZE] for offset in self.name_offsets[:count]]
+            peers: list[Any] = peer_keys_ipv4(self._names_q, count)
+        else:
+            names = self._names
+            peers = [names[offset:offset + _SOCKADDR_IN6_SIZE]
+                     for offset in self.name_offsets[:count]]
+        if not self.pktinfo:
+            return peers
+        # Packet info: each key joins the local address the peer sent to (see
+        # _sockets.join_key), in C-level maps when every slot's first control message is the
+        # packet info (no GRO run in the batch), else message by message.
+        locals_ = self._local_addresses(count)
+        if self.family == socket.AF_INET:
+            return list(map(or_, peers, map(lshift, locals_, repeat(64))))
+        return list(map(add, peers, locals_))
+
+    def _local_addresses(self, count: int) -> list[Any]:
+        words = self._control_words
+        assert words is not None
+        stride = self._control_stride
+        end = count * stride
+        levels = words[_CMSG_LEVEL:end:stride].tolist()
+        types = words[_CMSG_TYPE:end:stride].tolist()
+        controls = self._controls
+        if self.family == socket.AF_INET:
+            if levels.count(IPPROTO_IP) == count and types.count(IP_PKTINFO) == count:
+                uwords = self._control_uwords
+                assert uwords is not None
+                return uwords[_CMSG_DATA + 2:end:stride].tolist()  # ipi_addr, native order
+        elif levels.count(IPPROTO_IPV6) == count and types.count(IPV6_PKTINFO) == count:
+            return list(map(controls.__getitem__, self._v6_local_slices[:count]))
+        elif levels.count(IPPROTO_IP) == count and types.count(IP_PKTINFO) == count:
+            # A dual-stack socket's IPv4 datagrams: IPv4-mapped local addresses.
+            return list(map(add, repeat(_V4_MAPPED, count),
+                            map(controls.__getitem__, self._v4_local_slices[:count])))
+        used = self._hdr_size_words[
+            _WORD_CONTROLLEN:_WORD_CONTROLLEN + count * _WORD_STRIDE:_WORD_STRIDE].tolist()
+        result: list[Any] = []
+        for offset, length in zip(self._control_offsets, used):
+            local = parse_local(controls[offset:offset + length], self.family)
+            if self.family == socket.AF_INET:
+                result.append(int.from_bytes(local, sys.byteorder) if local else 0)
+            else:
+                result.append(local or b"")
+        return result
 
     def close(self) -> None:
         if self._closed:
@@ -305,7 +381,10 @@ class RecvBatch:
         self._hdr_size_words.release()
         if self._control_words is not None:
             self._control_words.release()
-        del self._arena_anchor, self._names_anchor
+        if self._control_uwords is not None:
+            self._control_uwords.release()
+        del self._arena_anchor, self._names_anchor, self._controls_anchor
+        self._controls.close()
         self.arena.close()
         self._names.close()
 
@@ -323,8 +402,12 @@ class SingleRecv:
     gro = False
     gro_segments = 0
 
-    def __init__(self, sock: socket.socket, slot_size: int, key_of: Any) -> None:
+    def __init__(self, sock: socket.socket, slot_size: int, key_of: Any, *,
+                 join: Any = None) -> None:
         self._sock = sock
+        #: Packet info: ``join(peer key, local address)`` makes the key (see RecvBatch.keys).
+        self._join = join
+        self.pktinfo = join is not None
         self.slot_size = slot_size
         self.calls = 0
         self._buffer = bytearray(slot_size)
@@ -345,7 +428,11 @@ class SingleRecv:
         while True:
             self.calls += 1
             try:
-                nbytes, _, flags, address = self._sock.recvmsg_into(self._views)
+                if self._join is None:
+                    nbytes, ancdata, flags, address = self._sock.recvmsg_into(self._views)
+                else:
+                    nbytes, ancdata, flags, address = self._sock.recvmsg_into(
+                        self._views, _PKTINFO_CONTROL_SIZE)
             except InterruptedError:
                 continue
             except BlockingIOError:
@@ -360,6 +447,10 @@ class SingleRecv:
                 if len(self._keys) >= _KEY_CACHE_SIZE:
                     self._keys.clear()
                 key = self._keys[address] = self._key_of(address)
+            if self._join is not None:
+                local = local_from_ancillary(ancdata, self._sock.family)
+                if local is not None:
+                    key = self._join(key, local)
             self.key = key
         return 1
 
@@ -391,10 +482,13 @@ class SendBatch:
     ``fill``'s datagrams from index ``start`` on and returns how many the kernel took.
     """
 
-    def __init__(self, batch_size: int, slot_size: int, named: bool, namelen: int) -> None:
+    def __init__(self, batch_size: int, slot_size: int, named: bool, namelen: int, *,
+                 control_space: int = 0) -> None:
         if _libc is None:  # pragma: no cover - checked by make_sender
             raise OSError(errno.ENOSYS, "sendmmsg is not available")
         self.size = batch_size
+        #: Control bytes per slot (a packet-info socket's source address), 0: none.
+        self.control_space = control_space
         self.calls = 0
         self.arena, arena_address, self._arena_anchor = _anonymous_arena(batch_size * slot_size)
         self.offsets = [index * slot_size for index in range(batch_size)]
@@ -413,11 +507,21 @@ class SendBatch:
                 hdr.msg_name = names_address + index * SOCKADDR_SIZE
                 hdr.msg_namelen = namelen
         self._iov_lengths = memoryview(self._iovs).cast("B").cast(_SIZE_T_CODE)
+        self._controls, controls_address, self._controls_anchor = _anonymous_arena(
+            batch_size * control_space)
+        self.control_offsets = [index * control_space for index in range(batch_size)]
+        if control_space:
+            for index in range(batch_size):
+                self._hdrs[index].msg_hdr.msg_control = (
+                    controls_address + index * control_space)
+        self._hdr_words = memoryview(self._hdrs).cast("B").cast(_SIZE_T_CODE)
         self._count = 0
         self._closed = False
 
-    def fill(self, datagrams: Sequence[bytes], names: Sequence[bytes] | None) -> int:
-        """Copy at most ``size`` datagrams (and their destination sockaddrs) into the arrays."""
+    def fill(self, datagrams: Sequence[bytes], names: Sequence[bytes] | None,
+             controls: Sequence[bytes] | None = None) -> int:
+        """Copy at most ``size`` datagrams (and their destination sockaddrs, and on a
+        packet-info socket their control messages, b"" for none) into the arrays."""
         # Hot path: one slice assignment per datagram, the lengths written in one go.
         # The caller passes at most ``size`` datagrams.
         count = len(datagrams)
@@ -430,6 +534,13 @@ class SendBatch:
             store = self._names
             for offset, name in zip(self.name_offsets, names):
                 store[offset:offset + len(name)] = name
+        if controls is not None:
+            store = self._controls
+            lengths = [len(control) for control in controls]
+            for offset, control, length in zip(self.control_offsets, controls, lengths):
+                store[offset:offset + length] = control
+            self._hdr_words[_WORD_CONTROLLEN:_WORD_CONTROLLEN + count * _WORD_STRIDE:
+                            _WORD_STRIDE] = array(_SIZE_T_CODE, lengths)
         self._count = count
         return count
 
@@ -460,9 +571,11 @@ class SendBatch:
             return
         self._closed = True
         self._iov_lengths.release()
-        del self._arena_anchor, self._names_anchor
+        self._hdr_words.release()
+        del self._arena_anchor, self._names_anchor, self._controls_anchor
         self.arena.close()
         self._names.close()
+        self._controls.close()
 
 
 class SingleSend:
@@ -474,22 +587,29 @@ class SingleSend:
         self.calls = 0
         self._datagrams: Sequence[bytes] = ()
         self._names: Sequence[bytes] | None = None
+        self._controls: Sequence[bytes] | None = None
         self._address_of = address_of
         self._count = 0
 
-    def fill(self, datagrams: Sequence[bytes], names: Sequence[bytes] | None) -> int:
+    def fill(self, datagrams: Sequence[bytes], names: Sequence[bytes] | None,
+             controls: Sequence[bytes] | None = None) -> int:
         self._count = min(len(datagrams), self.size)
         self._datagrams = datagrams
         self._names = names
+        self._controls = controls
         return self._count
 
     def send(self, fd: int, start: int) -> int:
         self.calls += 1
         data = self._datagrams[start]
+        control = self._controls[start] if self._controls is not None else b""
         while True:
             try:
                 if self._names is None:
                     self._sock.send(data)
+                elif control:
+                    self._sock.sendmsg([data], [ancillary_of(control)], 0,
+                                       self._address_of(self._names[start]))
                 else:
                     self._sock.sendto(data, self._address_of(self._names[start]))
             except InterruptedError:
@@ -505,7 +625,7 @@ Sender = SendBatch | SingleSend
 
 
 def make_receiver(sock: socket.socket, batch_size: int, slot_size: int, named: bool,
-                  key_of: Any, *, gro: bool = False) -> Receiver:
+                  key_of: Any, *, gro: bool = False, pktinfo: bool = False) -> Receiver:
     """The batch receiver for ``sock``, or the single-datagram one (batch_size 1, no recvmmsg).
 
     ``gro`` asks for UDP GRO; it is used only where the kernel accepts it and the slot holds
@@ -518,14 +638,23 @@ def make_receiver(sock: socket.socket, batch_size: int, slot_size: int, named: b
                 gro = False
         else:
             gro = False
-        return RecvBatch(batch_size, slot_size, sock.family, named, gro)
-    return SingleRecv(sock, slot_size, key_of)
+        return RecvBatch(batch_size, slot_size, sock.family, named, gro=gro, pktinfo=pktinfo)
+    join = None
+    if pktinfo:
+        family = sock.family
+
+        def join(peer: PeerKey, local: bytes) -> PeerKey:
+            return join_key(family, peer, local)
+
+    return SingleRecv(sock, slot_size, key_of, join=join)
 
 
 def make_sender(sock: socket.socket, batch_size: int, slot_size: int, named: bool,
-                address_of: Any) -> Sender:
-    """The batch sender for ``sock``, or the single-datagram one."""
+                address_of: Any, *, pktinfo: bool = False) -> Sender:
+    """The batch sender for ``sock``, or the single-datagram one. ``pktinfo``: datagrams may
+    carry their source address (a control message per slot)."""
     if batch_size > 1 and HAVE_MMSG:
         namelen = 16 if sock.family == socket.AF_INET else _SOCKADDR_IN6_SIZE
-        return SendBatch(batch_size, slot_size, named, namelen)
+        space = cmsg_space(12 if sock.family == socket.AF_INET else 20) if pktinfo else 0
+        return SendBatch(batch_size, slot_size, named, namelen, control_space=space)
     return SingleSend(sock, address_of)

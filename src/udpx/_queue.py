@@ -360,6 +360,13 @@ class TxQueue:
         self.datagrams.append(data)
         self.owners.append(owner)
 
+    def put_many(self, datagrams: list[bytes], account: TxAccount) -> None:
+        """Append ``account``'s datagrams in order and count them as its ``enqueued``; the
+        caller has checked ``space()``. (``UDPConn.send`` inlines the one-datagram case.)"""
+        self.datagrams.extend(datagrams)
+        self.owners.extend([account] * len(datagrams))
+        account.enqueued += len(datagrams)
+
     def pop(self, count: int) -> None:
         """Forget the ``count`` oldest datagrams (handled by the writer)."""
         datagrams = self.datagrams
@@ -380,13 +387,19 @@ class TxAccount:
     datagrams it refused; ``enqueued - packets - errors`` is what is still queued.
     """
 
-    __slots__ = ("bytes", "enqueued", "errors", "on_error", "packets", "sockaddr")
+    __slots__ = ("ancillary", "bytes", "control", "enqueued", "errors", "on_error", "packets",
+                 "sockaddr")
 
     def __init__(self, sockaddr: bytes | None,
-                 on_error: Callable[[OSError], None] | None = None) -> None:
+                 on_error: Callable[[OSError], None] | None = None, *,
+                 source: tuple[bytes, tuple[int, int, bytes]] | None = None) -> None:
         #: Raw destination sockaddr; None on a connected socket.
         self.sockaddr = sockaddr
         self.on_error = on_error
+        #: The source address every datagram carries (packet-info listeners): as a whole
+        #: control message for sendmmsg slots, and as ``(level, type, data)`` for sendmsg.
+        self.control = source[0] if source is not None else b""
+        self.ancillary = source[1] if source is not None else None
         self.enqueued = 0
         self.packets = 0
         self.bytes = 0

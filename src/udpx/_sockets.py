@@ -66,10 +66,46 @@ def sockaddr_port(raw: bytes) -> int:
     return int(_PORT.unpack_from(raw, 2)[0])
 
 
+#: On a packet-info (wildcard) listener a connection's key is the peer's key joined with the
+#: local address the peer sent to (``join_key``): for IPv4 the address's 4 bytes as a native
+#: int above the peer's 64 bits, for IPv6 its 16 bytes after the peer's 28.
+_PEER_BITS = 64
+_PEER_MASK = (1 << _PEER_BITS) - 1
+_IPV6_PEER = 28
+
+
+def join_key(family: int, peer: PeerKey, local: bytes) -> PeerKey:
+    """The key of (peer, local address ``local``, raw as ``_cmsg.local_raw``)."""
+    if family == socket.AF_INET:
+        assert isinstance(peer, int)
+        return peer | (int.from_bytes(local, sys.byteorder) << _PEER_BITS)
+    assert isinstance(peer, bytes)
+    return peer + local
+
+
+def split_key(family: int, key: PeerKey) -> tuple[PeerKey, bytes | None]:
+    """``(peer key, raw local address or None)`` of a key (see ``join_key``)."""
+    if family == socket.AF_INET:
+        assert isinstance(key, int)
+        local = key >> _PEER_BITS
+        return key & _PEER_MASK, (local.to_bytes(4, sys.byteorder) if local else None)
+    assert isinstance(key, bytes)
+    return key[:_IPV6_PEER], (key[_IPV6_PEER:] or None)
+
+
+def local_address(family: int, local: bytes, port: int) -> Address:
+    """The socket address of a connection's local side on a packet-info listener."""
+    if family == socket.AF_INET:
+        return (socket.inet_ntop(socket.AF_INET, local), port)
+    if local[:12] == bytes(10) + b"\xff\xff":
+        return ("::ffff:" + socket.inet_ntop(socket.AF_INET, local[12:]), port, 0, 0)
+    return (socket.inet_ntop(socket.AF_INET6, local), port, 0, 0)
+
+
 def key_port(key: PeerKey) -> int:
     """The port of a peer key (see ``key_from_address``): bytes 2-3 of the sockaddr."""
     if isinstance(key, int):
-        raw = key.to_bytes(8, sys.byteorder)
+        raw = (key & _PEER_MASK).to_bytes(8, sys.byteorder)
     else:
         assert isinstance(key, bytes)
         raw = key
@@ -80,7 +116,7 @@ def sockaddr_from_key(family: int, key: PeerKey) -> bytes:
     """The raw sockaddr to send to the peer of ``key`` (flow info cleared)."""
     if family == socket.AF_INET:
         assert isinstance(key, int)
-        return key.to_bytes(8, sys.byteorder) + bytes(8)
+        return (key & _PEER_MASK).to_bytes(8, sys.byteorder) + bytes(8)
     assert isinstance(key, bytes)
     return key[:4] + bytes(4) + key[8:28]
 

@@ -57,7 +57,9 @@ class TransportSender:
         self._names: Sequence[bytes] | None = None
         self._addresses: dict[bytes, Address] = {}
 
-    def fill(self, datagrams: Sequence[bytes], names: Sequence[bytes] | None) -> int:
+    def fill(self, datagrams: Sequence[bytes], names: Sequence[bytes] | None,
+             controls: Sequence[bytes] | None = None) -> int:
+        # (No packet info through a loop transport: ``controls`` is always None here.)
         self._datagrams = datagrams
         self._names = names
         return len(datagrams)
@@ -247,14 +249,15 @@ def _has_add_reader(loop: asyncio.AbstractEventLoop) -> bool:
 
 
 def make_engine(loop: asyncio.AbstractEventLoop, sock: socket.socket, options: Options,
-                sink: Sink, *, named: bool) -> Engine:
+                sink: Sink, *, named: bool, pktinfo: bool = False) -> Engine:
     """The engine ``options.engine`` asks for: ``"mmsg"`` (the batch engine: add_reader and
     recvmmsg/sendmmsg, one datagram per syscall where those do not exist), ``"transport"``
     (the loop's own datagram transport), or ``"auto"`` (the batch engine wherever the loop can
-    watch a socket)."""
+    watch a socket). ``pktinfo`` (wildcard listeners): per-datagram local addresses, which
+    only the batch engine has."""
     kind = options.engine
     if kind == "auto":
         kind = "mmsg" if _has_add_reader(loop) else "transport"
     if kind == "transport":
         return TransportEngine(loop, sock, options, sink, named=named)
-    return SocketEngine(loop, sock, options, sink, named=named)
+    return SocketEngine(loop, sock, options, sink, named=named, pktinfo=pktinfo)

@@ -54,7 +54,8 @@ class Sender(Protocol):
     size: int
     calls: int
 
-    def fill(self, datagrams: Sequence[bytes], names: Sequence[bytes] | None) -> int: ...
+    def fill(self, datagrams: Sequence[bytes], names: Sequence[bytes] | None,
+             controls: Sequence[bytes] | None = None) -> int: ...
 
     def send(self, fd: int, start: int) -> int: ...
 
@@ -71,13 +72,16 @@ class Writer:
     """Drains ``queue`` into ``sock``. ``named``: each datagram carries its destination."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, sender: Sender,
-                 queue: TxQueue, named: bool, *, gso: bool = True) -> None:
+                 queue: TxQueue, named: bool, *, gso: bool = True,
+                 pktinfo: bool = False) -> None:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
         self.sender = sender
         self.queue = queue
         self._named = named
+        #: Datagrams carry their connection's source address (packet-info listeners).
+        self._pktinfo = pktinfo
         #: Whether runs of equal-size datagrams to one peer go out as one GSO send.
         self.gso = gso and HAVE_GSO
         #: GSO sends made, and times EAGAIN made the writer wait (tests and benchmarks read them).
@@ -113,6 +117,7 @@ class Writer:
 
     def block(self) -> None:
         """Hold sending back until ``unblock()`` (a loop transport's buffer is full)."""
+        self.blocked += 1
         self._waiting_writable = True
 
     def unblock(self) -> None:
@@ -220,7 +225,9 @@ class Writer:
             chunk = list(islice(datagrams, count))
             chunk_owners: list[TxAccount] = list(islice(owners, count))
             names = [owner.sockaddr for owner in chunk_owners] if self._named else None
-            sender.fill(chunk, names)  # type: ignore[arg-type]
+            controls = ([owner.control for owner in chunk_owners] if self._pktinfo
+                        else None)
+            sender.fill(chunk, names, controls)  # type: ignore[arg-type]
             handled = self._send_chunk(chunk, chunk_owners)
             queue.pop(handled)
             if space:
@@ -282,6 +289,8 @@ class Writer:
         if control is None:
             control = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
             self._gso_control[size] = control
+        if owner.ancillary is not None:
+            control = [*control, owner.ancillary]  # the run's source address
         payload = b"".join(chunk)
         retried = False
         while True:
@@ -340,7 +349,8 @@ class Writer:
         chunk = datagrams[:sender.size]
         owners = [owner] * len(chunk)
         names = [owner.sockaddr] * len(chunk) if self._named else None
-        sender.fill(chunk, names)  # type: ignore[arg-type]
+        controls = [owner.control] * len(chunk) if self._pktinfo else None
+        sender.fill(chunk, names, controls)  # type: ignore[arg-type]
         owner.enqueued += len(chunk)
         handled = self._send_chunk(chunk, owners, sender)
         owner.enqueued -= len(chunk) - handled

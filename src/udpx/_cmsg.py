@@ -1,0 +1,132 @@
+"""Control messages: the packet-info ones that give a wildcard listener the right source address.
+
+A socket bound to every address (``0.0.0.0``, ``::``) receives datagrams sent to any local
+address, but a reply leaves with the source address the routing table picks, which is not
+always the one the peer sent to (secondary addresses, 127.0.0.2, a VIP, IPv4 on a dual-stack
+socket): the peer's connected socket then drops it. With IP_PKTINFO / IPV6_RECVPKTINFO the
+kernel says, per datagram, which local address it was sent to; udpx keys the connection by
+(peer, local address) and sends each of its datagrams with that address as the source
+(IP_PKTINFO's ``ipi_spec_dst``, IPV6_PKTINFO's ``ipi6_addr``), as Go, quinn and msquic do.
+
+Layouts (Linux, glibc): ``struct in_pktinfo { int ipi_ifindex; struct in_addr ipi_spec_dst;
+struct in_addr ipi_addr; }`` (12 bytes; ``ipi_addr`` is the header's destination),
+``struct in6_pktinfo { struct in6_addr ipi6_addr; int ipi6_ifindex; }`` (20 bytes). A
+dual-stack socket reports an IPv4 datagram with IP_PKTINFO and sends to an IPv4-mapped peer
+with an IPV6_PKTINFO whose address is IPv4-mapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import socket
+import struct
+
+__all__ = [
+    "IPPROTO_IP",
+    "IPPROTO_IPV6",
+    "IPV6_PKTINFO",
+    "IP_PKTINFO",
+    "cmsg_space",
+    "enable_pktinfo",
+    "pktinfo_ancillary",
+    "pktinfo_cmsg",
+]
+
+IPPROTO_IP = 0
+IP_PKTINFO = 8
+IPPROTO_IPV6 = 41
+IPV6_RECVPKTINFO = 49
+IPV6_PKTINFO = 50
+
+_SIZE_T = ctypes.sizeof(ctypes.c_size_t)
+#: struct cmsghdr: size_t cmsg_len, int cmsg_level, int cmsg_type, then the data (aligned).
+CMSG_HEADER = (_SIZE_T + 8 + _SIZE_T - 1) & ~(_SIZE_T - 1)
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _align(length: int) -> int:
+    return (length + _SIZE_T - 1) & ~(_SIZE_T - 1)
+
+
+def cmsg_space(data_length: int) -> int:
+    """CMSG_SPACE: the bytes one control message with ``data_length`` bytes of data takes."""
+    return CMSG_HEADER + _align(data_length)
+
+
+def enable_pktinfo(sock: socket.socket) -> bool:
+    """Ask the kernel for each datagram's local address; whether it agreed."""
+    try:
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(IPPROTO_IP, IP_PKTINFO, 1)
+        else:
+            sock.setsockopt(IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+            # IPv4 datagrams on a dual-stack socket are reported with IP_PKTINFO.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(IPPROTO_IP, IP_PKTINFO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def local_raw(family: int, host: str) -> bytes:
+    """The local address as the receive side reports it: 4 bytes (IPv4 socket) or 16."""
+    if family == socket.AF_INET:
+        return socket.inet_pton(socket.AF_INET, host)
+    if "." in host and ":" not in host:
+        return _V4_MAPPED + socket.inet_pton(socket.AF_INET, host)
+    return socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+
+
+def pktinfo_ancillary(family: int, local: bytes) -> tuple[int, int, bytes]:
+    """The ``(level, type, data)`` that makes a datagram leave from ``local`` (raw, as
+    ``local_raw``), for ``socket.sendmsg``."""
+    if family == socket.AF_INET:
+        return IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, local, bytes(4))
+    return IPPROTO_IPV6, IPV6_PKTINFO, struct.pack("=16si", local, 0)
+
+
+def pktinfo_cmsg(family: int, local: bytes) -> bytes:
+    """The same as one whole control message (header, data, padding), for sendmmsg slots."""
+    level, kind, data = pktinfo_ancillary(family, local)
+    header = struct.pack("=" + ("Q" if _SIZE_T == 8 else "I") + "ii", CMSG_HEADER + len(data),
+                         level, kind)
+    header += bytes(CMSG_HEADER - len(header))
+    return header + data + bytes(cmsg_space(len(data)) - CMSG_HEADER - len(data))
+
+
+def ancillary_of(cmsg: bytes) -> tuple[int, int, bytes]:
+    """One whole control message (as ``pktinfo_cmsg`` makes) as ``(level, type, data)``."""
+    length = struct.unpack_from("=Q" if _SIZE_T == 8 else "=I", cmsg, 0)[0]
+    level, kind = struct.unpack_from("=ii", cmsg, _SIZE_T)
+    return level, kind, cmsg[CMSG_HEADER:length]
+
+
+def local_from_ancillary(ancdata: list[tuple[int, int, bytes]], family: int) -> bytes | None:
+    """The local address in ``socket.recvmsg``'s ancillary data (the one-datagram path)."""
+    for level, kind, data in ancdata:
+        if level == IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            return data[8:12] if family == socket.AF_INET else _V4_MAPPED + data[8:12]
+        if level == IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 16:
+            return data[:16]
+    return None
+
+
+def parse_local(control: bytes | memoryview, family: int) -> bytes | None:
+    """The local address (raw, as ``local_raw``) in one message's control data, if any."""
+    pos = 0
+    end = len(control)
+    size_code = "=Q" if _SIZE_T == 8 else "=I"
+    while pos + CMSG_HEADER <= end:
+        length = struct.unpack_from(size_code, control, pos)[0]
+        level, kind = struct.unpack_from("=ii", control, pos + _SIZE_T)
+        if length < CMSG_HEADER:
+            return None
+        data = pos + CMSG_HEADER
+        if level == IPPROTO_IP and kind == IP_PKTINFO and data + 12 <= end:
+            address = bytes(control[data + 8:data + 12])
+            return address if family == socket.AF_INET else _V4_MAPPED + address
+        if level == IPPROTO_IPV6 and kind == IPV6_PKTINFO and data + 16 <= end:
+            return bytes(control[data:data + 16])
+        pos += _align(length)
+    return None

@@ -1,0 +1,172 @@
+"""Wildcard listeners answer from the address each peer sent to (IP_PKTINFO / IPV6_PKTINFO), on
+both loops, over loopback's many addresses (all of 127/8 is local)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import udpx
+from udpx._cmsg import ancillary_of, local_raw, parse_local, pktinfo_ancillary, pktinfo_cmsg
+from udpx._sockets import join_key, key_from_address, local_address, split_key
+
+from .conftest import HAVE_IPV6, EchoProtocol, Runner, settle
+
+
+async def _echo_all(ln: udpx.Listener, conns: list[udpx.UDPConn]) -> None:
+    async def echo(conn: udpx.UDPConn) -> None:
+        async for data in conn:
+            await conn.send_many([data] * 3)  # equal sizes: one GSO run on the batch engine
+
+    async with asyncio.TaskGroup() as group:
+        async for conn in ln:
+            conns.append(conn)
+            group.create_task(echo(conn))
+
+
+@pytest.mark.parametrize("listen_host", [None, "0.0.0.0", "::"])
+@pytest.mark.parametrize("batch_size", [64, 1])
+def test_wildcard_listener_answers_from_the_address_each_client_dialed(
+        run: Runner[Any], listen_host: str | None, batch_size: int) -> None:
+    """Clients dial 127.0.0.1, 127.0.0.2 and 127.0.0.3 (and ::1 where the listener is IPv6):
+    each dialed (connected) socket only accepts replies from the address it dialed, so a
+    reply from any other source would never arrive."""
+    if listen_host == "::" and not HAVE_IPV6:
+        pytest.skip("no IPv6")
+
+    async def main() -> None:
+        conns: list[udpx.UDPConn] = []
+        async with udpx.listen(listen_host, 0, batch_size=batch_size) as ln:
+            assert ln.describe()["socket"]["pktinfo"] is True
+            server = asyncio.create_task(_echo_all(ln, conns))
+            targets = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+            if ln.local_addr[0] == "::":
+                targets.append("::1")
+            for target in targets:
+                async with udpx.dial(target, ln.local_addr[1], batch_size=batch_size) as conn:
+                    await conn.send(target.encode())
+                    async with asyncio.timeout(5):
+                        replies = [await conn.recv() for _ in range(3)]
+                    assert replies == [target.encode()] * 3
+            by_payload = {conn.local_addr[0]: conn for conn in conns}
+            assert len(conns) == len(targets)
+            for target in targets:
+                expected = target if ln.local_addr[0] == "0.0.0.0" or ":" in target else (
+                    "::ffff:" + target)
+                assert expected in by_payload, (target, list(by_payload))
+                assert by_payload[expected].local_addr[1] == ln.local_addr[1]
+            ln.close()
+            await server
+
+    run(main())
+
+
+def test_one_peer_sending_to_two_local_addresses_has_two_connections(run: Runner[Any]) -> None:
+    """On a wildcard listener a connection is the 4-tuple: one unconnected client socket that
+    sends to 127.0.0.1 and 127.0.0.2 opens two connections, and each answers from its own
+    address."""
+
+    async def main() -> None:
+        async with udpx.listen("0.0.0.0", 0) as ln:
+            port = ln.local_addr[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                client.bind(("127.0.0.1", 0))
+                client.settimeout(5)
+                client.sendto(b"to one", ("127.0.0.1", port))
+                client.sendto(b"to two", ("127.0.0.2", port))
+                first, second = await ln.accept(), await ln.accept()
+                assert first.remote_addr == second.remote_addr == client.getsockname()
+                assert {first.local_addr, second.local_addr} == {("127.0.0.1", port),
+                                                                  ("127.0.0.2", port)}
+                for conn in (first, second):
+                    data = await conn.recv()
+                    await conn.send(b"re: " + data)
+                replies = {await asyncio.to_thread(client.recvfrom, 100) for _ in range(2)}
+            assert replies == {(b"re: to one", ("127.0.0.1", port)),
+                               (b"re: to two", ("127.0.0.2", port))}
+            assert ln.stats.conns == 2
+
+    run(main())
+
+
+def test_protocol_mode_on_a_wildcard_listener(run: Runner[Any]) -> None:
+    async def main() -> None:
+        async with udpx.listen("0.0.0.0", 0, protocol_factory=EchoProtocol) as ln:
+            for target in ("127.0.0.2", "127.0.0.3"):
+                async with udpx.dial(target, ln.local_addr[1]) as conn:
+                    await conn.send(b"ping")
+                    async with asyncio.timeout(5):
+                        assert await conn.recv() == b"ping"
+            assert sorted(conn.local_addr[0] for conn in ln.conns()) == ["127.0.0.2",
+                                                                          "127.0.0.3"]
+
+    run(main())
+
+
+def test_a_listener_on_one_address_pays_nothing(run: Runner[Any], host: str) -> None:
+    async def main() -> None:
+        async with udpx.listen(host, 0) as ln, udpx.dial(host, ln.local_addr[1]) as conn:
+            assert ln.describe()["socket"]["pktinfo"] is False
+            await conn.send(b"x")
+            await settle(ln, 1)
+            server = await ln.accept()
+            assert server.local_addr == ln.local_addr
+
+    run(main())
+
+
+def test_the_transport_engine_has_no_packet_info(run: Runner[Any]) -> None:
+    """The loop's transport cannot report local addresses: a wildcard listener on it keeps the
+    socket's address (documented), and still works for the routing table's address."""
+
+    async def main() -> None:
+        async with udpx.listen("0.0.0.0", 0, engine="transport") as ln, \
+                udpx.dial("127.0.0.1", ln.local_addr[1]) as conn:
+            await conn.send(b"x")
+            server = await ln.accept()
+            assert server.local_addr == ln.local_addr
+            await server.send(b"y")
+            async with asyncio.timeout(5):
+                assert await conn.recv() == b"y"
+
+    run(main())
+
+
+# -- the pure pieces -----------------------------------------------------------------------
+
+
+@given(port=st.integers(1, 65535), peer=st.ip_addresses(v=4), local=st.ip_addresses(v=4))
+def test_ipv4_keys_join_and_split(port: int, peer: Any, local: Any) -> None:
+    key = key_from_address(socket.AF_INET, (str(peer), port))
+    raw = local_raw(socket.AF_INET, str(local))
+    joined = join_key(socket.AF_INET, key, raw)
+    assert split_key(socket.AF_INET, joined) == (key, raw if int(local) else None)
+    assert local_address(socket.AF_INET, raw, 9) == (str(local), 9)
+
+
+@given(port=st.integers(1, 65535), peer=st.ip_addresses(v=6),
+       local=st.ip_addresses(v=6) | st.ip_addresses(v=4))
+def test_ipv6_keys_join_and_split(port: int, peer: Any, local: Any) -> None:
+    key = key_from_address(socket.AF_INET6, (str(peer), port, 0, 0))
+    raw = local_raw(socket.AF_INET6, str(local))
+    assert len(raw) == 16
+    assert split_key(socket.AF_INET6, join_key(socket.AF_INET6, key, raw)) == (key, raw)
+    host = local_address(socket.AF_INET6, raw, 9)[0]
+    assert socket.inet_pton(socket.AF_INET6, host) == raw
+
+
+@pytest.mark.parametrize(("family", "host"), [(socket.AF_INET, "127.0.0.2"),
+                                              (socket.AF_INET6, "::1"),
+                                              (socket.AF_INET6, "127.0.0.2")])
+def test_pktinfo_control_messages_round_trip(family: int, host: str) -> None:
+    raw = local_raw(family, host)
+    cmsg = pktinfo_cmsg(family, raw)
+    assert len(cmsg) % 8 == 0
+    assert ancillary_of(cmsg) == pktinfo_ancillary(family, raw)
+    if family == socket.AF_INET6:
+        assert parse_local(cmsg, family) == raw
