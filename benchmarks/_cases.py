@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -24,8 +25,8 @@ from ._harness import (
 SLACK = 15.0
 #: Datagrams per turn of the saturating sender (one UDP GSO send each).
 RECEIVE_BURST = 64
-#: In the many-connections case every peer sends this many per turn, round-robin, so that a
-#: receive batch holds datagrams of many peers (GSO, so that the sender still outruns udpx).
+#: In the many-connections case with a GSO sender every peer sends this many per turn (one GSO
+#: send), round-robin, so that a receive batch holds datagrams of many peers.
 MANY_BURST = 8
 #: Round trips in flight in the echo case.
 ECHO_WINDOW = 64
@@ -59,27 +60,53 @@ def _timing(settings: Settings, extra: float = 0.0) -> tuple[float, float, float
 # -- receive ---------------------------------------------------------------------------------
 
 
+def _raw_refused() -> str | None:
+    """Why the C sender cannot use a raw socket here (None: it can). Opening one and closing it
+    again sends nothing."""
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).close()
+    except OSError as exc:
+        return f"raw sockets refused: {exc.strerror or exc}"
+    return None
+
+
 @dataclass(frozen=True)
 class Traffic:
-    """What the saturating C sender of a receive run does."""
+    """What the saturating sender of a receive run does."""
 
     size: int
     peers: int = 1
     burst: int = RECEIVE_BURST
+    #: How the sender sends: a mode of the C ``blast`` ("gso": one UDP GSO send per burst,
+    #: "mmsg": one sendmmsg per burst, "raw": hand-built packets from ``peers`` source ports,
+    #: sendmmsg of 64), or "udpx": a dialed udpx connection in a worker, send_many() of 64.
+    mode: str = "gso"
     #: Seconds the receiver may need before its warm-up (opening connections).
     extra_time: float = 0.0
 
 
-def _receive_once(receiver: list[str], label: str, traffic: Traffic, *, programs: Programs,
-                  settings: Settings, raw: list[dict[str, object]]) -> Metrics:
+def _sender_command(traffic: Traffic, port: int, duration: float, loop: str,
+                    programs: Programs) -> tuple[list[str], str]:
+    if traffic.mode == "udpx":
+        return worker("flood", "--port", str(port), "--size", str(traffic.size), "--loop",
+                      "asyncio" if loop == "-" else loop, "--duration", f"{duration:.3f}",
+                      "--max-count", str(MAX_COUNT), "--deadline", f"{duration + SLACK}"
+                      ), "udpx sender"
+    return [str(programs["blast"]), str(port), str(traffic.size), f"{duration:.3f}",
+            str(MAX_COUNT), str(traffic.peers), str(traffic.burst), traffic.mode
+            ], f"C {traffic.mode} sender"
+
+
+def _receive_once(receiver: list[str], label: str, traffic: Traffic, loop: str, *,
+                  programs: Programs, settings: Settings,
+                  raw: list[dict[str, object]]) -> Metrics:
     warmup, window, _, deadline = _timing(settings, traffic.extra_time)
     with Proc(receiver, name=label) as proc:
         port = proc.event("ready", SLACK)["port"]
         # The sender runs until the receiver's window closed (at most ``duration``).
         duration = warmup + traffic.extra_time + window + 2.0
-        blast = [str(programs["blast"]), str(port), str(traffic.size), f"{duration:.3f}",
-                 str(MAX_COUNT), str(traffic.peers), str(traffic.burst), "gso"]
-        with Proc(blast, name="C GSO sender") as sender:
+        command, sender_name = _sender_command(traffic, port, duration, loop, programs)
+        with Proc(command, name=sender_name) as sender:
             proc.event("window_closed", deadline + SLACK)
             sender.terminate()
             sent = sender.event("result", SLACK)
@@ -99,6 +126,10 @@ RECEIVE_METRICS = [
     Metric("cpu_us", "CPU µs/datagram", "us", False, ratio=True),
 ]
 
+#: The udpx receivers: worker implementation and row name.
+UDPX_RECEIVERS = (("udpx-recv", "udpx recv()"), ("udpx-recv_many", "udpx recv_many()"),
+                  ("udpx-proto", "udpx ConnProtocol"))
+
 
 class Receivers:
     """Builds the receiver configurations of one case (receive, or many connections)."""
@@ -109,7 +140,8 @@ class Receivers:
         self.configs: list[Config] = []
 
     def add(self, name: str, loop: str, impl: str, traffic: Traffic, *, udpx: bool = False,
-            group: str = "", skip: str | None = None) -> None:
+            group: str = "", skip: str | None = None, batch_size: int = 64,
+            reps: int | None = None) -> None:
         """``impl``: a receiver of _workers.py, or "c" for the C recvmmsg receiver."""
         warmup, window, quiet, deadline = _timing(self.settings, traffic.extra_time)
         if impl == "c":
@@ -118,65 +150,160 @@ class Receivers:
         else:
             command = worker("recv", impl, "--loop", loop, "--warmup", f"{warmup}",
                              "--window", f"{window}", "--quiet", f"{quiet}", "--deadline",
-                             f"{deadline}", "--peers", str(traffic.peers))
+                             f"{deadline}", "--peers", str(traffic.peers), "--batch-size",
+                             str(batch_size))
         config = Config(name=name, loop=loop, role="udpx" if udpx else "baseline",
-                        run=lambda: {}, group=group, skip=skip or _loop_skip(loop))
-        config.run = partial(_receive_once, command, f"{name} ({loop})", traffic,
-                             programs=self.programs, settings=self.settings, raw=config.raw)
+                        run=lambda: {}, group=group, skip=skip or _loop_skip(loop), reps=reps)
+        config.run = partial(_receive_once, command, f"{name} ({loop}, {group or '-'})",
+                             traffic, loop, programs=self.programs, settings=self.settings,
+                             raw=config.raw)
         self.configs.append(config)
+
+    def baselines(self, traffic: Traffic, *, group: str = "", reps: int | None = None,
+                  loops: tuple[str, ...] = ("asyncio", "uvloop"), dgram: bool = True) -> None:
+        for loop in loops:
+            self.add("DatagramProtocol", loop, "proto", traffic, group=group, reps=reps)
+        if dgram:
+            self.add("asyncio-dgram", "asyncio", "asyncio-dgram", traffic, group=group,
+                     reps=reps, skip=None if _has_asyncio_dgram() else
+                     "asyncio-dgram is not installed (pip install asyncio-dgram)")
+        self.add("C recvmmsg", "-", "c", traffic, group=group, reps=reps)
+
+
+RECEIVE_NOTES = [
+    "Receivers ask for a 4 MiB receive buffer. Loss: datagrams sent but never received (the "
+    "receiver could not keep up). CPU: receiver process, user + system.",
+    "udpx: one accepted connection, one task; recv() takes one datagram per await, "
+    "recv_many() all that are queued; ConnProtocol: listen(protocol_factory=...), no task, "
+    "datagrams_received() called once per received batch.",
+]
 
 
 def receive_case(size: int, settings: Settings, programs: Programs) -> Case:
     receivers = Receivers(programs, settings)
-    traffic = Traffic(size)
-    for impl, name in (("udpx-recv", "udpx recv()"), ("udpx-recv_many", "udpx recv_many()")):
+    traffic = Traffic(size, mode="mmsg")
+    for impl, name in UDPX_RECEIVERS:
         for loop in ("asyncio", "uvloop"):
             receivers.add(name, loop, impl, traffic, udpx=True)
-    for loop in ("asyncio", "uvloop"):
-        receivers.add("DatagramProtocol", loop, "proto", traffic)
-    receivers.add("asyncio-dgram", "asyncio", "asyncio-dgram", traffic,
-                  skip=None if _has_asyncio_dgram() else
-                  "asyncio-dgram is not installed (pip install asyncio-dgram)")
-    receivers.add("C recvmmsg", "-", "c", traffic)
+    for impl, name in UDPX_RECEIVERS[1:]:
+        for loop in ("asyncio", "uvloop"):
+            receivers.add(f"{name} batch_size=1", loop, impl, traffic, udpx=True, batch_size=1,
+                          reps=settings.secondary_reps)
+    receivers.baselines(traffic)
     return Case(
-        case="receive", title="Receive (one peer, saturating C GSO sender)", size=size,
+        case="receive", title="Receive (one peer, C sender without GSO)", size=size,
         metrics=RECEIVE_METRICS, configs=receivers.configs,
         notes=[
-            f"Sender: C, UDP GSO, {RECEIVE_BURST} segments per send (fewer for 1,200 B: at "
-            "most 65,507 bytes per send), one socket, as fast as it can.",
-            "Receivers ask for a 4 MiB receive buffer. Loss: datagrams sent but never "
-            "received (the receiver could not keep up). CPU: receiver process, user + system.",
+            f"Sender: C, one socket, sendmmsg of {RECEIVE_BURST} plain datagrams per call, as "
+            "fast as it can: what a peer sending one datagram at a time delivers (every "
+            "datagram its own skb, no GRO run). On 2 CPUs it does not saturate the C "
+            "receiver: the kernel charges the loopback delivery of every datagram (IP, UDP "
+            "lookup, queueing, the receiver's wake-up) to the sender, so the rate is mostly "
+            "the sender's; compare receivers on CPU µs/datagram.",
+            *RECEIVE_NOTES,
+            "batch_size=1: the listener receives one datagram per system call (recvmsg_into, "
+            "also the path where recvmmsg is missing); fewer repetitions "
+            f"({settings.secondary_reps}).",
+        ])
+
+
+def receive_gso_case(size: int, settings: Settings, programs: Programs) -> Case:
+    receivers = Receivers(programs, settings)
+    traffic = Traffic(size)
+    reps = settings.secondary_reps
+    for impl, name in UDPX_RECEIVERS:
+        for loop in ("asyncio", "uvloop"):
+            receivers.add(name, loop, impl, traffic, udpx=True, reps=reps)
+    for loop in ("asyncio", "uvloop"):
+        receivers.add("udpx recv_many() ← udpx sender", loop, "udpx-recv_many",
+                      Traffic(size, mode="udpx"), udpx=True, reps=reps)
+    receivers.baselines(traffic, reps=reps)
+    return Case(
+        case="receive_gso", title="Receive, GSO sender: the udpx-to-udpx best case (one peer)",
+        size=size, metrics=RECEIVE_METRICS, configs=receivers.configs,
+        notes=[
+            f"Sender: C, one socket, UDP GSO, {RECEIVE_BURST} segments per send (fewer for "
+            "1,200 B: at most 65,507 bytes per send), as fast as it can: what a udpx sender "
+            "or another GSO peer delivers. With GRO (on by default) the kernel hands udpx "
+            "whole runs, which the C recvmmsg receiver (no GRO) gets one datagram at a time. "
+            "Not what peers sending one datagram at a time get: see the receive table above.",
+            "udpx recv_many() ← udpx sender: the sender is a dialed udpx connection in its "
+            "own process (same loop) calling send_many() of 64 in a loop with the default "
+            "GSO; ratios compare it with the baselines fed by the C GSO sender.",
             "On 2 CPUs the sender and the kernel's loopback delivery (softirq) share one CPU: "
             "the C receiver's rate is the most this machine delivers, not recvmmsg's limit; "
             "compare receivers on CPU µs/datagram.",
-            "udpx: one accepted connection, one task; recv() takes one datagram per await, "
-            "recv_many() all that are queued.",
+            *RECEIVE_NOTES,
+            f"Fewer repetitions ({reps}) than the headline tables.",
         ])
 
 
 # -- many connections ------------------------------------------------------------------------
 
 
+def _many_receivers(receivers: Receivers, traffic: Traffic, group: str,
+                    reps: int | None) -> None:
+    for impl, name in UDPX_RECEIVERS[1:]:
+        for loop in ("asyncio", "uvloop"):
+            receivers.add(name, loop, impl, traffic, udpx=True, group=group, reps=reps)
+    receivers.baselines(traffic, group=group, reps=reps, loops=("uvloop",), dgram=False)
+
+
+MANY_NOTES = [
+    "udpx recv_many(): every peer is an accepted connection with its own task calling "
+    "recv_many(); ConnProtocol: every peer a connection with its own protocol object, no "
+    "task. udpx's warm-up starts once all N connections exist. DatagramProtocol and C "
+    "receive on one socket with no per-peer state.",
+]
+
+
 def many_case(size: int, settings: Settings, programs: Programs) -> Case:
     receivers = Receivers(programs, settings)
+    refused = _raw_refused()
     for peers in settings.many_peers:
-        # udpx's warm-up starts only once all N connections (and tasks) exist: allow for it.
-        traffic = Traffic(size, peers=peers, burst=MANY_BURST, extra_time=peers / 2000)
-        group = f"{peers:,}"
-        for loop in ("asyncio", "uvloop"):
-            receivers.add("udpx recv_many()", loop, "udpx-recv_many", traffic, udpx=True,
-                          group=group)
-        receivers.add("DatagramProtocol", "uvloop", "proto", traffic, group=group)
-        receivers.add("C recvmmsg", "-", "c", traffic, group=group)
+        if peers == 1:
+            traffic = Traffic(size, mode="mmsg")
+        else:
+            # udpx's warm-up starts only once all N connections exist: allow for it.
+            traffic = Traffic(size, peers=peers, burst=1, mode="mmsg" if refused else "raw",
+                              extra_time=peers / 2000)
+        _many_receivers(receivers, traffic, f"{peers:,}", None)
+    sender = (
+        f"{refused}, so N UDP sockets (N source ports), round-robin, one sendmmsg of 1 "
+        "datagram per socket per turn" if refused else
+        "one raw socket (IPPROTO_RAW) sending hand-built 127.0.0.1 packets whose source port "
+        "cycles over N ports, sendmmsg of 64 per call (faster than a socket per peer, which "
+        "needs a system call per datagram)")
     return Case(
-        case="many", title="Many connections (receive from N active peers)", size=size,
+        case="many", title="Many connections (N active peers, one datagram per peer per turn, "
+                           "no GSO)", size=size,
         metrics=RECEIVE_METRICS, configs=receivers.configs, group_label="peers",
         notes=[
-            f"Sender: one C process with N sockets (N source ports), round-robin, "
-            f"{MANY_BURST} datagrams per socket per turn (one GSO send).",
-            "udpx: every peer is an accepted connection with its own task calling recv_many(); "
-            "the warm-up starts once all N connections exist. DatagramProtocol and C receive "
-            "on one socket with no per-peer state.",
+            f"Sender: C, no GSO. 1 peer: one socket, sendmmsg of {RECEIVE_BURST}. N peers: "
+            f"one datagram per peer per turn, round-robin: {sender}. Every receive batch holds "
+            "datagrams of many peers. The sender cannot saturate the C receiver or a uvloop "
+            "DatagramProtocol here (the kernel charges every datagram's loopback delivery to "
+            "it): their rate is the sender's; compare on CPU µs/datagram.",
+            *MANY_NOTES,
+        ])
+
+
+def many_gso_case(size: int, settings: Settings, programs: Programs) -> Case:
+    receivers = Receivers(programs, settings)
+    for peers in settings.many_peers:
+        traffic = Traffic(size, peers=peers, burst=MANY_BURST, extra_time=peers / 2000)
+        _many_receivers(receivers, traffic, f"{peers:,}", settings.secondary_reps)
+    return Case(
+        case="many_gso", title="Many connections, GSO sender (N active peers, runs of "
+                               f"{MANY_BURST})", size=size,
+        metrics=RECEIVE_METRICS, configs=receivers.configs, group_label="peers",
+        notes=[
+            f"Sender: one C process with N sockets (N source ports), round-robin, {MANY_BURST} "
+            "datagrams per socket per turn in one UDP GSO send: what udpx or other GSO peers "
+            "deliver (udpx gets each run as one GRO batch), not what peers sending one "
+            "datagram at a time get (the table above).",
+            *MANY_NOTES,
+            f"Fewer repetitions ({settings.secondary_reps}) than the headline tables.",
         ])
 
 
@@ -265,17 +392,20 @@ def send_case(size: int, settings: Settings, programs: Programs) -> Case:
 
 # -- echo ------------------------------------------------------------------------------------
 
+ECHO_METRICS = [Metric("rate", "round trips/s", "rate", True, ratio=True),
+                Metric("cpu_us", "server CPU µs/round trip", "us", False, ratio=True),
+                Metric("timeouts", "client timeouts", "count", False)]
 
-def _echo_once(label: str, server: list[str], *, programs: Programs, size: int,
-               settings: Settings, raw: list[dict[str, object]]) -> Metrics:
-    warmup, window, _, deadline = _timing(settings)
+
+def _echo_once(label: str, server: list[str], client: Callable[[int, int], list[str]],
+               deadline: float, raw: list[dict[str, object]]) -> Metrics:
+    """One echo run: ``server`` (stopped by closing its stdin), and the C client made by
+    ``client(port, server_pid)``."""
     with Proc(server, name=label, stdin=True) as proc:
         port = proc.event("ready", SLACK)["port"]
-        client_args = [str(programs["echo"]), "client", str(port), str(size), str(ECHO_WINDOW),
-                       f"{warmup}", f"{window}", f"{deadline}", str(proc.pid)]
-        with Proc(client_args, name="C echo client") as client:
-            got = client.event("result", deadline + SLACK)
-            client.finish(SLACK)
+        with Proc(client(port, proc.pid), name="C echo client") as client_proc:
+            got = client_proc.event("result", deadline + SLACK)
+            client_proc.finish(SLACK)
         proc.close_stdin()
         served = proc.event("result", SLACK)
         proc.finish(SLACK)
@@ -286,41 +416,112 @@ def _echo_once(label: str, server: list[str], *, programs: Programs, size: int,
             "timeouts": float(got["timeouts"])}
 
 
-def echo_case(size: int, settings: Settings, programs: Programs) -> Case:
-    _, _, _, deadline = _timing(settings)
-    server_deadline = f"{deadline + 2 * SLACK}"
-    configs: list[Config] = []
+class EchoServers:
+    """Builds the echo server configurations of one case."""
 
-    def add(name: str, loop: str, role: str, server: list[str], skip: str | None) -> None:
-        config = Config(name=name, loop=loop, role="udpx" if role == "udpx" else "baseline",
-                        run=lambda: {}, skip=skip)
-        label = f"{name} ({loop})"
-        config.run = lambda: _echo_once(label, server, programs=programs, size=size,
-                                        settings=settings, raw=config.raw)
-        configs.append(config)
+    def __init__(self, programs: Programs, server_deadline: float) -> None:
+        self.programs = programs
+        self.server_deadline = server_deadline
+        self.configs: list[Config] = []
+
+    def add(self, name: str, loop: str, impl: str, client: Callable[[int, int], list[str]],
+            deadline: float, *, peers: int = 1, group: str = "",
+            reps: int | None = None) -> None:
+        """``impl``: an echo server of _workers.py, or "c" for the C echo server."""
+        if impl == "c":
+            server = [str(self.programs["echo"]), "server"]
+        else:
+            server = worker("echo", impl, "--loop", loop, "--peers", str(peers), "--deadline",
+                            f"{self.server_deadline}")
+        config = Config(name=name, loop=loop, role="udpx" if impl.startswith("udpx") else
+                        "baseline", run=lambda: {}, group=group, skip=_loop_skip(loop),
+                        reps=reps)
+        config.run = partial(_echo_once, f"{name} ({loop}, {group or '-'})", server, client,
+                             deadline, config.raw)
+        self.configs.append(config)
+
+
+def echo_case(size: int, settings: Settings, programs: Programs) -> Case:
+    warmup, window, _, deadline = _timing(settings)
+    servers = EchoServers(programs, deadline + 2 * SLACK)
+
+    def client(port: int, pid: int) -> list[str]:
+        return [str(programs["echo"]), "client", str(port), str(size), str(ECHO_WINDOW),
+                f"{warmup}", f"{window}", f"{deadline}", str(pid)]
 
     for impl, name in (("udpx-recv", "udpx recv()+send()"),
-                       ("udpx-recv_many", "udpx recv_many()+send_many()")):
+                       ("udpx-recv_many", "udpx recv_many()+send_many()"),
+                       ("udpx-proto", "udpx ConnProtocol+send_many_nowait()")):
         for loop in ("asyncio", "uvloop"):
-            add(name, loop, "udpx", worker("echo", impl, "--loop", loop, "--deadline",
-                                           server_deadline), _loop_skip(loop))
+            servers.add(name, loop, impl, client, deadline)
     for loop in ("asyncio", "uvloop"):
-        add("DatagramProtocol", loop, "baseline",
-            worker("echo", "proto", "--loop", loop, "--deadline", server_deadline),
-            _loop_skip(loop))
-    add("C recvmmsg+sendmmsg", "-", "baseline", [str(programs["echo"]), "server"], None)
+        servers.add("DatagramProtocol", loop, "proto", client, deadline)
+    servers.add("C recvmmsg+sendmmsg", "-", "c", client, deadline)
     return Case(
         case="echo", title=f"Echo (C client, {ECHO_WINDOW} round trips in flight)", size=size,
-        metrics=[Metric("rate", "round trips/s", "rate", True, ratio=True),
-                 Metric("cpu_us", "server CPU µs/round trip", "us", False, ratio=True),
-                 Metric("timeouts", "client timeouts", "count", False)],
-        configs=configs,
+        metrics=ECHO_METRICS, configs=servers.configs,
         notes=[
             "Client: C, one connected socket, recvmmsg/sendmmsg, a new request for every reply; "
             "50 ms without a reply counts as a timeout and the window is sent again.",
             "Server CPU: /proc/PID/schedstat of the server process over the client's window. "
             "udpx: accepted connection served by one task (the README's echo loop, or "
-            "recv_many() + send_many()).",
+            "recv_many() + send_many()), or protocol mode (datagrams_received() queues the "
+            "batch back with send_many_nowait()).",
+        ])
+
+
+def _clients_args(port: int, pid: int, *, echo: Path, size: int, peers: int, warmup: float,
+                  window: float, deadline: float) -> list[str]:
+    return [str(echo), "clients", str(port), str(size), str(peers), f"{warmup}", f"{window}",
+            f"{deadline}", str(pid)]
+
+
+def echo_many_case(size: int, settings: Settings, programs: Programs) -> Case:
+    reps = settings.secondary_reps
+    configs: list[Config] = []
+    for peers in settings.echo_peers:
+        # The client opens the window once every socket had a reply: allow for the start.
+        warmup, window, _, deadline = _timing(settings, peers / 2000)
+        servers = EchoServers(programs, deadline + 2 * SLACK)
+        group = f"{peers:,}"
+
+        client = partial(_clients_args, echo=programs["echo"], size=size, peers=peers,
+                         warmup=warmup, window=window, deadline=deadline)
+        for impl, name in (("udpx-recv", "udpx task: async for + send()"),
+                           ("udpx-proto", "udpx ConnProtocol+send_many_nowait()")):
+            for loop in ("asyncio", "uvloop"):
+                servers.add(name, loop, impl, client, deadline, peers=peers, group=group,
+                            reps=reps)
+        for loop in ("asyncio", "uvloop"):
+            servers.add("DatagramProtocol", loop, "proto", client, deadline, group=group,
+                        reps=reps)
+        servers.add("C recvmmsg+sendmmsg", "-", "c", client, deadline, group=group, reps=reps)
+        configs += servers.configs
+    return Case(
+        case="echo_many", title="Echo, many peers (C client, N sockets, one request in flight "
+                                "on each)", size=size,
+        metrics=ECHO_METRICS, configs=configs, group_label="peers",
+        notes=[
+            "Client: one C process with N connected sockets (N peers of the server), each "
+            "with exactly one request in flight, like DNS or a game tick: send one datagram, "
+            "wait for its reply, send the next; epoll over the sockets. A request not answered "
+            "within 200 ms counts as a timeout and is sent again unchanged (the first reply to "
+            "either copy answers it; timeouts: the whole run, warm-up included). The sockets "
+            "start 256 at a time; the warm-up opens once every socket had a reply.",
+            "10,000 requests in flight: a server answering fewer than 50,000 a second cannot "
+            "answer them within 200 ms, and one that falls behind overflows its receive buffer "
+            "(8 MiB: about 10,000 datagrams of 64 B, 3,600 of 1,200 B); every lost or late "
+            "request is a timeout and its resend adds load.",
+            "Server CPU: /proc/PID/schedstat over the client's window. udpx task: the "
+            "README's server, an accept loop and one task per connection running "
+            "`async for d in conn: await conn.send(d)`; ConnProtocol: datagrams_received() "
+            "queues the batch back with send_many_nowait(). DatagramProtocol: sendto() back "
+            "in datagram_received(). C: recvmmsg + sendmmsg, 64 per call.",
+            "One peer is a ping-pong bound by wake-up latency. With many peers the client "
+            "pays two system calls and an epoll event per round trip (about as much CPU as "
+            "the C server): the C server's rate is the client's ceiling, not the server's; "
+            "compare servers on CPU µs/round trip. "
+            f"Fewer repetitions ({reps}) than the headline tables.",
         ])
 
 
@@ -378,8 +579,11 @@ def memory_case(size: int, settings: Settings, programs: Programs) -> Case:
 
 CASES: dict[str, Callable[[int, Settings, Programs], Case]] = {
     "receive": receive_case,
+    "receive_gso": receive_gso_case,
     "send": send_case,
     "echo": echo_case,
+    "echo_many": echo_many_case,
     "many": many_case,
+    "many_gso": many_gso_case,
     "memory": memory_case,
 }

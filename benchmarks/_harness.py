@@ -52,19 +52,25 @@ class Settings:
 
     quick: bool
     reps: int
+    #: Repetitions of the secondary configurations (the GSO-sender tables, batch_size=1, the
+    #: many-peer echo): fewer, to keep the full run's time in bounds; --bench-reps sets both.
+    secondary_reps: int
     warmup: float
     window: float
     quiet: float
     many_peers: tuple[int, ...]
+    echo_peers: tuple[int, ...]
     memory_peers: tuple[int, ...]
 
     @classmethod
     def make(cls, quick: bool, reps: int | None = None) -> Settings:
         if quick:
-            return cls(quick=True, reps=reps or 1, warmup=0.1, window=0.25, quiet=0.1,
-                       many_peers=(1, 10000), memory_peers=(1000, 10000))
-        return cls(quick=False, reps=reps or 5, warmup=0.2, window=0.6, quiet=0.15,
-                   many_peers=(1, 100, 1000, 10000), memory_peers=(10000, 100000))
+            return cls(quick=True, reps=reps or 1, secondary_reps=reps or 1, warmup=0.1,
+                       window=0.25, quiet=0.1, many_peers=(1, 10000), echo_peers=(1, 1000),
+                       memory_peers=(1000, 10000))
+        return cls(quick=False, reps=reps or 5, secondary_reps=reps or 3, warmup=0.2,
+                   window=0.6, quiet=0.15, many_peers=(1, 100, 1000, 10000),
+                   echo_peers=(1, 100, 1000, 10000), memory_peers=(10000, 100000))
 
 
 # -- compiled C programs ---------------------------------------------------------------------
@@ -219,6 +225,7 @@ class Config:
     run: Callable[[], Metrics]
     group: str = ""  # rows are compared only within a group (the peer count)
     skip: str | None = None  # why this configuration is not measured here
+    reps: int | None = None  # at most this many repetitions (None: the run's)
     samples: list[Metrics] = field(default_factory=list)
     raw: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -241,10 +248,12 @@ class Case:
 
 
 def run_case(case: Case, reps: int) -> Case:
-    """Run every configuration ``reps`` times, round-robin, rotating the starting point."""
-    active = [config for config in case.configs if config.skip is None]
+    """Run every configuration ``reps`` times (or its own ``reps``, if fewer), round-robin,
+    rotating the starting point."""
     started = time.monotonic()
     for rep in range(reps):
+        active = [config for config in case.configs
+                  if config.skip is None and (config.reps is None or rep < config.reps)]
         shift = rep % len(active) if active else 0
         for config in active[shift:] + active[:shift]:
             try:
@@ -478,9 +487,13 @@ class Report:
             f"({info.get('git')}).",
         ]
         if settings:
+            secondary = ""
+            if settings.secondary_reps != settings.reps:
+                secondary = (f" ({settings.secondary_reps} for the GSO-sender tables, the "
+                             "batch_size=1 rows and the many-peer echo)")
             parts.append(
                 f"Each figure: median (min{DASH}max) of {settings.reps} repetition"
-                f"{'s' if settings.reps != 1 else ''}, "
+                f"{'s' if settings.reps != 1 else ''}{secondary}, "
                 f"{settings.window:g} s measurement window after {settings.warmup:g} s of "
                 "warm-up, configurations interleaved.")
         parts.append("")

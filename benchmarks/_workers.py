@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import resource
+import signal
 import socket
 import sys
 import time
@@ -157,6 +158,20 @@ class CountingProtocol(asyncio.DatagramProtocol):
         self.counter.n += 1
 
 
+class CountingConnProtocol(udpx.ConnProtocol):
+    """udpx's protocol mode: one call per connection per received batch."""
+
+    def __init__(self, counter: Counter, conns: Counter) -> None:
+        self.counter = counter
+        self.conns = conns
+
+    def connection_made(self, conn: udpx.UDPConn) -> None:
+        self.conns.n += 1
+
+    def datagrams_received(self, datagrams: list[bytes]) -> None:
+        self.counter.n += len(datagrams)
+
+
 async def consume_recv(conn: udpx.UDPConn, counter: Counter) -> None:
     recv = conn.recv
     with contextlib.suppress(udpx.ConnectionClosed):
@@ -178,11 +193,13 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
     window = Window(lambda: counter.n, warmup=args.warmup, window=args.window, quiet=args.quiet,
                     deadline=args.deadline)
     extra: dict[str, Any] = {}
+    peers = args.peers
+    # Room for every peer (the flood's first datagrams open the connections).
+    options: dict[str, Any] = {"rcvbuf": RCVBUF, "max_conns": max(65536, 2 * peers),
+                               "backlog": max(1024, 2 * peers), "batch_size": args.batch_size}
     if args.impl in ("udpx-recv", "udpx-recv_many"):
         consume = consume_recv if args.impl == "udpx-recv" else consume_recv_many
-        peers = args.peers
-        ln = await udpx.listen(HOST, 0, rcvbuf=RCVBUF, max_conns=max(65536, 2 * peers),
-                               backlog=max(1024, 2 * peers))
+        ln = await udpx.listen(HOST, 0, **options)
         tasks: set[asyncio.Task[None]] = set()
         window.ready = lambda: len(tasks) >= peers
 
@@ -202,6 +219,17 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(acceptor, *tasks, return_exceptions=True)
+    elif args.impl == "udpx-proto":
+        conns = Counter()
+        ln = await udpx.listen(HOST, 0, protocol_factory=lambda: CountingConnProtocol(
+            counter, conns), **options)
+        window.ready = lambda: conns.n >= peers
+        emit("ready", port=ln.local_addr[1])
+        result = await window.run()
+        stats = ln.stats
+        extra = {"conns": stats.conns, "drops": dict(stats.drops),
+                 "ready_after": window.ready_after}
+        await ln.aclose()
     elif args.impl == "proto":
         loop = asyncio.get_running_loop()
         sock = receiving_socket()
@@ -313,6 +341,43 @@ async def send_async(args: argparse.Namespace) -> dict[str, Any]:
     return {**result, **extra}
 
 
+async def flood(args: argparse.Namespace) -> dict[str, Any]:
+    """A udpx sender that saturates a receiver, as the C ``blast`` does: a dialed connection
+    (default options: runs of equal-size datagrams go out as one GSO send) calling
+    ``send_many()`` of 64 in a loop until SIGTERM, ``--duration`` seconds or ``--max-count``."""
+    payload = b"s" * args.size
+    batch = [payload] * 64
+    conn = await udpx.dial(HOST, args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    cpu0 = cpu_seconds()
+    start = time.perf_counter()
+    end = start + args.duration
+
+    async def send_loop() -> None:
+        send_many = conn.send_many
+        clock = time.perf_counter
+        queued = 0
+        while not stop.is_set() and queued < args.max_count and clock() < end:
+            await send_many(batch)
+            queued += 64
+            if queued % 4096 == 0:
+                await asyncio.sleep(0)  # let the signal handler run even if never blocked
+
+    # The receiver gone (ICMP port unreachable) ends the flood, as it ends blast.
+    with contextlib.suppress(ConnectionRefusedError, udpx.ConnectionClosed):
+        await send_loop()
+    await conn.aclose()
+    elapsed = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu0
+    sent = conn.stats.tx_packets
+    loop.remove_signal_handler(signal.SIGTERM)
+    return {"total": sent, "seconds": elapsed, "rate": sent / elapsed, "cpu_seconds": cpu,
+            "cpu_us_per_dgram": cpu * 1e6 / sent if sent else 0.0, "mode": "udpx",
+            "drops": dict(conn.stats.drops)}
+
+
 def send_socket(args: argparse.Namespace) -> dict[str, Any]:
     """Plain blocking ``socket.send`` in a loop (no event loop), checking the clock every 64."""
     payload = b"s" * args.size
@@ -380,6 +445,27 @@ async def echo_recv_many(conn: udpx.UDPConn, counter: Counter) -> None:
             counter.n += len(batch)
 
 
+class EchoConnProtocol(udpx.ConnProtocol):
+    """udpx's protocol mode: each received batch is queued back at once."""
+
+    def __init__(self, counter: Counter, full: Counter) -> None:
+        self.counter = counter
+        self.full = full
+        self.conn: udpx.UDPConn | None = None
+
+    def connection_made(self, conn: udpx.UDPConn) -> None:
+        self.conn = conn
+
+    def datagrams_received(self, datagrams: list[bytes]) -> None:
+        assert self.conn is not None
+        try:
+            self.conn.send_many_nowait(datagrams)
+        except udpx.QueueFull:
+            self.full.n += 1  # the transmit queue is full: none of these is answered
+        else:
+            self.counter.n += len(datagrams)
+
+
 async def stdin_closed() -> None:
     """Wait until the harness closes our stdin (its way of saying stop)."""
     loop = asyncio.get_running_loop()
@@ -399,9 +485,11 @@ async def stdin_closed() -> None:
 async def echo(args: argparse.Namespace) -> dict[str, Any]:
     counter = Counter()
     extra: dict[str, Any] = {}
+    options: dict[str, Any] = {"rcvbuf": RCVBUF, "max_conns": max(65536, 2 * args.peers),
+                               "backlog": max(1024, 2 * args.peers)}
     if args.impl in ("udpx-recv", "udpx-recv_many"):
         serve = echo_recv if args.impl == "udpx-recv" else echo_recv_many
-        ln = await udpx.listen(HOST, 0, rcvbuf=RCVBUF)
+        ln = await udpx.listen(HOST, 0, **options)
         tasks: set[asyncio.Task[None]] = set()
 
         async def accept_all() -> None:
@@ -416,6 +504,15 @@ async def echo(args: argparse.Namespace) -> dict[str, Any]:
         await ln.aclose()
         acceptor.cancel()
         await asyncio.gather(acceptor, *tasks, return_exceptions=True)
+    elif args.impl == "udpx-proto":
+        full = Counter()
+        ln = await udpx.listen(HOST, 0, protocol_factory=lambda: EchoConnProtocol(counter, full),
+                               **options)
+        emit("ready", port=ln.local_addr[1])
+        await asyncio.wait_for(stdin_closed(), args.deadline)
+        stats = ln.stats
+        extra = {"drops": dict(stats.drops), "conns": stats.conns, "queue_full": full.n}
+        await ln.aclose()
     elif args.impl == "proto":
         loop = asyncio.get_running_loop()
         sock = receiving_socket()
@@ -555,20 +652,28 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="_workers.py")
     kinds = parser.add_subparsers(dest="kind", required=True)
     recv = kinds.add_parser("recv")
-    recv.add_argument("impl", choices=["udpx-recv", "udpx-recv_many", "proto", "asyncio-dgram"])
+    recv.add_argument("impl", choices=["udpx-recv", "udpx-recv_many", "udpx-proto", "proto",
+                                       "asyncio-dgram"])
+    recv.add_argument("--batch-size", type=int, default=64, help="udpx listener's batch_size")
     send = kinds.add_parser("send")
     send.add_argument("impl", choices=["udpx-send", "udpx-send_many", "sendto", "socket"])
     send.add_argument("--port", type=int, required=True)
     send.add_argument("--size", type=int, required=True)
     send.add_argument("--no-gso", action="store_true")
+    flood_sender = kinds.add_parser("flood")
+    flood_sender.add_argument("--port", type=int, required=True)
+    flood_sender.add_argument("--size", type=int, required=True)
+    flood_sender.add_argument("--duration", type=float, required=True)
+    flood_sender.add_argument("--max-count", type=int, required=True)
     echo_server = kinds.add_parser("echo")
-    echo_server.add_argument("impl", choices=["udpx-recv", "udpx-recv_many", "proto"])
+    echo_server.add_argument("impl", choices=["udpx-recv", "udpx-recv_many", "udpx-proto",
+                                              "proto"])
     mem = kinds.add_parser("memory")
     mem.add_argument("impl", choices=["udpx", "table"])
     mem.add_argument("--n", type=int, required=True)
     mem.add_argument("--size", type=int, required=True)
     mem.add_argument("--peers-bin", required=True)
-    for sub in (recv, send, echo_server, mem):
+    for sub in (recv, send, flood_sender, echo_server, mem):
         sub.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
         sub.add_argument("--warmup", type=float, default=0.2)
         sub.add_argument("--window", type=float, default=1.0)
@@ -584,7 +689,8 @@ def main(argv: list[str]) -> None:
     if args.kind == "send" and args.impl == "socket":
         result = send_socket(args)
     else:
-        job = {"recv": receive, "send": send_async, "echo": echo, "memory": memory}[args.kind]
+        job = {"recv": receive, "send": send_async, "flood": flood, "echo": echo,
+               "memory": memory}[args.kind]
         result = run_on(args.loop, lambda: job(args))
     emit("result", **result)
 

@@ -3,6 +3,7 @@
     pip install py-spy
     python -m benchmarks.pyspy_profile recv udpx-recv_many --loop uvloop --size 64
     python -m benchmarks.pyspy_profile recv udpx-recv_many --peers 10000 --burst 8
+    python -m benchmarks.pyspy_profile recv udpx-proto --peers 10000 --burst 1 --sender raw
     python -m benchmarks.pyspy_profile send udpx-send --loop uvloop --size 64 [--no-gso]
 
 The process under test is the suite's own worker (``_workers.py``): a udpx receiver fed by the
@@ -67,6 +68,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--peers", type=int, default=1)
     parser.add_argument("--burst", type=int, default=64)
     parser.add_argument("--no-gso", action="store_true")
+    parser.add_argument("--sender", choices=["gso", "mmsg", "raw"], default="gso",
+                        help="recv: the C sender's mode (blast.c; raw needs CAP_NET_RAW)")
+    parser.add_argument("--batch-size", type=int, default=64, help="recv: the listener's")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=20)
@@ -85,13 +89,14 @@ def main(argv: list[str]) -> None:
         if args.path == "recv":
             target = subprocess.Popen(
                 worker("recv", args.impl, "--loop", args.loop, "--warmup", "0.3", "--window",
-                       f"{window}", "--peers", str(args.peers), "--deadline",
-                       f"{window + 30}"), stdout=subprocess.PIPE, text=True)
+                       f"{window}", "--peers", str(args.peers), "--batch-size",
+                       str(args.batch_size), "--deadline", f"{window + 30}"),
+                stdout=subprocess.PIPE, text=True)
             assert target.stdout is not None
             port = json.loads(target.stdout.readline())["port"]
             other = subprocess.Popen(
                 [str(programs["blast"]), str(port), str(args.size), f"{window + 1}",
-                 "1000000000", str(args.peers), str(args.burst), "gso"],
+                 "1000000000", str(args.peers), str(args.burst), args.sender],
                 stdout=subprocess.PIPE, text=True)
         else:
             other = subprocess.Popen([str(programs["sink"]), "0.2", f"{window}", "0.5",

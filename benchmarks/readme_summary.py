@@ -24,11 +24,17 @@ END = "<!-- end of generated performance table -->"
 #: The metric each case is judged on in the summary, and how to print it.
 HEADLINE = {
     "receive": ("cpu_us", "CPU µs/datagram"),
+    "receive_gso": ("cpu_us", "CPU µs/datagram"),
     "send": ("rate", "datagrams/s"),
     "echo": ("rate", "round trips/s"),
+    # The many-socket C client is the ceiling of the fast servers' rate: judge on server CPU.
+    "echo_many": ("cpu_us", "server CPU µs/round trip"),
     "many": ("cpu_us", "CPU µs/datagram"),
+    "many_gso": ("cpu_us", "CPU µs/datagram"),
     "memory": ("bytes_per_conn", "RSS bytes/connection"),
 }
+#: Cases whose rows are grouped by peer count.
+PEER_GROUPS = ("many", "many_gso", "echo_many")
 
 
 def _number(value: float, metric: str) -> str:
@@ -41,12 +47,17 @@ def _number(value: float, metric: str) -> str:
 
 def summary(results: dict[str, Any], loop: str = "uvloop", size: int = 64) -> str:
     machine = results["machine"]
+    settings = results["settings"]
+    reps = f"{settings['reps']}"
+    secondary = settings.get("secondary_reps", settings["reps"])
+    if secondary != settings["reps"]:
+        reps += f" ({secondary} for the GSO-sender tables, batch_size=1 and the many-peer echo)"
     lines = [
         f"Generated from `benchmarks/results/latest.json`: {results['mode']} run of "
         f"{results['seconds'] / 60:.1f} min at udpx {machine.get('git', '?')}, "
         f"{machine['cpus']}-CPU {machine['cpu']}, Linux {machine['kernel']}, Python "
         f"{machine['python']}, uvloop {machine.get('uvloop', '-')}; udpx on {loop}, {size}-byte "
-        f"datagrams; medians of {results['settings']['reps']} interleaved repetitions; a ratio "
+        f"datagrams; medians of {reps} interleaved repetitions; a ratio "
         "is udpx ÷ the baseline, per repetition, median (above 1: udpx has more of the metric).",
         "",
         "| case | udpx | metric | udpx | ratio to each baseline (same run) |",
@@ -71,7 +82,8 @@ def summary(results: dict[str, Any], loop: str = "uvloop", size: int = 64) -> st
                 where = f" ({baseline['loop']})" if baseline["loop"] != "-" else ""
                 ratios.append(f"{baseline['name']}{where} {ratio['paired']['median']:.2f}×")  # noqa: RUF001
             peers = "peer" if row["group"] == "1" else "peers"
-            name = row["name"] + (f", {row['group']} {peers}" if case["case"] == "many" else "")
+            name = row["name"] + (f", {row['group']} {peers}" if case["case"] in PEER_GROUPS
+                                  else "")
             name += f", {row['group']} conns" if case["case"] == "memory" else ""
             lines.append(f"| {case['title'].split(' (')[0]} | {name} | {label} | "
                          f"{_number(statistics.median(values), metric)} | "

@@ -48,6 +48,11 @@ def test_receive(size: int, settings: Settings, programs: dict[str, Path]) -> No
 
 
 @pytest.mark.parametrize("size", SIZES)
+def test_receive_gso(size: int, settings: Settings, programs: dict[str, Path]) -> None:
+    run("receive_gso", size, settings, programs)
+
+
+@pytest.mark.parametrize("size", SIZES)
 def test_send(size: int, settings: Settings, programs: dict[str, Path]) -> None:
     run("send", size, settings, programs)
 
@@ -58,8 +63,18 @@ def test_echo(size: int, settings: Settings, programs: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("size", SIZES)
+def test_echo_many(size: int, settings: Settings, programs: dict[str, Path]) -> None:
+    run("echo_many", size, settings, programs)
+
+
+@pytest.mark.parametrize("size", SIZES)
 def test_many_connections(size: int, settings: Settings, programs: dict[str, Path]) -> None:
     run("many", size, settings, programs)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_many_connections_gso(size: int, settings: Settings, programs: dict[str, Path]) -> None:
+    run("many_gso", size, settings, programs)
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -8,10 +8,24 @@
  *                                measurement window opens WARMUP seconds after the first reply
  *                                and lasts SECONDS; reads the server's on-CPU time from
  *                                /proc/SERVER_PID/schedstat at both ends of the window
+ *   echo clients PORT SIZE NSOCKS WARMUP SECONDS DEADLINE SERVER_PID
+ *                                NSOCKS client sockets (NSOCKS peers of the server), each
+ *                                connected to 127.0.0.1:PORT with exactly one request in flight
+ *                                (like DNS or a game tick): send one datagram, wait for its
+ *                                reply, send the next; epoll over the sockets. A request not
+ *                                answered within 200 ms counts as a timeout and is sent again,
+ *                                unchanged, as a DNS client does: the first reply to either
+ *                                copy answers it, a second one is ignored (every request
+ *                                carries its socket's index and sequence number). The sockets
+ *                                start 256 at a time; the warm-up opens once every socket had
+ *                                a reply (or after half the deadline) and lasts WARMUP seconds,
+ *                                the window SECONDS; server CPU as for "client"
  */
 #include "common.h"
 
 #include <poll.h>
+#include <stdint.h>
+#include <sys/epoll.h>
 #include <sys/uio.h>
 
 static char slots[BATCH][SLOT];
@@ -166,9 +180,152 @@ static int client(int argc, char **argv) {
     return t1 >= 0 ? 0 : 1;
 }
 
+/* "clients": one request in flight on each of many sockets. */
+#define TIMEOUT 0.2
+#define RAMP 256
+#define EVENTS 256
+
+static int clients(int argc, char **argv) {
+    if (argc != 9) {
+        fprintf(stderr, "usage: echo clients PORT SIZE NSOCKS WARMUP SECONDS DEADLINE PID\n");
+        return 2;
+    }
+    int port = atoi(argv[2]), size = atoi(argv[3]), nsocks = atoi(argv[4]);
+    double warmup = atof(argv[5]), seconds = atof(argv[6]), deadline = atof(argv[7]);
+    int server_pid = atoi(argv[8]);
+    if (size < 8 || size > SLOT || nsocks < 1 || port < 1 || port > 65535) {
+        fprintf(stderr, "echo: bad arguments\n");
+        return 2;
+    }
+    raise_nofile();
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (rlim_t)nsocks + 16) {
+        fprintf(stderr, "echo: RLIMIT_NOFILE %llu is too low for %d sockets\n",
+                (unsigned long long)rl.rlim_cur, nsocks);
+        return 2;
+    }
+    int *fds = calloc((size_t)nsocks, sizeof *fds);
+    uint32_t *seq = calloc((size_t)nsocks, sizeof *seq);
+    double *sent_at = calloc((size_t)nsocks, sizeof *sent_at);
+    char *answered = calloc((size_t)nsocks, 1);
+    if (!fds || !seq || !sent_at || !answered) die("calloc");
+    int ep = epoll_create1(0);
+    if (ep < 0) die("epoll_create1");
+    struct sockaddr_in dest = loopback(port);
+    for (int i = 0; i < nsocks; i++) {
+        fds[i] = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+        if (fds[i] < 0) die("socket");
+        if (connect(fds[i], (struct sockaddr *)&dest, sizeof dest) < 0) die("connect");
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &ev) < 0) die("epoll_ctl");
+    }
+    static char request[SLOT], reply[SLOT];
+    memset(request, 'q', sizeof request);
+    long long replies = 0, requests = 0, timeouts = 0, stale = 0, send_errors = 0;
+    long long c0 = 0, c1 = 0, timeouts0 = 0, timeouts1 = 0;
+    int started = 0, answered_count = 0;
+    double start = now(), first = -1, t0 = -1, t1 = -1, s0 = 0, s1 = 0, cpu0 = 0, cpu1 = 0;
+    double last_scan = start;
+    struct epoll_event events[EVENTS];
+    for (;;) {
+        double t = now();
+        /* Start the next sockets (a few at a time: the server's buffer is not flooded). */
+        for (int k = 0; k < RAMP && started < nsocks; k++, started++) {
+            int i = started;
+            seq[i] = 1;
+            sent_at[i] = t;
+            memcpy(request, &i, 4);
+            memcpy(request + 4, &seq[i], 4);
+            if (send(fds[i], request, (size_t)size, 0) < 0) send_errors++;
+            requests++;
+        }
+        int n = epoll_wait(ep, events, EVENTS, 10);
+        if (n < 0 && errno != EINTR) die("epoll_wait");
+        t = now();
+        for (int e = 0; e < n; e++) {
+            int i = (int)events[e].data.u32;
+            for (;;) {
+                ssize_t r = recv(fds[i], reply, sizeof reply, 0);
+                if (r < 0) {
+                    if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+                    if (errno == EINTR || errno == ECONNREFUSED) continue;
+                    die("recv");
+                }
+                int index;
+                uint32_t number;
+                memcpy(&index, reply, 4);
+                memcpy(&number, reply + 4, 4);
+                if (r < 8 || index != i || number != seq[i]) {
+                    stale++;  /* the second reply to a request that was sent twice */
+                    continue;
+                }
+                replies++;
+                if (!answered[i]) {
+                    answered[i] = 1;
+                    answered_count++;
+                }
+                seq[i]++;
+                sent_at[i] = t;
+                memcpy(request, &i, 4);
+                memcpy(request + 4, &seq[i], 4);
+                if (send(fds[i], request, (size_t)size, 0) < 0) send_errors++;
+                requests++;
+            }
+        }
+        if (t - last_scan >= 0.02) {  /* resend what was not answered in time */
+            last_scan = t;
+            for (int i = 0; i < started; i++) {
+                if (t - sent_at[i] < TIMEOUT) continue;
+                timeouts++;  /* sent again as it was: whichever reply comes first answers it */
+                sent_at[i] = t;
+                memcpy(request, &i, 4);
+                memcpy(request + 4, &seq[i], 4);
+                if (send(fds[i], request, (size_t)size, 0) < 0) send_errors++;
+                requests++;
+            }
+        }
+        if (first < 0 && replies > 0 &&
+            (answered_count == nsocks || t - start >= deadline / 2)) {
+            first = t;
+        }
+        if (first >= 0 && t0 < 0 && t >= first + warmup) {
+            t0 = t; c0 = replies; timeouts0 = timeouts; s0 = cpu_of(server_pid);
+            cpu0 = cpu_self();
+        }
+        if (t0 >= 0 && t >= t0 + seconds) {
+            t1 = t; c1 = replies; timeouts1 = timeouts; s1 = cpu_of(server_pid);
+            cpu1 = cpu_self();
+            break;
+        }
+        if (t - start >= deadline) break;
+    }
+    double secs = t1 >= 0 ? t1 - t0 : 0.0;
+    long long count = c1 - c0;
+    double server_cpu = (s0 >= 0 && s1 >= 0) ? s1 - s0 : -1.0;
+    printf("{\"event\": \"result\", \"sockets\": %d, \"round_trips\": %lld, "
+           "\"requests\": %lld, \"window_count\": %lld, \"window_seconds\": %.6f, "
+           "\"rate\": %.1f, \"server_cpu_seconds\": %.6f, \"server_cpu_us_per_rt\": %.4f, "
+           "\"client_cpu_seconds\": %.6f, \"timeouts\": %lld, \"window_timeouts\": %lld, "
+           "\"stale\": %lld, \"send_errors\": %lld, \"answered\": %d, \"ready_after\": %.3f, "
+           "\"window_complete\": %s}\n",
+           nsocks, replies, requests, count, secs, secs > 0 ? count / secs : 0.0, server_cpu,
+           count > 0 && server_cpu >= 0 ? server_cpu * 1e6 / (double)count : -1.0,
+           cpu1 - cpu0, timeouts, timeouts1 - timeouts0, stale, send_errors, answered_count,
+           first >= 0 ? first - start : -1.0, t1 >= 0 ? "true" : "false");
+    fflush(stdout);
+    for (int i = 0; i < nsocks; i++) close(fds[i]);
+    close(ep);
+    free(fds);
+    free(seq);
+    free(sent_at);
+    free(answered);
+    return t1 >= 0 ? 0 : 1;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "server") == 0) return server();
     if (argc >= 2 && strcmp(argv[1], "client") == 0) return client(argc, argv);
-    fprintf(stderr, "usage: echo server | echo client ...\n");
+    if (argc >= 2 && strcmp(argv[1], "clients") == 0) return clients(argc, argv);
+    fprintf(stderr, "usage: echo server | echo client ... | echo clients ...\n");
     return 2;
 }
