@@ -141,7 +141,7 @@ class Receivers:
 
     def add(self, name: str, loop: str, impl: str, traffic: Traffic, *, udpx: bool = False,
             group: str = "", skip: str | None = None, batch_size: int = 64,
-            reps: int | None = None) -> None:
+            reps: int | None = None, listen_host: str = "127.0.0.1") -> None:
         """``impl``: a receiver of _workers.py, or "c" for the C recvmmsg receiver."""
         warmup, window, quiet, deadline = _timing(self.settings, traffic.extra_time)
         if impl == "c":
@@ -151,7 +151,7 @@ class Receivers:
             command = worker("recv", impl, "--loop", loop, "--warmup", f"{warmup}",
                              "--window", f"{window}", "--quiet", f"{quiet}", "--deadline",
                              f"{deadline}", "--peers", str(traffic.peers), "--batch-size",
-                             str(batch_size))
+                             str(batch_size), "--listen-host", listen_host)
         config = Config(name=name, loop=loop, role="udpx" if udpx else "baseline",
                         run=lambda: {}, group=group, skip=skip or _loop_skip(loop), reps=reps)
         config.run = partial(_receive_once, command, f"{name} ({loop}, {group or '-'})",
@@ -189,6 +189,9 @@ def receive_case(size: int, settings: Settings, programs: Programs) -> Case:
         for loop in ("asyncio", "uvloop"):
             receivers.add(f"{name} batch_size=1", loop, impl, traffic, udpx=True, batch_size=1,
                           reps=settings.secondary_reps)
+    for loop in ("asyncio", "uvloop"):
+        receivers.add(f"{UDPX_RECEIVERS[-1][1]}, listener on 0.0.0.0", loop, "udpx-proto",
+                      traffic, udpx=True, reps=settings.secondary_reps, listen_host="0.0.0.0")
     receivers.baselines(traffic)
     return Case(
         case="receive", title="Receive (one peer, C sender without GSO)", size=size,
@@ -204,6 +207,9 @@ def receive_case(size: int, settings: Settings, programs: Programs) -> Case:
             "batch_size=1: the listener receives one datagram per system call (recvmsg_into, "
             "also the path where recvmmsg is missing); fewer repetitions "
             f"({settings.secondary_reps}).",
+            "listener on 0.0.0.0: the wildcard listener, which reads each datagram's local "
+            "address (IP_PKTINFO) and sends from it; the sender targets 127.0.0.1. Fewer "
+            f"repetitions ({settings.secondary_reps}).",
         ])
 
 
@@ -426,13 +432,13 @@ class EchoServers:
 
     def add(self, name: str, loop: str, impl: str, client: Callable[[int, int], list[str]],
             deadline: float, *, peers: int = 1, group: str = "",
-            reps: int | None = None) -> None:
+            reps: int | None = None, listen_host: str = "127.0.0.1") -> None:
         """``impl``: an echo server of _workers.py, or "c" for the C echo server."""
         if impl == "c":
             server = [str(self.programs["echo"]), "server"]
         else:
             server = worker("echo", impl, "--loop", loop, "--peers", str(peers), "--deadline",
-                            f"{self.server_deadline}")
+                            f"{self.server_deadline}", "--listen-host", listen_host)
         config = Config(name=name, loop=loop, role="udpx" if impl.startswith("udpx") else
                         "baseline", run=lambda: {}, group=group, skip=_loop_skip(loop),
                         reps=reps)
@@ -454,6 +460,10 @@ def echo_case(size: int, settings: Settings, programs: Programs) -> Case:
                        ("udpx-proto", "udpx ConnProtocol+send_many_nowait()")):
         for loop in ("asyncio", "uvloop"):
             servers.add(name, loop, impl, client, deadline)
+    for loop in ("asyncio", "uvloop"):
+        servers.add("udpx ConnProtocol+send_many_nowait(), listener on 0.0.0.0", loop,
+                    "udpx-proto", client, deadline, reps=settings.secondary_reps,
+                    listen_host="0.0.0.0")
     for loop in ("asyncio", "uvloop"):
         servers.add("DatagramProtocol", loop, "proto", client, deadline)
     servers.add("C recvmmsg+sendmmsg", "-", "c", client, deadline)

@@ -199,7 +199,7 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
                                "backlog": max(1024, 2 * peers), "batch_size": args.batch_size}
     if args.impl in ("udpx-recv", "udpx-recv_many"):
         consume = consume_recv if args.impl == "udpx-recv" else consume_recv_many
-        ln = await udpx.listen(HOST, 0, **options)
+        ln = await udpx.listen(args.listen_host, 0, **options)
         tasks: set[asyncio.Task[None]] = set()
         window.ready = lambda: len(tasks) >= peers
 
@@ -221,7 +221,7 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.gather(acceptor, *tasks, return_exceptions=True)
     elif args.impl == "udpx-proto":
         conns = Counter()
-        ln = await udpx.listen(HOST, 0, protocol_factory=lambda: CountingConnProtocol(
+        ln = await udpx.listen(args.listen_host, 0, protocol_factory=lambda: CountingConnProtocol(
             counter, conns), **options)
         window.ready = lambda: conns.n >= peers
         emit("ready", port=ln.local_addr[1])
@@ -489,7 +489,7 @@ async def echo(args: argparse.Namespace) -> dict[str, Any]:
                                "backlog": max(1024, 2 * args.peers)}
     if args.impl in ("udpx-recv", "udpx-recv_many"):
         serve = echo_recv if args.impl == "udpx-recv" else echo_recv_many
-        ln = await udpx.listen(HOST, 0, **options)
+        ln = await udpx.listen(args.listen_host, 0, **options)
         tasks: set[asyncio.Task[None]] = set()
 
         async def accept_all() -> None:
@@ -506,7 +506,8 @@ async def echo(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.gather(acceptor, *tasks, return_exceptions=True)
     elif args.impl == "udpx-proto":
         full = Counter()
-        ln = await udpx.listen(HOST, 0, protocol_factory=lambda: EchoConnProtocol(counter, full),
+        ln = await udpx.listen(args.listen_host, 0,
+                               protocol_factory=lambda: EchoConnProtocol(counter, full),
                                **options)
         emit("ready", port=ln.local_addr[1])
         await asyncio.wait_for(stdin_closed(), args.deadline)
@@ -668,6 +669,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     echo_server = kinds.add_parser("echo")
     echo_server.add_argument("impl", choices=["udpx-recv", "udpx-recv_many", "udpx-proto",
                                               "proto"])
+    for sub in (recv, echo_server):
+        sub.add_argument("--listen-host", default=HOST,
+                         help="udpx listener's address (0.0.0.0: wildcard, with packet info)")
     mem = kinds.add_parser("memory")
     mem.add_argument("impl", choices=["udpx", "table"])
     mem.add_argument("--n", type=int, required=True)
