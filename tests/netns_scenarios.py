@@ -179,6 +179,22 @@ async def transport_backpressure(count: int, size: int, sndbuf: int) -> Result:
                 "describe": conn.describe()["socket"]}
 
 
+async def until_stdin_closes(seconds: float) -> None:
+    """Wait until the parent closes our stdin (it has what it needs), at most ``seconds``."""
+    loop = asyncio.get_running_loop()
+    stdin_closed: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not stdin_closed.done():
+            stdin_closed.set_result(None)
+
+    loop.add_reader(sys.stdin.fileno(), readable)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stdin_closed
+    loop.remove_reader(sys.stdin.fileno())
+
+
 async def wildcard_echo(seconds: float) -> Result:
     """Serve on every address (``::``, dual-stack): answer each datagram with itself, the local
     address its connection has, and whether that is where the datagram was sent (the client
@@ -197,18 +213,7 @@ async def wildcard_echo(seconds: float) -> Result:
                     group.create_task(echo(conn))
 
         server = asyncio.create_task(serve())
-        loop = asyncio.get_running_loop()
-        stdin_closed: asyncio.Future[None] = loop.create_future()
-
-        def readable() -> None:
-            if not stdin_closed.done():
-                stdin_closed.set_result(None)
-
-        loop.add_reader(sys.stdin.fileno(), readable)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await stdin_closed
-        loop.remove_reader(sys.stdin.fileno())
+        await until_stdin_closes(seconds)
         result = {"conns": sorted([list(conn.remote_addr), list(conn.local_addr)]
                                   for conn in ln.conns())}
         ln.close()
@@ -230,7 +235,53 @@ async def dial_each(port: int, *targets: str) -> Result:
     return {"replies": replies}
 
 
+async def path_mtu(host: str, port: int) -> Result:
+    """Dial ``host``/``port`` with dont_fragment across a router whose far link has a smaller
+    MTU: a datagram too big for it comes back as the router's ICMP, which sets path_mtu; a
+    send above it then raises MessageTooLong; one below it is echoed."""
+    result: Result = {}
+    async with udpx.dial(host, port, dont_fragment=True) as conn:
+        result["socket"] = conn.describe()["socket"]
+        await conn.send(bytes(1400))
+        for _ in range(300):  # the ICMP comes back within milliseconds; bounded at 3 s
+            if conn.path_mtu is not None:
+                break
+            await asyncio.sleep(0.01)
+        result["path_mtu"] = conn.path_mtu
+        result["icmp_errors"] = conn.stats.icmp_errors
+        try:
+            await conn.send(bytes(1400))
+        except udpx.MessageTooLong as exc:
+            result["too_long_mtu"] = exc.mtu
+        await conn.send(b"x" * 1200)
+        async with asyncio.timeout(5):
+            result["echoed"] = len(await conn.recv())
+    return result
+
+
+async def echo_on(host: str, seconds: float) -> Result:
+    """Echo on ``host`` (port printed first) until stdin closes or ``seconds`` passed."""
+    async with udpx.listen(host, 0) as ln:
+        print(json.dumps({"port": ln.local_addr[1]}), flush=True)
+
+        async def serve() -> None:
+            async for conn in ln:
+                async for data in conn:
+                    await conn.send(data)
+
+        server = asyncio.create_task(serve())
+        await until_stdin_closes(seconds)
+        result = {"received": ln.stats.rx_packets}
+        ln.close()
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+    return result
+
+
 SCENARIOS: dict[str, Callable[[list[str]], Coroutine[Any, Any, Result]]] = {
+    "path_mtu": lambda args: path_mtu(args[0], int(args[1])),
+    "echo_on": lambda args: echo_on(args[0], float(args[1])),
     "wildcard_echo": lambda args: wildcard_echo(float(args[0])),
     "dial_each": lambda args: dial_each(int(args[0]), *args[1:]),
     "transport_backpressure": lambda args: transport_backpressure(

@@ -8,11 +8,12 @@ loop kind under test and reports JSON. Traffic stays on the namespace's loopback
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,35 @@ def run_scenario(netns: NetNS, scenario: str, loop_kind: str, *args: str) -> dic
                              f"{done.stderr.strip()}\n{done.stdout.strip()}")
     result: dict[str, Any] = json.loads(lines[-1])
     return result
+
+
+@contextlib.contextmanager
+def background_scenario(netns: NetNS, scenario: str, loop_kind: str, *args: str,
+                        ) -> Iterator[tuple[Callable[[], dict[str, Any]], int]]:
+    """Start a serving scenario of netns_scenarios.py inside ``netns``: yields a function that
+    closes its stdin and returns its final JSON, and the port it printed first. Killed at exit
+    if still running."""
+    process = subprocess.Popen(
+        ["ip", "netns", "exec", netns.name, sys.executable, str(SCENARIOS), scenario,
+         loop_kind, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        stdout, stdin = process.stdout, process.stdin
+        port = int(json.loads(stdout.readline())["port"])
+
+        def finish() -> dict[str, Any]:
+            stdin.close()
+            result: dict[str, Any] = json.loads(stdout.readline())
+            return result
+
+        yield finish, port
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def test_dialed_conn_keeps_reading_after_icmp_errors_while_writer_waits(
@@ -123,29 +153,46 @@ def test_wildcard_listener_on_a_host_with_two_addresses_per_family(
         for address in v6:
             namespace.ip("-6", "addr", "add", f"{address}/64", "dev", device, "nodad")
         namespace.ip("link", "set", device, "up")
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", server_ns.name, sys.executable, str(SCENARIOS),
-         "wildcard_echo", loop_kind, "20"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None and server.stdin is not None
-        port = json.loads(server.stdout.readline())["port"]
+    with background_scenario(server_ns, "wildcard_echo", loop_kind, "20") as (server, port):
         targets = ["10.200.0.1", "10.200.0.2", "fd00:200::1", "fd00:200::2"]
         result = run_scenario(client_ns, "dial_each", loop_kind, str(port), *targets)
-        server.stdin.close()
-        served = json.loads(server.stdout.readline())
-    finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait(10)
-        for pipe in (server.stdin, server.stdout):
-            if pipe is not None:
-                pipe.close()
+        served = server()
     expected_local = {"10.200.0.1": "::ffff:10.200.0.1", "10.200.0.2": "::ffff:10.200.0.2",
                       "fd00:200::1": "fd00:200::1", "fd00:200::2": "fd00:200::2"}
     assert result["replies"] == {target: f"{target}|{expected_local[target]}"
                                  for target in targets}, result
     assert sorted(local[0] for _, local in served["conns"]) == sorted(expected_local.values())
+
+
+def test_dont_fragment_learns_the_path_mtu_from_a_router(
+        netns_factory: Callable[[], NetNS], loop_kind: str) -> None:
+    """Client, router and server namespaces; the router's link to the server has a 1,280-byte
+    MTU. A dialed connection with dont_fragment sends 1,400 bytes: the router drops it and
+    answers with ICMP "fragmentation needed" (MTU 1280), which sets ``conn.path_mtu`` (counted,
+    not raised); a 1,400-byte send then raises MessageTooLong with ``.mtu == 1280``; 1,200
+    bytes still cross and are echoed."""
+    client, router, server = netns_factory(), netns_factory(), netns_factory()
+    client.ip("link", "add", "c0", "type", "veth", "peer", "name", "r0", "netns", router.name)
+    router.ip("link", "add", "r1", "type", "veth", "peer", "name", "s0", "netns", server.name)
+    client.ip("addr", "add", "10.201.1.2/24", "dev", "c0")
+    router.ip("addr", "add", "10.201.1.1/24", "dev", "r0")
+    router.ip("addr", "add", "10.201.2.1/24", "dev", "r1")
+    server.ip("addr", "add", "10.201.2.2/24", "dev", "s0")
+    router.ip("link", "set", "r1", "mtu", "1280")
+    server.ip("link", "set", "s0", "mtu", "1280")
+    for namespace, device in ((client, "c0"), (router, "r0"), (router, "r1"), (server, "s0")):
+        namespace.ip("link", "set", device, "up")
+    client.ip("route", "add", "default", "via", "10.201.1.1")
+    server.ip("route", "add", "default", "via", "10.201.2.1")
+    router.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+    with background_scenario(server, "echo_on", loop_kind, "10.201.2.2", "20") as (echo, port):
+        result = run_scenario(client, "path_mtu", loop_kind, "10.201.2.2", str(port))
+        echo()
+    assert result["socket"]["dont_fragment"] is True, result
+    assert result["path_mtu"] == 1280, result
+    assert result["icmp_errors"] >= 1, result
+    assert result["too_long_mtu"] == 1280, result
+    assert result["echoed"] == 1200, result
 
 
 def test_netns_fixtures_link_two_namespaces_with_veth(

@@ -249,3 +249,25 @@ def test_listener_icmp_errors_reach_protocol_mode_error_received(run: Runner[Any
             assert not conn.closed and conn.stats.icmp_errors == len(errors)
 
     run(main())
+
+
+def test_dont_fragment_option(run: Runner[Any]) -> None:
+    """The option reaches the socket on listeners and dialed connections; a send over
+    max_datagram is still MessageTooLong without an MTU (the path MTU case is in test_netns)."""
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, dont_fragment=True, max_datagram=2000) as ln, \
+                udpx.dial("127.0.0.1", ln.local_addr[1], dont_fragment=True) as conn:
+            assert ln.describe()["socket"]["dont_fragment"] is True
+            assert conn.describe()["socket"]["dont_fragment"] is True
+            assert conn.path_mtu is None
+            await conn.send(bytes(1400))  # loopback's MTU is 65,536: it goes through
+            server = await ln.accept()
+            assert len(await server.recv()) == 1400
+            with pytest.raises(udpx.MessageTooLong) as raised:
+                await server.send(bytes(2001))
+            assert raised.value.mtu is None
+        with pytest.raises(ValueError, match="dont_fragment"):
+            udpx.listen("127.0.0.1", 0, dont_fragment=1)  # type: ignore[arg-type]
+
+    run(main())

@@ -41,6 +41,11 @@ IPV6_RECVERR = 25
 IPV6_RECVPKTINFO = 49
 IPV6_PKTINFO = 50
 MSG_ERRQUEUE = 0x2000
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_PROBE = 3
+IPV6_MTU_DISCOVER = 23
+IPV6_PMTUDISC_PROBE = 3
+IPV6_DONTFRAG = 62
 #: struct sock_extended_err: u32 ee_errno; u8 ee_origin, ee_type, ee_code, ee_pad;
 #: u32 ee_info (the MTU, for "fragmentation needed"), ee_data.
 _EXTENDED_ERR = struct.Struct("=IBBBBII")
@@ -122,6 +127,24 @@ def enable_recverr(sock: socket.socket) -> bool:
             sock.setsockopt(IPPROTO_IPV6, IPV6_RECVERR, 1)
             with contextlib.suppress(OSError):  # IPv4 peers of a dual-stack socket
                 sock.setsockopt(IPPROTO_IP, IP_RECVERR, 1)
+    except OSError:
+        return False
+    return True
+
+
+def set_dont_fragment(sock: socket.socket) -> bool:
+    """Send with don't-fragment (as QUIC stacks do: IP_PMTUDISC_PROBE, IPV6_DONTFRAG): a
+    datagram too big for the path is dropped by the router that cannot forward it, which
+    reports the MTU in an ICMP "fragmentation needed" / "packet too big"; whether the kernel
+    agreed."""
+    try:
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
+        else:
+            sock.setsockopt(IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE)
+            sock.setsockopt(IPPROTO_IPV6, IPV6_DONTFRAG, 1)
+            with contextlib.suppress(OSError):  # IPv4 peers of a dual-stack socket
+                sock.setsockopt(IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
     except OSError:
         return False
     return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import warnings
@@ -66,8 +67,8 @@ class UDPConn:
     # listener may hold a hundred thousand of them.
     __slots__ = ("__weakref__", "_close_reason", "_closed", "_created", "_done", "_engine",
                  "_error", "_icmp_errors", "_key", "_local", "_loop", "_lost", "_max_send",
-                 "_owner", "_protocol", "_receivers", "_remote", "_rx", "_tx", "_txq",
-                 "_writer", "_writing_paused", "idle_count", "idle_since")
+                 "_max_send_base", "_owner", "_path_mtu", "_protocol", "_receivers", "_remote",
+                 "_rx", "_tx", "_txq", "_writer", "_writing_paused", "idle_count", "idle_since")
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, owner: _Owner,
                  engine: Engine | None, writer: Writer,
@@ -89,7 +90,8 @@ class UDPConn:
                              source=source)
         # Made on the first wait: most of a listener's connections may never have a waiter.
         self._receivers: FifoWaiters | None = None
-        self._max_send = max_send
+        self._max_send = self._max_send_base = max_send
+        self._path_mtu: int | None = None
         self._local = local_addr
         self._remote = remote_addr
         self._key = key
@@ -190,9 +192,26 @@ class UDPConn:
     # -- errors reported by the socket -------------------------------------------------------
 
     def _network_error(self, exc: OSError, info: int) -> None:
-        """An ICMP error about this connection's peer, from its listener's error queue."""
+        """An ICMP error about this connection's peer, from its socket's error queue."""
         self._icmp_errors += 1
+        if exc.errno == errno.EMSGSIZE:
+            # "Fragmentation needed" / "packet too big" (or the local device's limit), with
+            # the MTU: it bounds later sends; it is not an error of the connection.
+            if info > 0:
+                self._set_path_mtu(info)
+            return
         self._set_error(exc)
+
+    def _set_path_mtu(self, mtu: int) -> None:
+        self._path_mtu = mtu
+        ipv4 = len(self._local) == 2 or str(self._local[0]).startswith("::ffff:")
+        payload = mtu - (20 if ipv4 else 40) - 8  # the IP and UDP headers
+        self._max_send = max(0, min(self._max_send_base, payload))
+
+    @property
+    def path_mtu(self) -> int | None:
+        """The path MTU the network reported (``dont_fragment``), None until it reports one."""
+        return self._path_mtu
 
     def _set_error(self, exc: OSError) -> None:
         # Called by the reader or the writer of a connected socket (ICMP errors): the error is
@@ -444,6 +463,10 @@ class UDPConn:
             raise ConnectionClosed(reason=self._close_reason)
         datagram = _as_bytes(data)
         if len(datagram) > self._max_send:
+            if len(datagram) <= self._max_send_base:
+                raise MessageTooLong(
+                    f"datagram of {len(datagram)} bytes is larger than the path allows (MTU "
+                    f"{self._path_mtu}: {self._max_send} bytes of payload)", mtu=self._path_mtu)
             raise MessageTooLong(
                 f"datagram of {len(datagram)} bytes is larger than the limit of "
                 f"{self._max_send} bytes (max_datagram or the address family)")

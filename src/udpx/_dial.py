@@ -52,8 +52,9 @@ class PeerSink:
             rx.put(data)
 
     def peer_error(self, key: PeerKey, exc: OSError, info: int) -> None:
-        # A connected socket's errors come through socket_error (no error queue read here).
-        self.socket_error(exc)
+        # From the error queue (read when dont_fragment asked for it): the peer's, by nature.
+        assert self.conn is not None
+        self.conn._network_error(exc, info)
 
     def socket_error(self, exc: OSError) -> None:
         # On a connected socket, errors are ICMP reports about the peer (port unreachable...):
@@ -110,7 +111,8 @@ def dial(host: str, port: int, *,
          idle_timeout: float | None = DEFAULTS.idle_timeout,
          rcvbuf: int | None = DEFAULTS.rcvbuf, sndbuf: int | None = DEFAULTS.sndbuf,
          local_addr: tuple[str, int] | None = DEFAULTS.local_addr, gso: bool = DEFAULTS.gso,
-         gro: bool = DEFAULTS.gro, engine: str = DEFAULTS.engine) -> Opening[UDPConn]:
+         gro: bool = DEFAULTS.gro, dont_fragment: bool = DEFAULTS.dont_fragment,
+         engine: str = DEFAULTS.engine) -> Opening[UDPConn]:
     """Open a connection to ``host``/``port`` over a connected UDP socket.
 
     Await the result, or use it with ``async with``. No datagram is exchanged by dialing.
@@ -133,7 +135,8 @@ def dial(host: str, port: int, *,
                       rx_queue_size=rx_queue_size, tx_queue_size=tx_queue_size,
                       rx_memory_limit=rx_memory_limit, idle_timeout=idle_timeout,
                       rcvbuf=rcvbuf, sndbuf=sndbuf,
-                      local_addr=local_addr, gso=gso, gro=gro, engine=engine)
+                      local_addr=local_addr, gso=gso, gro=gro, dont_fragment=dont_fragment,
+                      engine=engine)
     if not isinstance(host, str):
         raise ValueError(f"host must be a str, got {host!r}")
     if protocol_factory is not None and not callable(protocol_factory):

@@ -23,7 +23,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, final
 
-from ._cmsg import enable_pktinfo, enable_recverr, read_error
+from ._cmsg import enable_pktinfo, enable_recverr, read_error, set_dont_fragment
 from ._mmsg import SingleRecv, make_receiver, make_sender, message_datagrams
 from ._options import Options
 from ._queue import Arena, TxQueue
@@ -120,7 +120,9 @@ class SocketEngine:
                                   pktinfo=self.pktinfo)
         #: ICMP errors about datagrams sent from this unconnected socket are read from its
         #: error queue and handed to the sink per peer (a listener's connections).
-        self.recverr = recverr and enable_recverr(sock)
+        self.recverr = (recverr or options.dont_fragment) and enable_recverr(sock)
+        #: Datagrams leave with don't-fragment; "too big" reports set the path MTU.
+        self.dont_fragment = options.dont_fragment and set_dont_fragment(sock)
         self.writer = Writer(loop, sock, self.sender, TxQueue(options.tx_queue_size), named,
                              gso=options.gso and options.batch_size > 1, pktinfo=self.pktinfo,
                              pending_error=self.drain_errors if self.recverr else None)
@@ -230,7 +232,7 @@ class SocketEngine:
         rcvbuf, sndbuf = buffer_sizes(self.sock) if not self._released else (0, 0)
         return {"engine": "mmsg", "rcvbuf": rcvbuf, "sndbuf": sndbuf,
                 "batch_size": self.receiver.size, "pktinfo": self.pktinfo,
-                "recverr": self.recverr,
+                "recverr": self.recverr, "dont_fragment": self.dont_fragment,
                 "gso": self.writer.gso, "gro": self.receiver.gro,
                 "tx_queued": len(self.writer.queue)}
 

@@ -46,7 +46,13 @@ class WouldBlock(UDPXError):
 
 
 class MessageTooLong(UDPXError, ValueError):
-    """A datagram is larger than ``max_datagram`` or than the address family allows.
+    """A datagram is larger than ``max_datagram``, than the address family allows, or (with
+    ``dont_fragment``) than the path MTU the network reported.
 
-    It is raised by the send that tried; nothing was queued.
+    It is raised by the send that tried; nothing was queued. ``mtu`` is the path MTU in bytes
+    when that was the limit, else None.
     """
+
+    def __init__(self, message: str, *, mtu: int | None = None) -> None:
+        super().__init__(message)
+        self.mtu = mtu

@@ -424,7 +424,8 @@ def listen(host: str | None, port: int, *,
            max_conns: int = DEFAULTS.max_conns, backlog: int = DEFAULTS.backlog,
            reuse_port: bool = DEFAULTS.reuse_port, rcvbuf: int | None = DEFAULTS.rcvbuf,
            sndbuf: int | None = DEFAULTS.sndbuf, gso: bool = DEFAULTS.gso,
-           gro: bool = DEFAULTS.gro, engine: str = DEFAULTS.engine) -> Opening[Listener]:
+           gro: bool = DEFAULTS.gro, dont_fragment: bool = DEFAULTS.dont_fragment,
+           engine: str = DEFAULTS.engine) -> Opening[Listener]:
     """Listen for datagrams on ``host``/``port`` (``host=None``: every interface, IPv6
     dual-stack where available; ``port=0``: a free port, see ``local_addr``).
 
@@ -445,7 +446,7 @@ def listen(host: str | None, port: int, *,
                       rx_memory_limit=rx_memory_limit,
                       idle_timeout=idle_timeout, max_conns=max_conns, backlog=backlog,
                       reuse_port=reuse_port, rcvbuf=rcvbuf, sndbuf=sndbuf, gso=gso,
-                      gro=gro, engine=engine)
+                      gro=gro, dont_fragment=dont_fragment, engine=engine)
     if protocol_factory is not None and not callable(protocol_factory):
         raise TypeError(f"protocol_factory must be callable (a udpx.ConnProtocol subclass, "
                         f"say), got {protocol_factory!r}")

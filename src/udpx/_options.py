@@ -83,6 +83,12 @@ class Options:
     datagram. Used where the kernel supports it, with the default ``max_datagram`` and a
     ``batch_size`` above 1."""
 
+    dont_fragment: bool = False
+    """Send every datagram with don't-fragment (IP_PMTUDISC_PROBE / IPV6_DONTFRAG), as QUIC
+    requires: a router that cannot forward one drops it and reports the path MTU, which sets
+    ``conn.path_mtu``; from then on a larger send raises ``MessageTooLong`` with ``.mtu``.
+    Batch engine only."""
+
     engine: str = "auto"
     """How the socket is driven: ``"mmsg"`` (udpx's batch engine: the loop watches the socket
     and udpx reads and writes it with recvmmsg/sendmmsg), ``"transport"`` (the event loop's
@@ -112,7 +118,7 @@ class Options:
         if self.engine not in ("auto", "mmsg", "transport"):
             raise ValueError(f"engine must be 'auto', 'mmsg' or 'transport', got "
                              f"{self.engine!r}")
-        for name in ("reuse_port", "gso", "gro"):
+        for name in ("reuse_port", "gso", "gro", "dont_fragment"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("rcvbuf", "sndbuf"):

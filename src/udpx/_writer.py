@@ -316,16 +316,16 @@ class Writer:
             except InterruptedError:
                 continue
             except OSError as exc:
+                if (not retried and self._pending_error is not None
+                        and exc.errno in _ICMP_ERRNOS and self._pending_error()):
+                    retried = True  # a queued error, as in _send_chunk
+                    continue
                 if exc.errno == errno.ECONNREFUSED and owner.on_error is not None:
                     owner.on_error(exc)  # an earlier datagram's ICMP error, as in _send_chunk
                     if not retried:
                         retried = True
                         continue
                     return -1
-                if (not retried and self._pending_error is not None
-                        and exc.errno in _ICMP_ERRNOS and self._pending_error()):
-                    retried = True  # another peer's error, as in _send_chunk
-                    continue
                 if self._gso_refused(exc, owner):
                     self.gso = False
                     logger.warning("udpx: UDP GSO turned off for %r: the kernel or device "
@@ -388,6 +388,12 @@ class Writer:
                 return start
             except OSError as exc:
                 owner = owners[start]
+                if (not retried_refusal and self._pending_error is not None
+                        and exc.errno in _ICMP_ERRNOS and self._pending_error()):
+                    # A pending error from the error queue (about another peer, or an earlier
+                    # datagram): it went to its connection; try the datagram at hand again.
+                    retried_refusal = True
+                    continue
                 if exc.errno == errno.ECONNREFUSED and owner.on_error is not None:
                     # On a connected socket this reports an earlier datagram's ICMP error and the
                     # datagram at hand was not sent: report the error, try the datagram once more.
@@ -395,10 +401,6 @@ class Writer:
                     if not retried_refusal:
                         retried_refusal = True
                         continue
-                elif (not retried_refusal and self._pending_error is not None
-                      and exc.errno in _ICMP_ERRNOS and self._pending_error()):
-                    retried_refusal = True  # another peer's error: it went to its connection
-                    continue
                 owner.errors += 1
                 self.tx_errors += 1
                 logger.debug("udpx: datagram of %d bytes dropped: %s", len(chunk[start]), exc)
