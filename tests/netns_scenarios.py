@@ -279,7 +279,28 @@ async def echo_on(host: str, seconds: float) -> Result:
     return result
 
 
+async def ecn_marks(listen_host: str, dial_host: str) -> Result:
+    """Datagrams marked with conn.tos both ways; what each side counted (``ecn=True``)."""
+    async with udpx.listen(listen_host, 0, ecn=True) as ln, \
+            udpx.dial(dial_host, ln.local_addr[1], ecn=True) as client:
+        client.tos = 0xB8 | 2  # DSCP EF, ECT(0)
+        await client.send_many([b"ect0"] * 5)
+        server = await ln.accept()
+        for _ in range(5):
+            await server.recv()
+        server.tos = 1  # ECT(1)
+        await server.send_many([b"ect1"] * 3)
+        for _ in range(3):
+            await client.recv()
+        client.tos = 3  # CE, as a sender never marks it: the test's stand-in for a router
+        await client.send(b"ce")
+        await server.recv()
+        return {"server": dict(server.stats.ecn), "listener": dict(ln.stats.ecn),
+                "client": dict(client.stats.ecn)}
+
+
 SCENARIOS: dict[str, Callable[[list[str]], Coroutine[Any, Any, Result]]] = {
+    "ecn_marks": lambda args: ecn_marks(args[0], args[1]),
     "path_mtu": lambda args: path_mtu(args[0], int(args[1])),
     "echo_on": lambda args: echo_on(args[0], float(args[1])),
     "wildcard_echo": lambda args: wildcard_echo(float(args[0])),

@@ -195,6 +195,35 @@ def test_dont_fragment_learns_the_path_mtu_from_a_router(
     assert result["echoed"] == 1200, result
 
 
+@pytest.mark.parametrize(("listen_host", "dial_host"), [("127.0.0.1", "127.0.0.1"),
+                                                        ("0.0.0.0", "127.0.0.2"),
+                                                        ("::", "127.0.0.1"), ("::1", "::1")])
+def test_ecn_marks_are_sent_and_counted(netns: NetNS, loop_kind: str, listen_host: str,
+                                        dial_host: str) -> None:
+    """conn.tos marks every datagram (a dialed socket's option, a listener's connection per
+    datagram); the other side counts the codepoints as QUIC's ACK_ECN does."""
+    netns.ip("-6", "addr", "add", "::1/128", "dev", "lo", "nodad", check=False)
+    result = run_scenario(netns, "ecn_marks", loop_kind, listen_host, dial_host)
+    assert result["server"] == {"ect0": 5, "ect1": 0, "ce": 1}, result
+    assert result["listener"] == result["server"], result
+    assert result["client"] == {"ect0": 0, "ect1": 3, "ce": 0}, result
+
+
+def test_ce_marked_on_the_way_is_counted(netns: NetNS, loop_kind: str) -> None:
+    """A router's congestion mark: an nftables rule in the namespace rewrites ECT(0) to CE on
+    the way out; the listener counts CE, not ECT(0)."""
+    if shutil.which("nft") is None:
+        pytest.skip("the nft tool (nftables) is not installed: apt-get install nftables")
+    netns.run("nft", "add", "table", "ip", "udpx_test")
+    netns.run("nft", "add", "chain", "ip", "udpx_test", "out",
+              "{ type filter hook output priority 0 ; }")
+    netns.run("nft", "add", "rule", "ip", "udpx_test", "out", "udp", "dport", "!=", "0", "ip",
+              "ecn", "ect0", "ip", "ecn", "set", "ce")
+    result = run_scenario(netns, "ecn_marks", loop_kind, "127.0.0.1", "127.0.0.1")
+    assert result["server"] == {"ect0": 0, "ect1": 0, "ce": 6}, result
+    assert result["client"] == {"ect0": 0, "ect1": 3, "ce": 0}, result
+
+
 def test_netns_fixtures_link_two_namespaces_with_veth(
         netns_factory: Callable[[], NetNS]) -> None:
     """The fixtures give separate namespaces that a veth pair can join (no traffic sent)."""

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import udpx
-from udpx._cmsg import ancillary_of, local_raw, parse_local, pktinfo_ancillary, pktinfo_cmsg
+from udpx._cmsg import ancillaries_of, local_raw, parse_local, pktinfo_ancillary, pktinfo_cmsg
 from udpx._sockets import join_key, key_from_address, local_address, split_key
 
 from .conftest import HAVE_IPV6, EchoProtocol, Runner, settle
@@ -167,7 +167,7 @@ def test_pktinfo_control_messages_round_trip(family: int, host: str) -> None:
     raw = local_raw(family, host)
     cmsg = pktinfo_cmsg(family, raw)
     assert len(cmsg) % 8 == 0
-    assert ancillary_of(cmsg) == pktinfo_ancillary(family, raw)
+    assert ancillaries_of(cmsg) == [pktinfo_ancillary(family, raw)]
     if family == socket.AF_INET6:
         assert parse_local(cmsg, family) == raw
 

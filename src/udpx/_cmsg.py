@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import socket
 import struct
+from collections.abc import Iterator
 
 __all__ = [
     "IPPROTO_IP",
@@ -46,6 +47,10 @@ IP_PMTUDISC_PROBE = 3
 IPV6_MTU_DISCOVER = 23
 IPV6_PMTUDISC_PROBE = 3
 IPV6_DONTFRAG = 62
+IP_TOS = 1
+IP_RECVTOS = 13
+IPV6_RECVTCLASS = 66
+IPV6_TCLASS = 67
 #: struct sock_extended_err: u32 ee_errno; u8 ee_origin, ee_type, ee_code, ee_pad;
 #: u32 ee_info (the MTU, for "fragmentation needed"), ee_data.
 _EXTENDED_ERR = struct.Struct("=IBBBBII")
@@ -65,19 +70,26 @@ def cmsg_space(data_length: int) -> int:
     return CMSG_HEADER + _align(data_length)
 
 
-def enable_pktinfo(sock: socket.socket) -> bool:
-    """Ask the kernel for each datagram's local address; whether it agreed."""
+def _set_option(sock: socket.socket, ipv4: tuple[int, int, int],
+                ipv6: list[tuple[int, int, int]]) -> bool:
+    """Set an IPv4 option, or on an IPv6 socket its IPv6 options and (for the IPv4 peers of a
+    dual-stack socket, where the kernel allows it) the IPv4 one too; whether it took."""
     try:
         if sock.family == socket.AF_INET:
-            sock.setsockopt(IPPROTO_IP, IP_PKTINFO, 1)
+            sock.setsockopt(*ipv4)
         else:
-            sock.setsockopt(IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
-            # IPv4 datagrams on a dual-stack socket are reported with IP_PKTINFO.
+            for option in ipv6:
+                sock.setsockopt(*option)
             with contextlib.suppress(OSError):
-                sock.setsockopt(IPPROTO_IP, IP_PKTINFO, 1)
+                sock.setsockopt(*ipv4)
     except OSError:
         return False
     return True
+
+
+def enable_pktinfo(sock: socket.socket) -> bool:
+    """Ask the kernel for each datagram's local address; whether it agreed."""
+    return _set_option(sock, (IPPROTO_IP, IP_PKTINFO, 1), [(IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)])
 
 
 def local_raw(family: int, host: str) -> bytes:
@@ -99,18 +111,58 @@ def pktinfo_ancillary(family: int, local: bytes) -> tuple[int, int, bytes]:
 
 def pktinfo_cmsg(family: int, local: bytes) -> bytes:
     """The same as one whole control message (header, data, padding), for sendmmsg slots."""
-    level, kind, data = pktinfo_ancillary(family, local)
+    return whole_cmsg(pktinfo_ancillary(family, local))
+
+
+def whole_cmsg(ancillary: tuple[int, int, bytes]) -> bytes:
+    """``(level, type, data)`` as one whole control message: header, data, padding."""
+    level, kind, data = ancillary
     header = struct.pack("=" + ("Q" if _SIZE_T == 8 else "I") + "ii", CMSG_HEADER + len(data),
                          level, kind)
     header += bytes(CMSG_HEADER - len(header))
     return header + data + bytes(cmsg_space(len(data)) - CMSG_HEADER - len(data))
 
 
-def ancillary_of(cmsg: bytes) -> tuple[int, int, bytes]:
-    """One whole control message (as ``pktinfo_cmsg`` makes) as ``(level, type, data)``."""
-    length = struct.unpack_from("=Q" if _SIZE_T == 8 else "=I", cmsg, 0)[0]
-    level, kind = struct.unpack_from("=ii", cmsg, _SIZE_T)
-    return level, kind, cmsg[CMSG_HEADER:length]
+def tos_ancillary(family: int, tos: int, *, mapped: bool = False) -> tuple[int, int, bytes]:
+    """The ``(level, type, data)`` that marks one datagram's TOS / traffic class byte (DSCP
+    and ECN). ``mapped``: an IPv4-mapped peer of a dual-stack socket (IP_TOS)."""
+    if family == socket.AF_INET or mapped:
+        return IPPROTO_IP, IP_TOS, struct.pack("=i", tos)
+    return IPPROTO_IPV6, IPV6_TCLASS, struct.pack("=i", tos)
+
+
+def enable_recvtos(sock: socket.socket) -> bool:
+    """Have the kernel report each datagram's TOS / traffic class (its ECN bits)."""
+    return _set_option(sock, (IPPROTO_IP, IP_RECVTOS, 1), [(IPPROTO_IPV6, IPV6_RECVTCLASS, 1)])
+
+
+def _messages(control: bytes | memoryview) -> Iterator[tuple[int, int, int, int]]:
+    """Walk one message's control data: ``(level, type, data start, data end)`` each."""
+    pos = 0
+    end = len(control)
+    size_code = "=Q" if _SIZE_T == 8 else "=I"
+    while pos + CMSG_HEADER <= end:
+        length = struct.unpack_from(size_code, control, pos)[0]
+        if length < CMSG_HEADER:
+            return
+        level, kind = struct.unpack_from("=ii", control, pos + _SIZE_T)
+        yield level, kind, pos + CMSG_HEADER, min(pos + length, end)
+        pos += _align(length)
+
+
+def parse_tos(control: bytes | memoryview) -> int:
+    """The TOS / traffic class byte in one message's control data (0 when absent)."""
+    for level, kind, data, end in _messages(control):
+        if level == IPPROTO_IP and kind == IP_TOS and data < end:
+            return int(control[data])
+        if level == IPPROTO_IPV6 and kind == IPV6_TCLASS and data + 4 <= end:
+            return int(struct.unpack_from("=i", control, data)[0]) & 0xFF
+    return 0
+
+
+def ancillaries_of(control: bytes) -> list[tuple[int, int, bytes]]:
+    """Whole control messages (as ``whole_cmsg`` makes) as ``(level, type, data)`` each."""
+    return [(level, kind, control[data:end]) for level, kind, data, end in _messages(control)]
 
 
 def enable_recverr(sock: socket.socket) -> bool:
@@ -120,16 +172,7 @@ def enable_recverr(sock: socket.socket) -> bool:
     Without it an unconnected socket never hears of them. With it, a pending error also fails
     the socket's next send, whatever its destination: the writer drains the queue and retries
     (see ``Writer``), so it never fails an unrelated send."""
-    try:
-        if sock.family == socket.AF_INET:
-            sock.setsockopt(IPPROTO_IP, IP_RECVERR, 1)
-        else:
-            sock.setsockopt(IPPROTO_IPV6, IPV6_RECVERR, 1)
-            with contextlib.suppress(OSError):  # IPv4 peers of a dual-stack socket
-                sock.setsockopt(IPPROTO_IP, IP_RECVERR, 1)
-    except OSError:
-        return False
-    return True
+    return _set_option(sock, (IPPROTO_IP, IP_RECVERR, 1), [(IPPROTO_IPV6, IPV6_RECVERR, 1)])
 
 
 def set_dont_fragment(sock: socket.socket) -> bool:
@@ -137,17 +180,9 @@ def set_dont_fragment(sock: socket.socket) -> bool:
     datagram too big for the path is dropped by the router that cannot forward it, which
     reports the MTU in an ICMP "fragmentation needed" / "packet too big"; whether the kernel
     agreed."""
-    try:
-        if sock.family == socket.AF_INET:
-            sock.setsockopt(IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
-        else:
-            sock.setsockopt(IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE)
-            sock.setsockopt(IPPROTO_IPV6, IPV6_DONTFRAG, 1)
-            with contextlib.suppress(OSError):  # IPv4 peers of a dual-stack socket
-                sock.setsockopt(IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
-    except OSError:
-        return False
-    return True
+    return _set_option(sock, (IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE),
+                       [(IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE),
+                        (IPPROTO_IPV6, IPV6_DONTFRAG, 1)])
 
 
 def read_error(sock: socket.socket) -> tuple[object, int, int, bytes | None] | None:
@@ -181,19 +216,10 @@ def local_from_ancillary(ancdata: list[tuple[int, int, bytes]], family: int) -> 
 
 def parse_local(control: bytes | memoryview, family: int) -> bytes | None:
     """The local address (raw, as ``local_raw``) in one message's control data, if any."""
-    pos = 0
-    end = len(control)
-    size_code = "=Q" if _SIZE_T == 8 else "=I"
-    while pos + CMSG_HEADER <= end:
-        length = struct.unpack_from(size_code, control, pos)[0]
-        level, kind = struct.unpack_from("=ii", control, pos + _SIZE_T)
-        if length < CMSG_HEADER:
-            return None
-        data = pos + CMSG_HEADER
+    for level, kind, data, end in _messages(control):
         if level == IPPROTO_IP and kind == IP_PKTINFO and data + 12 <= end:
             address = bytes(control[data + 8:data + 12])
             return address if family == socket.AF_INET else _V4_MAPPED + address
         if level == IPPROTO_IPV6 and kind == IPV6_PKTINFO and data + 16 <= end:
             return bytes(control[data:data + 16])
-        pos += _align(length)
     return None

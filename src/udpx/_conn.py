@@ -11,11 +11,12 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, final
 
+from ._cmsg import IPV6_TCLASS, tos_ancillary
 from ._errors import ConnectionClosed, MessageTooLong, QueueFull, UDPXError, WouldBlock
 from ._protocol import ConnProtocol
 from ._queue import DATAGRAM_OVERHEAD, ProtocolRxQueue, RxPool, RxQueue, TxAccount
 from ._sockets import PeerKey, address_from_key
-from ._stats import ConnStats, drops_mapping
+from ._stats import ConnStats, drops_mapping, ecn_mapping
 from ._waiters import FifoWaiters
 
 if TYPE_CHECKING:
@@ -65,17 +66,18 @@ class UDPConn:
     # Slots, and objects made only when needed (the receivers list, the closed future, the
     # remote address tuple of a listener's connection), keep an idle connection small: a
     # listener may hold a hundred thousand of them.
-    __slots__ = ("__weakref__", "_close_reason", "_closed", "_created", "_done", "_engine",
-                 "_error", "_icmp_errors", "_key", "_local", "_loop", "_lost", "_max_send",
-                 "_max_send_base", "_owner", "_path_mtu", "_protocol", "_receivers", "_remote",
-                 "_rx", "_tx", "_txq", "_writer", "_writing_paused", "idle_count", "idle_since")
+    __slots__ = ("__weakref__", "_close_reason", "_closed", "_created", "_done", "_ecn",
+                 "_engine", "_error", "_icmp_errors", "_key", "_local", "_loop", "_lost",
+                 "_max_send", "_max_send_base", "_owner", "_path_mtu", "_protocol", "_receivers",
+                 "_remote", "_rx", "_tos", "_tx", "_txq", "_writer", "_writing_paused",
+                 "idle_count", "idle_since")
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, owner: _Owner,
                  engine: Engine | None, writer: Writer,
                  rx_queue_size: int, pool: RxPool, max_send: int, local_addr: Address,
                  remote_addr: Address | None, sockaddr: bytes | None,
                  key: PeerKey | None = None, protocol_mode: bool = False,
-                 source: tuple[bytes, tuple[int, int, bytes]] | None = None) -> None:
+                 source: tuple[int, int, bytes] | None = None) -> None:
         self._loop = loop
         self._owner = owner
         # The socket this connection owns (dialed), None on a listener's shared socket.
@@ -87,7 +89,7 @@ class UDPConn:
                     else RxQueue(rx_queue_size, self._wake_receivers, pool=pool))
         # Only a connected socket reports ICMP errors, so only a dialed connection needs on_error.
         self._tx = TxAccount(sockaddr, self._set_error if sockaddr is None else None,
-                             source=source)
+                             ancillary=[source] if source is not None else None)
         # Made on the first wait: most of a listener's connections may never have a waiter.
         self._receivers: FifoWaiters | None = None
         self._max_send = self._max_send_base = max_send
@@ -104,6 +106,8 @@ class UDPConn:
         self._protocol: ConnProtocol | None = None
         self._writing_paused = False
         self._icmp_errors = 0
+        self._ecn = [0, 0, 0, 0]  # datagrams received per ECN codepoint (``ecn``)
+        self._tos = 0
         self._lost: Exception | None = None
         # Idle tracking (see _idle): the activity count seen by the last sweep, and since when.
         self._created = self.idle_since = loop.time()
@@ -155,7 +159,7 @@ class UDPConn:
         if self._engine is not None:
             drops["kernel"] = self._engine.kernel_drops()
         return ConnStats(rx.rx_packets, rx.rx_bytes, tx.packets, tx.bytes, drops_mapping(**drops),
-                         self._icmp_errors)
+                         self._icmp_errors, ecn_mapping(self._ecn))
 
     def describe(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot: addresses, age, idle time, queue depths, stats.
@@ -207,6 +211,45 @@ class UDPConn:
         ipv4 = len(self._local) == 2 or str(self._local[0]).startswith("::ffff:")
         payload = mtu - (20 if ipv4 else 40) - 8  # the IP and UDP headers
         self._max_send = max(0, min(self._max_send_base, payload))
+
+    @property
+    def tos(self) -> int:
+        """The TOS / traffic class byte (DSCP << 2 | ECN) every datagram this connection sends
+        carries; 0 by default. Setting it marks every later datagram: on a dialed
+        connection's own socket, or per datagram on a listener opened with ``ecn=True``.
+
+        Raises (setting):
+            ValueError: not an int from 0 to 255.
+            UDPXError: a listener's connection, and the listener has no ``ecn=True``.
+        """
+        return self._tos
+
+    @tos.setter
+    def tos(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+            raise ValueError(f"tos must be an int from 0 to 255, got {value!r}")
+        family = socket.AF_INET if len(self._local) == 2 else socket.AF_INET6
+        if self._engine is not None:
+            # A dialed connection owns its socket: the socket option marks everything.
+            sock = self._engine.sock
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, value)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TCLASS, value)
+                if str(self._remote[0] if self._remote else "").startswith("::ffff:"):
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, value)
+        else:
+            if not self._writer.controls:
+                raise UDPXError("conn.tos on a listener's connection needs the listener "
+                                "opened with ecn=True (per-datagram control messages)")
+            mapped = family == socket.AF_INET6 and str(self.remote_addr[0]).startswith(
+                "::ffff:")
+            ancillary = [item for item in self._tx.ancillary
+                         if item[:2] not in ((0, 1), (41, 67))]
+            if value:
+                ancillary.append(tos_ancillary(family, value, mapped=mapped))
+            self._tx.set_ancillary(ancillary)
+        self._tos = value
 
     @property
     def path_mtu(self) -> int | None:

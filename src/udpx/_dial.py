@@ -51,6 +51,13 @@ class PeerSink:
         else:
             rx.put(data)
 
+    def count_ecn(self, keys: Sequence[PeerKey] | None, codes: Sequence[int],
+                  pieces: Sequence[int]) -> None:
+        assert self.conn is not None
+        counts = self.conn._ecn
+        for code, count in zip(codes, pieces):
+            counts[code] += count
+
     def peer_error(self, key: PeerKey, exc: OSError, info: int) -> None:
         # From the error queue (read when dont_fragment asked for it): the peer's, by nature.
         assert self.conn is not None
@@ -112,7 +119,7 @@ def dial(host: str, port: int, *,
          rcvbuf: int | None = DEFAULTS.rcvbuf, sndbuf: int | None = DEFAULTS.sndbuf,
          local_addr: tuple[str, int] | None = DEFAULTS.local_addr, gso: bool = DEFAULTS.gso,
          gro: bool = DEFAULTS.gro, dont_fragment: bool = DEFAULTS.dont_fragment,
-         engine: str = DEFAULTS.engine) -> Opening[UDPConn]:
+         ecn: bool = DEFAULTS.ecn, engine: str = DEFAULTS.engine) -> Opening[UDPConn]:
     """Open a connection to ``host``/``port`` over a connected UDP socket.
 
     Await the result, or use it with ``async with``. No datagram is exchanged by dialing.
@@ -136,7 +143,7 @@ def dial(host: str, port: int, *,
                       rx_memory_limit=rx_memory_limit, idle_timeout=idle_timeout,
                       rcvbuf=rcvbuf, sndbuf=sndbuf,
                       local_addr=local_addr, gso=gso, gro=gro, dont_fragment=dont_fragment,
-                      engine=engine)
+                      ecn=ecn, engine=engine)
     if not isinstance(host, str):
         raise ValueError(f"host must be a str, got {host!r}")
     if protocol_factory is not None and not callable(protocol_factory):

@@ -23,8 +23,14 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, final
 
-from ._cmsg import enable_pktinfo, enable_recverr, read_error, set_dont_fragment
-from ._mmsg import SingleRecv, make_receiver, make_sender, message_datagrams
+from ._cmsg import (
+    enable_pktinfo,
+    enable_recverr,
+    enable_recvtos,
+    read_error,
+    set_dont_fragment,
+)
+from ._mmsg import RecvBatch, SingleRecv, make_receiver, make_sender, message_datagrams
 from ._options import Options
 from ._queue import Arena, TxQueue
 from ._reader import BatchReader
@@ -64,6 +70,11 @@ class Sink(Protocol):
     def peer_error(self, key: PeerKey, exc: OSError, info: int) -> None:
         """The network reported an error about a datagram sent to ``key``'s peer (the error
         queue of an unconnected socket); ``info`` is the ICMP's extra (an MTU)."""
+
+    def count_ecn(self, keys: Sequence[PeerKey] | None, codes: Sequence[int],
+                  pieces: Sequence[int]) -> None:
+        """Message i, from ``keys[i]`` (None: the connected peer), carried ECN codepoint
+        ``codes[i]`` on each of its ``pieces[i]`` datagrams."""
 
 
 class Engine(Protocol):
@@ -112,23 +123,28 @@ class SocketEngine:
         #: Each datagram's local address is known and each reply leaves from it (a wildcard
         #: listener; see _cmsg): keys are (peer, local address).
         self.pktinfo = pktinfo and enable_pktinfo(sock)
+        #: Each datagram's ECN codepoint is read and counted per connection (``ecn``), and a
+        #: connection's datagrams may carry a TOS byte of their own (``conn.tos``).
+        self.ecn = options.ecn and enable_recvtos(sock)
         self.receiver = make_receiver(sock, options.batch_size, options.max_datagram, named,
                                       lambda address: key_from_address(family, address),
-                                      gro=options.gro, pktinfo=self.pktinfo)
+                                      gro=options.gro, pktinfo=self.pktinfo, tos=self.ecn)
         self.sender = make_sender(sock, options.batch_size, options.max_datagram, named,
                                   lambda raw: address_from_sockaddr(family, raw),
-                                  pktinfo=self.pktinfo)
+                                  pktinfo=self.pktinfo, tos=self.ecn)
         #: ICMP errors about datagrams sent from this unconnected socket are read from its
         #: error queue and handed to the sink per peer (a listener's connections).
         self.recverr = (recverr or options.dont_fragment) and enable_recverr(sock)
         #: Datagrams leave with don't-fragment; "too big" reports set the path MTU.
         self.dont_fragment = options.dont_fragment and set_dont_fragment(sock)
         self.writer = Writer(loop, sock, self.sender, TxQueue(options.tx_queue_size), named,
-                             gso=options.gso and options.batch_size > 1, pktinfo=self.pktinfo,
+                             gso=options.gso and options.batch_size > 1,
+                             controls=self.pktinfo or (self.ecn and named),
                              pending_error=self.drain_errors if self.recverr else None)
         single = isinstance(self.receiver, SingleRecv)
         self.reader = BatchReader(loop, sock, self.receiver,
-                                  self._on_single if single else self._on_batch,
+                                  self._on_single if single else
+                                  self._on_batch_ecn if self.ecn else self._on_batch,
                                   self._on_error,
                                   on_nothing=self.drain_errors if self.recverr else None)
         self._named = named
@@ -144,6 +160,13 @@ class SocketEngine:
         self.reader.start()
 
     # -- receiving: decode once, feed the sink ------------------------------------------------
+
+    def _on_batch_ecn(self, count: int) -> int:
+        # With ``ecn``: the batch first (a new peer's connection is made there), then its
+        # marks, counted on the connections.
+        delivered = self._on_batch(count)
+        self._count_ecn(count)
+        return delivered
 
     def _on_batch(self, count: int) -> int:
         """Decode the ``count`` messages of one recvmmsg for the sink; returns how many
@@ -178,6 +201,21 @@ class SocketEngine:
                 feed_one(key, data)
             delivered += len(datagrams)
         return delivered
+
+    def _count_ecn(self, count: int) -> None:
+        # Opt-in (``ecn``): one control-message walk per message, and per-datagram work only
+        # for the ECN-marked ones (a GRO run's segments share their message's mark).
+        receiver = self.receiver
+        assert isinstance(receiver, RecvBatch)
+        codes = receiver.codepoints(count)
+        if not any(codes):
+            return
+        keys = receiver.keys(count) if self._named else None
+        sizes = receiver.segment_sizes(count)
+        pieces = [1] * count if sizes is None else [
+            -(-length // size) if size else 1
+            for length, size in zip(receiver.lengths(count), sizes)]
+        self.sink.count_ecn(keys, codes, pieces)
 
     def _on_single(self, count: int) -> int:
         receiver = self.receiver
@@ -232,7 +270,7 @@ class SocketEngine:
         rcvbuf, sndbuf = buffer_sizes(self.sock) if not self._released else (0, 0)
         return {"engine": "mmsg", "rcvbuf": rcvbuf, "sndbuf": sndbuf,
                 "batch_size": self.receiver.size, "pktinfo": self.pktinfo,
-                "recverr": self.recverr, "dont_fragment": self.dont_fragment,
+                "recverr": self.recverr, "dont_fragment": self.dont_fragment, "ecn": self.ecn,
                 "gso": self.writer.gso, "gro": self.receiver.gro,
                 "tx_queued": len(self.writer.queue)}
 

@@ -9,11 +9,11 @@ import math
 import socket
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Self, final
 
-from ._cmsg import pktinfo_ancillary, pktinfo_cmsg
+from ._cmsg import pktinfo_ancillary
 from ._conn import UDPConn
 from ._demux import Demux
 from ._errors import ListenerClosed, UDPXError
@@ -34,7 +34,7 @@ from ._sockets import (
     sockaddr_from_key,
     split_key,
 )
-from ._stats import ListenerStats, drops_mapping
+from ._stats import ListenerStats, drops_mapping, ecn_mapping
 from ._transport import make_engine
 from ._waiters import FifoWaiters
 
@@ -97,6 +97,7 @@ class Listener(asyncio.DatagramProtocol):
         self._acceptors = FifoWaiters(loop)
         self._accepted = 0
         self._icmp_errors = 0
+        self._ecn = [0, 0, 0, 0]  # datagrams received per ECN codepoint (``ecn``)
         self._closed = False
         self._done: asyncio.Future[None] = loop.create_future()
         self.rcvbuf, self.sndbuf = self._engine.rcvbuf, self._engine.sndbuf
@@ -115,6 +116,19 @@ class Listener(asyncio.DatagramProtocol):
     def socket_error(self, exc: OSError) -> None:
         # An error the error queue did not attribute to a peer: log and go on.
         logger.warning("udpx: receive error on listener %r: %s", self._local, exc)
+
+    def count_ecn(self, keys: Sequence[PeerKey] | None, codes: Sequence[int],
+                  pieces: Sequence[int]) -> None:
+        # Opt-in (``ecn``), and only for marked datagrams: a lookup per marked message.
+        assert keys is not None
+        conns_get = self._conns.get
+        totals = self._ecn
+        for key, code, count in zip(keys, codes, pieces):
+            if code:
+                totals[code] += count
+                conn = conns_get(key)
+                if conn is not None:
+                    conn._ecn[code] += count
 
     def peer_error(self, key: PeerKey, exc: OSError, info: int) -> None:
         """An ICMP error about a datagram sent to ``key``'s peer (from the socket's error
@@ -146,7 +160,7 @@ class Listener(asyncio.DatagramProtocol):
             local = split_key(family, key)[1]
             if local is not None:
                 local_addr = local_address(family, local, self._local[1])
-                source = (pktinfo_cmsg(family, local), pktinfo_ancillary(family, local))
+                source = pktinfo_ancillary(family, local)
         conn = UDPConn(loop=self._loop, owner=self, engine=None, writer=self._writer,
                        rx_queue_size=self._options.rx_queue_size, pool=self._pool,
                        max_send=min(self._options.max_datagram, max_payload(family, remote)),
@@ -364,7 +378,8 @@ class Listener(asyncio.DatagramProtocol):
             closed=pool.dropped_closed,
         )
         return ListenerStats(pool.rx_packets, pool.rx_bytes, writer.tx_packets, writer.tx_bytes,
-                             drops, len(self._conns), self._accepted, self._icmp_errors)
+                             drops, len(self._conns), self._accepted, self._icmp_errors,
+                             ecn_mapping(self._ecn))
 
     # -- closing -----------------------------------------------------------------------------
 
@@ -425,7 +440,7 @@ def listen(host: str | None, port: int, *,
            reuse_port: bool = DEFAULTS.reuse_port, rcvbuf: int | None = DEFAULTS.rcvbuf,
            sndbuf: int | None = DEFAULTS.sndbuf, gso: bool = DEFAULTS.gso,
            gro: bool = DEFAULTS.gro, dont_fragment: bool = DEFAULTS.dont_fragment,
-           engine: str = DEFAULTS.engine) -> Opening[Listener]:
+           ecn: bool = DEFAULTS.ecn, engine: str = DEFAULTS.engine) -> Opening[Listener]:
     """Listen for datagrams on ``host``/``port`` (``host=None``: every interface, IPv6
     dual-stack where available; ``port=0``: a free port, see ``local_addr``).
 
@@ -446,7 +461,7 @@ def listen(host: str | None, port: int, *,
                       rx_memory_limit=rx_memory_limit,
                       idle_timeout=idle_timeout, max_conns=max_conns, backlog=backlog,
                       reuse_port=reuse_port, rcvbuf=rcvbuf, sndbuf=sndbuf, gso=gso,
-                      gro=gro, dont_fragment=dont_fragment, engine=engine)
+                      gro=gro, dont_fragment=dont_fragment, ecn=ecn, engine=engine)
     if protocol_factory is not None and not callable(protocol_factory):
         raise TypeError(f"protocol_factory must be callable (a udpx.ConnProtocol subclass, "
                         f"say), got {protocol_factory!r}")

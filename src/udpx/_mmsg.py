@@ -32,10 +32,11 @@ from ._cmsg import (
     IPPROTO_IP,
     IPPROTO_IPV6,
     IPV6_PKTINFO,
-    ancillary_of,
+    ancillaries_of,
     cmsg_space,
     local_from_ancillary,
     parse_local,
+    parse_tos,
 )
 from ._sockets import join_key
 
@@ -205,13 +206,15 @@ class RecvBatch:
     """
 
     def __init__(self, batch_size: int, slot_size: int, family: int, named: bool, *,
-                 gro: bool = False, pktinfo: bool = False) -> None:
+                 gro: bool = False, pktinfo: bool = False, tos: bool = False) -> None:
         if _libc is None:  # pragma: no cover - checked by make_receiver
             raise OSError(errno.ENOSYS, "recvmmsg is not available")
         self.size = batch_size
         #: Whether the socket reports each datagram's local address (IP_PKTINFO set): keys
         #: are then (peer, local address), see ``_sockets.join_key``.
         self.pktinfo = pktinfo
+        #: Whether the socket reports each datagram's TOS byte (``codepoints``).
+        self.tos = tos
         #: Whether the socket has UDP_GRO set (the caller sets it), so messages may carry runs.
         self.gro = gro
         #: Datagrams split out of GRO messages (tests and benchmarks read it).
@@ -237,17 +240,17 @@ class RecvBatch:
             if named:
                 hdr.msg_name = names_address + index * SOCKADDR_SIZE
                 hdr.msg_namelen = SOCKADDR_SIZE
-        control_size = _PKTINFO_CONTROL_SIZE if pktinfo else _CONTROL_SIZE
+        control_size = _PKTINFO_CONTROL_SIZE if pktinfo or tos else _CONTROL_SIZE
+        gro_or_more = gro or pktinfo or tos
         self._control_stride = control_size // 4
         self._controls, controls_address, self._controls_anchor = _anonymous_arena(
-            control_size * batch_size if gro or pktinfo else 1)
-        if gro or pktinfo:
+            control_size * batch_size if gro_or_more else 1)
+        if gro_or_more:
             for index in range(batch_size):
                 hdr = self._hdrs[index].msg_hdr
                 hdr.msg_control = controls_address + index * control_size
                 hdr.msg_controllen = control_size
-        self._control_words = (memoryview(self._controls).cast("i") if gro or pktinfo
-                               else None)
+        self._control_words = memoryview(self._controls).cast("i") if gro_or_more else None
         # Unsigned, for IPv4 addresses read as native ints (as _sockets.join_key makes them).
         self._control_uwords = memoryview(self._controls).cast("I") if pktinfo else None
         self._control_offsets = [index * control_size for index in range(batch_size)]
@@ -341,6 +344,15 @@ class RecvBatch:
         if self.family == socket.AF_INET:
             return list(map(or_, peers, map(lshift, locals_, repeat(64))))
         return list(map(add, peers, locals_))
+
+    def codepoints(self, count: int) -> list[int]:
+        """Each message's ECN codepoint (the TOS byte's low two bits; 0: not ECN-capable),
+        parsed message by message (``ecn`` is opt-in)."""
+        used = self._hdr_size_words[
+            _WORD_CONTROLLEN:_WORD_CONTROLLEN + count * _WORD_STRIDE:_WORD_STRIDE].tolist()
+        controls = self._controls
+        return [parse_tos(controls[offset:offset + length]) & 3 if length else 0
+                for offset, length in zip(self._control_offsets, used)]
 
     def _local_addresses(self, count: int) -> list[Any]:
         words = self._control_words
@@ -608,7 +620,7 @@ class SingleSend:
                 if self._names is None:
                     self._sock.send(data)
                 elif control:
-                    self._sock.sendmsg([data], [ancillary_of(control)], 0,
+                    self._sock.sendmsg([data], ancillaries_of(control), 0,
                                        self._address_of(self._names[start]))
                 else:
                     self._sock.sendto(data, self._address_of(self._names[start]))
@@ -625,7 +637,8 @@ Sender = SendBatch | SingleSend
 
 
 def make_receiver(sock: socket.socket, batch_size: int, slot_size: int, named: bool,
-                  key_of: Any, *, gro: bool = False, pktinfo: bool = False) -> Receiver:
+                  key_of: Any, *, gro: bool = False, pktinfo: bool = False,
+                  tos: bool = False) -> Receiver:
     """The batch receiver for ``sock``, or the single-datagram one (batch_size 1, no recvmmsg).
 
     ``gro`` asks for UDP GRO; it is used only where the kernel accepts it and the slot holds
@@ -638,7 +651,8 @@ def make_receiver(sock: socket.socket, batch_size: int, slot_size: int, named: b
                 gro = False
         else:
             gro = False
-        return RecvBatch(batch_size, slot_size, sock.family, named, gro=gro, pktinfo=pktinfo)
+        return RecvBatch(batch_size, slot_size, sock.family, named, gro=gro, pktinfo=pktinfo,
+                         tos=tos)
     join = None
     if pktinfo:
         family = sock.family
@@ -650,11 +664,12 @@ def make_receiver(sock: socket.socket, batch_size: int, slot_size: int, named: b
 
 
 def make_sender(sock: socket.socket, batch_size: int, slot_size: int, named: bool,
-                address_of: Any, *, pktinfo: bool = False) -> Sender:
+                address_of: Any, *, pktinfo: bool = False, tos: bool = False) -> Sender:
     """The batch sender for ``sock``, or the single-datagram one. ``pktinfo``: datagrams may
-    carry their source address (a control message per slot)."""
+    carry their source address, ``tos`` their TOS byte (control messages per slot)."""
     if batch_size > 1 and HAVE_MMSG:
         namelen = 16 if sock.family == socket.AF_INET else _SOCKADDR_IN6_SIZE
         space = cmsg_space(12 if sock.family == socket.AF_INET else 20) if pktinfo else 0
+        space += cmsg_space(4) if tos else 0
         return SendBatch(batch_size, slot_size, named, namelen, control_space=space)
     return SingleSend(sock, address_of)

@@ -89,6 +89,11 @@ class Options:
     ``conn.path_mtu``; from then on a larger send raises ``MessageTooLong`` with ``.mtu``.
     Batch engine only."""
 
+    ecn: bool = False
+    """Read each received datagram's ECN codepoint (IP_RECVTOS / IPV6_RECVTCLASS) and count it
+    per connection (``stats.ecn``), and let ``conn.tos`` mark what a listener's connections
+    send. Batch engine, ``batch_size`` above 1. Costs a control-message walk per datagram."""
+
     engine: str = "auto"
     """How the socket is driven: ``"mmsg"`` (udpx's batch engine: the loop watches the socket
     and udpx reads and writes it with recvmmsg/sendmmsg), ``"transport"`` (the event loop's
@@ -118,7 +123,7 @@ class Options:
         if self.engine not in ("auto", "mmsg", "transport"):
             raise ValueError(f"engine must be 'auto', 'mmsg' or 'transport', got "
                              f"{self.engine!r}")
-        for name in ("reuse_port", "gso", "gro", "dont_fragment"):
+        for name in ("reuse_port", "gso", "gro", "dont_fragment", "ecn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("rcvbuf", "sndbuf"):

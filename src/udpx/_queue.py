@@ -12,6 +12,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from ._cmsg import whole_cmsg
+
 __all__ = ["DATAGRAM_OVERHEAD", "Arena", "ProtocolRxQueue", "RxPool", "RxQueue", "TxAccount",
            "TxQueue"]
 
@@ -392,14 +394,20 @@ class TxAccount:
 
     def __init__(self, sockaddr: bytes | None,
                  on_error: Callable[[OSError], None] | None = None, *,
-                 source: tuple[bytes, tuple[int, int, bytes]] | None = None) -> None:
+                 ancillary: list[tuple[int, int, bytes]] | None = None) -> None:
         #: Raw destination sockaddr; None on a connected socket.
         self.sockaddr = sockaddr
         self.on_error = on_error
-        #: The source address every datagram carries (packet-info listeners): as a whole
-        #: control message for sendmmsg slots, and as ``(level, type, data)`` for sendmsg.
-        self.control = source[0] if source is not None else b""
-        self.ancillary = source[1] if source is not None else None
+        self.control = b""
+        self.ancillary: list[tuple[int, int, bytes]] = []
+        self.set_ancillary(ancillary or [])
+
+    def set_ancillary(self, ancillary: list[tuple[int, int, bytes]]) -> None:
+        """The control messages every datagram of this account carries (its source address
+        on a packet-info listener, its TOS byte): as ``(level, type, data)`` for sendmsg, and
+        as whole control messages for sendmmsg slots."""
+        self.ancillary = ancillary
+        self.control = b"".join(whole_cmsg(item) for item in ancillary)
         self.enqueued = 0
         self.packets = 0
         self.bytes = 0

@@ -7,16 +7,22 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["ConnStats", "ListenerStats", "drops_mapping"]
+__all__ = ["ConnStats", "ListenerStats", "drops_mapping", "ecn_mapping"]
 
 
 def drops_mapping(**counts: int) -> Mapping[str, int]:
     return MappingProxyType(dict(counts))
 
 
+def ecn_mapping(counts: list[int]) -> Mapping[str, int]:
+    """Datagrams per ECN codepoint (indexed by codepoint) as QUIC's ACK_ECN counts them."""
+    return MappingProxyType({"ect0": counts[2], "ect1": counts[1], "ce": counts[3]})
+
+
 def _as_dict(stats: ConnStats | ListenerStats) -> dict[str, Any]:
     result: dict[str, Any] = {item.name: getattr(stats, item.name) for item in fields(stats)}
     result["drops"] = dict(stats.drops)
+    result["ecn"] = dict(stats.ecn)
     return result
 
 
@@ -37,6 +43,8 @@ class ConnStats:
     drops: Mapping[str, int] = field(default_factory=drops_mapping)
     #: ICMP errors the network reported about this peer (port unreachable...).
     icmp_errors: int = 0
+    #: Datagrams received per ECN codepoint (``ecn`` on): ``ect0``, ``ect1``, ``ce``.
+    ecn: Mapping[str, int] = field(default_factory=lambda: ecn_mapping([0, 0, 0, 0]))
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""
@@ -64,6 +72,8 @@ class ListenerStats:
     accepted: int = 0
     #: ICMP errors read from the socket's error queue (about any peer, open or gone).
     icmp_errors: int = 0
+    #: Datagrams received per ECN codepoint (``ecn`` on), over all connections.
+    ecn: Mapping[str, int] = field(default_factory=lambda: ecn_mapping([0, 0, 0, 0]))
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""

@@ -78,7 +78,7 @@ class Writer:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, sender: Sender,
                  queue: TxQueue, named: bool, *, gso: bool = True,
-                 pktinfo: bool = False,
+                 controls: bool = False,
                  pending_error: Callable[[], bool] | None = None) -> None:
         self._loop = loop
         self._sock = sock
@@ -86,8 +86,9 @@ class Writer:
         self.sender = sender
         self.queue = queue
         self._named = named
-        #: Datagrams carry their connection's source address (packet-info listeners).
-        self._pktinfo = pktinfo
+        #: Datagrams carry their connection's control messages (source address on packet-info
+        #: listeners, TOS byte): per sendmmsg slot.
+        self._pktinfo = self.controls = controls
         #: On an unconnected socket with IP_RECVERR, an ICMP error about one peer is also the
         #: socket's pending error, which fails its next send whatever the destination: this
         #: drains the error queue (handing each error to its peer's connection) and says
@@ -300,8 +301,8 @@ class Writer:
         if control is None:
             control = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
             self._gso_control[size] = control
-        if owner.ancillary is not None:
-            control = [*control, owner.ancillary]  # the run's source address
+        if owner.ancillary:
+            control = [*control, *owner.ancillary]  # the run's source address, TOS byte
         payload = b"".join(chunk)
         retried = False
         while True:
