@@ -1,4 +1,11 @@
-"""Control messages: the packet-info ones that give a wildcard listener the right source address.
+"""Control messages and per-socket kernel options: the one place udpx builds and parses them.
+
+UDP_SEGMENT (GSO: one send, many datagrams), UDP_GRO (one receive, many datagrams), IP_PKTINFO /
+IPV6_PKTINFO (the local address), IP_TOS / IPV6_TCLASS (DSCP and ECN), the error queue's
+``sock_extended_err`` (ICMP errors and path MTUs), don't-fragment. Each ``enable_*`` / ``set_*``
+says whether the kernel agreed, and the engine keeps the feature off where it did not.
+
+The packet-info ones give a wildcard listener the right source address.
 
 A socket bound to every address (``0.0.0.0``, ``::``) receives datagrams sent to any local
 address, but a reply leaves with the source address the routing table picks, which is not
@@ -34,6 +41,9 @@ __all__ = [
     "pktinfo_cmsg",
 ]
 
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
 IPPROTO_IP = 0
 IP_PKTINFO = 8
 IP_RECVERR = 11
@@ -68,6 +78,20 @@ def _align(length: int) -> int:
 def cmsg_space(data_length: int) -> int:
     """CMSG_SPACE: the bytes one control message with ``data_length`` bytes of data takes."""
     return CMSG_HEADER + _align(data_length)
+
+
+def gso_ancillary(segment_size: int) -> tuple[int, int, bytes]:
+    """The ``(level, type, data)`` that makes one send a run of ``segment_size`` datagrams."""
+    return SOL_UDP, UDP_SEGMENT, struct.pack("=H", segment_size)
+
+
+def enable_gro(sock: socket.socket) -> bool:
+    """Have the kernel hand coalesced runs as one message with their segment size."""
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
 
 
 def _set_option(sock: socket.socket, ipv4: tuple[int, int, int],

@@ -32,8 +32,11 @@ from ._cmsg import (
     IPPROTO_IP,
     IPPROTO_IPV6,
     IPV6_PKTINFO,
+    SOL_UDP,
+    UDP_GRO,
     ancillaries_of,
     cmsg_space,
+    enable_gro,
     local_from_ancillary,
     parse_local,
     parse_tos,
@@ -61,12 +64,10 @@ MSG_TRUNC: int = int(getattr(socket, "MSG_TRUNC", 0x20))
 SOCKADDR_SIZE = 128  # sizeof(struct sockaddr_storage)
 _KEY_CACHE_SIZE = 4096  # peers whose key the one-datagram receiver remembers
 
-# UDP generic receive offload: with UDP_GRO set, the kernel hands a run of equal-size datagrams
+# UDP generic receive offload (_cmsg.enable_gro): the kernel hands a run of equal-size datagrams
 # from one peer (sent with GSO, or coalesced by the NIC) to recvmmsg as ONE message, with the
 # segment size in a control message; udpx splits it again. The kernel's per-message receive
 # cost is paid once per run instead of once per datagram.
-SOL_UDP = 17
-UDP_GRO = 104
 _SOCKADDR_IN6_SIZE = 28
 
 
@@ -644,13 +645,7 @@ def make_receiver(sock: socket.socket, batch_size: int, slot_size: int, named: b
     ``gro`` asks for UDP GRO; it is used only where the kernel accepts it and the slot holds
     any UDP datagram (a run of small datagrams can fill 64 KiB)."""
     if batch_size > 1 and HAVE_MMSG:
-        if gro and slot_size >= 65535:
-            try:
-                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-            except OSError:
-                gro = False
-        else:
-            gro = False
+        gro = enable_gro(sock) if gro and slot_size >= 65535 else False
         return RecvBatch(batch_size, slot_size, sock.family, named, gro=gro, pktinfo=pktinfo,
                          tos=tos)
     join = None

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Final, Literal, Protocol, TextIO, TypeVar
 
+from ._cmsg import SOL_UDP, UDP_SEGMENT
 from ._conn import UDPConn
 from ._errors import ConnectionClosed
 from ._listener import Listener, listen
@@ -75,8 +76,6 @@ LOOPS: Final = ("asyncio", "uvloop")
 SENDERS: Final = ("gso", "udpx")
 
 # Linux constants the socket module of Python 3.11 lacks.
-_SOL_UDP: Final = 17
-_UDP_SEGMENT: Final = 103
 #: The kernel takes at most 128 segments and 65,507 (IPv4) bytes in one GSO send; stay under.
 _GSO_MAX_SEGMENTS: Final = 64
 _GSO_MAX_BYTES: Final = 65000
@@ -243,7 +242,7 @@ def _open_gso_sockets(params: SenderParams) -> tuple[list[socket.socket] | None,
                 socket.socket(family, socket.SOCK_DGRAM) as probe:
             sink.bind((params.host, 0))
             probe.connect(sink.getsockname())
-            probe.setsockopt(_SOL_UDP, _UDP_SEGMENT, params.size)
+            probe.setsockopt(SOL_UDP, UDP_SEGMENT, params.size)
             probe.send(b"\0" * params.size * 2)
     except OSError as exc:
         return None, f"GSO unavailable ({exc})"
@@ -253,7 +252,7 @@ def _open_gso_sockets(params: SenderParams) -> tuple[list[socket.socket] | None,
             sock = socket.socket(family, socket.SOCK_DGRAM)
             sockets.append(sock)
             sock.connect((params.host, params.port))
-            sock.setsockopt(_SOL_UDP, _UDP_SEGMENT, params.size)
+            sock.setsockopt(SOL_UDP, UDP_SEGMENT, params.size)
     except BaseException:
         for sock in sockets:
             sock.close()
