@@ -146,7 +146,8 @@ class SocketEngine:
                                   self._on_single if single else
                                   self._on_batch_ecn if self.ecn else self._on_batch,
                                   self._on_error,
-                                  on_nothing=self.drain_errors if self.recverr else None)
+                                  on_nothing=self.drain_errors if self.recverr else None,
+                                  after=self.writer.flush_scheduled)
         self._named = named
         self._max_datagram = options.max_datagram
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)

@@ -30,7 +30,8 @@ class BatchReader:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, receiver: Receiver,
                  on_batch: Callable[[int], int], on_error: Callable[[OSError], None], *,
-                 on_nothing: Callable[[], object] | None = None) -> None:
+                 on_nothing: Callable[[], object] | None = None,
+                 after: Callable[[], None] | None = None) -> None:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
@@ -40,6 +41,9 @@ class BatchReader:
         # Called when a wake-up finds nothing to read: the socket may be readable for its error
         # queue alone (IP_RECVERR), which must be drained or the loop calls us again at once.
         self._on_nothing = on_nothing
+        # Called once a wake-up's batches were handled: the writer sends the replies their
+        # callbacks queued, in the same loop iteration.
+        self._after = after
         self._active = False
         self._reregister_pending = False
 
@@ -54,6 +58,13 @@ class BatchReader:
             self._loop.remove_reader(self._fd)
 
     def _on_readable(self) -> None:
+        try:
+            self._read()
+        finally:
+            if self._after is not None:
+                self._after()
+
+    def _read(self) -> None:
         # Hot path: one recvmmsg per batch; stop on a short batch rather than paying for a call
         # that only says EAGAIN.
         receive = self.receiver.receive
