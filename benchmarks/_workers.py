@@ -188,6 +188,18 @@ async def consume_recv_many(conn: udpx.UDPConn, counter: Counter) -> None:
             counter.n += len(batch)
 
 
+async def _measure_listener(ln: udpx.Listener,
+                            window: Window) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Announce the listener's port, run the measurement window, then close the listener:
+    the window's result and the listener's counters."""
+    emit("ready", port=ln.local_addr[1])
+    result = await window.run()
+    stats = ln.stats
+    extra = {"conns": stats.conns, "drops": dict(stats.drops), "ready_after": window.ready_after}
+    await ln.aclose()
+    return result, extra
+
+
 async def receive(args: argparse.Namespace) -> dict[str, Any]:
     counter = Counter()
     window = Window(lambda: counter.n, warmup=args.warmup, window=args.window, quiet=args.quiet,
@@ -209,12 +221,7 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
                 tasks.add(task)
 
         acceptor = asyncio.create_task(accept_all())
-        emit("ready", port=ln.local_addr[1])
-        result = await window.run()
-        stats = ln.stats
-        extra = {"conns": stats.conns, "drops": dict(stats.drops),
-                 "ready_after": window.ready_after}
-        await ln.aclose()
+        result, extra = await _measure_listener(ln, window)
         acceptor.cancel()
         for task in tasks:
             task.cancel()
@@ -224,12 +231,7 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
         ln = await udpx.listen(args.listen_host, 0, protocol_factory=lambda: CountingConnProtocol(
             counter, conns), **options)
         window.ready = lambda: conns.n >= peers
-        emit("ready", port=ln.local_addr[1])
-        result = await window.run()
-        stats = ln.stats
-        extra = {"conns": stats.conns, "drops": dict(stats.drops),
-                 "ready_after": window.ready_after}
-        await ln.aclose()
+        result, extra = await _measure_listener(ln, window)
     elif args.impl == "proto":
         loop = asyncio.get_running_loop()
         sock = receiving_socket()

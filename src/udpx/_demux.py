@@ -196,7 +196,9 @@ class Demux:
         # Protocol mode, mixed peers (hot path: many busy peers land here). Delivery is
         # synchronous, after the routing, so nothing is queued, limited or budgeted per
         # datagram: each connection's datagrams are collected in a plain list, and each
-        # connection is counted and delivered to once (ProtocolRxQueue.flush).
+        # connection is counted and delivered to once (ProtocolRxQueue.flush). The run-of-one-
+        # peer lookup repeats _feed_mixed_tasks' on purpose: a shared helper would cost a call
+        # per datagram.
         table_get = self.table.get
         count = len(lengths)
         if len(set(keys)) == count:

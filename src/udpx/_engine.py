@@ -45,7 +45,7 @@ from ._sockets import (
 )
 from ._writer import Writer
 
-__all__ = ["Engine", "Sink", "SocketEngine"]
+__all__ = ["Engine", "Releasing", "Sink", "SocketEngine"]
 
 logger = logging.getLogger("udpx")
 
@@ -104,8 +104,41 @@ class Engine(Protocol):
     def abort(self) -> None: ...
 
 
+class Releasing:
+    """What both engines do alike about their end: the kernel drop count kept after close,
+    and the callbacks waiting for the socket to be freed."""
+
+    sock: socket.socket
+
+    def __init__(self) -> None:
+        # The kernel's drop count, read once more just before the socket is closed.
+        self._kernel_final: int | None = None
+        self._released = False
+        self._on_release: list[Callable[[], None]] = []
+
+    def kernel_drops(self) -> int:
+        """The kernel's drop count for the socket (kept after close)."""
+        return kernel_drops(self.sock) if self._kernel_final is None else self._kernel_final
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def _when_released(self, on_release: Callable[[], None] | None) -> None:
+        if on_release is not None:
+            if self._released:
+                on_release()
+            else:
+                self._on_release.append(on_release)
+
+    def _released_now(self) -> None:
+        callbacks, self._on_release = self._on_release, []
+        for callback in callbacks:
+            callback()
+
+
 @final
-class SocketEngine:
+class SocketEngine(Releasing):
     """One UDP socket, read in batches into ``sink`` and written by one writer.
 
     ``named``: the socket is unconnected, so every datagram carries its peer's address (keys
@@ -115,6 +148,7 @@ class SocketEngine:
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, options: Options,
                  sink: Sink, *, named: bool, pktinfo: bool = False,
                  recverr: bool = False) -> None:
+        super().__init__()
         self.loop = loop
         self.sock = sock
         self.family = sock.family
@@ -151,10 +185,6 @@ class SocketEngine:
         self._named = named
         self._max_datagram = options.max_datagram
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)
-        # The kernel's drop count, read once more just before the socket is closed.
-        self._kernel_final: int | None = None
-        self._released = False
-        self._on_release: list[Callable[[], None]] = []
 
     async def open(self) -> None:
         """Start reading (the loop watches the socket from now on)."""
@@ -262,10 +292,6 @@ class SocketEngine:
 
     # -- introspection --------------------------------------------------------------------
 
-    def kernel_drops(self) -> int:
-        """The kernel's drop count for the socket (kept after close)."""
-        return kernel_drops(self.sock) if self._kernel_final is None else self._kernel_final
-
     def describe(self) -> dict[str, Any]:
         """The socket's part of ``describe()``."""
         rcvbuf, sndbuf = buffer_sizes(self.sock) if not self._released else (0, 0)
@@ -274,10 +300,6 @@ class SocketEngine:
                 "recverr": self.recverr, "dont_fragment": self.dont_fragment, "ecn": self.ecn,
                 "gso": self.writer.gso, "gro": self.receiver.gro,
                 "tx_queued": len(self.writer.queue)}
-
-    @property
-    def released(self) -> bool:
-        return self._released
 
     # -- closing ----------------------------------------------------------------------------
 
@@ -288,11 +310,7 @@ class SocketEngine:
         """Stop reading, flush what is queued, then free the socket; ``on_release`` is called
         then (at once if it already was)."""
         self.reader.stop()
-        if on_release is not None:
-            if self._released:
-                on_release()
-            else:
-                self._on_release.append(on_release)
+        self._when_released(on_release)
         self.writer.when_empty(self._release)
 
     def _release(self) -> None:
@@ -303,9 +321,7 @@ class SocketEngine:
         self.receiver.close()
         self._kernel_final = kernel_drops(self.sock)
         self.sock.close()
-        callbacks, self._on_release = self._on_release, []
-        for callback in callbacks:
-            callback()
+        self._released_now()
 
     def abort(self) -> None:
         """Garbage collection of an unclosed owner: free the socket, send nothing more."""

@@ -22,7 +22,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, final
 
-from ._engine import Engine, Sink, SocketEngine
+from ._engine import Engine, Releasing, Sink, SocketEngine
 from ._options import Options
 from ._queue import TxQueue
 from ._sockets import (
@@ -105,12 +105,13 @@ class TransportSender:
 
 
 @final
-class TransportEngine(asyncio.DatagramProtocol):
+class TransportEngine(Releasing, asyncio.DatagramProtocol):
     """One UDP socket served by the loop's datagram transport, feeding ``sink``; the same
     surface as ``SocketEngine``. ``open()`` hands the socket to the loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, options: Options,
                  sink: Sink, *, named: bool) -> None:
+        Releasing.__init__(self)
         self.loop = loop
         self.sock = sock
         self.family = sock.family
@@ -123,10 +124,7 @@ class TransportEngine(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)
         self._keys: dict[Address, PeerKey] = {}
-        self._kernel_final: int | None = None
-        self._released = False
         self._closing = False
-        self._on_release: list[Callable[[], None]] = []
         self._lost: asyncio.Future[None] = loop.create_future()
 
     async def open(self) -> None:
@@ -176,17 +174,10 @@ class TransportEngine(asyncio.DatagramProtocol):
         """One datagram from ``addr``, from someone else than the transport."""
         self.datagram_received(data, addr)
 
-    def kernel_drops(self) -> int:
-        return kernel_drops(self.sock) if self._kernel_final is None else self._kernel_final
-
     def describe(self) -> dict[str, Any]:
         rcvbuf, sndbuf = buffer_sizes(self.sock) if not self._released else (0, 0)
         return {"engine": "transport", "rcvbuf": rcvbuf, "sndbuf": sndbuf, "batch_size": 1,
                 "gso": False, "gro": False, "tx_queued": len(self.writer.queue)}
-
-    @property
-    def released(self) -> bool:
-        return self._released
 
     def stop_reading(self) -> None:
         self._closing = True
@@ -197,11 +188,7 @@ class TransportEngine(asyncio.DatagramProtocol):
         """Stop reading, flush the queue into the transport, close it (it flushes its own
         buffer), then call ``on_release`` once the loop reports the socket closed."""
         self.stop_reading()
-        if on_release is not None:
-            if self._released:
-                on_release()
-            else:
-                self._on_release.append(on_release)
+        self._when_released(on_release)
         self.writer.when_empty(self._close_transport)
 
     def _close_transport(self) -> None:
@@ -220,9 +207,7 @@ class TransportEngine(asyncio.DatagramProtocol):
         self.writer.close()
         if self._kernel_final is None:
             self._kernel_final = 0
-        callbacks, self._on_release = self._on_release, []
-        for callback in callbacks:
-            callback()
+        self._released_now()
 
     def abort(self) -> None:
         """Garbage collection of an unclosed owner: free the socket, send nothing more."""
