@@ -271,3 +271,36 @@ def test_dont_fragment_option(run: Runner[Any]) -> None:
             udpx.listen("127.0.0.1", 0, dont_fragment=1)  # type: ignore[arg-type]
 
     run(main())
+
+
+def test_setting_tos_keeps_the_connection_counters(run: Runner[Any]) -> None:
+    """conn.tos on a listener's connection (ecn=True) changes what its datagrams carry, not
+    its counters; a bad value is refused; without ecn=True it says what is missing."""
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, ecn=True) as ln, \
+                udpx.dial("127.0.0.1", ln.local_addr[1], ecn=True) as client:
+            await client.send(b"hi")
+            server = await ln.accept()
+            await server.recv()
+            await server.send_many([b"a"] * 3)
+            for _ in range(3):
+                await client.recv()
+            server.tos = 2
+            assert server.tos == 2
+            await server.send(b"marked")
+            assert await client.recv() == b"marked"
+            stats = server.stats
+            assert (stats.tx_packets, stats.rx_packets) == (4, 1)
+            assert dict(client.stats.ecn) == {"ect0": 1, "ect1": 0, "ce": 0}
+            with pytest.raises(ValueError, match="tos"):
+                server.tos = 256
+        async with udpx.listen("127.0.0.1", 0) as ln, \
+                udpx.dial("127.0.0.1", ln.local_addr[1]) as client:
+            client.tos = 0xB8  # a dialed socket's own option: no ecn=True needed
+            await client.send(b"hi")
+            server = await ln.accept()
+            with pytest.raises(udpx.UDPXError, match="ecn=True"):
+                server.tos = 2
+
+    run(main())

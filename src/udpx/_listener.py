@@ -151,8 +151,11 @@ class Listener(asyncio.DatagramProtocol):
         logger.warning("udpx: error on listener %r: %s", self._local, exc)
 
     def _new_conn(self, key: PeerKey) -> UDPConn:
+        # Run for every new peer (10,000 of them arrive at once under a flood): the address
+        # tuple is built only where it decides something (an IPv6 socket's limit depends on
+        # whether the peer is IPv4-mapped) or is logged.
         family = self._family
-        remote = address_from_key(family, key)
+        remote = address_from_key(family, key) if family != socket.AF_INET else None
         local_addr = self._local
         source = None
         if self._pktinfo:
@@ -168,7 +171,8 @@ class Listener(asyncio.DatagramProtocol):
                        sockaddr=sockaddr_from_key(family, key), key=key,
                        protocol_mode=self._protocol_factory is not None, source=source)
         self._conns[key] = conn
-        logger.debug("udpx: new connection from %r on %r", remote, self._local)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("udpx: new connection from %r on %r", conn.remote_addr, self._local)
         return conn
 
     def _create_conn(self, key: PeerKey) -> RxQueue:

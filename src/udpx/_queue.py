@@ -400,7 +400,12 @@ class TxAccount:
         self.on_error = on_error
         self.control = b""
         self.ancillary: list[tuple[int, int, bytes]] = []
-        self.set_ancillary(ancillary or [])
+        if ancillary:
+            self.set_ancillary(ancillary)
+        self.enqueued = 0
+        self.packets = 0
+        self.bytes = 0
+        self.errors = 0
 
     def set_ancillary(self, ancillary: list[tuple[int, int, bytes]]) -> None:
         """The control messages every datagram of this account carries (its source address
@@ -408,10 +413,6 @@ class TxAccount:
         as whole control messages for sendmmsg slots."""
         self.ancillary = ancillary
         self.control = b"".join(whole_cmsg(item) for item in ancillary)
-        self.enqueued = 0
-        self.packets = 0
-        self.bytes = 0
-        self.errors = 0
 
     def pending(self) -> int:
         """Datagrams queued and not yet handled by the writer."""
