@@ -35,6 +35,7 @@ __all__ = [
     "IPPROTO_IPV6",
     "IPV6_PKTINFO",
     "IP_PKTINFO",
+    "V4_MAPPED",
     "cmsg_space",
     "enable_pktinfo",
     "pktinfo_ancillary",
@@ -68,7 +69,8 @@ _EXTENDED_ERR = struct.Struct("=IBBBBII")
 _SIZE_T = ctypes.sizeof(ctypes.c_size_t)
 #: struct cmsghdr: size_t cmsg_len, int cmsg_level, int cmsg_type, then the data (aligned).
 CMSG_HEADER = (_SIZE_T + 8 + _SIZE_T - 1) & ~(_SIZE_T - 1)
-_V4_MAPPED = bytes(10) + b"\xff\xff"
+#: The first 12 bytes of an IPv4-mapped IPv6 address (::ffff:a.b.c.d).
+V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 def _align(length: int) -> int:
@@ -95,9 +97,10 @@ def enable_gro(sock: socket.socket) -> bool:
 
 
 def _set_option(sock: socket.socket, ipv4: tuple[int, int, int],
-                ipv6: list[tuple[int, int, int]]) -> bool:
+                ipv6: list[tuple[int, int, int]], *, raising: bool = False) -> bool:
     """Set an IPv4 option, or on an IPv6 socket its IPv6 options and (for the IPv4 peers of a
-    dual-stack socket, where the kernel allows it) the IPv4 one too; whether it took."""
+    dual-stack socket, where the kernel allows it) the IPv4 one too; whether it took
+    (``raising``: the kernel's refusal is raised instead)."""
     try:
         if sock.family == socket.AF_INET:
             sock.setsockopt(*ipv4)
@@ -107,8 +110,24 @@ def _set_option(sock: socket.socket, ipv4: tuple[int, int, int],
             with contextlib.suppress(OSError):
                 sock.setsockopt(*ipv4)
     except OSError:
+        if raising:
+            raise
         return False
     return True
+
+
+def set_tos(sock: socket.socket, tos: int) -> None:
+    """Mark everything ``sock`` sends with the TOS / traffic class byte ``tos``.
+
+    Raises:
+        OSError: the kernel refused it.
+    """
+    _set_option(sock, (IPPROTO_IP, IP_TOS, tos), [(IPPROTO_IPV6, IPV6_TCLASS, tos)],
+                raising=True)
+
+
+#: ``(level, type)`` of the control messages that carry a TOS / traffic class byte.
+TOS_KINDS = frozenset({(IPPROTO_IP, IP_TOS), (IPPROTO_IPV6, IPV6_TCLASS)})
 
 
 def enable_pktinfo(sock: socket.socket) -> bool:
@@ -121,7 +140,7 @@ def local_raw(family: int, host: str) -> bytes:
     if family == socket.AF_INET:
         return socket.inet_pton(socket.AF_INET, host)
     if "." in host and ":" not in host:
-        return _V4_MAPPED + socket.inet_pton(socket.AF_INET, host)
+        return V4_MAPPED + socket.inet_pton(socket.AF_INET, host)
     return socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
 
 
@@ -147,10 +166,11 @@ def whole_cmsg(ancillary: tuple[int, int, bytes]) -> bytes:
     return header + data + bytes(cmsg_space(len(data)) - CMSG_HEADER - len(data))
 
 
-def tos_ancillary(family: int, tos: int, *, mapped: bool = False) -> tuple[int, int, bytes]:
+def tos_ancillary(tos: int, *, ipv4: bool) -> tuple[int, int, bytes]:
     """The ``(level, type, data)`` that marks one datagram's TOS / traffic class byte (DSCP
-    and ECN). ``mapped``: an IPv4-mapped peer of a dual-stack socket (IP_TOS)."""
-    if family == socket.AF_INET or mapped:
+    and ECN); ``ipv4``: to an IPv4 peer, IPv4-mapped ones of a dual-stack socket included
+    (IP_TOS), else IPV6_TCLASS."""
+    if ipv4:
         return IPPROTO_IP, IP_TOS, struct.pack("=i", tos)
     return IPPROTO_IPV6, IPV6_TCLASS, struct.pack("=i", tos)
 
@@ -232,7 +252,7 @@ def local_from_ancillary(ancdata: list[tuple[int, int, bytes]], family: int) -> 
     """The local address in ``socket.recvmsg``'s ancillary data (the one-datagram path)."""
     for level, kind, data in ancdata:
         if level == IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
-            return data[8:12] if family == socket.AF_INET else _V4_MAPPED + data[8:12]
+            return data[8:12] if family == socket.AF_INET else V4_MAPPED + data[8:12]
         if level == IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 16:
             return data[:16]
     return None
@@ -243,7 +263,7 @@ def parse_local(control: bytes | memoryview, family: int) -> bytes | None:
     for level, kind, data, end in _messages(control):
         if level == IPPROTO_IP and kind == IP_PKTINFO and data + 12 <= end:
             address = bytes(control[data + 8:data + 12])
-            return address if family == socket.AF_INET else _V4_MAPPED + address
+            return address if family == socket.AF_INET else V4_MAPPED + address
         if level == IPPROTO_IPV6 and kind == IPV6_PKTINFO and data + 16 <= end:
             return bytes(control[data:data + 16])
     return None

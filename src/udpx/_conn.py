@@ -11,11 +11,11 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, final
 
-from ._cmsg import IPV6_TCLASS, tos_ancillary
+from ._cmsg import TOS_KINDS, set_tos, tos_ancillary
 from ._errors import ConnectionClosed, MessageTooLong, QueueFull, UDPXError, WouldBlock
 from ._protocol import ConnProtocol
 from ._queue import DATAGRAM_OVERHEAD, ProtocolRxQueue, RxPool, RxQueue, TxAccount
-from ._sockets import PeerKey, address_from_key
+from ._sockets import PeerKey, address_from_key, is_ipv4
 from ._stats import ConnStats, drops_mapping, ecn_mapping
 from ._waiters import FifoWaiters
 
@@ -208,8 +208,7 @@ class UDPConn:
 
     def _set_path_mtu(self, mtu: int) -> None:
         self._path_mtu = mtu
-        ipv4 = len(self._local) == 2 or str(self._local[0]).startswith("::ffff:")
-        payload = mtu - (20 if ipv4 else 40) - 8  # the IP and UDP headers
+        payload = mtu - (20 if is_ipv4(self.remote_addr) else 40) - 8  # the IP, UDP headers
         self._max_send = max(0, min(self._max_send_base, payload))
 
     @property
@@ -228,26 +227,16 @@ class UDPConn:
     def tos(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
             raise ValueError(f"tos must be an int from 0 to 255, got {value!r}")
-        family = socket.AF_INET if len(self._local) == 2 else socket.AF_INET6
         if self._engine is not None:
             # A dialed connection owns its socket: the socket option marks everything.
-            sock = self._engine.sock
-            if family == socket.AF_INET:
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, value)
-            else:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TCLASS, value)
-                if str(self._remote[0] if self._remote else "").startswith("::ffff:"):
-                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, value)
+            set_tos(self._engine.sock, value)
         else:
             if not self._writer.controls:
                 raise UDPXError("conn.tos on a listener's connection needs the listener "
                                 "opened with ecn=True (per-datagram control messages)")
-            mapped = family == socket.AF_INET6 and str(self.remote_addr[0]).startswith(
-                "::ffff:")
-            ancillary = [item for item in self._tx.ancillary
-                         if item[:2] not in ((0, 1), (41, 67))]
+            ancillary = [item for item in self._tx.ancillary if item[:2] not in TOS_KINDS]
             if value:
-                ancillary.append(tos_ancillary(family, value, mapped=mapped))
+                ancillary.append(tos_ancillary(value, ipv4=is_ipv4(self.remote_addr)))
             self._tx.set_ancillary(ancillary)
         self._tos = value
 

@@ -12,7 +12,7 @@ from ._conn import UDPConn
 from ._idle import sweep, sweep_interval
 from ._opening import Opening
 from ._options import DEFAULTS, Options
-from ._protocol import ConnProtocol
+from ._protocol import ConnProtocol, check_factory, make_protocol
 from ._queue import Arena, RxPool, RxQueue
 from ._sockets import Address, PeerKey, bind_socket, max_payload, resolve
 from ._transport import make_engine
@@ -146,9 +146,7 @@ def dial(host: str, port: int, *,
                       ecn=ecn, engine=engine)
     if not isinstance(host, str):
         raise ValueError(f"host must be a str, got {host!r}")
-    if protocol_factory is not None and not callable(protocol_factory):
-        raise TypeError(f"protocol_factory must be callable (a udpx.ConnProtocol subclass, "
-                        f"say), got {protocol_factory!r}")
+    check_factory(protocol_factory)
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ValueError(f"port must be an int between 1 and 65535, got {port!r}")
 
@@ -165,12 +163,8 @@ def dial(host: str, port: int, *,
         sock = bind_socket(family, local, connect_to=remote, rcvbuf=options.rcvbuf,
                            sndbuf=options.sndbuf)
         try:
-            protocol = None
-            if protocol_factory is not None:
-                protocol = protocol_factory()
-                if not isinstance(protocol, ConnProtocol):
-                    raise TypeError(f"protocol_factory must return a udpx.ConnProtocol, got "
-                                    f"{type(protocol).__name__}")
+            protocol = (make_protocol(protocol_factory) if protocol_factory is not None
+                        else None)
             dialed = _DialedSocket(loop, sock, options, sock.getpeername(),
                                    protocol_mode=protocol is not None)
         except BaseException:

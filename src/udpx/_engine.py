@@ -85,6 +85,8 @@ class Engine(Protocol):
     writer: Writer
     rcvbuf: int
     sndbuf: int
+    #: Connections are (peer, local address) and answer from it (wildcard listeners).
+    pktinfo: bool
 
     async def open(self) -> None: ...
 
@@ -177,8 +179,7 @@ class SocketEngine(Releasing):
                              pending_error=self.drain_errors if self.recverr else None)
         single = isinstance(self.receiver, SingleRecv)
         self.reader = BatchReader(loop, sock, self.receiver,
-                                  self._on_single if single else
-                                  self._on_batch_ecn if self.ecn else self._on_batch,
+                                  self._on_single if single else self._on_batch,
                                   self._on_error,
                                   on_nothing=self.drain_errors if self.recverr else None,
                                   after=self.writer.flush_scheduled)
@@ -192,21 +193,23 @@ class SocketEngine(Releasing):
 
     # -- receiving: decode once, feed the sink ------------------------------------------------
 
-    def _on_batch_ecn(self, count: int) -> int:
-        # With ``ecn``: the batch first (a new peer's connection is made there), then its
-        # marks, counted on the connections.
-        delivered = self._on_batch(count)
-        self._count_ecn(count)
-        return delivered
-
     def _on_batch(self, count: int) -> int:
         """Decode the ``count`` messages of one recvmmsg for the sink; returns how many
         datagrams they held (a GRO message holds several)."""
         receiver = self.receiver
         lengths = receiver.lengths(count)
-        truncated = receiver.truncated(count)
         keys = receiver.keys(count) if self._named else None
         sizes = receiver.segment_sizes(count)
+        delivered = self._feed(lengths, receiver.truncated(count), keys, sizes)
+        if self.ecn:
+            # After the batch (a new peer's connection is made there): its marks.
+            self._count_ecn(count, keys, lengths, sizes)
+        return delivered
+
+    def _feed(self, lengths: list[int], truncated: list[bool] | None,
+              keys: Sequence[PeerKey] | None, sizes: list[int] | None) -> int:
+        receiver = self.receiver
+        count = len(lengths)
         sink = self.sink
         if truncated is None:
             if sizes is None:
@@ -233,7 +236,8 @@ class SocketEngine(Releasing):
             delivered += len(datagrams)
         return delivered
 
-    def _count_ecn(self, count: int) -> None:
+    def _count_ecn(self, count: int, keys: Sequence[PeerKey] | None, lengths: list[int],
+                   sizes: list[int] | None) -> None:
         # Opt-in (``ecn``): one control-message walk per message, and per-datagram work only
         # for the ECN-marked ones (a GRO run's segments share their message's mark).
         receiver = self.receiver
@@ -241,11 +245,8 @@ class SocketEngine(Releasing):
         codes = receiver.codepoints(count)
         if not any(codes):
             return
-        keys = receiver.keys(count) if self._named else None
-        sizes = receiver.segment_sizes(count)
         pieces = [1] * count if sizes is None else [
-            -(-length // size) if size else 1
-            for length, size in zip(receiver.lengths(count), sizes)]
+            -(-length // size) if size else 1 for length, size in zip(lengths, sizes)]
         self.sink.count_ecn(keys, codes, pieces)
 
     def _on_single(self, count: int) -> int:

@@ -20,7 +20,7 @@ from ._errors import ListenerClosed, UDPXError
 from ._idle import PRESSURE_FLOOR, PRESSURE_THRESHOLD, effective_timeout, sweep, sweep_interval
 from ._opening import Opening
 from ._options import DEFAULTS, Options
-from ._protocol import ConnProtocol
+from ._protocol import ConnProtocol, check_factory, make_protocol
 from ._queue import RxPool, RxQueue
 from ._sockets import (
     Address,
@@ -88,7 +88,7 @@ class Listener(asyncio.DatagramProtocol):
         # A wildcard listener answers each peer from the address it sent to (see _cmsg).
         self._engine = make_engine(loop, sock, options, self, named=True,
                                    pktinfo=self._local[0] in ("0.0.0.0", "::"), recverr=True)
-        self._pktinfo = getattr(self._engine, "pktinfo", False)
+        self._pktinfo = self._engine.pktinfo
         self._writer = self._engine.writer
         self._conns: dict[PeerKey, UDPConn] = {}
         # Connections created and not yet accepted, oldest first. An OrderedDict so that a
@@ -189,10 +189,7 @@ class Listener(asyncio.DatagramProtocol):
         factory = self._protocol_factory
         assert factory is not None
         try:
-            protocol = factory()
-            if not isinstance(protocol, ConnProtocol):
-                raise TypeError(f"protocol_factory must return a udpx.ConnProtocol, got "
-                                f"{type(protocol).__name__}")
+            protocol = make_protocol(factory)
         except Exception as exc:
             self._loop.call_exception_handler({
                 "message": f"udpx: protocol_factory raised on listener {self._local!r}; "
@@ -466,9 +463,7 @@ def listen(host: str | None, port: int, *,
                       idle_timeout=idle_timeout, max_conns=max_conns, backlog=backlog,
                       reuse_port=reuse_port, rcvbuf=rcvbuf, sndbuf=sndbuf, gso=gso,
                       gro=gro, dont_fragment=dont_fragment, ecn=ecn, engine=engine)
-    if protocol_factory is not None and not callable(protocol_factory):
-        raise TypeError(f"protocol_factory must be callable (a udpx.ConnProtocol subclass, "
-                        f"say), got {protocol_factory!r}")
+    check_factory(protocol_factory)
     if port is None or isinstance(port, bool) or not isinstance(port, int) or not (
             0 <= port <= 65535):
         raise ValueError(f"port must be an int between 0 and 65535, got {port!r}")

@@ -34,6 +34,7 @@ from ._cmsg import (
     IPV6_PKTINFO,
     SOL_UDP,
     UDP_GRO,
+    V4_MAPPED,
     ancillaries_of,
     cmsg_space,
     enable_gro,
@@ -122,7 +123,6 @@ _CMSG_DATA = _CMSG_HEADER // 4
 #: Control space per slot when the socket reports packet info (room for GRO's and PKTINFO's
 #: messages together, with margin): a power of two, so slots are a fixed stride of words.
 _PKTINFO_CONTROL_SIZE = 128
-_V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 def _load_libc() -> Any:
@@ -311,8 +311,7 @@ class RecvBatch:
         words = self._control_words
         if words is None or not self.gro:
             return None
-        used = self._hdr_size_words[
-            _WORD_CONTROLLEN:_WORD_CONTROLLEN + count * _WORD_STRIDE:_WORD_STRIDE].tolist()
+        used = self._control_lengths(count)
         if not any(used):
             return None
         stride = self._control_stride
@@ -346,11 +345,15 @@ class RecvBatch:
             return list(map(or_, peers, map(lshift, locals_, repeat(64))))
         return list(map(add, peers, locals_))
 
+    def _control_lengths(self, count: int) -> list[int]:
+        """Each message's control data length, as the kernel set it."""
+        return self._hdr_size_words[
+            _WORD_CONTROLLEN:_WORD_CONTROLLEN + count * _WORD_STRIDE:_WORD_STRIDE].tolist()
+
     def codepoints(self, count: int) -> list[int]:
         """Each message's ECN codepoint (the TOS byte's low two bits; 0: not ECN-capable),
         parsed message by message (``ecn`` is opt-in)."""
-        used = self._hdr_size_words[
-            _WORD_CONTROLLEN:_WORD_CONTROLLEN + count * _WORD_STRIDE:_WORD_STRIDE].tolist()
+        used = self._control_lengths(count)
         controls = self._controls
         return [parse_tos(controls[offset:offset + length]) & 3 if length else 0
                 for offset, length in zip(self._control_offsets, used)]
@@ -372,10 +375,9 @@ class RecvBatch:
             return list(map(controls.__getitem__, self._v6_local_slices[:count]))
         elif levels.count(IPPROTO_IP) == count and types.count(IP_PKTINFO) == count:
             # A dual-stack socket's IPv4 datagrams: IPv4-mapped local addresses.
-            return list(map(add, repeat(_V4_MAPPED, count),
+            return list(map(add, repeat(V4_MAPPED, count),
                             map(controls.__getitem__, self._v4_local_slices[:count])))
-        used = self._hdr_size_words[
-            _WORD_CONTROLLEN:_WORD_CONTROLLEN + count * _WORD_STRIDE:_WORD_STRIDE].tolist()
+        used = self._control_lengths(count)
         result: list[Any] = []
         for offset, length in zip(self._control_offsets, used):
             local = parse_local(controls[offset:offset + length], self.family)
@@ -416,11 +418,10 @@ class SingleRecv:
     gro_segments = 0
 
     def __init__(self, sock: socket.socket, slot_size: int, key_of: Any, *,
-                 join: Any = None) -> None:
+                 pktinfo: bool = False) -> None:
         self._sock = sock
-        #: Packet info: ``join(peer key, local address)`` makes the key (see RecvBatch.keys).
-        self._join = join
-        self.pktinfo = join is not None
+        #: Packet info: keys join the local address (see RecvBatch.keys).
+        self.pktinfo = pktinfo
         self.slot_size = slot_size
         self.calls = 0
         self._buffer = bytearray(slot_size)
@@ -441,7 +442,7 @@ class SingleRecv:
         while True:
             self.calls += 1
             try:
-                if self._join is None:
+                if not self.pktinfo:
                     nbytes, ancdata, flags, address = self._sock.recvmsg_into(self._views)
                 else:
                     nbytes, ancdata, flags, address = self._sock.recvmsg_into(
@@ -460,10 +461,10 @@ class SingleRecv:
                 if len(self._keys) >= _KEY_CACHE_SIZE:
                     self._keys.clear()
                 key = self._keys[address] = self._key_of(address)
-            if self._join is not None:
+            if self.pktinfo:
                 local = local_from_ancillary(ancdata, self._sock.family)
                 if local is not None:
-                    key = self._join(key, local)
+                    key = join_key(self._sock.family, key, local)
             self.key = key
         return 1
 
@@ -648,14 +649,7 @@ def make_receiver(sock: socket.socket, batch_size: int, slot_size: int, named: b
         gro = enable_gro(sock) if gro and slot_size >= 65535 else False
         return RecvBatch(batch_size, slot_size, sock.family, named, gro=gro, pktinfo=pktinfo,
                          tos=tos)
-    join = None
-    if pktinfo:
-        family = sock.family
-
-        def join(peer: PeerKey, local: bytes) -> PeerKey:
-            return join_key(family, peer, local)
-
-    return SingleRecv(sock, slot_size, key_of, join=join)
+    return SingleRecv(sock, slot_size, key_of, pktinfo=pktinfo)
 
 
 def make_sender(sock: socket.socket, batch_size: int, slot_size: int, named: bool,

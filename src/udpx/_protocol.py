@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._conn import UDPConn
 
-__all__ = ["ConnProtocol"]
+__all__ = ["ConnProtocol", "check_factory", "make_protocol"]
 
 
 class ConnProtocol:
@@ -61,3 +62,28 @@ class ConnProtocol:
         ``conn.close()``, its listener's close, idle reaping (``exc`` is None) or an exception
         raised by a callback (``exc`` is that exception). Called once, soon after, from the
         event loop."""
+
+
+def check_factory(factory: object) -> None:
+    """``listen()``/``dial()``: refuse a ``protocol_factory`` that cannot be called.
+
+    Raises:
+        TypeError: ``factory`` is not None and not callable.
+    """
+    if factory is not None and not callable(factory):
+        raise TypeError(f"protocol_factory must be callable (a udpx.ConnProtocol subclass, "
+                        f"say), got {factory!r}")
+
+
+def make_protocol(factory: Callable[[], ConnProtocol]) -> ConnProtocol:
+    """Call ``factory`` for one connection.
+
+    Raises:
+        TypeError: it returned something else than a ``ConnProtocol``.
+        Exception: what the factory raised.
+    """
+    protocol = factory()
+    if not isinstance(protocol, ConnProtocol):
+        raise TypeError(f"protocol_factory must return a udpx.ConnProtocol, got "
+                        f"{type(protocol).__name__}")
+    return protocol

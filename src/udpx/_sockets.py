@@ -10,6 +10,7 @@ import struct
 import sys
 from typing import Any
 
+from ._cmsg import V4_MAPPED
 from ._demux import PeerKey
 
 __all__ = [
@@ -97,7 +98,7 @@ def local_address(family: int, local: bytes, port: int) -> Address:
     """The socket address of a connection's local side on a packet-info listener."""
     if family == socket.AF_INET:
         return (socket.inet_ntop(socket.AF_INET, local), port)
-    if local[:12] == bytes(10) + b"\xff\xff":
+    if local[:12] == V4_MAPPED:
         return ("::ffff:" + socket.inet_ntop(socket.AF_INET, local[12:]), port, 0, 0)
     return (socket.inet_ntop(socket.AF_INET6, local), port, 0, 0)
 
@@ -263,10 +264,14 @@ def kernel_drops(sock: socket.socket) -> int:
     return int(struct.unpack_from("=I", raw, 4 * _SK_MEMINFO_DROPS)[0])
 
 
+def is_ipv4(address: Address) -> bool:
+    """Whether a socket address is an IPv4 one, IPv4-mapped IPv6 ones included."""
+    host = str(address[0])
+    return len(address) == 2 or (host.startswith("::ffff:") and "." in host)
+
+
 def max_payload(family: int, peer: Address | None) -> int:
     """The largest datagram the address family allows (IPv4-mapped IPv6 peers count as IPv4)."""
-    if family == socket.AF_INET:
-        return 65507
-    if peer is not None and str(peer[0]).startswith("::ffff:") and "." in str(peer[0]):
+    if family == socket.AF_INET or (peer is not None and is_ipv4(peer)):
         return 65507
     return 65527

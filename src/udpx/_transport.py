@@ -109,6 +109,9 @@ class TransportEngine(Releasing, asyncio.DatagramProtocol):
     """One UDP socket served by the loop's datagram transport, feeding ``sink``; the same
     surface as ``SocketEngine``. ``open()`` hands the socket to the loop."""
 
+    #: The loop's transport reports no local addresses.
+    pktinfo = False
+
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, options: Options,
                  sink: Sink, *, named: bool) -> None:
         Releasing.__init__(self)
@@ -125,7 +128,6 @@ class TransportEngine(Releasing, asyncio.DatagramProtocol):
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)
         self._keys: dict[Address, PeerKey] = {}
         self._closing = False
-        self._lost: asyncio.Future[None] = loop.create_future()
 
     async def open(self) -> None:
         """Hand the socket to the loop's datagram transport."""
@@ -164,8 +166,6 @@ class TransportEngine(Releasing, asyncio.DatagramProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
             logger.warning("udpx: transport of %r lost: %s", self.sock, exc)
-        if not self._lost.done():
-            self._lost.set_result(None)
         self._release()
 
     # -- the engine's surface ----------------------------------------------------------

@@ -86,7 +86,7 @@ class Writer:
         self._named = named
         #: Datagrams carry their connection's control messages (source address on packet-info
         #: listeners, TOS byte): per sendmmsg slot.
-        self._pktinfo = self.controls = controls
+        self.controls = controls
         #: On an unconnected socket with IP_RECVERR, an ICMP error about one peer is also the
         #: socket's pending error, which fails its next send whatever the destination: this
         #: drains the error queue (handing each error to its peer's connection) and says
@@ -245,7 +245,7 @@ class Writer:
             chunk = list(islice(datagrams, count))
             chunk_owners: list[TxAccount] = list(islice(owners, count))
             names = [owner.sockaddr for owner in chunk_owners] if self._named else None
-            controls = ([owner.control for owner in chunk_owners] if self._pktinfo
+            controls = ([owner.control for owner in chunk_owners] if self.controls
                         else None)
             sender.fill(chunk, names, controls)  # type: ignore[arg-type]
             handled = self._send_chunk(chunk, chunk_owners)
@@ -325,12 +325,7 @@ class Writer:
             except InterruptedError:
                 continue
             except OSError as exc:
-                if (not retried and self._pending_error is not None
-                        and exc.errno in _ICMP_ERRNOS and self._pending_error()):
-                    retried = True  # a queued error, as in _send_chunk
-                    continue
-                if exc.errno == errno.ECONNREFUSED and owner.on_error is not None:
-                    owner.on_error(exc)  # an earlier datagram's ICMP error, as in _send_chunk
+                if self._earlier_error(exc, owner):
                     if not retried:
                         retried = True
                         continue
@@ -349,6 +344,21 @@ class Writer:
         self.tx_packets += run
         self.tx_bytes += len(payload)
         return run
+
+    def _earlier_error(self, exc: OSError, owner: TxAccount) -> bool:
+        """Whether a failed send reported an earlier datagram's ICMP error rather than its
+        own failure (then it is worth one more try), after handing that error on:
+        - an unconnected socket with IP_RECVERR: the error queue says whose error it was (any
+          peer's) and reading it clears the socket's pending error;
+        - a connected socket: ECONNREFUSED is its peer's, for the connection to raise once.
+        """
+        if (self._pending_error is not None and exc.errno in _ICMP_ERRNOS
+                and self._pending_error()):
+            return True
+        if exc.errno == errno.ECONNREFUSED and owner.on_error is not None:
+            owner.on_error(exc)
+            return True
+        return False
 
     def _gso_refused(self, exc: OSError, owner: TxAccount) -> bool:
         """Whether a failed GSO send means "no GSO here" (a capability refusal) rather than
@@ -373,7 +383,7 @@ class Writer:
         chunk = datagrams[:sender.size]
         owners = [owner] * len(chunk)
         names = [owner.sockaddr] * len(chunk) if self._named else None
-        controls = [owner.control] * len(chunk) if self._pktinfo else None
+        controls = [owner.control] * len(chunk) if self.controls else None
         sender.fill(chunk, names, controls)  # type: ignore[arg-type]
         owner.enqueued += len(chunk)
         handled = self._send_chunk(chunk, owners, sender)
@@ -397,19 +407,9 @@ class Writer:
                 return start
             except OSError as exc:
                 owner = owners[start]
-                if (not retried_refusal and self._pending_error is not None
-                        and exc.errno in _ICMP_ERRNOS and self._pending_error()):
-                    # A pending error from the error queue (about another peer, or an earlier
-                    # datagram): it went to its connection; try the datagram at hand again.
+                if self._earlier_error(exc, owner) and not retried_refusal:
                     retried_refusal = True
                     continue
-                if exc.errno == errno.ECONNREFUSED and owner.on_error is not None:
-                    # On a connected socket this reports an earlier datagram's ICMP error and the
-                    # datagram at hand was not sent: report the error, try the datagram once more.
-                    owner.on_error(exc)
-                    if not retried_refusal:
-                        retried_refusal = True
-                        continue
                 owner.errors += 1
                 self.tx_errors += 1
                 logger.debug("udpx: datagram of %d bytes dropped: %s", len(chunk[start]), exc)
