@@ -5,12 +5,19 @@ import logging as _logging
 from ._batch_writer import BatchWriter as BatchWriter
 from ._conn import UDPConn as UDPConn
 from ._dial import dial as dial
+from ._endpoint import EndpointTransport as EndpointTransport
+from ._endpoint import create_datagram_endpoint as create_datagram_endpoint
 from ._errors import ConnectionClosed as ConnectionClosed
 from ._errors import ListenerClosed as ListenerClosed
 from ._errors import MessageTooLong as MessageTooLong
 from ._errors import QueueFull as QueueFull
 from ._errors import UDPXError as UDPXError
 from ._errors import WouldBlock as WouldBlock
+from ._install import install as install
+from ._install import is_patched as is_patched
+from ._install import loop_factory as loop_factory
+from ._install import patch_loop as patch_loop
+from ._install import uninstall as uninstall
 from ._listener import Listener as Listener
 from ._listener import listen as listen
 from ._opening import Opening as Opening
@@ -31,6 +38,7 @@ __all__ = [
     "ConnProtocol",
     "ConnStats",
     "ConnectionClosed",
+    "EndpointTransport",
     "ListenerClosed",
     "ListenerStats",
     "MessageTooLong",
@@ -40,6 +48,12 @@ __all__ = [
     "UDPConn",
     "UDPXError",
     "WouldBlock",
+    "create_datagram_endpoint",
     "dial",
+    "install",
+    "is_patched",
     "listen",
+    "loop_factory",
+    "patch_loop",
+    "uninstall",
 ]

@@ -77,7 +77,9 @@ class Writer:
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, sender: Sender,
                  queue: TxQueue, named: bool, *, gso: bool = True,
                  controls: bool = False,
-                 pending_error: Callable[[], bool] | None = None) -> None:
+                 pending_error: Callable[[], bool] | None = None,
+                 send_failed: Callable[[OSError], None] | None = None,
+                 flushed: Callable[[], None] | None = None) -> None:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
@@ -92,6 +94,11 @@ class Writer:
         #: drains the error queue (handing each error to its peer's connection) and says
         #: whether there was one, so the send is tried again rather than counted as failed.
         self._pending_error = pending_error
+        #: Told of every datagram the kernel refused, after it was counted (a drop-in
+        #: endpoint hands it to its protocol's ``error_received``, as asyncio does).
+        self._send_failed = send_failed
+        #: Called at the end of each drain (once per loop callback, not per datagram).
+        self._flushed = flushed
         #: Whether runs of equal-size datagrams to one peer go out as one GSO send.
         self.gso = gso and HAVE_GSO
         #: GSO sends made, and times EAGAIN made the writer wait (tests and benchmarks read them).
@@ -134,6 +141,23 @@ class Writer:
             assert self._handle is not None
             self._handle.cancel()
             self._flush()
+
+    def flush_now(self) -> None:
+        """Drain now, whether or not a drain is scheduled (a drop-in endpoint whose queue
+        reached its limit mid-iteration: what waits is already a full batch)."""
+        if self._scheduled:
+            assert self._handle is not None
+            self._handle.cancel()
+        self._flush()
+
+    def discard(self) -> int:
+        """Forget every queued datagram unsent (an aborted endpoint); returns how many."""
+        count = len(self.queue)
+        self.queue.pop(count)
+        self._run_drained(everyone=True)
+        if self._on_empty:
+            self._run_on_empty()
+        return count
 
     def block(self) -> None:
         """Hold sending back until ``unblock()`` (a loop transport's buffer is full)."""
@@ -265,6 +289,8 @@ class Writer:
             self._resume_paused()
         if not datagrams and self._on_empty:
             self._run_on_empty()
+        if self._flushed is not None:
+            self._flushed()
 
     def _resume_paused(self) -> None:
         # Once per crossing of the low mark, O(connections told to pause).
@@ -414,6 +440,8 @@ class Writer:
                 self.tx_errors += 1
                 logger.debug("udpx: datagram of %d bytes dropped: %s", len(chunk[start]), exc)
                 start += 1
+                if self._send_failed is not None:
+                    self._send_failed(exc)
                 retried_refusal = False
                 continue
             end = start + sent
