@@ -331,7 +331,10 @@ class EndpointTransport(asyncio.DatagramTransport):
                 raise ValueError("sendto() needs an address: the endpoint has no remote "
                                  "address")
         else:
-            account = self._accounts.get(addr)
+            try:
+                account = self._accounts.get(addr)
+            except TypeError:  # unhashable
+                raise TypeError(f"address must be a tuple, got {addr!r}") from None
             if account is None:
                 account = self._account_for(addr)
         if self._closing:
@@ -370,10 +373,6 @@ class EndpointTransport(asyncio.DatagramTransport):
         if self._address is not None:
             # As asyncio: an endpoint made with a remote address sends only there.
             raise ValueError(f"Invalid address: must be None or {self._address}")
-        try:
-            hash(addr)
-        except TypeError:
-            raise TypeError(f"address must be a tuple, got {addr!r}") from None
         sockaddr = _sockaddr(self._family, addr)
         account = TxAccount(sockaddr)
         accounts = self._accounts
