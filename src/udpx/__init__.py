@@ -16,6 +16,8 @@ from ._listener import listen as listen
 from ._opening import Opening as Opening
 from ._options import Options as Options
 from ._protocol import ConnProtocol as ConnProtocol
+from ._run import run as run
+from ._run import worker_id as worker_id
 from ._stats import ConnStats as ConnStats
 from ._stats import ListenerStats as ListenerStats
 
@@ -42,4 +44,6 @@ __all__ = [
     "WouldBlock",
     "dial",
     "listen",
+    "run",
+    "worker_id",
 ]
