@@ -257,7 +257,7 @@ async def _until_stopped(main: MainFunction, stop: _Stop) -> None:
 
 
 def _run_in_process(main: MainFunction, loop_factory: LoopFactory | None) -> None:
-    global _worker_id, _worker_count  # noqa: PLW0603 - this process's place in a run
+    global _worker_id, _worker_count  # this process's place in a run
     stop = _Stop(force_on_repeat=True)
     _worker_id, _worker_count = 0, 1
     try:
@@ -455,10 +455,11 @@ class _Supervisor:
     def _stop(self) -> None:
         """Stop every worker gracefully; a further signal meanwhile kills them."""
         signum = self._stop_signal()
+        # The first signal stops; any further one, however soon, forces (two quick Ctrl-C).
+        signals_seen = min(len(self._signals), 1)
         if self._signals:
             logger.info("udpx: %s: stopping %d worker(s)", signal.Signals(signum).name,
                         sum(slot.process is not None for slot in self._slots))
-        signals_seen = len(self._signals)
         for slot in self._slots:
             slot.restart_at = None
             if slot.process is not None and slot.process.pid is not None:
@@ -492,7 +493,7 @@ class _Supervisor:
     # -- the worker side (runs in the forked child) ---------------------------------------
 
     def _worker(self, index: int, status: Connection) -> None:
-        global _worker_id, _worker_count  # noqa: PLW0603 - this process's place in a run
+        global _worker_id, _worker_count  # this process's place in a run
         _worker_id, _worker_count = index, self._workers
         stop = _Stop(force_on_repeat=False)
         # The stop signals are blocked (see _start): the parent's handler, wake-up socket and
