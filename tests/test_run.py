@@ -325,8 +325,9 @@ class Lines:
         """Wait for ``count`` ``ready WORKER PID`` lines: {worker: pid}."""
         pids: dict[int, int] = {}
         while len(pids) < count:
-            word, worker, pid = self.next().split()
-            assert word == "ready"
+            line = self.next()
+            word, worker, pid = line.split() if line.count(" ") == 2 else (line, "", "")
+            assert word == "ready", self.seen
             pids[int(worker)] = int(pid)
         return pids
 
@@ -340,7 +341,12 @@ class WorkersEcho:
             [sys.executable, str(SCRIPT), loop_kind, str(self.port), str(workers)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.lines = Lines(self.process.stdout)
-        self.pids = self.lines.ready(workers)
+        self.pids: dict[int, int] = {}
+        try:
+            self.pids = self.lines.ready(workers)
+        except BaseException:
+            self.kill()
+            raise
 
     def stop(self, signum: int = signal.SIGTERM) -> tuple[int, str, str]:
         """Signal the parent; the exit status, the rest of stdout and stderr (bounded)."""

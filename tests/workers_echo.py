@@ -36,7 +36,9 @@ def make_main(port: int) -> Callable[[], Coroutine[Any, Any, None]]:
     async def main() -> None:
         tag = b"%d %d " % (udpx.worker_id() or 0, os.getpid())
         async with udpx.listen("127.0.0.1", port, idle_timeout=None) as ln:
-            print(f"ready {udpx.worker_id()} {os.getpid()}", flush=True)
+            # One write per line: print() may write the text and the newline separately, and
+            # the workers share the pipe.
+            os.write(sys.stdout.fileno(), f"ready {udpx.worker_id()} {os.getpid()}\n".encode())
             try:
                 async with asyncio.TaskGroup() as tasks:
                     async for conn in ln:
