@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
     from multiprocessing.process import BaseProcess
 
-__all__ = ["in_multi_worker_run", "run", "worker_id"]
+__all__ = ["die_with_parent", "in_multi_worker_run", "run", "worker_id"]
 
 logger = logging.getLogger("udpx")
 
@@ -425,9 +425,11 @@ class _Supervisor:
         if stopping:
             if raised is not None:
                 self._stop_errors.append(raised)
-            stopped = code - 128 in STOP_SIGNALS
-            (logger.info if stopped else logger.warning)(
-                "udpx: worker %d (pid %s) %s while stopping", slot.index, pid, how)
+            if code - 128 in STOP_SIGNALS:
+                logger.info("udpx: worker %d (pid %s) stopped", slot.index, pid)
+            else:
+                logger.warning("udpx: worker %d (pid %s) %s while stopping", slot.index, pid,
+                               how)
             slot.done = True
             return
         slot.quick_deaths = slot.quick_deaths + 1 if lived < QUICK_DEATH else 0
@@ -507,7 +509,7 @@ class _Supervisor:
                 slot.status.close()
         for signum in STOP_SIGNALS:
             signal.signal(signum, stop.on_signal)
-        _die_with_parent(self._parent_pid)
+        die_with_parent(self._parent_pid)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         code = self._run_worker(index, status, stop)
         status.close()
@@ -527,13 +529,13 @@ class _Supervisor:
             _send_exception(status, exc)
             return EXIT_RAISED
         if stop.signum is not None:
-            logger.info("udpx: worker %d (pid %d) stopped by %s", index, os.getpid(),
+            logger.debug("udpx: worker %d (pid %d) stopped by %s", index, os.getpid(),
                         signal.Signals(stop.signum).name)
             return 128 + stop.signum
         return EXIT_RETURNED
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """Have Linux send this worker SIGTERM if the parent dies (even by SIGKILL), so that no
     orphaned worker keeps serving the port."""
     if not sys.platform.startswith("linux"):
