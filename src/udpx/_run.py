@@ -204,7 +204,11 @@ class _Stop:
     loop: asyncio.AbstractEventLoop | None = None
     task: asyncio.Task[Any] | None = None
 
+    finished: bool = False  # main is over: a signal now has nothing left to stop
+
     def on_signal(self, signum: int, frame: object) -> None:
+        if self.finished:
+            return
         if self.signum is None:
             self.signum = signum
             if self.loop is not None and not self.loop.is_closed():
@@ -246,6 +250,7 @@ async def _until_stopped(main: MainFunction, stop: _Stop) -> None:
     stop.loop = asyncio.get_running_loop()
     stop.task = asyncio.current_task()
     if stop.signum is not None:
+        stop.finished = True
         return  # signalled before the loop ran: main is not started at all
     try:
         await main()
@@ -254,6 +259,8 @@ async def _until_stopped(main: MainFunction, stop: _Stop) -> None:
             raise
         assert stop.task is not None
         stop.task.uncancel()  # the stop asked for this cancellation: a graceful end
+    finally:
+        stop.finished = True
 
 
 def _run_in_process(main: MainFunction, loop_factory: LoopFactory | None) -> None:
@@ -520,7 +527,9 @@ class _Supervisor:
         try:
             with asyncio.Runner(loop_factory=self._loop_factory) as runner:
                 runner.run(_until_stopped(self._main, stop))
-        except SystemExit as exc:
+        except SystemExit as exc:  # sys.exit() in main: its status, as for a process
+            if exc.code is None:
+                return EXIT_RETURNED
             return exc.code if isinstance(exc.code, int) else EXIT_RAISED
         except BaseException as exc:
             logger.exception("udpx: worker %d (pid %d): main raised", index, os.getpid())
