@@ -208,6 +208,10 @@ class _Stop:
 
     def on_signal(self, signum: int, frame: object) -> None:
         if self.finished:
+            # Nothing graceful is left to do: in this process the loop is being torn down
+            # (a signal forces, as Ctrl-C does without a handler); a worker is exiting.
+            if self.force_on_repeat:
+                _force_exit(signum)
             return
         if self.signum is None:
             self.signum = signum
