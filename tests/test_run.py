@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -291,6 +292,39 @@ def test_run_gives_up_on_a_worker_that_keeps_dying_without_an_exception(
 
     with pytest.raises(udpx.UDPXError, match="exited with status 7 5 times in a row"):
         udpx.run(main, workers=2)
+
+
+def test_a_stop_signal_stops_forked_workers_and_run_raises_what_main_raised_meanwhile(
+        loop_factory: LoopFactory) -> None:
+    before = {number: signal.getsignal(number) for number in _run.STOP_SIGNALS}
+    started_read, started_write = os.pipe()
+    with pipe_reader() as (out, lines):
+        async def main() -> None:
+            os.write(started_write, b"x")
+            if udpx.worker_id() == 0:
+                # Once both mains run (a worker signalled before its main starts does not
+                # start it), stop the run: SIGTERM to the parent, this test's process.
+                received = b""
+                while len(received) < 2:
+                    assert select.select([started_read], [], [], WAIT)[0]
+                    received += os.read(started_read, 2 - len(received))
+                os.kill(os.getppid(), signal.SIGTERM)
+            try:
+                await asyncio.sleep(WAIT)
+            except asyncio.CancelledError:
+                os.write(out, f"{udpx.worker_id()} cancelled\n".encode())
+                if udpx.worker_id() == 1:
+                    raise LookupError("failed while stopping") from None
+                raise
+
+        try:
+            with pytest.raises(LookupError, match="failed while stopping"):
+                udpx.run(main, workers=2, loop_factory=loop_factory)
+        finally:
+            os.close(started_read)
+            os.close(started_write)
+        assert sorted(lines()) == ["0 cancelled", "1 cancelled"]
+    assert {number: signal.getsignal(number) for number in _run.STOP_SIGNALS} == before
 
 
 # -- several workers in a child process: affinity, signals, restarts ---------------------

@@ -99,13 +99,16 @@ def run(main: MainFunction, *, workers: int = 1,
     ``workers - 1``).
 
     ``main`` is a coroutine function (``async def``, or a ``functools.partial`` of one), called
-    with no arguments in each worker. It need not be picklable: workers are forked (closures
-    and lambdas' captured state work, and so does logging configured before the call).
+    with no arguments in each worker. It need not be picklable: workers are forked (a closure
+    works, and so does logging configured before the call).
     ``loop_factory`` makes each worker's event loop, e.g. ``uvloop.new_event_loop`` (None:
     asyncio's default), as for ``asyncio.Runner``.
 
     **One worker** (the default) runs in this process, as ``asyncio.run`` would: no fork, no
-    supervision, ``worker_id()`` is 0 inside, exceptions from ``main`` propagate.
+    supervision, ``worker_id()`` is 0 inside, exceptions from ``main`` propagate. Unlike
+    ``asyncio.run``, ``run`` returns None (whatever the number of workers: a worker's result
+    stays in its process), and a stop signal ends it normally, not with ``KeyboardInterrupt``:
+    a server stopped on purpose has not failed.
 
     **Several workers** are forked from this process, which then only supervises them. Inside
     them ``listen()`` defaults to ``reuse_port=True``: every worker binds its own socket to the
