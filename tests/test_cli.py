@@ -88,6 +88,10 @@ def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
     ["echo", "127.0.0.1", "port"],
     ["echo", "127.0.0.1", "65536"],
     ["bogus"],
+    ["perf", "--workers", "0"],
+    ["perf", "--workers", "2", "--compare"],
+    ["echo", "127.0.0.1", "9000", "--workers", "two"],
+    ["echo", "127.0.0.1", "0", "--workers", "2"],  # each worker would get another port
 ])
 def test_bad_arguments_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as raised:
@@ -153,6 +157,20 @@ def test_perf_udpx_sender_several_clients(host: str) -> None:
     assert result["sender"]["kind"] == "udpx"
     assert result["connections"] == 3
     check_measurement(result, size=1200)
+
+
+def test_perf_workers_reports_each_workers_share() -> None:
+    summary = run_perf("--duration", "0.3", "--workers", "2", "--clients", "8")
+    assert summary["config"]["workers"] == 2
+    result = summary["udpx"]
+    check_measurement(result, size=64)
+    workers = result["workers"]
+    assert [worker["worker"] for worker in workers] == [0, 1]
+    assert sum(worker["peers"] for worker in workers) == result["connections"] == 8
+    assert sum(worker["datagrams"] for worker in workers) == result["received"]["datagrams"]
+    assert sum(worker["datagrams_per_s"] for worker in workers) == pytest.approx(
+        result["received"]["datagrams_per_s"])
+    assert run_perf("--duration", "0.3")["udpx"]["workers"] == []
 
 
 def test_perf_compare_runs_the_same_sender_against_the_baselines() -> None:
@@ -339,6 +357,44 @@ def test_echo_on_a_free_port_given_explicitly() -> None:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=ECHO_TIMEOUT)
         assert process.returncode == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=ECHO_TIMEOUT)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_echo_workers_share_the_port_and_stop_on_sigterm(loop: str) -> None:
+    port = free_udp_port()
+    process = subprocess.Popen([PYTHON, "-m", "udpx", "echo", "127.0.0.1", str(port),
+                                "--workers", "2", "--loop", loop],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + ECHO_TIMEOUT
+        while len(lines) < 2:
+            lines += read_line(process.stdout.fileno(), deadline - time.monotonic(),
+                               all_lines=True)
+        assert sorted(lines) == [f"listening on 127.0.0.1:{port} (worker {index})"
+                                 for index in (0, 1)]
+        clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(16)]
+        try:
+            for index, client in enumerate(clients):
+                client.settimeout(ECHO_TIMEOUT)
+                client.sendto(b"client %d" % index, ("127.0.0.1", port))
+            for index, client in enumerate(clients):
+                assert client.recv(100) == b"client %d" % index
+        finally:
+            for client in clients:
+                client.close()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=ECHO_TIMEOUT)
+        assert process.returncode == 0, stderr
+        text = stderr.decode()
+        assert "Traceback" not in text
+        assert "udpx: worker 0 started" in text and "udpx: worker 1 started" in text
+        assert text.count("closed") == 2  # each worker closed its listener gracefully
     finally:
         if process.poll() is None:
             process.kill()

@@ -23,6 +23,8 @@ from ._listener import listen as listen
 from ._opening import Opening as Opening
 from ._options import Options as Options
 from ._protocol import ConnProtocol as ConnProtocol
+from ._run import run as run
+from ._run import worker_id as worker_id
 from ._stats import ConnStats as ConnStats
 from ._stats import ListenerStats as ListenerStats
 
@@ -55,5 +57,7 @@ __all__ = [
     "listen",
     "loop_factory",
     "patch_loop",
+    "run",
     "uninstall",
+    "worker_id",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -63,6 +64,21 @@ def _loop_option(parser: argparse.ArgumentParser) -> None:
         "--loop", choices=LOOPS, default=None,
         help=f"event loop to run udpx on (default: uvloop if it is installed, else asyncio; "
              f"here: {default_loop()})")
+
+
+def _workers_option(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--workers", type=_integer(1, 1024), default=1, metavar="N",
+                        help=f"{text} (default: %(default)s)")
+
+
+def _log_workers_to_stderr(level: int) -> None:
+    # The CLI is an application: with several workers, what udpx.run logs (restarts above
+    # all) is worth seeing. The library itself only logs.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("udpx")
+    logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--describe", action="store_true",
                       help="at exit, print the udpx listener's describe() snapshot as one JSON "
                            "line on stderr (SIGUSR1 prints one at any time)")
+    _workers_option(perf, "receive in N worker processes of udpx.run sharing the port "
+                          "(SO_REUSEPORT: the kernel spreads the sender's CLIENTS sockets over "
+                          "them, so use --clients >= N); reports each worker's rate and peers "
+                          "and the total; no progress line, not with --compare")
 
     echo = commands.add_parser(
         "echo", help="run a udpx echo server",
@@ -173,7 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--describe", action="store_true",
                       help="at exit, print the listener's describe() snapshot (address, options, "
                            "socket buffers, every connection) as one JSON line on stdout; SIGUSR1 "
-                           "prints one at any time")
+                           "prints one at any time (with --workers: SIGUSR1 to a worker's pid)")
+    _workers_option(echo, "serve in N worker processes sharing the port (udpx.run: "
+                          "SO_REUSEPORT; PORT must not be 0); each prints its 'listening on' "
+                          "line with '(worker K)'; starts, restarts and stops are logged to "
+                          "stderr")
     perf.set_defaults(command_parser=perf)
     echo.set_defaults(command_parser=echo)
     return parser
@@ -183,13 +207,18 @@ def _perf(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     limit = _MAX_PAYLOAD[args.host]
     if args.size > limit:
         parser.error(f"argument --size: at most {limit} bytes over {args.host}, got {args.size}")
+    if args.workers > 1 and args.compare:
+        parser.error("argument --workers: not with --compare (the baselines run in one "
+                     "process)")
+    if args.workers > 1:
+        _log_workers_to_stderr(logging.WARNING)
     config = PerfConfig(duration=args.duration, size=args.size, clients=args.clients,
                         loop=args.loop, batch_size=args.batch_size, host=args.host,
                         compare=args.compare, sender=args.sender, burst=args.burst,
                         rcvbuf=args.rcvbuf or None, max_datagram=args.max_datagram,
                         rx_queue_size=args.rx_queue_size,
                         isolate=args.compare if args.isolate is None else args.isolate,
-                        describe=args.describe)
+                        describe=args.describe, workers=args.workers)
     try:
         summary = run_perf(config, progress=None if args.quiet else sys.stderr)
     except PerfError as exc:
@@ -204,10 +233,16 @@ def _perf(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def _echo(args: argparse.Namespace) -> int:
+def _echo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.workers > 1 and args.port == 0:
+        parser.error("argument --workers: several workers need a PORT other than 0 (each would "
+                     "get a different free port)")
+    if args.workers > 1:
+        _log_workers_to_stderr(logging.INFO)
     config = EchoConfig(host=args.host, port=args.port, loop=args.loop,
                         batch_size=args.batch_size, idle_timeout=args.idle_timeout or None,
-                        stats_interval=args.stats_interval or None, describe=args.describe)
+                        stats_interval=args.stats_interval or None, describe=args.describe,
+                        workers=args.workers)
     try:
         run_echo(config, out=sys.stdout, err=sys.stderr)
     except PerfError as exc:
@@ -229,10 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.loop == "uvloop" and not uvloop_available():
         parser.error("argument --loop: uvloop is not installed (pip install uvloop)")
     try:
+        # Errors in a command's own arguments show its usage, not the top level's.
         if args.command == "perf":
-            # Errors in perf's own arguments show perf's usage, not the top level's.
             return _perf(args.command_parser, args)
-        return _echo(args)
+        return _echo(args.command_parser, args)
     except KeyboardInterrupt:
         print(f"udpx {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -22,6 +22,7 @@ from ._opening import Opening
 from ._options import DEFAULTS, Options
 from ._protocol import ConnProtocol, check_factory, make_protocol
 from ._queue import RxPool, RxQueue
+from ._run import in_multi_worker_run
 from ._sockets import (
     Address,
     PeerKey,
@@ -438,7 +439,7 @@ def listen(host: str | None, port: int, *,
            rx_memory_limit: int = DEFAULTS.rx_memory_limit,
            idle_timeout: float | None = DEFAULTS.idle_timeout,
            max_conns: int = DEFAULTS.max_conns, backlog: int = DEFAULTS.backlog,
-           reuse_port: bool = DEFAULTS.reuse_port, rcvbuf: int | None = DEFAULTS.rcvbuf,
+           reuse_port: bool | None = None, rcvbuf: int | None = DEFAULTS.rcvbuf,
            sndbuf: int | None = DEFAULTS.sndbuf, gso: bool = DEFAULTS.gso,
            gro: bool = DEFAULTS.gro, dont_fragment: bool = DEFAULTS.dont_fragment,
            ecn: bool = DEFAULTS.ecn, engine: str = DEFAULTS.engine) -> Opening[Listener]:
@@ -452,11 +453,24 @@ def listen(host: str | None, port: int, *,
     the reader, with no task per peer, and ``accept()`` is not used (``backlog`` does not
     apply). The options are described in ``udpx.Options``.
 
+    ``reuse_port=None`` (the default) means: True in a worker of ``udpx.run()`` with more than
+    one worker (every worker then has its own socket on the port, and the kernel keeps each
+    peer on one of them), False anywhere else. ``port=0`` cannot be shared that way (each
+    worker would get a different free port): in such a worker it raises ``ValueError``
+    unless ``reuse_port`` is given explicitly.
+
     Raises:
         ValueError: an option is invalid (raised here, at the call), naming it.
         TypeError: ``protocol_factory`` is not callable.
         OSError: the socket cannot be created or bound (raised when awaited).
     """
+    if reuse_port is None:
+        reuse_port = in_multi_worker_run()
+        if reuse_port and port == 0:
+            raise ValueError(
+                "port=0 in a worker of udpx.run() with several workers would give each worker "
+                "a different free port: pass a port number (or reuse_port=False for a socket "
+                "of this worker's own)")
     options = Options(batch_size=batch_size, max_datagram=max_datagram,
                       rx_queue_size=rx_queue_size, tx_queue_size=tx_queue_size,
                       rx_memory_limit=rx_memory_limit,

@@ -61,7 +61,9 @@ class Options:
     """Connections created but not yet accepted; beyond it, new peers' datagrams are dropped."""
 
     reuse_port: bool = False
-    """Set SO_REUSEPORT so that several sockets (processes) can share the port."""
+    """Set SO_REUSEPORT so that several sockets (processes) can share the port. ``listen()``
+    takes None for it (its default): True in a worker of a multi-worker ``udpx.run()``,
+    else False."""
 
     rcvbuf: int | None = None
     """Requested SO_RCVBUF in bytes (the kernel doubles and caps it); None: kernel default."""

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import multiprocessing
 import os
@@ -49,6 +50,7 @@ from ._cmsg import SOL_UDP, UDP_SEGMENT
 from ._conn import UDPConn
 from ._errors import ConnectionClosed
 from ._listener import Listener, listen
+from ._run import die_with_parent, run, worker_id
 from ._sockets import Address, kernel_drops
 
 __all__ = [
@@ -353,18 +355,19 @@ async def _wait_readable(fd: int, timeout: float) -> bool:
 
 
 async def _receive_message(pipe: Connection, process: multiprocessing.process.BaseProcess,
-                           timeout: float, waiting_for: str) -> tuple[str, Any]:
+                           timeout: float, waiting_for: str,
+                           who: str = "the sender process") -> tuple[str, Any]:
     if not pipe.poll() and not await _wait_readable(pipe.fileno(), timeout):
-        raise PerfError(f"the sender process sent no {waiting_for} within {timeout:.0f} s")
+        raise PerfError(f"{who} sent no {waiting_for} within {timeout:.0f} s")
     try:
         message = pipe.recv()
     except EOFError:
         process.join(1.0)
-        raise PerfError(f"the sender process exited unexpectedly (exit code "
-                        f"{process.exitcode}) while {waiting_for} was awaited") from None
+        raise PerfError(f"{who} exited unexpectedly (exit code {process.exitcode}) while "
+                        f"{waiting_for} was awaited") from None
     kind, payload = message
     if kind == "error":
-        raise PerfError(f"the sender process failed: {payload}")
+        raise PerfError(f"{who} failed: {payload}")
     return str(kind), payload
 
 
@@ -455,8 +458,8 @@ class _UdpxReceiver:
         self._listener: Listener | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def open(self, host: str) -> int:
-        self._listener = listener = await listen(host, 0, **self._options)
+    async def open(self, host: str, port: int = 0) -> int:
+        self._listener = listener = await listen(host, port, **self._options)
         self._tasks.add(asyncio.create_task(self._accept(listener)))
         _describe_on_sigusr1(listener, sys.stderr)
         return int(listener.local_addr[1])
@@ -658,6 +661,8 @@ class Measurement:
     cpu_span: float
     drops: dict[str, int]
     connections: int | None
+    #: ``--workers``: what each worker received (empty with one receiver process).
+    workers: tuple[WorkerReport, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         sender = self.sender
@@ -683,6 +688,7 @@ class Measurement:
                      "percent": 100.0 * loss / sender.sent if sender.sent else 0.0},
             "drops": dict(self.drops),
             "connections": self.connections,
+            "workers": [worker.as_dict(self.received_elapsed) for worker in self.workers],
         }
 
 
@@ -760,6 +766,7 @@ class PerfConfig:
     rx_queue_size: int = 1024
     isolate: bool = False
     describe: bool = False
+    workers: int = 1
 
 
 def _make_receiver(kind: str, loop_name: str, config: PerfConfig) -> _Receiver:
@@ -876,6 +883,190 @@ def _stop_process(process: multiprocessing.process.BaseProcess, graceful: bool =
         process.join(1.0)
 
 
+# -- perf --workers ----------------------------------------------------------------------------
+#
+#   parent (this process, an asyncio loop)      receiver process (spawn): udpx.run(workers=N)
+#   start the receiver process ───────────────▶ worker k: listen(host, port), reuse_port
+#   ◀── ("ready", pid) from every worker ───────
+#   start the sender child, "go" to it and ("go", start) to every worker
+#   ◀── the sender's result
+#   ("stop", None) to every worker ───────────▶ drain until quiet
+#   ◀── ("result", WorkerReport) ───────────────  return: run() ends when all have
+#
+# One pipe per worker id (created here, inherited by the forked workers): the workers do not
+# share a stream. The receiver process is spawned, not forked from this one, so that the
+# coordinating loop here never forks; udpx.run() forks the workers from that clean process.
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """What one receiving worker of ``perf --workers`` got, from "go" until quiet."""
+
+    worker: int
+    pid: int
+    received: int
+    received_bytes: int
+    #: time.monotonic() of the last change of its counters (system-wide on Linux).
+    last_change: float
+    cpu_seconds: float
+    cpu_span: float
+    drops: dict[str, int]
+    connections: int
+
+    def as_dict(self, elapsed: float) -> dict[str, Any]:
+        """Rates over the whole measurement's ``elapsed``, so that the workers' rates add
+        up to the total."""
+        return {
+            "worker": self.worker,
+            "pid": self.pid,
+            "datagrams": self.received,
+            "bytes": self.received_bytes,
+            "datagrams_per_s": _rate(self.received, elapsed),
+            "mbit_per_s": _mbit(self.received_bytes, elapsed),
+            "cpu_seconds": self.cpu_seconds,
+            "cpu_percent": 100.0 * _rate(self.cpu_seconds, self.cpu_span),
+            "peers": self.connections,
+            "drops": dict(self.drops),
+        }
+
+
+@dataclass(frozen=True)
+class WorkersJob:
+    """What the receiver process of ``perf --workers`` runs; pickled to it."""
+
+    config: PerfConfig
+    port: int
+    pipes: tuple[Connection, ...]
+
+
+def workers_main(job: WorkersJob) -> None:
+    """The receiver process's entry point: ``job.config.workers`` workers until each has
+    reported (or SIGTERM)."""
+    # Ctrl-C reaches the whole process group; the parent decides when this ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(os.getppid())  # SIGTERM, i.e. a graceful stop, if the parent dies
+    run(functools.partial(_receive_as_worker, job), workers=job.config.workers,
+        loop_factory=_loop_factory(job.config.loop))
+
+
+async def _next_message(pipe: Connection, timeout: float, expected: str) -> Any:
+    if not pipe.poll() and not await _wait_readable(pipe.fileno(), timeout):
+        raise PerfError(f"no {expected!r} from the parent within {timeout:.0f} s")
+    kind, payload = pipe.recv()
+    if kind != expected:
+        raise PerfError(f"expected {expected!r} from the parent, got {kind!r}")
+    return payload
+
+
+async def _receive_as_worker(job: WorkersJob) -> None:
+    index = worker_id()
+    assert index is not None
+    pipe = job.pipes[index]
+    config = job.config
+    receiver = _UdpxReceiver(config.loop, batch_size=config.batch_size,
+                             max_datagram=config.max_datagram,
+                             rx_queue_size=config.rx_queue_size, rcvbuf=config.rcvbuf,
+                             clients=config.clients, describe=config.describe)
+    try:
+        await receiver.open(config.host, job.port)
+        pipe.send(("ready", os.getpid()))
+        start = await _next_message(pipe, _READY_TIMEOUT + _GO_TIMEOUT, "go")
+        cpu_start = time.thread_time()
+        monitor = _Monitor(receiver, _Progress(None, ""))
+        monitor.run(start)
+        try:
+            await _next_message(pipe, config.duration + _RESULT_MARGIN + _READY_TIMEOUT, "stop")
+            await monitor.wait_quiet()
+            report = WorkerReport(worker=index, pid=os.getpid(), received=receiver.packets,
+                                  received_bytes=receiver.bytes, last_change=monitor.last_change,
+                                  cpu_seconds=time.thread_time() - cpu_start,
+                                  cpu_span=time.monotonic() - start, drops=receiver.drops(),
+                                  connections=receiver.connections() or 0)
+        finally:
+            await monitor.stop()
+        pipe.send(("result", report))
+    finally:
+        await receiver.close()
+
+
+def _measure_workers(config: PerfConfig, params: SenderParams) -> Measurement:
+    """One measurement of udpx receiving in ``config.workers`` workers of ``udpx.run()``."""
+    # A free port, found as the tests find one: several sockets must bind it, so it cannot be
+    # port 0. (Nothing else takes it in the moment between, on a machine running a benchmark.)
+    with socket.socket(_family_of(config.host), socket.SOCK_DGRAM) as probe:
+        probe.bind((config.host, 0))
+        port = int(probe.getsockname()[1])
+    return _run_on("asyncio", lambda: _coordinate_workers(config, dataclasses.replace(
+        params, port=port)))
+
+
+async def _coordinate_workers(config: PerfConfig, params: SenderParams) -> Measurement:
+    context = multiprocessing.get_context("spawn")
+    ends = [context.Pipe() for _ in range(config.workers)]
+    pipes = [parent_end for parent_end, _ in ends]
+    receivers = context.Process(
+        target=workers_main,
+        args=(WorkersJob(config, params.port, tuple(child_end for _, child_end in ends)),),
+        # Not a daemon: its workers are its children.
+        name="udpx-perf-workers", daemon=False)
+    sender_end, sender_child_end = context.Pipe()
+    sender = context.Process(target=sender_main, args=(sender_child_end, params),
+                             name="udpx-perf-sender", daemon=True)
+    who = "a receiving worker"
+    completed = False
+    try:
+        receivers.start()
+        for _, child_end in ends:
+            child_end.close()
+        pids = [(await _receive_message(pipe, receivers, _READY_TIMEOUT, "'ready'", who))[1]
+                for pipe in pipes]
+        sender.start()
+        sender_child_end.close()
+        await _receive_message(sender_end, sender, _READY_TIMEOUT, "'ready'")
+        start = time.monotonic()
+        for pipe in pipes:
+            pipe.send(("go", start))
+        sender_end.send("go")
+        _, report = await _receive_message(sender_end, sender,
+                                           params.duration + _RESULT_MARGIN, "result")
+        if not isinstance(report, SenderReport):
+            raise PerfError(f"unexpected result from the sender process: {report!r}")
+        for pipe in pipes:
+            pipe.send(("stop", None))
+        reports: list[WorkerReport] = []
+        for pipe, pid in zip(pipes, pids):
+            _, worker = await _receive_message(pipe, receivers, _GRACE_LIMIT + _EXIT_TIMEOUT,
+                                               "result", who)
+            if not isinstance(worker, WorkerReport) or worker.pid != pid:
+                raise PerfError(f"unexpected result from a receiving worker: {worker!r} "
+                                f"(was it restarted?)")
+            reports.append(worker)
+        completed = True
+    finally:
+        for pipe in pipes:
+            pipe.close()
+        sender_end.close()
+        sender_child_end.close()
+        for _, child_end in ends:
+            child_end.close()
+        await _reap(sender, graceful=completed)
+        if not completed and receivers.pid is not None and receivers.is_alive():
+            receivers.terminate()  # SIGTERM: udpx.run stops its workers gracefully
+        await _reap(receivers, graceful=True)
+    drops: dict[str, int] = {}
+    for worker in reports:
+        for reason, count in worker.drops.items():
+            drops[reason] = drops.get(reason, 0) + count
+    return Measurement(receiver="udpx", loop=config.loop, sender=report,
+                       received=sum(worker.received for worker in reports),
+                       received_bytes=sum(worker.received_bytes for worker in reports),
+                       received_elapsed=max(worker.last_change for worker in reports) - start,
+                       cpu_seconds=sum(worker.cpu_seconds for worker in reports),
+                       cpu_span=max(worker.cpu_span for worker in reports), drops=drops,
+                       connections=sum(worker.connections for worker in reports),
+                       workers=tuple(reports))
+
+
 def run_perf(config: PerfConfig, *, progress: TextIO | None = None) -> dict[str, Any]:
     """Run the measurement(s) of ``config``; return the summary (what ``--json`` prints).
 
@@ -883,9 +1074,16 @@ def run_perf(config: PerfConfig, *, progress: TextIO | None = None) -> dict[str,
     process, or with ``config.isolate`` in a fresh process of its own. ``progress``: where
     the live progress lines go (None: nowhere; with ``isolate``, anything else means stderr).
 
+    With ``config.workers`` above 1 the udpx receiver runs in that many workers of
+    ``udpx.run()`` (in a process of their own), each with its own socket on one port, and
+    the result lists each worker's share (no progress lines then).
+
     Raises:
         PerfError: a receiver could not be opened, or the sender failed or did not answer.
+        ValueError: ``workers`` above 1 with ``compare``.
     """
+    if config.workers > 1 and config.compare:
+        raise ValueError("workers > 1 cannot be combined with compare")
     params = SenderParams(host=config.host, port=0, size=config.size, clients=config.clients,
                           duration=config.duration, sender=config.sender, burst=config.burst,
                           batch_size=config.batch_size, loop=config.loop)
@@ -900,6 +1098,8 @@ def run_perf(config: PerfConfig, *, progress: TextIO | None = None) -> dict[str,
         if config.isolate and kind != "udpx":
             measurements.append(_measure_isolated(kind, loop_name, config, params,
                                                   progress is not None))
+        elif kind == "udpx" and config.workers > 1:
+            measurements.append(_measure_workers(config, params))
         else:
             measurements.append(_measure_here(kind, loop_name, config, params, progress))
     results = [measurement.as_dict() for measurement in measurements]
@@ -963,7 +1163,9 @@ def _format_measurement(result: dict[str, Any]) -> list[str]:
         f"{sender['elapsed']:.2f} s = {sender['datagrams_per_s']:,.0f} datagrams/s, "
         f"{sender['mbit_per_s']:,.1f} Mbit/s"
         + (f", {sender['errors']:,} refused" if sender["errors"] else ""),
-        f"  receiver ({result['receiver']} on {result['loop']}): {received['datagrams']:,} "
+        f"  receiver ({result['receiver']} on {result['loop']}"
+        + (f", {len(result['workers'])} workers" if result.get("workers") else "")
+        + f"): {received['datagrams']:,} "
         f"datagrams in {received['elapsed']:.2f} s = {received['datagrams_per_s']:,.0f} "
         f"datagrams/s, {received['mbit_per_s']:,.1f} Mbit/s, "
         f"{received['cpu_percent']:.0f} % of a CPU",
@@ -972,6 +1174,14 @@ def _format_measurement(result: dict[str, Any]) -> list[str]:
     ]
     if result["connections"] is not None:
         lines.append(f"  accepted {result['connections']:,} connection(s)")
+    for worker in result.get("workers", []):
+        lines.append(
+            f"  worker {worker['worker']} (pid {worker['pid']}): {worker['datagrams']:,} "
+            f"datagrams = {worker['datagrams_per_s']:,.0f} datagrams/s, "
+            f"{worker['peers']:,} peer(s), {worker['cpu_percent']:.0f} % of a CPU")
+    if any(worker["peers"] == 0 for worker in result.get("workers", [])):
+        lines.append("  (a worker without peers got nothing: the kernel spreads peers over the "
+                     "workers, not datagrams; use more --clients)")
     return lines
 
 
@@ -989,17 +1199,29 @@ class EchoConfig:
     idle_timeout: float | None = 60.0
     stats_interval: float | None = None
     describe: bool = False
+    workers: int = 1
 
 
 def run_echo(config: EchoConfig, *, out: TextIO, err: TextIO) -> None:
-    """Serve until SIGINT or SIGTERM, then close the listener gracefully.
+    """Serve until SIGINT or SIGTERM, then close the listener gracefully, in
+    ``config.workers`` processes of ``udpx.run()`` (one: in this process).
 
-    Prints ``listening on HOST:PORT`` to ``out`` (flushed) once datagrams can arrive.
+    Prints ``listening on HOST:PORT`` to ``out`` (flushed) once datagrams can arrive; with
+    several workers each worker prints it, followed by `` (worker N)``.
 
     Raises:
-        PerfError: the listener could not be opened.
+        PerfError: the listener could not be opened (with several workers: again and again,
+            until ``udpx.run()`` gave up).
     """
-    _run_on(config.loop, lambda: _echo(config, out, err))
+    run(functools.partial(_echo, config, out, err), workers=config.workers,
+        loop_factory=_loop_factory(config.loop))
+
+
+def _write_line(stream: TextIO, line: str) -> None:
+    # One write per line: the workers of a run share the stream, and print() may write the
+    # text and the newline separately.
+    stream.write(line + "\n")
+    stream.flush()
 
 
 async def _echo_conn(conn: UDPConn, err: TextIO) -> None:
@@ -1013,71 +1235,62 @@ async def _echo_conn(conn: UDPConn, err: TextIO) -> None:
     except ConnectionClosed:
         pass
     except Exception as exc:
-        print(f"udpx echo: connection from {format_address(conn.remote_addr)} failed: "
-              f"{type(exc).__name__}: {exc}", file=err, flush=True)
+        _write_line(err, f"udpx echo: connection from {format_address(conn.remote_addr)} "
+                         f"failed: {type(exc).__name__}: {exc}")
     finally:
         conn.close()
 
 
 async def _echo(config: EchoConfig, out: TextIO, err: TextIO) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
+    # Runs until udpx.run() cancels it (SIGINT/SIGTERM), then closes gracefully.
+    worker = f" (worker {worker_id()})" if config.workers > 1 else ""
     try:
-        try:
-            listener = await listen(config.host, config.port, batch_size=config.batch_size,
-                                    idle_timeout=config.idle_timeout)
-        except OSError as exc:
-            raise PerfError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
-        print(f"listening on {format_address(listener.local_addr)}", file=out, flush=True)
-        _describe_on_sigusr1(listener, out)
-        tasks: set[asyncio.Task[None]] = set()
+        listener = await listen(config.host, config.port, batch_size=config.batch_size,
+                                idle_timeout=config.idle_timeout)
+    except OSError as exc:
+        raise PerfError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
+    _write_line(out, f"listening on {format_address(listener.local_addr)}{worker}")
+    _describe_on_sigusr1(listener, out)
+    tasks: set[asyncio.Task[None]] = set()
 
-        async def accept() -> None:
-            async for conn in listener:
-                task = asyncio.create_task(_echo_conn(conn, err))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+    async def accept() -> None:
+        async for conn in listener:
+            task = asyncio.create_task(_echo_conn(conn, err))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
-        async def report() -> None:
-            assert config.stats_interval is not None
-            while True:
-                await asyncio.sleep(config.stats_interval)
-                stats = listener.stats
-                drops = ", ".join(f"{reason} {count}" for reason, count in stats.drops.items()
-                                  if count)
-                print(f"udpx echo: {stats.conns} connection(s), {stats.accepted} accepted, "
-                      f"rx {stats.rx_packets:,}, tx {stats.tx_packets:,}, "
-                      f"drops: {drops or 'none'}", file=err, flush=True)
+    async def report() -> None:
+        assert config.stats_interval is not None
+        while True:
+            await asyncio.sleep(config.stats_interval)
+            stats = listener.stats
+            drops = ", ".join(f"{reason} {count}" for reason, count in stats.drops.items()
+                              if count)
+            _write_line(err, f"udpx echo{worker}: {stats.conns} connection(s), {stats.accepted} "
+                             f"accepted, rx {stats.rx_packets:,}, tx {stats.tx_packets:,}, "
+                             f"drops: {drops or 'none'}")
 
-        helpers: list[asyncio.Task[Any]] = [asyncio.create_task(accept())]
-        if config.stats_interval:
-            helpers.append(asyncio.create_task(report()))
-        stopped: asyncio.Task[Any] = asyncio.create_task(stop.wait())
-        try:
-            done, _ = await asyncio.wait([stopped, *helpers],
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            _describe_on_sigusr1(None, out)
-            if config.describe:
-                print(json.dumps(listener.describe()), file=out, flush=True)
-            listener.close()
-            # Graceful: what the connections queued is flushed; their tasks end on
-            # ConnectionClosed. Bounded, so that a stuck writer cannot keep us from exiting.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_EXIT_TIMEOUT):
-                    await listener.wait_closed()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-            for task in (*helpers, *tasks):
-                task.cancel()
-            await asyncio.gather(*helpers, *tasks, return_exceptions=True)
-        for task in done:
-            if task is not stopped and not task.cancelled():
-                task.result()  # an accept loop that died: raise its error
-        print("udpx echo: closed", file=err, flush=True)
+    helpers: list[asyncio.Task[Any]] = [asyncio.create_task(accept())]
+    if config.stats_interval:
+        helpers.append(asyncio.create_task(report()))
+    try:
+        # Returns only if a helper died; a stop signal cancels this wait.
+        await asyncio.wait(helpers, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
+        _describe_on_sigusr1(None, out)
+        if config.describe:
+            _write_line(out, json.dumps(listener.describe()))
+        listener.close()
+        # Graceful: what the connections queued is flushed; their tasks end on
+        # ConnectionClosed. Bounded, so that a stuck writer cannot keep us from exiting.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_EXIT_TIMEOUT):
+                await listener.wait_closed()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        for task in (*helpers, *tasks):
+            task.cancel()
+        await asyncio.gather(*helpers, *tasks, return_exceptions=True)
+        _write_line(err, f"udpx echo{worker}: closed")
+    for task in helpers:
+        if task.done() and not task.cancelled():
+            task.result()  # an accept loop that died: raise its error
