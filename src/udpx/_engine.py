@@ -149,7 +149,7 @@ class SocketEngine(Releasing):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, options: Options,
                  sink: Sink, *, named: bool, pktinfo: bool = False,
-                 recverr: bool = False) -> None:
+                 recverr: bool = False, on_empty: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.loop = loop
         self.sock = sock
@@ -182,7 +182,7 @@ class SocketEngine(Releasing):
                                   self._on_single if single else self._on_batch,
                                   self._on_error,
                                   on_nothing=self.drain_errors if self.recverr else None,
-                                  after=self.writer.flush_scheduled)
+                                  after=self.writer.flush_scheduled, on_empty=on_empty)
         self._named = named
         self._max_datagram = options.max_datagram
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)
@@ -296,7 +296,7 @@ class SocketEngine(Releasing):
     def describe(self) -> dict[str, Any]:
         """The socket's part of ``describe()``."""
         rcvbuf, sndbuf = buffer_sizes(self.sock) if not self._released else (0, 0)
-        return {"engine": "mmsg", "rcvbuf": rcvbuf, "sndbuf": sndbuf,
+        return {"engine": "mmsg", "fd": self.sock.fileno(), "rcvbuf": rcvbuf, "sndbuf": sndbuf,
                 "batch_size": self.receiver.size, "pktinfo": self.pktinfo,
                 "recverr": self.recverr, "dont_fragment": self.dont_fragment, "ecn": self.ecn,
                 "gso": self.writer.gso, "gro": self.receiver.gro,

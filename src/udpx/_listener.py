@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import math
+import resource
 import socket
 import warnings
 from collections import OrderedDict
@@ -16,6 +18,8 @@ from typing import Any, Self, final
 from ._cmsg import pktinfo_ancillary
 from ._conn import UDPConn
 from ._demux import Demux
+from ._dial import PeerSink
+from ._engine import SocketEngine
 from ._errors import ListenerClosed, UDPXError
 from ._idle import PRESSURE_FLOOR, PRESSURE_THRESHOLD, effective_timeout, sweep, sweep_interval
 from ._opening import Opening
@@ -28,6 +32,8 @@ from ._sockets import (
     PeerKey,
     address_from_key,
     bind_socket,
+    join_key,
+    key_from_address,
     key_port,
     local_address,
     max_payload,
@@ -49,6 +55,14 @@ DROP_REPORT_INTERVAL = 10.0
 #: Connections ``describe()`` lists by default: it runs on the loop (SIGUSR1 in the command
 #: line), so it must not take seconds with a hundred thousand connections.
 DESCRIBE_CONNS = 100
+
+#: Connected mode leaves this many file descriptors of RLIMIT_NOFILE to the rest of the
+#: process: a peer that would take one of them is refused (``fd_limit``).
+FD_RESERVE = 64
+
+#: Datagrams read from a new connected socket's queue before its reader starts (those that
+#: reached it between bind() and connect()).
+MAX_EARLY_DATAGRAMS = 1024
 
 
 def _valid_source(key: PeerKey) -> bool:
@@ -88,7 +102,20 @@ class Listener(asyncio.DatagramProtocol):
         self.feed_one = self._demux.feed_one
         # A wildcard listener answers each peer from the address it sent to (see _cmsg).
         self._engine = make_engine(loop, sock, options, self, named=True,
-                                   pktinfo=self._local[0] in ("0.0.0.0", "::"), recverr=True)
+                                   pktinfo=self._local[0] in ("0.0.0.0", "::"), recverr=True,
+                                   on_empty=self._hand_over if options.connected else None)
+        # Connected mode (see _peer_engine): each connection's own socket, the ones whose
+        # reader waits for the listener's socket to be drained, totals of the closed ones.
+        self._connected = options.connected
+        if self._connected and not isinstance(self._engine, SocketEngine):
+            raise UDPXError("connected=True needs the batch engine, which this loop cannot "
+                            "drive")
+        self._peer_engines: dict[UDPConn, SocketEngine] = {}
+        self._handover: list[tuple[UDPConn, SocketEngine]] = []
+        self._retired = [0, 0, 0, 0]  # tx packets, tx bytes, send errors, kernel drops
+        self._fd_limited = 0
+        self._fd_cap = max(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE)
+        self._engine_released = False
         self._pktinfo = self._engine.pktinfo
         self._writer = self._engine.writer
         self._conns: dict[PeerKey, UDPConn] = {}
@@ -151,7 +178,7 @@ class Listener(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         logger.warning("udpx: error on listener %r: %s", self._local, exc)
 
-    def _new_conn(self, key: PeerKey) -> UDPConn:
+    def _new_conn(self, key: PeerKey) -> UDPConn | None:
         # Run for every new peer (10,000 of them arrive at once under a flood): the address
         # tuple is built only where it decides something (an IPv6 socket's limit depends on
         # whether the peer is IPv4-mapped) or is logged.
@@ -165,19 +192,37 @@ class Listener(asyncio.DatagramProtocol):
             if local is not None:
                 local_addr = local_address(family, local, self._local[1])
                 source = pktinfo_ancillary(family, local)
-        conn = UDPConn(loop=self._loop, owner=self, engine=None, writer=self._writer,
+        engine: SocketEngine | None = None
+        if self._connected:
+            engine = self._peer_engine(key, local_addr)
+            if engine is None:
+                return None
+        conn = UDPConn(loop=self._loop, owner=self, engine=engine,
+                       writer=self._writer if engine is None else engine.writer,
                        rx_queue_size=self._options.rx_queue_size, pool=self._pool,
                        max_send=min(self._options.max_datagram, max_payload(family, remote)),
                        local_addr=local_addr, remote_addr=None,  # built from key on demand
-                       sockaddr=sockaddr_from_key(family, key), key=key,
-                       protocol_mode=self._protocol_factory is not None, source=source)
+                       sockaddr=sockaddr_from_key(family, key) if engine is None else None,
+                       key=key, protocol_mode=self._protocol_factory is not None,
+                       source=source if engine is None else None)
+        if engine is not None:
+            # Its socket's reader starts once the listener's socket was read empty, after
+            # every datagram the peer sent there before connect() (_hand_over).
+            sink = engine.sink
+            assert isinstance(sink, PeerSink)
+            sink.attach(conn)
+            self._peer_engines[conn] = engine
+            self._handover.append((conn, engine))
+            self._engine.reader.drain_to_empty = True  # type: ignore[attr-defined]
         self._conns[key] = conn
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("udpx: new connection from %r on %r", conn.remote_addr, self._local)
         return conn
 
-    def _create_conn(self, key: PeerKey) -> RxQueue:
+    def _create_conn(self, key: PeerKey) -> RxQueue | None:
         conn = self._new_conn(key)
+        if conn is None:
+            return None
         self._backlog[conn] = None
         if self._acceptors:
             self._acceptors.wake(1)
@@ -199,11 +244,88 @@ class Listener(asyncio.DatagramProtocol):
             })
             return None
         conn = self._new_conn(key)
+        if conn is None:
+            return None
         self._accepted += 1
         conn._start_protocol(protocol)
         return None if conn.closed else conn._rx
 
     # -- connections -------------------------------------------------------------------------
+
+    # -- connected mode ----------------------------------------------------------------------
+
+    def _peer_engine(self, key: PeerKey, local_addr: Address) -> SocketEngine | None:
+        """A socket of the new peer's own, bound to the local address it sent to and
+        connect()ed to it, with its engine (reading starts at the handover); None when the
+        peer is refused (no file descriptor left: counted as ``fd_limit``)."""
+        if len(self._peer_engines) >= self._fd_cap:
+            self._fd_limited += 1
+            return None
+        options = self._options
+        # SO_REUSEADDR on both sockets lets this one bind the listener's address; once it is
+        # connected the kernel prefers it (a full 4-tuple match) for this peer's datagrams,
+        # and every other peer still reaches the listener's socket.
+        try:
+            sock = bind_socket(self._family, local_addr,
+                               connect_to=address_from_key(self._family, key),
+                               reuse_port=options.reuse_port, reuse_addr=True,
+                               rcvbuf=options.rcvbuf, sndbuf=options.sndbuf)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._fd_limited += 1
+            else:
+                logger.warning("udpx: listener %r: no socket for a new peer: %s", self._local,
+                               exc)
+            return None
+        try:
+            return SocketEngine(self._loop, sock, options, PeerSink(), named=False)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _hand_over(self) -> None:
+        """The listener's socket was read empty, after the pending connections' sockets were
+        connected: every datagram their peers sent to the listener's socket before is in
+        their queues now, so their own sockets' readers may start (order is kept)."""
+        self._engine.reader.drain_to_empty = False  # type: ignore[attr-defined]
+        if not self._handover:
+            return
+        pending, self._handover = self._handover, []
+        for conn, engine in pending:
+            if conn.closed:
+                continue
+            self._take_early(conn, engine)
+            engine.reader.start()
+
+    def _take_early(self, conn: UDPConn, engine: SocketEngine) -> None:
+        """Datagrams that reached the new socket between its bind() and its connect(): that
+        socket then matched any peer as well as the listener's did. The peer's go to its
+        connection; another peer's go through the listener, as if the listener had read
+        them."""
+        family = self._family
+        key = conn._key
+        assert key is not None
+        peer_key, local = split_key(family, key) if self._pktinfo else (key, None)
+        sink = engine.sink
+        for _ in range(MAX_EARLY_DATAGRAMS):
+            try:
+                data, address = engine.sock.recvfrom(self._options.max_datagram + 1)
+            except OSError:  # BlockingIOError: nothing (more); or a pending ICMP error
+                return
+            source = key_from_address(family, address)
+            if source == peer_key:
+                sink.feed_one(None, data if len(data) <= self._options.max_datagram else None)
+            else:
+                self.feed_one(source if local is None else join_key(family, source, local),
+                              data if len(data) <= self._options.max_datagram else None)
+
+    def _retire(self, engine: SocketEngine) -> None:
+        writer = engine.writer
+        totals = self._retired
+        totals[0] += writer.tx_packets
+        totals[1] += writer.tx_bytes
+        totals[2] += writer.tx_errors
+        totals[3] += engine.kernel_drops()
 
     async def accept(self) -> UDPConn:
         """Wait for the next connection (a datagram from a new peer).
@@ -254,8 +376,20 @@ class Listener(asyncio.DatagramProtocol):
             self._demux.accepted()
             conn._rx.discard_unread()
         logger.debug("udpx: connection from %r closed", conn.remote_addr)
-        # Finished once its own queued datagrams have left, however busy the socket is.
-        self._writer.when_drained(conn._tx, conn._finished)
+        engine = self._peer_engines.get(conn)
+        if engine is None:
+            # Finished once its own queued datagrams have left, however busy the socket is.
+            self._writer.when_drained(conn._tx, conn._finished)
+            return
+
+        def released() -> None:
+            # Its own socket (connected mode) is freed, after its queued datagrams left.
+            del self._peer_engines[conn]
+            self._retire(engine)
+            conn._finished()
+            self._maybe_done()
+
+        engine.close(released)
 
     def _report_drops(self) -> None:
         # At most one warning per interval, and only when something was dropped: never per
@@ -292,6 +426,7 @@ class Listener(asyncio.DatagramProtocol):
             "local_addr": list(self._local),
             "closed": self._closed,
             "mode": "task" if self._protocol_factory is None else "protocol",
+            "connected": self._connected,
             "options": options,
             "socket": self._engine.describe(),
             "backlog": len(self._backlog),
@@ -366,22 +501,35 @@ class Listener(asyncio.DatagramProtocol):
         pool = self._pool
         demux = self._demux
         writer = self._writer
-        drops = drops_mapping(
-            rx_queue_full=pool.dropped_full,
-            truncated=pool.dropped_truncated,
-            send_error=writer.tx_errors,
-            backlog_full=demux.dropped_backlog,
-            conn_limit=demux.dropped_conn_limit,
-            kernel=self._engine.kernel_drops(),
-            unaccepted=pool.dropped_unaccepted,
-            memory_limit=pool.dropped_memory,
-            bad_source=demux.dropped_bad_source,
-            refused=demux.dropped_refused,
-            closed=pool.dropped_closed,
-        )
-        return ListenerStats(pool.rx_packets, pool.rx_bytes, writer.tx_packets, writer.tx_bytes,
-                             drops, len(self._conns), self._accepted, self._icmp_errors,
-                             ecn_mapping(self._ecn))
+        # Connected mode adds each connection's own socket: O(open connections) there.
+        tx_packets, tx_bytes, tx_errors, kernel = self._retired
+        tx_packets += writer.tx_packets
+        tx_bytes += writer.tx_bytes
+        tx_errors += writer.tx_errors
+        kernel += self._engine.kernel_drops()
+        for engine in self._peer_engines.values():
+            tx_packets += engine.writer.tx_packets
+            tx_bytes += engine.writer.tx_bytes
+            tx_errors += engine.writer.tx_errors
+            kernel += engine.kernel_drops()
+        counts = {
+            "rx_queue_full": pool.dropped_full,
+            "truncated": pool.dropped_truncated,
+            "send_error": tx_errors,
+            "backlog_full": demux.dropped_backlog,
+            "conn_limit": demux.dropped_conn_limit,
+            "kernel": kernel,
+            "unaccepted": pool.dropped_unaccepted,
+            "memory_limit": pool.dropped_memory,
+            "bad_source": demux.dropped_bad_source,
+            "refused": demux.dropped_refused - self._fd_limited,
+            "closed": pool.dropped_closed,
+        }
+        if self._connected:
+            counts["fd_limit"] = self._fd_limited
+        return ListenerStats(pool.rx_packets, pool.rx_bytes, tx_packets, tx_bytes,
+                             drops_mapping(**counts), len(self._conns), self._accepted,
+                             self._icmp_errors, ecn_mapping(self._ecn))
 
     # -- closing -----------------------------------------------------------------------------
 
@@ -406,7 +554,12 @@ class Listener(asyncio.DatagramProtocol):
         self._engine.close(self._released)
 
     def _released(self) -> None:
-        if not self._done.done():
+        self._engine_released = True
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        # Closed once its own socket and every connection's (connected mode) are freed.
+        if self._engine_released and not self._peer_engines and not self._done.done():
             self._done.set_result(None)
 
     async def wait_closed(self) -> None:
@@ -442,7 +595,8 @@ def listen(host: str | None, port: int, *,
            reuse_port: bool | None = None, rcvbuf: int | None = DEFAULTS.rcvbuf,
            sndbuf: int | None = DEFAULTS.sndbuf, gso: bool = DEFAULTS.gso,
            gro: bool = DEFAULTS.gro, dont_fragment: bool = DEFAULTS.dont_fragment,
-           ecn: bool = DEFAULTS.ecn, engine: str = DEFAULTS.engine) -> Opening[Listener]:
+           ecn: bool = DEFAULTS.ecn, engine: str = DEFAULTS.engine,
+           connected: bool = DEFAULTS.connected) -> Opening[Listener]:
     """Listen for datagrams on ``host``/``port`` (``host=None``: every interface, IPv6
     dual-stack where available; ``port=0``: a free port, see ``local_addr``).
 
@@ -476,7 +630,8 @@ def listen(host: str | None, port: int, *,
                       rx_memory_limit=rx_memory_limit,
                       idle_timeout=idle_timeout, max_conns=max_conns, backlog=backlog,
                       reuse_port=reuse_port, rcvbuf=rcvbuf, sndbuf=sndbuf, gso=gso,
-                      gro=gro, dont_fragment=dont_fragment, ecn=ecn, engine=engine)
+                      gro=gro, dont_fragment=dont_fragment, ecn=ecn, engine=engine,
+                      connected=connected)
     check_factory(protocol_factory)
     if port is None or isinstance(port, bool) or not isinstance(port, int) or not (
             0 <= port <= 65535):
@@ -486,7 +641,8 @@ def listen(host: str | None, port: int, *,
         loop = asyncio.get_running_loop()
         family, address = await resolve(loop, host, port, passive=True)
         sock = bind_socket(family, address, reuse_port=options.reuse_port,
-                           rcvbuf=options.rcvbuf, sndbuf=options.sndbuf)
+                           reuse_addr=options.connected, rcvbuf=options.rcvbuf,
+                           sndbuf=options.sndbuf)
         try:
             listener = Listener(loop, sock, options, protocol_factory)
         except BaseException:

@@ -65,6 +65,14 @@ class Options:
     takes None for it (its default): True in a worker of a multi-worker ``udpx.run()``,
     else False."""
 
+    connected: bool = False
+    """listen() only: give every peer a socket of its own, bound to the listener's address
+    (the exact one the peer sent to, on a wildcard listener) and connect()ed to the peer, so
+    that the kernel demultiplexes by 4-tuple: each connection then has its own kernel buffer,
+    kernel drop count and ICMP errors, and its own batch reader and writer. Costs one file
+    descriptor per connection; a peer beyond RLIMIT_NOFILE is refused (``fd_limit``). Batch
+    engine only."""
+
     rcvbuf: int | None = None
     """Requested SO_RCVBUF in bytes (the kernel doubles and caps it); None: kernel default."""
 
@@ -122,10 +130,13 @@ class Options:
                 finite = False
             if not (timeout > 0 and finite):
                 raise ValueError(f"idle_timeout must be positive and finite, got {timeout!r}")
+        if self.connected and self.engine == "transport":
+            raise ValueError("connected=True needs the batch engine (engine 'auto' or 'mmsg'), "
+                             "got engine='transport'")
         if self.engine not in ("auto", "mmsg", "transport"):
             raise ValueError(f"engine must be 'auto', 'mmsg' or 'transport', got "
                              f"{self.engine!r}")
-        for name in ("reuse_port", "gso", "gro", "dont_fragment", "ecn"):
+        for name in ("reuse_port", "connected", "gso", "gro", "dont_fragment", "ecn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("rcvbuf", "sndbuf"):

@@ -31,7 +31,8 @@ class BatchReader:
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, receiver: Receiver,
                  on_batch: Callable[[int], int], on_error: Callable[[OSError], None], *,
                  on_nothing: Callable[[], object] | None = None,
-                 after: Callable[[], None] | None = None) -> None:
+                 after: Callable[[], None] | None = None,
+                 on_empty: Callable[[], None] | None = None) -> None:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
@@ -44,6 +45,12 @@ class BatchReader:
         # Called once a wake-up's batches were handled: the writer sends the replies their
         # callbacks queued, in the same loop iteration.
         self._after = after
+        # Called when a receive found the socket empty: every datagram that reached the socket
+        # before that call was read (connected mode's handover waits for it). While
+        # ``drain_to_empty`` is set, a short batch does not end the wake-up: the reader receives
+        # until a call returns nothing (one more syscall), so that ``on_empty`` comes soon.
+        self.on_empty = on_empty
+        self.drain_to_empty = False
         self._active = False
         self._reregister_pending = False
 
@@ -79,6 +86,8 @@ class BatchReader:
                 self._handle_error(exc)
                 return
             if count == 0:
+                if self.on_empty is not None:
+                    self.on_empty()
                 if budget == MAX_DATAGRAMS_PER_WAKEUP and self._on_nothing is not None:
                     # Woken for nothing: the error queue (POLLERR). uvloop drops a reader after
                     # POLLERR even when the error was already read (by the writer's drain),
@@ -87,7 +96,7 @@ class BatchReader:
                     self._reregister_soon()
                 return
             budget -= on_batch(count)  # datagrams: a GRO message holds several
-            if not self._active or count < size:
+            if not self._active or (count < size and not self.drain_to_empty):
                 return
 
     def _handle_error(self, exc: OSError) -> None:

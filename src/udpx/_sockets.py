@@ -189,8 +189,8 @@ def _ipv6_usable() -> bool:
 
 
 def bind_socket(family: int, address: Address | None, *, connect_to: Address | None = None,
-                reuse_port: bool = False, rcvbuf: int | None = None,
-                sndbuf: int | None = None) -> socket.socket:
+                reuse_port: bool = False, reuse_addr: bool = False,
+                rcvbuf: int | None = None, sndbuf: int | None = None) -> socket.socket:
     """A non-blocking UDP socket, options set, bound and (for ``connect_to``) connected.
 
     The socket is closed again if any step fails.
@@ -198,12 +198,16 @@ def bind_socket(family: int, address: Address | None, *, connect_to: Address | N
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
-        if family == socket.AF_INET6 and address is not None and address[0] in ("::", ""):
+        if family == socket.AF_INET6 and address is not None and (
+                address[0] in ("::", "") or str(address[0]).startswith("::ffff:")):
             # Dual stack for "all interfaces", as Go's net.ListenUDP does.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_addr:
+            # Connected mode: per-peer sockets share the listener's address (see _listener).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if rcvbuf is not None:
             _set_buffer(sock, socket.SO_RCVBUF, "rcvbuf", rcvbuf, "net.core.rmem_max")
         if sndbuf is not None:

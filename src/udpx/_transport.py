@@ -235,7 +235,7 @@ def _has_add_reader(loop: asyncio.AbstractEventLoop) -> bool:
 
 def make_engine(loop: asyncio.AbstractEventLoop, sock: socket.socket, options: Options,
                 sink: Sink, *, named: bool, pktinfo: bool = False,
-                recverr: bool = False) -> Engine:
+                recverr: bool = False, on_empty: Callable[[], None] | None = None) -> Engine:
     """The engine ``options.engine`` asks for: ``"mmsg"`` (the batch engine: add_reader and
     recvmmsg/sendmmsg, one datagram per syscall where those do not exist), ``"transport"``
     (the loop's own datagram transport), or ``"auto"`` (the batch engine wherever the loop can
@@ -247,4 +247,4 @@ def make_engine(loop: asyncio.AbstractEventLoop, sock: socket.socket, options: O
     if kind == "transport":
         return TransportEngine(loop, sock, options, sink, named=named)
     return SocketEngine(loop, sock, options, sink, named=named, pktinfo=pktinfo,
-                        recverr=recverr)
+                        recverr=recverr, on_empty=on_empty)
