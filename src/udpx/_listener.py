@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import logging
 import math
+import os
 import resource
 import socket
 import warnings
@@ -65,6 +66,17 @@ FD_RESERVE = 64
 MAX_EARLY_DATAGRAMS = 1024
 
 
+def _fd_cap() -> int:
+    """How many sockets connected mode may open: RLIMIT_NOFILE, less what the process has
+    open now and ``FD_RESERVE`` for what it opens later (EMFILE is caught all the same)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:  # no procfs
+        open_now = 0
+    return max(0, soft - FD_RESERVE - open_now)
+
+
 def _valid_source(key: PeerKey) -> bool:
     # Port 0 is no peer's real port: a reply to it fails (EINVAL), so it opens no connection.
     return key_port(key) != 0
@@ -114,7 +126,7 @@ class Listener(asyncio.DatagramProtocol):
         self._handover: list[tuple[UDPConn, SocketEngine]] = []
         self._retired = [0, 0, 0, 0]  # tx packets, tx bytes, send errors, kernel drops
         self._fd_limited = 0
-        self._fd_cap = max(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE)
+        self._fd_cap = _fd_cap() if self._connected else 0
         self._engine_released = False
         self._pktinfo = self._engine.pktinfo
         self._writer = self._engine.writer

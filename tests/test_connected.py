@@ -1,0 +1,229 @@
+"""Connected mode: ``listen(..., connected=True)`` gives each peer a socket of its own,
+connect()ed to it. Real sockets on loopback, both loops, IPv4 and IPv6."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import udpx
+
+from .conftest import HAVE_IPV6, Runner
+
+HOSTS = ["127.0.0.1", pytest.param("::1", marks=pytest.mark.skipif(
+    not HAVE_IPV6, reason="no IPv6 loopback on this machine"))]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def peer_socket(host: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    sock.setblocking(False)
+    return sock
+
+
+async def receive(sock: socket.socket, count: int, timeout: float = 10.0) -> list[bytes]:
+    """The next ``count`` datagrams of a plain socket, read from the loop."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    got: list[bytes] = []
+
+    def readable() -> None:
+        while len(got) < count:
+            try:
+                got.append(sock.recv(70000))
+            except BlockingIOError:
+                return
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(sock.fileno(), readable)
+    try:
+        await asyncio.wait_for(done, timeout)
+    finally:
+        loop.remove_reader(sock.fileno())
+    return got
+
+
+async def echo_all(ln: udpx.Listener) -> None:
+    async with asyncio.TaskGroup() as tasks:
+        async for conn in ln:
+            tasks.create_task(echo(conn))
+
+
+async def echo(conn: udpx.UDPConn) -> None:
+    async for data in conn:
+        await conn.send(data)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_peers_echo_on_their_own_sockets(run: Runner[None], host: str) -> None:
+    async def main() -> None:
+        before = open_fds()
+        ln = await udpx.listen(host, 0, connected=True)
+        server = asyncio.create_task(echo_all(ln))
+        peers = [peer_socket(host) for _ in range(100)]
+        try:
+            address = ln.local_addr
+            for index, peer in enumerate(peers):
+                peer.sendto(b"hello %d" % index, address)
+            for index, peer in enumerate(peers):
+                assert await receive(peer, 1) == [b"hello %d" % index]
+                # The reply came from the listener's address (the connected socket's).
+                peer.sendto(b"again", address)
+                assert await receive(peer, 1) == [b"again"]
+            assert ln.stats.conns == 100
+            # One more file descriptor per open connection (the listener's and the peers'
+            # sockets aside).
+            assert open_fds() - before == 1 + 100 + 100
+            info = ln.describe(max_conns=None)
+            assert info["connected"] is True
+            fds = {conn["socket"]["fd"] for conn in info["conns"]}
+            assert len(fds) == 100 and info["socket"]["fd"] not in fds
+            stats = ln.stats
+            assert stats.rx_packets == 200 and stats.tx_packets == 200
+        finally:
+            server.cancel()
+            await ln.aclose()
+            for peer in peers:
+                peer.close()
+        assert open_fds() == before  # every connection's socket freed
+
+    run(main())
+
+
+def test_closing_a_connection_frees_its_socket(run: Runner[None]) -> None:
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, connected=True) as ln:
+            with peer_socket("127.0.0.1") as peer:
+                peer.sendto(b"x", ln.local_addr)
+                conn = await ln.accept()
+                count = open_fds()
+                await conn.send(b"bye")
+                await conn.aclose()
+                assert open_fds() == count - 1
+                assert await receive(peer, 1) == [b"bye"]  # flushed before the close
+
+    run(main())
+
+
+def test_a_burst_across_the_handover_arrives_whole_and_in_order(run: Runner[None]) -> None:
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, connected=True) as ln:
+            received: list[bytes] = []
+            done = asyncio.Event()
+
+            async def collect() -> None:
+                conn = await ln.accept()
+                async for data in conn:
+                    received.append(data)
+                    if len(received) == 1000:
+                        done.set()
+
+            collector = asyncio.create_task(collect())
+            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            address = ln.local_addr
+
+            def burst() -> None:
+                # Paced a little so that the listener's kernel buffer never overflows while
+                # the connection is being made: what is tested is the handover, not the buffer.
+                for index in range(1000):
+                    sender.sendto(b"%d" % index, address)
+                    if index % 50 == 49:
+                        time.sleep(0.001)
+
+            thread = threading.Thread(target=burst)
+            thread.start()
+            try:
+                await asyncio.wait_for(done.wait(), 20)
+            finally:
+                thread.join()
+                sender.close()
+                collector.cancel()
+            assert received == [b"%d" % index for index in range(1000)]
+            assert ln.stats.drops["kernel"] == 0
+
+    run(main())
+
+
+def test_port_unreachable_reaches_the_right_connection(run: Runner[None]) -> None:
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, connected=True) as ln:
+            gone = peer_socket("127.0.0.1")
+            stays = peer_socket("127.0.0.1")
+            gone.sendto(b"a", ln.local_addr)
+            stays.sendto(b"b", ln.local_addr)
+            first = await ln.accept()
+            second = await ln.accept()
+            by_port = {conn.remote_addr[1]: conn for conn in (first, second)}
+            lost = by_port[gone.getsockname()[1]]
+            kept = by_port[stays.getsockname()[1]]
+            gone.close()
+            await lost.send(b"anyone?")
+            with pytest.raises(ConnectionRefusedError):
+                for _ in range(100):  # the ICMP report comes back within a few iterations
+                    await lost.recv()
+            await kept.send(b"fine")
+            assert await receive(stays, 1) == [b"fine"]
+            assert kept.stats.icmp_errors == 0
+            stays.close()
+
+    run(main())
+
+
+@pytest.fixture
+def few_fds() -> Iterator[int]:
+    """RLIMIT_NOFILE lowered to leave room for 10 connected sockets (udpx keeps 64 for the
+    rest of the process); yields that count."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = open_fds() + 64 + 10 + 1  # + the listener's own socket
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        yield 10
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_peers_beyond_the_fd_limit_are_refused_and_counted(run: Runner[None],
+                                                          few_fds: int) -> None:
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, connected=True) as ln:
+            cap = few_fds
+            peers = [peer_socket("127.0.0.1") for _ in range(30)]
+            try:
+                for peer in peers:
+                    peer.sendto(b"x", ln.local_addr)
+                for _ in range(1000):
+                    stats = ln.stats
+                    if stats.conns + stats.drops["fd_limit"] >= 30:
+                        break
+                    await asyncio.sleep(0.005)
+                stats = ln.stats
+                # (The loop's own descriptors also count, so a few less than ``cap`` fit.)
+                assert 0 < stats.conns <= cap
+                assert stats.drops["fd_limit"] == 30 - stats.conns
+                assert stats.drops["refused"] == 0
+                # The admitted peers are served; nothing crashed.
+                conn = await ln.accept()
+                await conn.send(b"served")
+                assert await receive(peers[0], 1) == [b"served"]
+            finally:
+                for peer in peers:
+                    peer.close()
+
+    run(main())
+
+
+def test_connected_mode_needs_the_batch_engine() -> None:
+    with pytest.raises(ValueError, match="connected=True needs the batch engine"):
+        udpx.listen("127.0.0.1", 0, connected=True, engine="transport")
