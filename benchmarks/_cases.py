@@ -129,6 +129,9 @@ RECEIVE_METRICS = [
 #: The udpx receivers: worker implementation and row name.
 UDPX_RECEIVERS = (("udpx-recv", "udpx recv()"), ("udpx-recv_many", "udpx recv_many()"),
                   ("udpx-proto", "udpx ConnProtocol"))
+#: The drop-in endpoint's row: the DatagramProtocol baseline's protocol and call, on a loop
+#: patched by udpx.patch_loop (loop.create_datagram_endpoint is udpx's).
+DROPIN = "udpx drop-in DatagramProtocol"
 
 
 class Receivers:
@@ -169,6 +172,16 @@ class Receivers:
                      "asyncio-dgram is not installed (pip install asyncio-dgram)")
         self.add("C recvmmsg", "-", "c", traffic, group=group, reps=reps)
 
+    def dropin(self, traffic: Traffic, *, group: str = "", reps: int | None = None) -> None:
+        for loop in ("asyncio", "uvloop"):
+            self.add(DROPIN, loop, "udpx-dropin", traffic, udpx=True, group=group, reps=reps)
+
+
+DROPIN_NOTE = (
+    f"{DROPIN}: the DatagramProtocol baseline's protocol (datagram_received counting one "
+    "datagram) and call (loop.create_datagram_endpoint(..., sock=sock)), on a loop patched "
+    "by udpx.patch_loop: udpx's drop-in endpoint (batched reads, one datagram_received call "
+    "per datagram, peer address tuples cached).")
 
 RECEIVE_NOTES = [
     "Receivers ask for a 4 MiB receive buffer. Loss: datagrams sent but never received (the "
@@ -192,6 +205,7 @@ def receive_case(size: int, settings: Settings, programs: Programs) -> Case:
     for loop in ("asyncio", "uvloop"):
         receivers.add(f"{UDPX_RECEIVERS[-1][1]}, listener on 0.0.0.0", loop, "udpx-proto",
                       traffic, udpx=True, reps=settings.secondary_reps, listen_host="0.0.0.0")
+    receivers.dropin(traffic)
     receivers.baselines(traffic)
     return Case(
         case="receive", title="Receive (one peer, C sender without GSO)", size=size,
@@ -210,6 +224,7 @@ def receive_case(size: int, settings: Settings, programs: Programs) -> Case:
             "listener on 0.0.0.0: the wildcard listener, which reads each datagram's local "
             "address (IP_PKTINFO) and sends from it; the sender targets 127.0.0.1. Fewer "
             f"repetitions ({settings.secondary_reps}).",
+            DROPIN_NOTE,
         ])
 
 
@@ -223,6 +238,7 @@ def receive_gso_case(size: int, settings: Settings, programs: Programs) -> Case:
     for loop in ("asyncio", "uvloop"):
         receivers.add("udpx recv_many() ← udpx sender", loop, "udpx-recv_many",
                       Traffic(size, mode="udpx"), udpx=True, reps=reps)
+    receivers.dropin(traffic, reps=reps)
     receivers.baselines(traffic, reps=reps)
     return Case(
         case="receive_gso", title="Receive, GSO sender: the udpx-to-udpx best case (one peer)",
@@ -240,6 +256,7 @@ def receive_gso_case(size: int, settings: Settings, programs: Programs) -> Case:
             "the C receiver's rate is the most this machine delivers, not recvmmsg's limit; "
             "compare receivers on CPU µs/datagram.",
             *RECEIVE_NOTES,
+            DROPIN_NOTE + " With GRO (on by default) it too gets whole runs from the kernel.",
             f"Fewer repetitions ({reps}) than the headline tables.",
         ])
 
@@ -252,6 +269,7 @@ def _many_receivers(receivers: Receivers, traffic: Traffic, group: str,
     for impl, name in UDPX_RECEIVERS[1:]:
         for loop in ("asyncio", "uvloop"):
             receivers.add(name, loop, impl, traffic, udpx=True, group=group, reps=reps)
+    receivers.dropin(traffic, group=group, reps=reps)
     receivers.baselines(traffic, group=group, reps=reps, loops=("uvloop",), dgram=False)
 
 
@@ -260,6 +278,9 @@ MANY_NOTES = [
     "recv_many(); ConnProtocol: every peer a connection with its own protocol object, no "
     "task. udpx's warm-up starts once all N connections exist. DatagramProtocol and C "
     "receive on one socket with no per-peer state.",
+    f"{DROPIN}: the uvloop DatagramProtocol baseline's protocol and call on a loop patched "
+    "by udpx.patch_loop (udpx's drop-in endpoint): one socket, no connections, one "
+    "datagram_received call per datagram with the peer's address tuple (cached per peer).",
 ]
 
 
@@ -465,6 +486,8 @@ def echo_case(size: int, settings: Settings, programs: Programs) -> Case:
                     "udpx-proto", client, deadline, reps=settings.secondary_reps,
                     listen_host="0.0.0.0")
     for loop in ("asyncio", "uvloop"):
+        servers.add(DROPIN, loop, "udpx-dropin", client, deadline)
+    for loop in ("asyncio", "uvloop"):
         servers.add("DatagramProtocol", loop, "proto", client, deadline)
     servers.add("C recvmmsg+sendmmsg", "-", "c", client, deadline)
     return Case(
@@ -477,6 +500,10 @@ def echo_case(size: int, settings: Settings, programs: Programs) -> Case:
             "udpx: accepted connection served by one task (the README's echo loop, or "
             "recv_many() + send_many()), or protocol mode (datagrams_received() queues the "
             "batch back with send_many_nowait()).",
+            f"{DROPIN}: the DatagramProtocol baseline (sendto(data, addr) in "
+            "datagram_received()) on a loop patched by udpx.patch_loop: udpx's drop-in "
+            "endpoint, whose sendto() queues and sends once per loop iteration (sendmmsg, or "
+            "one GSO send per run to one peer).",
         ])
 
 
@@ -503,6 +530,8 @@ def echo_many_case(size: int, settings: Settings, programs: Programs) -> Case:
                 servers.add(name, loop, impl, client, deadline, peers=peers, group=group,
                             reps=reps)
         for loop in ("asyncio", "uvloop"):
+            servers.add(DROPIN, loop, "udpx-dropin", client, deadline, group=group, reps=reps)
+        for loop in ("asyncio", "uvloop"):
             servers.add("DatagramProtocol", loop, "proto", client, deadline, group=group,
                         reps=reps)
         servers.add("C recvmmsg+sendmmsg", "-", "c", client, deadline, group=group, reps=reps)
@@ -526,7 +555,8 @@ def echo_many_case(size: int, settings: Settings, programs: Programs) -> Case:
             "README's server, an accept loop and one task per connection running "
             "`async for d in conn: await conn.send(d)`; ConnProtocol: datagrams_received() "
             "queues the batch back with send_many_nowait(). DatagramProtocol: sendto() back "
-            "in datagram_received(). C: recvmmsg + sendmmsg, 64 per call.",
+            "in datagram_received(). C: recvmmsg + sendmmsg, 64 per call. "
+            f"{DROPIN}: that DatagramProtocol on a loop patched by udpx.patch_loop.",
             "One peer is a ping-pong bound by wake-up latency. With many peers the client "
             "pays two system calls and an epoll event per round trip (about as much CPU as "
             "the C server): the C server's rate is the client's ceiling, not the server's; "

@@ -147,6 +147,31 @@ def receiving_socket() -> socket.socket:
     return sock
 
 
+def dropin_loop(impl: str) -> asyncio.AbstractEventLoop:
+    """The running loop; for "udpx-dropin" patched first (``udpx.patch_loop``), so that the
+    stock code's ``loop.create_datagram_endpoint`` opens udpx's drop-in endpoint."""
+    loop = asyncio.get_running_loop()
+    if impl == "udpx-dropin":
+        udpx.patch_loop(loop)
+    return loop
+
+
+def endpoint_extra(impl: str, transport: asyncio.BaseTransport) -> dict[str, Any]:
+    """Which transport served, and a drop-in endpoint's counters.
+
+    Raises:
+        SystemExit: the transport is not the one ``impl`` asks for (udpx's, or the loop's).
+    """
+    if isinstance(transport, udpx.EndpointTransport) != (impl == "udpx-dropin"):
+        raise SystemExit(f"{impl}: served by {type(transport).__name__}")
+    extra: dict[str, Any] = {"transport": type(transport).__name__}
+    if isinstance(transport, udpx.EndpointTransport):
+        stats = transport.stats
+        extra.update(drops=dict(stats.drops), rx_packets=stats.rx_packets,
+                     tx_packets=stats.tx_packets)
+    return extra
+
+
 # -- receivers -------------------------------------------------------------------------------
 
 
@@ -232,13 +257,16 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
             counter, conns), **options)
         window.ready = lambda: conns.n >= peers
         result, extra = await _measure_listener(ln, window)
-    elif args.impl == "proto":
-        loop = asyncio.get_running_loop()
+    elif args.impl in ("proto", "udpx-dropin"):
+        # The same protocol and call; "udpx-dropin" on a loop patched by udpx.patch_loop, so
+        # that loop.create_datagram_endpoint is udpx's drop-in endpoint.
+        loop = dropin_loop(args.impl)
         sock = receiving_socket()
         transport, _ = await loop.create_datagram_endpoint(lambda: CountingProtocol(counter),
                                                            sock=sock)
         emit("ready", port=sock.getsockname()[1])
         result = await window.run()
+        extra = endpoint_extra(args.impl, transport)
         transport.close()
     elif args.impl == "asyncio-dgram":
         import asyncio_dgram  # noqa: PLC0415 - an optional baseline
@@ -516,13 +544,14 @@ async def echo(args: argparse.Namespace) -> dict[str, Any]:
         stats = ln.stats
         extra = {"drops": dict(stats.drops), "conns": stats.conns, "queue_full": full.n}
         await ln.aclose()
-    elif args.impl == "proto":
-        loop = asyncio.get_running_loop()
+    elif args.impl in ("proto", "udpx-dropin"):
+        loop = dropin_loop(args.impl)
         sock = receiving_socket()
         transport, _ = await loop.create_datagram_endpoint(lambda: EchoProtocol(counter),
                                                            sock=sock)
         emit("ready", port=sock.getsockname()[1])
         await asyncio.wait_for(stdin_closed(), args.deadline)
+        extra = endpoint_extra(args.impl, transport)
         transport.close()
     else:
         raise SystemExit(f"unknown echo server {args.impl}")
@@ -656,7 +685,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     kinds = parser.add_subparsers(dest="kind", required=True)
     recv = kinds.add_parser("recv")
     recv.add_argument("impl", choices=["udpx-recv", "udpx-recv_many", "udpx-proto", "proto",
-                                       "asyncio-dgram"])
+                                       "udpx-dropin", "asyncio-dgram"])
     recv.add_argument("--batch-size", type=int, default=64, help="udpx listener's batch_size")
     send = kinds.add_parser("send")
     send.add_argument("impl", choices=["udpx-send", "udpx-send_many", "sendto", "socket"])
@@ -670,7 +699,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     flood_sender.add_argument("--max-count", type=int, required=True)
     echo_server = kinds.add_parser("echo")
     echo_server.add_argument("impl", choices=["udpx-recv", "udpx-recv_many", "udpx-proto",
-                                              "proto"])
+                                              "proto", "udpx-dropin"])
     for sub in (recv, echo_server):
         sub.add_argument("--listen-host", default=HOST,
                          help="udpx listener's address (0.0.0.0: wildcard, with packet info)")
