@@ -565,6 +565,85 @@ def echo_many_case(size: int, settings: Settings, programs: Programs) -> Case:
         ])
 
 
+# -- QUIC bulk download (aioquic) ------------------------------------------------------------
+
+#: The body one run downloads (quick: ``QUIC_QUICK_BYTES``).
+QUIC_BYTES = 50_000_000
+QUIC_QUICK_BYTES = 5_000_000
+#: aioquic's datagram size (QuicConfiguration.max_datagram_size, its default).
+QUIC_DATAGRAM = 1200
+
+
+def _has_aioquic() -> bool:
+    return importlib.util.find_spec("aioquic") is not None
+
+
+def _quic_once(label: str, loop: str, *, patched: bool, size: int, deadline: float,
+               raw: list[dict[str, object]]) -> Metrics:
+    """One download: the server (stopped by closing its stdin), then the client, which
+    measures and checks the body."""
+    flags = ["--patched"] if patched else []
+    server = worker("quic-server", "--loop", loop, *flags, "--deadline", f"{deadline + SLACK}")
+    with Proc(server, name=f"{label} server", stdin=True) as proc:
+        ready = proc.event("ready", SLACK)
+        client = worker("quic-client", "--loop", loop, *flags, "--port", str(ready["port"]),
+                        "--bytes", str(size), "--cert", ready["cert"], "--server-pid",
+                        str(proc.pid), "--deadline", f"{deadline}")
+        with Proc(client, name=f"{label} client") as client_proc:
+            got = client_proc.event("result", deadline + SLACK)
+            client_proc.finish(SLACK)
+        proc.close_stdin()
+        served = proc.event("result", SLACK)
+        proc.finish(SLACK)
+    if got["bytes"] != size or served["served_bytes"] != size:
+        raise BenchError(f"{label}: {got['bytes']} of {size} bytes ({served})")
+    raw.append({"client": got, "server": served})
+    return {"rate": got["rate_mb_s"], "server_cpu": got["server_cpu_ms_per_mb"],
+            "client_cpu": got["client_cpu_ms_per_mb"],
+            "lost": float(got["lost_packets"] + served["lost_packets"])}
+
+
+def quic_case(size: int, settings: Settings, programs: Programs) -> Case:
+    """``size``: the datagram size of the title (aioquic's own); the body is QUIC_BYTES."""
+    body = QUIC_QUICK_BYTES if settings.quick else QUIC_BYTES
+    deadline = 30.0 + body / 1e6
+    configs: list[Config] = []
+    missing = None if _has_aioquic() else "aioquic is not installed (pip install aioquic)"
+    for patched, name, role in ((True, "aioquic, udpx.install()", "udpx"),
+                                (False, "aioquic, stock loop", "baseline")):
+        for loop in ("asyncio", "uvloop"):
+            config = Config(name=name, loop=loop, role="udpx" if role == "udpx" else "baseline",
+                            run=lambda: {}, skip=missing or _loop_skip(loop))
+            config.run = partial(_quic_once, f"{name} ({loop})", loop, patched=patched,
+                                 size=body, deadline=deadline, raw=config.raw)
+            configs.append(config)
+    return Case(
+        case="quic", title=f"QUIC bulk download (aioquic, one connection, one stream of "
+                           f"{body / 1e6:g} MB)", size=size,
+        metrics=[Metric("rate", "MB/s", "rate", True, ratio=True),
+                 Metric("server_cpu", "server CPU ms/MB", "us", False, ratio=True),
+                 Metric("client_cpu", "client CPU ms/MB", "us", False, ratio=True),
+                 Metric("lost", "packets lost", "count", False)],
+        configs=configs,
+        notes=[
+            "aioquic's asyncio API, server and client each in its own process on 127.0.0.1, "
+            "on the same loop: the server (aioquic.asyncio.serve, a self-signed EC "
+            "certificate made at start) answers a stream carrying a byte count by writing "
+            f"that many bytes and ending the stream; the client (aioquic.asyncio.connect, "
+            "verifying the certificate) asks once connected and reads to the end. aioquic's "
+            f"defaults: {QUIC_DATAGRAM}-byte datagrams, Reno, 1 MB flow-control windows.",
+            "udpx.install(): in both processes, before the loop starts, so that aioquic's "
+            "loop.create_datagram_endpoint calls open udpx's drop-in endpoint (checked: the "
+            "run fails otherwise); stock loop: the loop's own endpoint.",
+            "Window: from the request's sending to the body's last byte (the handshake "
+            "excluded). MB: 10^6 bytes of body. Server CPU: /proc/PID/schedstat of the server "
+            "process over the window (read by the client); client CPU: its own getrusage. "
+            "The body's length and SHA-256 are checked after the window. Packets lost: "
+            "declared lost by aioquic's recovery, server and client together (the kernel's "
+            "receive-buffer drops are in the JSON).",
+        ])
+
+
 # -- memory ----------------------------------------------------------------------------------
 
 
@@ -625,5 +704,6 @@ CASES: dict[str, Callable[[int, Settings, Programs], Case]] = {
     "echo_many": echo_many_case,
     "many": many_case,
     "many_gso": many_gso_case,
+    "quic": quic_case,
     "memory": memory_case,
 }
