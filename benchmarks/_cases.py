@@ -129,6 +129,9 @@ RECEIVE_METRICS = [
 #: The udpx receivers: worker implementation and row name.
 UDPX_RECEIVERS = (("udpx-recv", "udpx recv()"), ("udpx-recv_many", "udpx recv_many()"),
                   ("udpx-proto", "udpx ConnProtocol"))
+#: The drop-in endpoint's row: the DatagramProtocol baseline's protocol and call, on a loop
+#: patched by udpx.patch_loop (loop.create_datagram_endpoint is udpx's).
+DROPIN = "udpx drop-in DatagramProtocol"
 
 
 class Receivers:
@@ -169,6 +172,16 @@ class Receivers:
                      "asyncio-dgram is not installed (pip install asyncio-dgram)")
         self.add("C recvmmsg", "-", "c", traffic, group=group, reps=reps)
 
+    def dropin(self, traffic: Traffic, *, group: str = "", reps: int | None = None) -> None:
+        for loop in ("asyncio", "uvloop"):
+            self.add(DROPIN, loop, "udpx-dropin", traffic, udpx=True, group=group, reps=reps)
+
+
+DROPIN_NOTE = (
+    f"{DROPIN}: the DatagramProtocol baseline's protocol (datagram_received counting one "
+    "datagram) and call (loop.create_datagram_endpoint(..., sock=sock)), on a loop patched "
+    "by udpx.patch_loop: udpx's drop-in endpoint (batched reads, one datagram_received call "
+    "per datagram, peer address tuples cached).")
 
 RECEIVE_NOTES = [
     "Receivers ask for a 4 MiB receive buffer. Loss: datagrams sent but never received (the "
@@ -192,6 +205,7 @@ def receive_case(size: int, settings: Settings, programs: Programs) -> Case:
     for loop in ("asyncio", "uvloop"):
         receivers.add(f"{UDPX_RECEIVERS[-1][1]}, listener on 0.0.0.0", loop, "udpx-proto",
                       traffic, udpx=True, reps=settings.secondary_reps, listen_host="0.0.0.0")
+    receivers.dropin(traffic)
     receivers.baselines(traffic)
     return Case(
         case="receive", title="Receive (one peer, C sender without GSO)", size=size,
@@ -210,6 +224,7 @@ def receive_case(size: int, settings: Settings, programs: Programs) -> Case:
             "listener on 0.0.0.0: the wildcard listener, which reads each datagram's local "
             "address (IP_PKTINFO) and sends from it; the sender targets 127.0.0.1. Fewer "
             f"repetitions ({settings.secondary_reps}).",
+            DROPIN_NOTE,
         ])
 
 
@@ -223,6 +238,7 @@ def receive_gso_case(size: int, settings: Settings, programs: Programs) -> Case:
     for loop in ("asyncio", "uvloop"):
         receivers.add("udpx recv_many() ← udpx sender", loop, "udpx-recv_many",
                       Traffic(size, mode="udpx"), udpx=True, reps=reps)
+    receivers.dropin(traffic, reps=reps)
     receivers.baselines(traffic, reps=reps)
     return Case(
         case="receive_gso", title="Receive, GSO sender: the udpx-to-udpx best case (one peer)",
@@ -240,6 +256,7 @@ def receive_gso_case(size: int, settings: Settings, programs: Programs) -> Case:
             "the C receiver's rate is the most this machine delivers, not recvmmsg's limit; "
             "compare receivers on CPU µs/datagram.",
             *RECEIVE_NOTES,
+            DROPIN_NOTE + " With GRO (on by default) it too gets whole runs from the kernel.",
             f"Fewer repetitions ({reps}) than the headline tables.",
         ])
 
@@ -252,6 +269,7 @@ def _many_receivers(receivers: Receivers, traffic: Traffic, group: str,
     for impl, name in UDPX_RECEIVERS[1:]:
         for loop in ("asyncio", "uvloop"):
             receivers.add(name, loop, impl, traffic, udpx=True, group=group, reps=reps)
+    receivers.dropin(traffic, group=group, reps=reps)
     receivers.baselines(traffic, group=group, reps=reps, loops=("uvloop",), dgram=False)
 
 
@@ -260,6 +278,9 @@ MANY_NOTES = [
     "recv_many(); ConnProtocol: every peer a connection with its own protocol object, no "
     "task. udpx's warm-up starts once all N connections exist. DatagramProtocol and C "
     "receive on one socket with no per-peer state.",
+    f"{DROPIN}: the uvloop DatagramProtocol baseline's protocol and call on a loop patched "
+    "by udpx.patch_loop (udpx's drop-in endpoint): one socket, no connections, one "
+    "datagram_received call per datagram with the peer's address tuple (cached per peer).",
 ]
 
 
@@ -465,6 +486,8 @@ def echo_case(size: int, settings: Settings, programs: Programs) -> Case:
                     "udpx-proto", client, deadline, reps=settings.secondary_reps,
                     listen_host="0.0.0.0")
     for loop in ("asyncio", "uvloop"):
+        servers.add(DROPIN, loop, "udpx-dropin", client, deadline)
+    for loop in ("asyncio", "uvloop"):
         servers.add("DatagramProtocol", loop, "proto", client, deadline)
     servers.add("C recvmmsg+sendmmsg", "-", "c", client, deadline)
     return Case(
@@ -477,6 +500,10 @@ def echo_case(size: int, settings: Settings, programs: Programs) -> Case:
             "udpx: accepted connection served by one task (the README's echo loop, or "
             "recv_many() + send_many()), or protocol mode (datagrams_received() queues the "
             "batch back with send_many_nowait()).",
+            f"{DROPIN}: the DatagramProtocol baseline (sendto(data, addr) in "
+            "datagram_received()) on a loop patched by udpx.patch_loop: udpx's drop-in "
+            "endpoint, whose sendto() queues and sends once per loop iteration (sendmmsg, or "
+            "one GSO send per run to one peer).",
         ])
 
 
@@ -503,6 +530,8 @@ def echo_many_case(size: int, settings: Settings, programs: Programs) -> Case:
                 servers.add(name, loop, impl, client, deadline, peers=peers, group=group,
                             reps=reps)
         for loop in ("asyncio", "uvloop"):
+            servers.add(DROPIN, loop, "udpx-dropin", client, deadline, group=group, reps=reps)
+        for loop in ("asyncio", "uvloop"):
             servers.add("DatagramProtocol", loop, "proto", client, deadline, group=group,
                         reps=reps)
         servers.add("C recvmmsg+sendmmsg", "-", "c", client, deadline, group=group, reps=reps)
@@ -526,12 +555,92 @@ def echo_many_case(size: int, settings: Settings, programs: Programs) -> Case:
             "README's server, an accept loop and one task per connection running "
             "`async for d in conn: await conn.send(d)`; ConnProtocol: datagrams_received() "
             "queues the batch back with send_many_nowait(). DatagramProtocol: sendto() back "
-            "in datagram_received(). C: recvmmsg + sendmmsg, 64 per call.",
+            "in datagram_received(). C: recvmmsg + sendmmsg, 64 per call. "
+            f"{DROPIN}: that DatagramProtocol on a loop patched by udpx.patch_loop.",
             "One peer is a ping-pong bound by wake-up latency. With many peers the client "
             "pays two system calls and an epoll event per round trip (about as much CPU as "
             "the C server): the C server's rate is the client's ceiling, not the server's; "
             "compare servers on CPU µs/round trip. "
             f"Fewer repetitions ({reps}) than the headline tables.",
+        ])
+
+
+# -- QUIC bulk download (aioquic) ------------------------------------------------------------
+
+#: The body one run downloads (quick: ``QUIC_QUICK_BYTES``).
+QUIC_BYTES = 50_000_000
+QUIC_QUICK_BYTES = 5_000_000
+#: aioquic's datagram size (QuicConfiguration.max_datagram_size, its default).
+QUIC_DATAGRAM = 1200
+
+
+def _has_aioquic() -> bool:
+    return importlib.util.find_spec("aioquic") is not None
+
+
+def _quic_once(label: str, loop: str, *, patched: bool, size: int, deadline: float,
+               raw: list[dict[str, object]]) -> Metrics:
+    """One download: the server (stopped by closing its stdin), then the client, which
+    measures and checks the body."""
+    flags = ["--patched"] if patched else []
+    server = worker("quic-server", "--loop", loop, *flags, "--deadline", f"{deadline + SLACK}")
+    with Proc(server, name=f"{label} server", stdin=True) as proc:
+        ready = proc.event("ready", SLACK)
+        client = worker("quic-client", "--loop", loop, *flags, "--port", str(ready["port"]),
+                        "--bytes", str(size), "--cert", ready["cert"], "--server-pid",
+                        str(proc.pid), "--deadline", f"{deadline}")
+        with Proc(client, name=f"{label} client") as client_proc:
+            got = client_proc.event("result", deadline + SLACK)
+            client_proc.finish(SLACK)
+        proc.close_stdin()
+        served = proc.event("result", SLACK)
+        proc.finish(SLACK)
+    if got["bytes"] != size or served["served_bytes"] != size:
+        raise BenchError(f"{label}: {got['bytes']} of {size} bytes ({served})")
+    raw.append({"client": got, "server": served})
+    return {"rate": got["rate_mb_s"], "server_cpu": got["server_cpu_ms_per_mb"],
+            "client_cpu": got["client_cpu_ms_per_mb"],
+            "lost": float(got["lost_packets"] + served["lost_packets"])}
+
+
+def quic_case(size: int, settings: Settings, programs: Programs) -> Case:
+    """``size``: the datagram size of the title (aioquic's own); the body is QUIC_BYTES."""
+    body = QUIC_QUICK_BYTES if settings.quick else QUIC_BYTES
+    deadline = 30.0 + body / 1e6
+    configs: list[Config] = []
+    missing = None if _has_aioquic() else "aioquic is not installed (pip install aioquic)"
+    for patched, name, role in ((True, "aioquic, udpx.install()", "udpx"),
+                                (False, "aioquic, stock loop", "baseline")):
+        for loop in ("asyncio", "uvloop"):
+            config = Config(name=name, loop=loop, role="udpx" if role == "udpx" else "baseline",
+                            run=lambda: {}, skip=missing or _loop_skip(loop))
+            config.run = partial(_quic_once, f"{name} ({loop})", loop, patched=patched,
+                                 size=body, deadline=deadline, raw=config.raw)
+            configs.append(config)
+    return Case(
+        case="quic", title=f"QUIC bulk download (aioquic, one connection, one stream of "
+                           f"{body / 1e6:g} MB)", size=size,
+        metrics=[Metric("rate", "MB/s", "rate", True, ratio=True),
+                 Metric("server_cpu", "server CPU ms/MB", "us", False, ratio=True),
+                 Metric("client_cpu", "client CPU ms/MB", "us", False, ratio=True),
+                 Metric("lost", "packets lost", "count", False)],
+        configs=configs,
+        notes=[
+            "aioquic's asyncio API, server and client each in its own process on 127.0.0.1, "
+            "on the same loop: the server (aioquic.asyncio.serve, a self-signed EC "
+            "certificate made at start) answers a stream carrying a byte count by writing "
+            f"that many bytes and ending the stream; the client (aioquic.asyncio.connect, "
+            "verifying the certificate) asks once connected and reads to the end. aioquic's "
+            f"defaults: {QUIC_DATAGRAM}-byte datagrams, Reno, 1 MB flow-control windows.",
+            "udpx.install(): in both processes, before the loop starts, so that aioquic's "
+            "loop.create_datagram_endpoint calls open udpx's drop-in endpoint (checked: the "
+            "run fails otherwise); stock loop: the loop's own endpoint.",
+            "Window: from the request's sending to the body's last byte (the handshake "
+            "excluded). MB: 10^6 bytes of body. Server CPU: /proc/PID/schedstat of the server "
+            "process over the window (read by the client); client CPU: its own getrusage. "
+            "The body's length and SHA-256 are checked after the window. Packets lost: "
+            "declared lost by aioquic's recovery, server and client together (the kernel's "
+            "receive-buffer drops are in the JSON).",
         ])
 
 
@@ -595,5 +704,6 @@ CASES: dict[str, Callable[[int, Settings, Programs], Case]] = {
     "echo_many": echo_many_case,
     "many": many_case,
     "many_gso": many_gso_case,
+    "quic": quic_case,
     "memory": memory_case,
 }

@@ -18,9 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import gc
+import hashlib
+import ipaddress
 import json
 import os
+import random
 import resource
 import signal
 import socket
@@ -147,6 +151,31 @@ def receiving_socket() -> socket.socket:
     return sock
 
 
+def dropin_loop(impl: str) -> asyncio.AbstractEventLoop:
+    """The running loop; for "udpx-dropin" patched first (``udpx.patch_loop``), so that the
+    stock code's ``loop.create_datagram_endpoint`` opens udpx's drop-in endpoint."""
+    loop = asyncio.get_running_loop()
+    if impl == "udpx-dropin":
+        udpx.patch_loop(loop)
+    return loop
+
+
+def endpoint_extra(impl: str, transport: asyncio.BaseTransport) -> dict[str, Any]:
+    """Which transport served, and a drop-in endpoint's counters.
+
+    Raises:
+        SystemExit: the transport is not the one ``impl`` asks for (udpx's, or the loop's).
+    """
+    if isinstance(transport, udpx.EndpointTransport) != (impl == "udpx-dropin"):
+        raise SystemExit(f"{impl}: served by {type(transport).__name__}")
+    extra: dict[str, Any] = {"transport": type(transport).__name__}
+    if isinstance(transport, udpx.EndpointTransport):
+        stats = transport.stats
+        extra.update(drops=dict(stats.drops), rx_packets=stats.rx_packets,
+                     tx_packets=stats.tx_packets)
+    return extra
+
+
 # -- receivers -------------------------------------------------------------------------------
 
 
@@ -232,13 +261,16 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
             counter, conns), **options)
         window.ready = lambda: conns.n >= peers
         result, extra = await _measure_listener(ln, window)
-    elif args.impl == "proto":
-        loop = asyncio.get_running_loop()
+    elif args.impl in ("proto", "udpx-dropin"):
+        # The same protocol and call; "udpx-dropin" on a loop patched by udpx.patch_loop, so
+        # that loop.create_datagram_endpoint is udpx's drop-in endpoint.
+        loop = dropin_loop(args.impl)
         sock = receiving_socket()
         transport, _ = await loop.create_datagram_endpoint(lambda: CountingProtocol(counter),
                                                            sock=sock)
         emit("ready", port=sock.getsockname()[1])
         result = await window.run()
+        extra = endpoint_extra(args.impl, transport)
         transport.close()
     elif args.impl == "asyncio-dgram":
         import asyncio_dgram  # noqa: PLC0415 - an optional baseline
@@ -516,17 +548,214 @@ async def echo(args: argparse.Namespace) -> dict[str, Any]:
         stats = ln.stats
         extra = {"drops": dict(stats.drops), "conns": stats.conns, "queue_full": full.n}
         await ln.aclose()
-    elif args.impl == "proto":
-        loop = asyncio.get_running_loop()
+    elif args.impl in ("proto", "udpx-dropin"):
+        loop = dropin_loop(args.impl)
         sock = receiving_socket()
         transport, _ = await loop.create_datagram_endpoint(lambda: EchoProtocol(counter),
                                                            sock=sock)
         emit("ready", port=sock.getsockname()[1])
         await asyncio.wait_for(stdin_closed(), args.deadline)
+        extra = endpoint_extra(args.impl, transport)
         transport.close()
     else:
         raise SystemExit(f"unknown echo server {args.impl}")
     return {"echoed": counter.n, "cpu_seconds": cpu_seconds(), **extra}
+
+
+# -- QUIC bulk download (aioquic) ------------------------------------------------------------
+
+#: The body is this block (pseudo-random, the same in both processes) repeated and cut to size.
+QUIC_BLOCK = 1 << 20
+QUIC_ALPN = ["udpx-bench"]
+
+
+def quic_block() -> bytes:
+    return random.Random(0x51554943).randbytes(QUIC_BLOCK)
+
+
+def quic_digest(block: bytes, size: int) -> str:
+    """SHA-256 of the body of ``size`` bytes."""
+    digest = hashlib.sha256()
+    full, rest = divmod(size, len(block))
+    for _ in range(full):
+        digest.update(block)
+    digest.update(block[:rest])
+    return digest.hexdigest()
+
+
+def self_signed() -> tuple[Any, Any, str]:
+    """A certificate for localhost / 127.0.0.1 made now (EC P-256, valid for a day): the
+    certificate, its key, and the certificate in PEM (for the client's verification)."""
+    from cryptography import x509  # noqa: PLC0415 - only the QUIC case needs it
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]),
+                critical=False)
+            .sign(key, hashes.SHA256()))
+    return cert, key, cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def count_quic_losses() -> Counter:
+    """Count the packets aioquic's loss recovery declares lost in this process (wraps
+    QuicPacketRecovery._on_packets_lost, called only on losses)."""
+    from aioquic.quic.recovery import QuicPacketRecovery  # noqa: PLC0415
+
+    lost = Counter()
+    original = QuicPacketRecovery._on_packets_lost
+
+    def on_packets_lost(self: Any, *args: Any, **kwargs: Any) -> Any:
+        lost.n += len(kwargs.get("packets", args[0] if args else ()))
+        return original(self, *args, **kwargs)
+
+    QuicPacketRecovery._on_packets_lost = on_packets_lost  # type: ignore[method-assign]
+    return lost
+
+
+def kernel_drops(port: int) -> int:
+    """The receive-buffer overflows of this machine's UDP socket(s) bound to ``port``
+    (/proc/net/udp and udp6, last column)."""
+    total = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    total += int(fields[-1])
+    return total
+
+
+def schedstat_ns(pid: int) -> int:
+    """On-CPU time of process ``pid``'s main thread (/proc/PID/schedstat), in ns."""
+    with open(f"/proc/{pid}/schedstat") as stat:
+        return int(stat.read().split()[0])
+
+
+def check_quic_transport(patched: bool, transport: object) -> str:
+    if isinstance(transport, udpx.EndpointTransport) != patched:
+        raise SystemExit(f"quic: {'patched' if patched else 'stock'} loop, but the endpoint "
+                         f"is a {type(transport).__name__}")
+    return type(transport).__name__
+
+
+def endpoint_stats(transport: object) -> dict[str, Any]:
+    if isinstance(transport, udpx.EndpointTransport):
+        return {"udpx": transport.stats.as_dict()}
+    return {}
+
+
+async def quic_server(args: argparse.Namespace) -> dict[str, Any]:
+    """An aioquic server (``aioquic.asyncio.serve``): on every stream, reads the request (a
+    byte count, up to the end of the stream), writes that many bytes of the body and ends the
+    stream. Runs until stdin closes."""
+    from aioquic.asyncio.server import serve  # noqa: PLC0415 - an optional dependency
+    from aioquic.quic.configuration import QuicConfiguration  # noqa: PLC0415
+
+    if args.patched:
+        udpx.install()
+    lost = count_quic_losses()
+    cert, key, pem = self_signed()
+    configuration = QuicConfiguration(is_client=False, alpn_protocols=QUIC_ALPN)
+    configuration.certificate = cert
+    configuration.private_key = key
+    block = quic_block()
+    served = Counter()
+    streams: set[asyncio.Task[None]] = set()
+
+    async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        size = int(await reader.read())
+        full, rest = divmod(size, len(block))
+        # aioquic's stream writer buffers without bound (drain() never waits): the whole
+        # body is queued at once, and leaves as flow and congestion control allow.
+        for _ in range(full):
+            writer.write(block)
+        writer.write(block[:rest])
+        writer.write_eof()
+        served.n += size
+
+    def on_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.create_task(serve_stream(reader, writer))
+        streams.add(task)
+        task.add_done_callback(streams.discard)
+
+    server = await serve(HOST, 0, configuration=configuration, stream_handler=on_stream)
+    transport = server._transport
+    assert transport is not None
+    kind = check_quic_transport(args.patched, transport)
+    port = transport.get_extra_info("sockname")[1]
+    emit("ready", port=port, cert=pem, transport=kind)
+    await asyncio.wait_for(stdin_closed(), args.deadline)
+    drops = kernel_drops(port)
+    stats = endpoint_stats(transport)
+    server.close()
+    if args.patched:
+        udpx.uninstall()
+    return {"served_bytes": served.n, "transport": kind, "lost_packets": lost.n,
+            "kernel_drops": drops, "cpu_seconds": cpu_seconds(), **stats}
+
+
+async def quic_client(args: argparse.Namespace) -> dict[str, Any]:
+    """An aioquic client (``aioquic.asyncio.connect``, verifying the server's certificate):
+    once connected, asks for ``--bytes`` on one stream and reads to its end. The window is
+    the request's sending to the body's last byte: rate, this process's CPU (getrusage) and
+    the server's (/proc/PID/schedstat) over it. The body's length and SHA-256 are checked
+    after the window."""
+    from aioquic.asyncio.client import connect  # noqa: PLC0415 - an optional dependency
+    from aioquic.quic.configuration import QuicConfiguration  # noqa: PLC0415
+
+    if args.patched:
+        udpx.install()
+    lost = count_quic_losses()
+    configuration = QuicConfiguration(is_client=True, alpn_protocols=QUIC_ALPN,
+                                      server_name="localhost")
+    configuration.load_verify_locations(cadata=args.cert.encode())
+    size = args.bytes
+    chunks: list[bytes] = []
+    async with asyncio.timeout(args.deadline), connect(
+            HOST, args.port, configuration=configuration) as protocol:
+        transport = protocol._transport
+        assert transport is not None
+        kind = check_quic_transport(args.patched, transport)
+        reader, writer = await protocol.create_stream()
+        t0 = time.perf_counter()
+        cpu0 = cpu_seconds()
+        server0 = schedstat_ns(args.server_pid)
+        writer.write(str(size).encode())
+        writer.write_eof()
+        read = reader.read
+        while chunk := await read(QUIC_BLOCK):
+            chunks.append(chunk)
+        t1 = time.perf_counter()
+        cpu1 = cpu_seconds()
+        server1 = schedstat_ns(args.server_pid)
+        drops = kernel_drops(transport.get_extra_info("sockname")[1])
+        stats = endpoint_stats(transport)
+    received = sum(map(len, chunks))
+    digest = hashlib.sha256(b"".join(chunks)).hexdigest()
+    chunks.clear()
+    if received != size or digest != quic_digest(quic_block(), size):
+        raise SystemExit(f"quic: received {received} of {size} bytes, SHA-256 "
+                         f"{'differs' if received == size else 'not checked'}")
+    seconds = t1 - t0
+    megabytes = size / 1e6
+    if args.patched:
+        udpx.uninstall()
+    return {"bytes": received, "sha256": digest, "seconds": seconds,
+            "rate_mb_s": megabytes / seconds,
+            "client_cpu_seconds": cpu1 - cpu0, "server_cpu_seconds": (server1 - server0) / 1e9,
+            "client_cpu_ms_per_mb": (cpu1 - cpu0) * 1e3 / megabytes,
+            "server_cpu_ms_per_mb": (server1 - server0) / 1e6 / megabytes,
+            "transport": kind, "lost_packets": lost.n, "kernel_drops": drops, **stats}
 
 
 # -- memory ----------------------------------------------------------------------------------
@@ -656,7 +885,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     kinds = parser.add_subparsers(dest="kind", required=True)
     recv = kinds.add_parser("recv")
     recv.add_argument("impl", choices=["udpx-recv", "udpx-recv_many", "udpx-proto", "proto",
-                                       "asyncio-dgram"])
+                                       "udpx-dropin", "asyncio-dgram"])
     recv.add_argument("--batch-size", type=int, default=64, help="udpx listener's batch_size")
     send = kinds.add_parser("send")
     send.add_argument("impl", choices=["udpx-send", "udpx-send_many", "sendto", "socket"])
@@ -670,16 +899,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
     flood_sender.add_argument("--max-count", type=int, required=True)
     echo_server = kinds.add_parser("echo")
     echo_server.add_argument("impl", choices=["udpx-recv", "udpx-recv_many", "udpx-proto",
-                                              "proto"])
+                                              "proto", "udpx-dropin"])
     for sub in (recv, echo_server):
         sub.add_argument("--listen-host", default=HOST,
                          help="udpx listener's address (0.0.0.0: wildcard, with packet info)")
+    quic_srv = kinds.add_parser("quic-server")
+    quic_cli = kinds.add_parser("quic-client")
+    quic_cli.add_argument("--port", type=int, required=True)
+    quic_cli.add_argument("--bytes", type=int, required=True, help="the body's size")
+    quic_cli.add_argument("--cert", required=True, help="the server's certificate (PEM)")
+    quic_cli.add_argument("--server-pid", type=int, required=True)
+    for sub in (quic_srv, quic_cli):
+        sub.add_argument("--patched", action="store_true",
+                         help="udpx.install(): aioquic's endpoint is udpx's drop-in")
     mem = kinds.add_parser("memory")
     mem.add_argument("impl", choices=["udpx", "table"])
     mem.add_argument("--n", type=int, required=True)
     mem.add_argument("--size", type=int, required=True)
     mem.add_argument("--peers-bin", required=True)
-    for sub in (recv, send, flood_sender, echo_server, mem):
+    for sub in (recv, send, flood_sender, echo_server, quic_srv, quic_cli, mem):
         sub.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
         sub.add_argument("--warmup", type=float, default=0.2)
         sub.add_argument("--window", type=float, default=1.0)
@@ -696,6 +934,7 @@ def main(argv: list[str]) -> None:
         result = send_socket(args)
     else:
         job = {"recv": receive, "send": send_async, "flood": flood, "echo": echo,
+               "quic-server": quic_server, "quic-client": quic_client,
                "memory": memory}[args.kind]
         result = run_on(args.loop, lambda: job(args))
     emit("result", **result)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ._cases import CASES
+from ._cases import CASES, QUIC_DATAGRAM
 from ._harness import REPORT, Case, Settings, run_case
 
 SIZES = [64, 1200]
@@ -75,6 +75,11 @@ def test_many_connections(size: int, settings: Settings, programs: dict[str, Pat
 @pytest.mark.parametrize("size", SIZES)
 def test_many_connections_gso(size: int, settings: Settings, programs: dict[str, Path]) -> None:
     run("many_gso", size, settings, programs)
+
+
+def test_quic(settings: Settings) -> None:
+    # At aioquic's own datagram size; no C program involved.
+    run("quic", QUIC_DATAGRAM, settings, {})
 
 
 @pytest.mark.parametrize("size", SIZES)
