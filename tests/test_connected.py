@@ -227,3 +227,35 @@ def test_peers_beyond_the_fd_limit_are_refused_and_counted(run: Runner[None],
 def test_connected_mode_needs_the_batch_engine() -> None:
     with pytest.raises(ValueError, match="connected=True needs the batch engine"):
         udpx.listen("127.0.0.1", 0, connected=True, engine="transport")
+
+
+WILDCARDS = [("0.0.0.0", "127.0.0.1"),
+             pytest.param("::", "::1", marks=pytest.mark.skipif(
+                 not HAVE_IPV6, reason="no IPv6 loopback on this machine")),
+             pytest.param("::", "127.0.0.1", marks=pytest.mark.skipif(
+                 not HAVE_IPV6, reason="no IPv6 loopback on this machine"))]
+
+
+@pytest.mark.parametrize(("host", "peer_host"), WILDCARDS)
+def test_wildcard_listener_binds_the_exact_local_address(run: Runner[None], host: str,
+                                                         peer_host: str) -> None:
+    async def main() -> None:
+        async with udpx.listen(host, 0, connected=True) as ln:
+            port = ln.local_addr[1]
+            with peer_socket(peer_host) as peer:
+                peer.sendto(b"one", (peer_host, port))
+                conn = await ln.accept()
+                sockname = conn.describe()["socket"]
+                assert sockname["fd"] != ln.describe()["socket"]["fd"]
+                # Its own socket is bound to the address the peer sent to (IPv4-mapped on a
+                # dual-stack listener), so the replies come from there.
+                expected = peer_host if host == "0.0.0.0" or ":" in peer_host else (
+                    "::ffff:" + peer_host)
+                assert conn.local_addr[0] == expected and conn.local_addr[1] == port
+                await conn.send(b"reply")
+                [reply] = await receive(peer, 1)
+                assert reply == b"reply"
+                peer.sendto(b"two", (peer_host, port))
+                assert [await conn.recv(), await conn.recv()] == [b"one", b"two"]
+
+    run(main())
