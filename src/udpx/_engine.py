@@ -176,13 +176,15 @@ class SocketEngine(Releasing):
         self.writer = Writer(loop, sock, self.sender, TxQueue(options.tx_queue_size), named,
                              gso=options.gso and options.batch_size > 1,
                              controls=self.pktinfo or (self.ecn and named),
-                             pending_error=self.drain_errors if self.recverr else None)
+                             pending_error=self.drain_errors if self.recverr else None,
+                             direct=True)
         single = isinstance(self.receiver, SingleRecv)
         self.reader = BatchReader(loop, sock, self.receiver,
                                   self._on_single if single else self._on_batch,
                                   self._on_error,
                                   on_nothing=self.drain_errors if self.recverr else None,
-                                  after=self.writer.flush_scheduled, on_empty=on_empty)
+                                  before=self.writer.defer, after=self.writer.flush_scheduled,
+                                  on_empty=on_empty)
         self._named = named
         self._max_datagram = options.max_datagram
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)

@@ -389,14 +389,17 @@ class TxAccount:
     datagrams it refused; ``enqueued - packets - errors`` is what is still queued.
     """
 
-    __slots__ = ("ancillary", "bytes", "control", "enqueued", "errors", "on_error", "packets",
-                 "sockaddr")
+    __slots__ = ("address", "ancillary", "bytes", "control", "enqueued", "errors", "on_error",
+                 "packets", "sockaddr")
 
     def __init__(self, sockaddr: bytes | None,
                  on_error: Callable[[OSError], None] | None = None, *,
                  ancillary: list[tuple[int, int, bytes]] | None = None) -> None:
         #: Raw destination sockaddr; None on a connected socket.
         self.sockaddr = sockaddr
+        #: The same as an address tuple, made by the writer the first time it sends one
+        #: datagram alone (a plain sendto is cheaper than a batch of one).
+        self.address: tuple[object, ...] | None = None
         self.on_error = on_error
         self.control = b""
         self.ancillary: list[tuple[int, int, bytes]] = []

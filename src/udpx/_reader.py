@@ -32,6 +32,7 @@ class BatchReader:
                  on_batch: Callable[[int], int], on_error: Callable[[OSError], None], *,
                  on_nothing: Callable[[], object] | None = None,
                  after: Callable[[], None] | None = None,
+                 before: Callable[[], None] | None = None,
                  on_empty: Callable[[], None] | None = None) -> None:
         self._loop = loop
         self._sock = sock
@@ -45,6 +46,8 @@ class BatchReader:
         # Called once a wake-up's batches were handled: the writer sends the replies their
         # callbacks queued, in the same loop iteration.
         self._after = after
+        # Called as a wake-up begins (the writer then waits for ``after`` to drain).
+        self._before = before
         # Called when a receive found the socket empty: every datagram that reached the socket
         # before that call was read (connected mode's handover waits for it). While
         # ``drain_to_empty`` is set, a short batch does not end the wake-up: the reader receives
@@ -65,6 +68,8 @@ class BatchReader:
             self._loop.remove_reader(self._fd)
 
     def _on_readable(self) -> None:
+        if self._before is not None:
+            self._before()
         try:
             self._read()
         finally:
