@@ -230,3 +230,30 @@ async def settle(ln: udpx.Listener, count: int) -> None:
             return
         await asyncio.sleep(0.005)
     raise AssertionError(f"listener saw {ln.stats} after 10 s, expected {count} datagrams")
+
+
+async def receive_plain(sock: socket.socket, count: int,
+                        timeout: float = 10.0) -> list[tuple[bytes, Any]]:
+    """The next ``count`` datagrams of a plain socket, with their sources, read from the
+    running loop (udpx sends at the end of a loop iteration, so a blocking recv in the test's
+    own task would wait for ever)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    got: list[tuple[bytes, Any]] = []
+    sock.setblocking(False)
+
+    def readable() -> None:
+        while len(got) < count:
+            try:
+                got.append(sock.recvfrom(70000))
+            except BlockingIOError:
+                return
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(sock.fileno(), readable)
+    try:
+        await asyncio.wait_for(done, timeout)
+    finally:
+        loop.remove_reader(sock.fileno())
+    return got

@@ -15,7 +15,7 @@ import pytest
 
 import udpx
 
-from .conftest import HAVE_IPV6, Runner
+from .conftest import HAVE_IPV6, Runner, receive_plain
 
 HOSTS = ["127.0.0.1", pytest.param("::1", marks=pytest.mark.skipif(
     not HAVE_IPV6, reason="no IPv6 loopback on this machine"))]
@@ -32,27 +32,8 @@ def peer_socket(host: str) -> socket.socket:
     return sock
 
 
-async def receive(sock: socket.socket, count: int, timeout: float = 10.0) -> list[bytes]:
-    """The next ``count`` datagrams of a plain socket, read from the loop."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    got: list[bytes] = []
-
-    def readable() -> None:
-        while len(got) < count:
-            try:
-                got.append(sock.recv(70000))
-            except BlockingIOError:
-                return
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_reader(sock.fileno(), readable)
-    try:
-        await asyncio.wait_for(done, timeout)
-    finally:
-        loop.remove_reader(sock.fileno())
-    return got
+async def receive(sock: socket.socket, count: int) -> list[bytes]:
+    return [data for data, _ in await receive_plain(sock, count)]
 
 
 async def echo_all(ln: udpx.Listener) -> None:

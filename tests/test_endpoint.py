@@ -18,7 +18,7 @@ import pytest
 
 import udpx
 
-from .conftest import HAVE_IPV6, Runner
+from .conftest import HAVE_IPV6, Runner, receive_plain
 
 IMPLS = ["stock", "udpx"]
 
@@ -114,35 +114,8 @@ def plain_socket(host: str = "127.0.0.1") -> socket.socket:
     return sock
 
 
-async def receive(peer: socket.socket, count: int,
-                  timeout: float = 10.0) -> list[tuple[bytes, Any]]:
-    """The next ``count`` datagrams of a plain socket, with their sources, read from the loop
-    (udpx sends at the end of the loop iteration, so a blocking recv here would wait for
-    ever)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    got: list[tuple[bytes, Any]] = []
-    peer.setblocking(False)
-
-    def readable() -> None:
-        while len(got) < count:
-            try:
-                got.append(peer.recvfrom(70000))
-            except BlockingIOError:
-                return
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_reader(peer.fileno(), readable)
-    try:
-        await asyncio.wait_for(done, timeout)
-    finally:
-        loop.remove_reader(peer.fileno())
-    return got
-
-
 async def receive_data(peer: socket.socket, count: int) -> list[bytes]:
-    return [data for data, _ in await receive(peer, count)]
+    return [data for data, _ in await receive_plain(peer, count)]
 
 
 HOSTS = ["127.0.0.1", pytest.param("::1", marks=pytest.mark.skipif(
@@ -234,7 +207,7 @@ def test_connected_endpoint(run: Runner[None], impl: str) -> None:
             transport.sendto(b"two", remote)
             with pytest.raises(ValueError, match="Invalid address"):
                 transport.sendto(b"three", ("127.0.0.1", 9))
-            assert await receive(peer, 2) == [(b"one", local), (b"two", local)]
+            assert await receive_plain(peer, 2) == [(b"one", local), (b"two", local)]
             peer.sendto(b"hello", local)
             await protocol.until(1)
             assert protocol.datagrams == [(b"hello", remote)]
@@ -290,7 +263,7 @@ def test_family_alone_gives_an_unbound_socket(run: Runner[None], impl: str) -> N
         transport, protocol = await endpoint(impl, family=socket.AF_INET)
         with plain_socket() as peer:
             transport.sendto(b"x", peer.getsockname())
-            [(data, source)] = await receive(peer, 1)
+            [(data, source)] = await receive_plain(peer, 1)
             assert data == b"x"
             peer.sendto(b"y", source)
             await protocol.until(1)
