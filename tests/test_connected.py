@@ -240,3 +240,32 @@ def test_wildcard_listener_binds_the_exact_local_address(run: Runner[None], host
                 assert [await conn.recv(), await conn.recv()] == [b"one", b"two"]
 
     run(main())
+
+
+class _Echo(udpx.ConnProtocol):
+    def connection_made(self, conn: udpx.UDPConn) -> None:
+        self.conn = conn
+
+    def datagrams_received(self, datagrams: list[bytes]) -> None:
+        self.conn.send_many_nowait(datagrams)
+
+
+def test_protocol_mode_on_connected_sockets(run: Runner[None]) -> None:
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, connected=True, protocol_factory=_Echo) as ln:
+            peers = [peer_socket("127.0.0.1") for _ in range(20)]
+            try:
+                for index, peer in enumerate(peers):
+                    for turn in range(5):
+                        peer.sendto(b"%d-%d" % (index, turn), ln.local_addr)
+                for index, peer in enumerate(peers):
+                    assert await receive(peer, 5) == [b"%d-%d" % (index, turn)
+                                                      for turn in range(5)]
+                info = ln.describe(max_conns=None)
+                assert info["mode"] == "protocol" and info["connected"] is True
+                assert len({conn["socket"]["fd"] for conn in info["conns"]}) == 20
+            finally:
+                for peer in peers:
+                    peer.close()
+
+    run(main())
