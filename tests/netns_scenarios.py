@@ -179,6 +179,50 @@ async def transport_backpressure(count: int, size: int, sndbuf: int) -> Result:
                 "describe": conn.describe()["socket"]}
 
 
+class _PacedSender(asyncio.DatagramProtocol):
+    """Sends while the transport lets it: stops at pause_writing, goes on at resume_writing."""
+
+    def __init__(self) -> None:
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+        self.paused = self.resumed = 0
+
+    def pause_writing(self) -> None:
+        self.paused += 1
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.resumed += 1
+        self.can_write.set()
+
+
+async def endpoint_backpressure(count: int, size: int, sndbuf: int) -> Result:
+    """The drop-in endpoint sends ``count`` datagrams into a slow link, its protocol honouring
+    pause_writing: the kernel refuses (EAGAIN), the write buffer passes its high mark, the
+    protocol is paused and resumed, and every datagram arrives, in order."""
+    received: list[bytes] = []
+    async with udpx.listen("127.0.0.1", 0, rcvbuf=4 << 20) as ln:
+        transport, protocol = await udpx.create_datagram_endpoint(
+            _PacedSender, remote_addr=ln.local_addr, sndbuf=sndbuf)
+        assert isinstance(transport, udpx.EndpointTransport)
+        assert isinstance(protocol, _PacedSender)
+        datagrams = [index.to_bytes(4, "big") * (size // 4) for index in range(count)]
+        started = time.monotonic()
+        for datagram in datagrams:
+            await protocol.can_write.wait()
+            transport.sendto(datagram)
+        server = await ln.accept()
+        while len(received) < count:
+            async with asyncio.timeout(20):
+                received.extend(await server.recv_many())
+        stats = transport.stats
+        transport.close()
+        return {"in_order": received == datagrams, "received": len(received),
+                "paused": protocol.paused, "resumed": protocol.resumed,
+                "writer_waits": transport._writer.blocked,
+                "drops": dict(stats.drops), "seconds": round(time.monotonic() - started, 2)}
+
+
 async def until_stdin_closes(seconds: float) -> None:
     """Wait until the parent closes our stdin (it has what it needs), at most ``seconds``."""
     loop = asyncio.get_running_loop()
@@ -306,6 +350,8 @@ SCENARIOS: dict[str, Callable[[list[str]], Coroutine[Any, Any, Result]]] = {
     "wildcard_echo": lambda args: wildcard_echo(float(args[0])),
     "dial_each": lambda args: dial_each(int(args[0]), *args[1:]),
     "transport_backpressure": lambda args: transport_backpressure(
+        int(args[0]), int(args[1]), int(args[2])),
+    "endpoint_backpressure": lambda args: endpoint_backpressure(
         int(args[0]), int(args[1]), int(args[2])),
     "deaf_after_icmp": lambda args: deaf_after_icmp(int(args[0]), int(args[1]), int(args[2])),
     "link_local": lambda args: link_local(args[0]),

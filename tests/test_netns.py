@@ -110,6 +110,22 @@ def test_transport_engine_pauses_the_writer_and_loses_nothing(netns: NetNS,
     assert result["paused"] > 0, f"the transport never paused the writer: {result}"
 
 
+def test_drop_in_endpoint_pauses_its_protocol_and_loses_nothing(netns: NetNS,
+                                                                loop_kind: str) -> None:
+    """The drop-in endpoint under real EAGAIN (the same slow lo): its write buffer passes the
+    high mark, the protocol is told pause_writing and later resume_writing, and all 1,000
+    datagrams arrive, in order, none dropped by udpx."""
+    if shutil.which("tc") is None:
+        pytest.skip("the tc tool (iproute2) is not installed")
+    netns.run("tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "4mbit",
+              "burst", "32kbit", "latency", "400ms")
+    result = run_scenario(netns, "endpoint_backpressure", loop_kind, "1000", "400", "4096")
+    assert result["in_order"] and result["received"] == 1000, result
+    assert result["writer_waits"] > 0, f"the kernel never refused: {result}"
+    assert result["paused"] > 0 and result["resumed"] == result["paused"], result
+    assert result["drops"]["tx_queue_full"] == 0 and result["drops"]["send_error"] == 0, result
+
+
 def test_ipv6_link_local_listen_and_dial_keep_the_scope(netns: NetNS, loop_kind: str) -> None:
     """``listen("fe80::1%lo", 0)`` and ``dial`` to it work, with the interface's scope id.
 
