@@ -85,3 +85,23 @@ def test_quic(settings: Settings) -> None:
 @pytest.mark.parametrize("size", SIZES)
 def test_memory(size: int, settings: Settings, programs: dict[str, Path]) -> None:
     run("memory", size, settings, programs)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_scale(size: int, settings: Settings, programs: dict[str, Path]) -> None:
+    run("scale", size, settings, programs)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_scale_echo(size: int, settings: Settings, programs: dict[str, Path]) -> None:
+    run("scale_echo", size, settings, programs)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_connected(size: int, settings: Settings, programs: dict[str, Path]) -> None:
+    run("connected", size, settings, programs)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_connected_admit(size: int, settings: Settings, programs: dict[str, Path]) -> None:
+    run("connected_admit", size, settings, programs)
