@@ -116,14 +116,17 @@ class Window:
         c0 = c1 = 0
         cpu0 = cpu1 = 0.0
         last_value = 0
-        last_change = start
+        last_change = last_tick = start
         while True:
             await asyncio.sleep(TICK)
             now = time.perf_counter()
             value = self.count()
-            if value != last_value:
+            # A tick that came ``quiet`` late is a stalled loop, not quiet traffic: what it
+            # read may not be counted yet (the consumers run after this callback).
+            if value != last_value or now - last_tick >= self.quiet:
                 last_value = value
                 last_change = now
+            last_tick = now
             if first < 0 and value > 0 and (self.ready is None or self.ready()):
                 first = now
                 self.ready_after = now - start
