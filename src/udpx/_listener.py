@@ -291,7 +291,13 @@ class Listener(asyncio.DatagramProtocol):
                                exc)
             return None
         try:
-            return SocketEngine(self._loop, sock, options, PeerSink(), named=False)
+            # One batch per wake-up: the loop wakes every readable peer socket in the same
+            # iteration, so the usual budget (1,024 per socket) would let one iteration read
+            # up to N x 1,024 datagrams under load (about a second with 1,000 busy peers:
+            # timers and tasks starve); a batch each keeps an iteration near what the shared
+            # socket's reader takes, and the rest waits in each socket's kernel buffer.
+            return SocketEngine(self._loop, sock, options, PeerSink(), named=False,
+                                read_budget=options.batch_size)
         except BaseException:
             sock.close()
             raise
