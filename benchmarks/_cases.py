@@ -120,7 +120,7 @@ def _receive_once(receiver: list[str], label: str, traffic: Traffic, loop: str, 
                "cpu_us": got["cpu_us_per_dgram"], "sender_rate": sent["rate"]}
     # udpx listeners: file descriptors open at the end of the window, and how long opening
     # every connection took.
-    for key in ("fds", "ready_after"):
+    for key in ("fds", "ready_after", "rss"):
         if key in got:
             metrics[key] = float(got[key])
     return metrics
@@ -921,6 +921,7 @@ def scale_echo_case(size: int, settings: Settings, programs: Programs) -> Case:
 CONNECTED_METRICS = [
     *RECEIVE_METRICS,
     Metric("fds", "fds open", "count", False, ratio=True),
+    Metric("rss", "RSS (MiB)", "mib", False),
     Metric("ready_after", "s until N connections", "us", False),
 ]
 
@@ -959,7 +960,9 @@ def connected_case(size: int, settings: Settings, programs: Programs) -> Case:
             "per peer; ConnProtocol: protocol mode, no task.",
             "fds open: /proc/PID/fd of the receiver process counted at the end of the window "
             "(all N connections open): the interpreter's own, the listener's socket and, in "
-            "connected mode, one socket per peer. s until N connections: from the receiver's "
+            "connected mode, one socket per peer; RSS: the receiver's resident memory then "
+            "(each peer socket has its own receive arena and send arrays). s until N "
+            "connections: from the receiver's "
             "ready to all N connections existing, under the flood (most first datagrams are "
             "lost then), so not the admission cost itself: see the next table.",
             "Ratios: connected ÷ shared (the shared-socket rows are the baselines). Fewer "

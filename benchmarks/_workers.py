@@ -238,7 +238,7 @@ async def _measure_listener(ln: udpx.Listener,
     result = await window.run()
     stats = ln.stats
     extra = {"conns": stats.conns, "drops": dict(stats.drops), "ready_after": window.ready_after,
-             "fds": open_fds()}
+             "fds": open_fds(), "rss": rss_bytes()}
     await ln.aclose()
     return result, extra
 
