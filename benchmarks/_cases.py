@@ -116,8 +116,14 @@ def _receive_once(receiver: list[str], label: str, traffic: Traffic, loop: str, 
     if got["window_count"] <= 0 or sent["total"] <= 0:
         raise BenchError(f"{label}: nothing measured ({got}, sender {sent})")
     raw.append({"receiver": got, "sender": sent})
-    return {"rate": got["rate"], "loss": max(0.0, 1 - got["total"] / sent["total"]),
-            "cpu_us": got["cpu_us_per_dgram"], "sender_rate": sent["rate"]}
+    metrics = {"rate": got["rate"], "loss": max(0.0, 1 - got["total"] / sent["total"]),
+               "cpu_us": got["cpu_us_per_dgram"], "sender_rate": sent["rate"]}
+    # udpx listeners: file descriptors open at the end of the window, and how long opening
+    # every connection took.
+    for key in ("fds", "ready_after", "rss"):
+        if key in got:
+            metrics[key] = float(got[key])
+    return metrics
 
 
 RECEIVE_METRICS = [
@@ -144,7 +150,8 @@ class Receivers:
 
     def add(self, name: str, loop: str, impl: str, traffic: Traffic, *, udpx: bool = False,
             group: str = "", skip: str | None = None, batch_size: int = 64,
-            reps: int | None = None, listen_host: str = "127.0.0.1") -> None:
+            reps: int | None = None, listen_host: str = "127.0.0.1",
+            connected: bool = False) -> None:
         """``impl``: a receiver of _workers.py, or "c" for the C recvmmsg receiver."""
         warmup, window, quiet, deadline = _timing(self.settings, traffic.extra_time)
         if impl == "c":
@@ -154,7 +161,8 @@ class Receivers:
             command = worker("recv", impl, "--loop", loop, "--warmup", f"{warmup}",
                              "--window", f"{window}", "--quiet", f"{quiet}", "--deadline",
                              f"{deadline}", "--peers", str(traffic.peers), "--batch-size",
-                             str(batch_size), "--listen-host", listen_host)
+                             str(batch_size), "--listen-host", listen_host,
+                             *(["--connected"] if connected else []))
         config = Config(name=name, loop=loop, role="udpx" if udpx else "baseline",
                         run=lambda: {}, group=group, skip=skip or _loop_skip(loop), reps=reps)
         config.run = partial(_receive_once, command, f"{name} ({loop}, {group or '-'})",
@@ -648,10 +656,11 @@ def quic_case(size: int, settings: Settings, programs: Programs) -> Case:
 
 
 def _memory_once(label: str, impl: str, loop: str, *, n: int, size: int, programs: Programs,
-                 raw: list[dict[str, object]]) -> Metrics:
+                 raw: list[dict[str, object]], connected: bool = False) -> Metrics:
     budget = 60.0 + n / 1000
     args = worker("memory", impl, "--loop", loop, "--n", str(n), "--size", str(size),
-                  "--peers-bin", str(programs["peers"]), "--deadline", f"{budget}")
+                  "--peers-bin", str(programs["peers"]), "--deadline", f"{budget}",
+                  *(["--connected"] if connected else []))
     with Proc(args, name=label) as proc:
         got = proc.event("result", budget + SLACK)
         proc.finish(SLACK)
@@ -660,7 +669,8 @@ def _memory_once(label: str, impl: str, loop: str, *, n: int, size: int, program
         raise BenchError(f"{label}: only {got['conns']} of {n} connections opened ({got})")
     return {"bytes_per_conn": got["bytes_per_conn"], "rss_before": float(got["rss_before"]),
             "rss_after": float(got["rss_after"]), "conns": float(got["conns"]),
-            "open_rate": got["conns"] / got["fill_seconds"]}
+            "open_rate": got["conns"] / got["fill_seconds"],
+            "cpu_us_per_conn": got["cpu_us_per_conn"], "fds": float(got["fds_after"])}
 
 
 def memory_case(size: int, settings: Settings, programs: Programs) -> Case:
@@ -696,6 +706,307 @@ def memory_case(size: int, settings: Settings, programs: Programs) -> Case:
         ])
 
 
+# -- several workers (udpx.run) -----------------------------------------------------------
+
+#: The udpx configurations of the workers cases: worker implementation, row name, loops.
+SCALE_RECEIVERS = (("udpx-recv_many", "udpx recv_many()", ("asyncio", "uvloop")),
+                   ("udpx-proto", "udpx ConnProtocol", ("uvloop",)))
+SCALE_ECHO_SERVERS = (("udpx-recv", "udpx task: async for + send()", ("asyncio", "uvloop")),
+                      ("udpx-proto", "udpx ConnProtocol+send_many_nowait()", ("uvloop",)))
+SCALE_WORKERS = (1, 2)
+
+SCALE_METRICS = [
+    Metric("rate", "datagrams/s (all workers)", "rate", True, ratio=True),
+    Metric("loss", "loss", "percent", False),
+    Metric("cpu_us", "CPU µs/datagram", "us", False, ratio=True),
+    Metric("busy", "busiest worker's CPU", "percent", False),
+    Metric("peers_min", "fewest peers/worker", "count", None),
+    Metric("peers_max", "most peers/worker", "count", None),
+    Metric("sender_rate", "sent datagrams/s", "rate", None),
+]
+SCALE_ECHO_METRICS = [
+    Metric("rate", "round trips/s (all workers)", "rate", True, ratio=True),
+    Metric("cpu_us", "server CPU µs/round trip", "us", False, ratio=True),
+    Metric("busy", "busiest worker's CPU", "percent", False),
+    Metric("timeouts", "client timeouts", "count", False),
+    Metric("peers_min", "fewest peers/worker", "count", None),
+    Metric("peers_max", "most peers/worker", "count", None),
+]
+
+
+def _workers_name(name: str, workers: int) -> str:
+    return f"{name}, {workers} worker{'s' if workers != 1 else ''}"
+
+
+def _scale_command(impl: str, mode: str, loop: str, *, workers: int, peers: int,
+                   settings: Settings, deadline: float) -> list[str]:
+    warmup, window, quiet, _ = _timing(settings)
+    return worker("scale", impl, "--mode", mode, "--workers", str(workers), "--loop", loop,
+                  "--warmup", f"{warmup}", "--window", f"{window}", "--quiet", f"{quiet}",
+                  "--deadline", f"{deadline}", "--peers", str(peers))
+
+
+def _scale_receive_once(label: str, command: list[str], workers: int, traffic: Traffic, *,
+                        programs: Programs, settings: Settings,
+                        raw: list[dict[str, object]]) -> Metrics:
+    """One run of a udpx.run receiver: every worker prints its own ready, window_closed and
+    result lines; the sender stops once every worker's window has closed."""
+    warmup, window, _, deadline = _timing(settings, traffic.extra_time)
+    with Proc(command, name=label) as proc:
+        readies = [proc.event("ready", SLACK) for _ in range(workers)]
+        port = readies[0]["port"]
+        if any(ready["port"] != port for ready in readies):
+            raise BenchError(f"{label}: the workers listen on different ports ({readies})")
+        duration = warmup + traffic.extra_time + window + 2.0
+        sender_args, sender_name = _sender_command(traffic, port, duration, "-", programs)
+        with Proc(sender_args, name=sender_name) as sender:
+            for _ in range(workers):
+                proc.event("window_closed", deadline + SLACK)
+            sender.terminate()
+            sent = sender.event("result", SLACK)
+            sender.finish(SLACK)
+        results = [proc.event("result", deadline + SLACK) for _ in range(workers)]
+        proc.finish(SLACK)
+    count = sum(got["window_count"] for got in results)
+    if count <= 0 or sent["total"] <= 0 or any(got["window_count"] <= 0 for got in results):
+        raise BenchError(f"{label}: nothing measured in a worker ({results}, sender {sent})")
+    raw.append({"workers": results, "sender": sent})
+    peers = [got["conns"] for got in results]
+    return {"rate": sum(got["rate"] for got in results),
+            "loss": max(0.0, 1 - sum(got["total"] for got in results) / sent["total"]),
+            "cpu_us": sum(got["cpu_seconds"] for got in results) * 1e6 / count,
+            "busy": max(got["cpu_seconds"] / got["window_seconds"] for got in results),
+            "peers_min": float(min(peers)), "peers_max": float(max(peers)),
+            "sender_rate": sent["rate"]}
+
+
+def scale_case(size: int, settings: Settings, programs: Programs) -> Case:
+    peers = settings.scale_peers
+    refused = _raw_refused()
+    traffic = Traffic(size, peers=peers, burst=1, mode="mmsg" if refused else "raw",
+                      extra_time=peers / 2000)
+    reps = settings.secondary_reps
+    _, _, _, deadline = _timing(settings, traffic.extra_time)
+    configs: list[Config] = []
+    for workers in SCALE_WORKERS:
+        for impl, name, loops in SCALE_RECEIVERS:
+            for loop in loops:
+                row = _workers_name(name, workers)
+                # One worker is the baseline of the ratios: 2 workers ÷ 1 worker.
+                config = Config(name=row, loop=loop, role="udpx" if workers > 1 else
+                                "baseline", run=lambda: {}, skip=_loop_skip(loop), reps=reps)
+                config.run = partial(
+                    _scale_receive_once, f"{row} ({loop})",
+                    _scale_command(impl, "receive", loop, workers=workers, peers=peers,
+                                   settings=settings, deadline=deadline),
+                    workers, traffic, programs=programs, settings=settings, raw=config.raw)
+                configs.append(config)
+    sink = Receivers(programs, settings)
+    sink.add("C recvmmsg (one process)", "-", "c", traffic, reps=reps)
+    configs += sink.configs
+    sender = (f"{refused}, so {peers:,} UDP sockets, one sendmmsg of 1 per socket per turn"
+              if refused else f"one raw socket, hand-built packets from {peers:,} source "
+                              "ports, round-robin, sendmmsg of 64 per call")
+    return Case(
+        case="scale", title=f"Workers: udpx.run(main, workers=N) receiving from {peers:,} "
+                            "peers (no GSO)", size=size,
+        metrics=SCALE_METRICS, configs=configs,
+        notes=[
+            f"Sender: C, no GSO, {sender} (as in the many-connections table). udpx: "
+            "udpx.run(main, workers=N) on one port; each worker's listen() defaults to "
+            "reuse_port=True when N > 1, so the kernel's SO_REUSEPORT hash of the source "
+            "address gives each worker its share of the peers (fewest/most peers per worker). "
+            "recv_many(): an accepted connection and a task per peer; ConnProtocol: protocol "
+            "mode, no task. 1 worker: the same main in one process (reuse_port off).",
+            "Each worker measures its own window (opened once its set of connections stopped "
+            "growing for 50 ms, then the warm-up): rate = the sum of the workers' rates; CPU "
+            "µs/datagram = the workers' CPU (user + system) summed over their windows ÷ the "
+            "datagrams they received in them, i.e. the CPU a datagram costs whichever worker "
+            "gets it; busiest worker's CPU = its CPU time ÷ its window (100% = one CPU).",
+            "This machine has 2 CPUs: the sender, the kernel's loopback delivery (softirq, "
+            "charged to the sender) and the workers all share them, so with 2 workers three "
+            "busy processes compete for two CPUs and the aggregate rate cannot "
+            "double here; compare CPU µs/datagram (what a datagram costs a worker) "
+            "and the busiest worker's CPU (how close a worker is to a CPU of its own).",
+            "Ratios: N workers ÷ 1 worker (the 1-worker rows are the baselines), and ÷ the C "
+            "recvmmsg receiver (one process, no per-peer state). Fewer repetitions "
+            f"({reps}) than the headline tables.",
+        ])
+
+
+def _scale_echo_once(label: str, command: list[str], workers: int, *, size: int, peers: int,
+                     settings: Settings, programs: Programs,
+                     raw: list[dict[str, object]]) -> Metrics:
+    """One run of a udpx.run echo server (or the C one: ``workers`` 0) against the C
+    many-socket client, which reads every worker's CPU from /proc/PID/schedstat; SIGTERM
+    stops the server (udpx.run cancels main in each worker, which then reports)."""
+    warmup, window, _, deadline = _timing(settings, peers / 2000)
+    with Proc(command, name=label, stdin=workers == 0) as proc:
+        readies = [proc.event("ready", SLACK) for _ in range(max(1, workers))]
+        port = readies[0]["port"]
+        pids = ",".join(str(ready.get("pid", proc.pid)) for ready in readies)
+        client = [str(programs["echo"]), "clients", str(port), str(size), str(peers),
+                  f"{warmup}", f"{window}", f"{deadline}", pids]
+        with Proc(client, name="C echo clients") as client_proc:
+            got = client_proc.event("result", deadline + SLACK)
+            client_proc.finish(SLACK)
+        if workers == 0:
+            proc.close_stdin()
+            results = [proc.event("result", SLACK)]
+        else:
+            proc.terminate()
+            results = [proc.event("result", SLACK) for _ in range(workers)]
+        proc.finish(SLACK)
+    if got["window_count"] <= 0 or got["server_cpu_seconds"] < 0:
+        raise BenchError(f"{label}: no round trip measured ({got})")
+    raw.append({"client": got, "server": results})
+    seconds = got["window_seconds"]
+    metrics = {"rate": got["rate"], "cpu_us": got["server_cpu_us_per_rt"],
+               "timeouts": float(got["timeouts"]),
+               "busy": max(each / seconds for each in got["server_cpu_each"])}
+    if workers:
+        peers_each = [served["conns"] for served in results]
+        metrics.update(peers_min=float(min(peers_each)), peers_max=float(max(peers_each)))
+    return metrics
+
+
+def scale_echo_case(size: int, settings: Settings, programs: Programs) -> Case:
+    peers = settings.scale_peers
+    reps = settings.secondary_reps
+    _, _, _, deadline = _timing(settings, peers / 2000)
+    configs: list[Config] = []
+    for workers in SCALE_WORKERS:
+        for impl, name, loops in SCALE_ECHO_SERVERS:
+            for loop in loops:
+                row = _workers_name(name, workers)
+                config = Config(name=row, loop=loop, role="udpx" if workers > 1 else
+                                "baseline", run=lambda: {}, skip=_loop_skip(loop), reps=reps)
+                config.run = partial(
+                    _scale_echo_once, f"{row} ({loop})",
+                    _scale_command(impl, "echo", loop, workers=workers, peers=peers,
+                                   settings=settings, deadline=deadline + 2 * SLACK),
+                    workers, size=size, peers=peers, settings=settings, programs=programs,
+                    raw=config.raw)
+                configs.append(config)
+    c_server = Config(name="C recvmmsg+sendmmsg (one process)", loop="-", role="baseline",
+                      run=lambda: {}, reps=reps)
+    c_server.run = partial(_scale_echo_once, "C echo server", [str(programs["echo"]), "server"],
+                           0, size=size, peers=peers, settings=settings, programs=programs,
+                           raw=c_server.raw)
+    configs.append(c_server)
+    return Case(
+        case="scale_echo", title=f"Workers: udpx.run(main, workers=N) echoing to {peers:,} "
+                                 "peers (C client, one request in flight on each)", size=size,
+        metrics=SCALE_ECHO_METRICS, configs=configs,
+        notes=[
+            f"Client: the many-peer echo client ({peers:,} connected sockets in one C process, "
+            "one request in flight on each, 200 ms timeout and resend; no GSO). Server: "
+            "udpx.run(main, workers=N) on one port, listen()'s default reuse_port (True when "
+            "N > 1); the README's task-per-connection echo, or protocol mode. SIGTERM to the "
+            "run stops it (udpx.run cancels main in every worker, which then reports).",
+            "Server CPU: the client reads every worker's /proc/PID/schedstat at both ends of "
+            "its window; CPU µs/round trip = their sum ÷ round trips (what a round trip costs "
+            "whichever worker serves it); busiest worker's CPU = its CPU time ÷ the window.",
+            "This machine has 2 CPUs: the client (two system calls and an epoll event per "
+            "round trip, about what the C server spends) and the workers share them, so the "
+            "C server's rate is the client's ceiling and 2 workers cannot double the rate "
+            "here; compare CPU µs/round trip and the busiest worker's CPU.",
+            "Ratios: N workers ÷ 1 worker (the 1-worker rows are the baselines), and ÷ the C "
+            f"server (one process). Fewer repetitions ({reps}) than the headline tables.",
+        ])
+
+
+# -- connected mode against the shared socket ------------------------------------------------
+
+CONNECTED_METRICS = [
+    *RECEIVE_METRICS,
+    Metric("fds", "fds open", "count", False, ratio=True),
+    Metric("rss", "RSS (MiB)", "mib", False),
+    Metric("ready_after", "s until N connections", "us", False),
+]
+
+
+def connected_case(size: int, settings: Settings, programs: Programs) -> Case:
+    receivers = Receivers(programs, settings)
+    refused = _raw_refused()
+    reps = settings.secondary_reps
+    for peers in settings.connected_peers:
+        if peers == 1:
+            traffic = Traffic(size, mode="mmsg")
+        else:
+            traffic = Traffic(size, peers=peers, burst=1, mode="mmsg" if refused else "raw",
+                              extra_time=peers / 2000)
+        for impl, name in UDPX_RECEIVERS[1:]:
+            for loop in ("asyncio", "uvloop"):
+                # The shared socket is the baseline of the ratios: connected ÷ shared.
+                receivers.add(f"{name}, shared socket", loop, impl, traffic,
+                              group=f"{peers:,}", reps=reps)
+                receivers.add(f"{name}, connected=True", loop, impl, traffic, udpx=True,
+                              group=f"{peers:,}", reps=reps, connected=True)
+    sender = (f"{refused}, so N UDP sockets, one sendmmsg of 1 per socket per turn" if refused
+              else "one raw socket, hand-built packets from N source ports, round-robin, "
+                   "sendmmsg of 64 per call")
+    return Case(
+        case="connected", title="Connected mode (a socket per peer) against the shared socket "
+                                "(N active peers, no GSO)", size=size,
+        metrics=CONNECTED_METRICS, configs=receivers.configs, group_label="peers",
+        notes=[
+            f"Sender: C, no GSO. 1 peer: one socket, sendmmsg of {RECEIVE_BURST}. N peers: "
+            f"{sender} (as in the many-connections table).",
+            "udpx: listen(..., connected=False) (shared socket: one socket, one reader, the "
+            "demultiplexer routes by source address) or connected=True (every new peer gets a "
+            "socket of its own, bound to the listener's address and connect()ed to the peer, "
+            "with its own reader and writer). recv_many(): an accepted connection and a task "
+            "per peer; ConnProtocol: protocol mode, no task.",
+            "fds open: /proc/PID/fd of the receiver process counted at the end of the window "
+            "(all N connections open): the interpreter's own, the listener's socket and, in "
+            "connected mode, one socket per peer; RSS: the receiver's resident memory then "
+            "(each peer socket has its own receive arena and send arrays). s until N "
+            "connections: from the receiver's "
+            "ready to all N connections existing, under the flood (most first datagrams are "
+            "lost then), so not the admission cost itself: see the next table.",
+            "Ratios: connected ÷ shared (the shared-socket rows are the baselines). Fewer "
+            f"repetitions ({reps}) than the headline tables.",
+        ])
+
+
+def connected_admit_case(size: int, settings: Settings, programs: Programs) -> Case:
+    configs: list[Config] = []
+    reps = settings.secondary_reps
+    for n in settings.admit_peers:
+        group = f"{n:,}"
+        for connected in (False, True):
+            for loop in ("asyncio", "uvloop"):
+                name = "udpx listener, " + ("connected=True" if connected else "shared socket")
+                config = Config(name=name, loop=loop, role="udpx" if connected else "baseline",
+                                run=lambda: {}, group=group, skip=_loop_skip(loop), reps=reps)
+                config.run = partial(_memory_once, f"{name} ({loop}, {n})", "udpx", loop, n=n,
+                                     size=size, programs=programs, raw=config.raw,
+                                     connected=connected)
+                configs.append(config)
+    return Case(
+        case="connected_admit", title="Connected mode: admitting N new peers (one datagram "
+                                      "each)", size=size,
+        metrics=[Metric("cpu_us_per_conn", "CPU µs/new peer", "us", False, ratio=True),
+                 Metric("open_rate", "connections opened/s", "rate", True, ratio=True),
+                 Metric("bytes_per_conn", "RSS bytes/connection", "bytes", False),
+                 Metric("fds", "fds open", "count", False)],
+        configs=configs, group_label="peers",
+        notes=[
+            "The memory case's procedure: a C process sends one datagram from each of N new "
+            "source addresses (bind, send, close), 2,000 at a time so that none is lost; the "
+            "listener accepts every connection, reads its datagram and keeps it (no task); "
+            "idle_timeout=None. CPU µs/new peer: the listener process's CPU (user + system) "
+            "while the N connections open ÷ N (includes the 2 ms polling of the fill loop, "
+            "the same in both modes); connections opened/s: N ÷ the fill's wall time (paced by "
+            "the C sender too). RSS: the process's, so it excludes the kernel's socket memory "
+            "(about 1 KiB per socket plus its queued buffers). fds: /proc/PID/fd after the "
+            "fill.",
+            "Ratios: connected ÷ shared. Fewer repetitions "
+            f"({reps}) than the headline tables.",
+        ])
+
+
 CASES: dict[str, Callable[[int, Settings, Programs], Case]] = {
     "receive": receive_case,
     "receive_gso": receive_gso_case,
@@ -706,4 +1017,8 @@ CASES: dict[str, Callable[[int, Settings, Programs], Case]] = {
     "many_gso": many_gso_case,
     "quic": quic_case,
     "memory": memory_case,
+    "scale": scale_case,
+    "scale_echo": scale_echo_case,
+    "connected": connected_case,
+    "connected_admit": connected_admit_case,
 }

@@ -61,13 +61,19 @@ class Settings:
     many_peers: tuple[int, ...]
     echo_peers: tuple[int, ...]
     memory_peers: tuple[int, ...]
+    #: Peers of the workers cases (scale, scale_echo).
+    scale_peers: int = 1000
+    #: Peers of the connected-versus-shared table, and of the admission-cost table.
+    connected_peers: tuple[int, ...] = (1, 100, 1000)
+    admit_peers: tuple[int, ...] = (1000, 10000)
 
     @classmethod
     def make(cls, quick: bool, reps: int | None = None) -> Settings:
         if quick:
             return cls(quick=True, reps=reps or 1, secondary_reps=reps or 1, warmup=0.1,
                        window=0.25, quiet=0.1, many_peers=(1, 10000), echo_peers=(1, 1000),
-                       memory_peers=(1000, 10000))
+                       memory_peers=(1000, 10000), connected_peers=(1000,),
+                       admit_peers=(1000,))
         return cls(quick=False, reps=reps or 5, secondary_reps=reps or 3, warmup=0.2,
                    window=0.6, quiet=0.15, many_peers=(1, 100, 1000, 10000),
                    echo_peers=(1, 100, 1000, 10000), memory_peers=(10000, 100000))
@@ -490,7 +496,8 @@ class Report:
             secondary = ""
             if settings.secondary_reps != settings.reps:
                 secondary = (f" ({settings.secondary_reps} for the GSO-sender tables, the "
-                             "batch_size=1 rows and the many-peer echo)")
+                             "batch_size=1 rows, the many-peer echo and the workers and "
+                             "connected-mode tables)")
             parts.append(
                 f"Each figure: median (min{DASH}max) of {settings.reps} repetition"
                 f"{'s' if settings.reps != 1 else ''}{secondary}, "

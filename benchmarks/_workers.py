@@ -45,7 +45,12 @@ TICK = 0.01
 
 
 def emit(event: str, **fields: Any) -> None:
-    print(json.dumps({"event": event, **fields}), flush=True)
+    # One write of the whole line: the workers of a udpx.run share stdout, and print() writes
+    # the text and its newline separately (two system calls when stdout is unbuffered, as
+    # with PYTHONUNBUFFERED), which lets another worker's line in between. A line is far
+    # below PIPE_BUF, so one write reaches the pipe whole.
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
 
 
 def cpu_seconds() -> float:
@@ -59,6 +64,11 @@ def rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def open_fds() -> int:
+    """File descriptors this process has open (/proc/self/fd)."""
+    return len(os.listdir("/proc/self/fd"))
 
 
 def run_on(loop_name: str, main: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -106,14 +116,17 @@ class Window:
         c0 = c1 = 0
         cpu0 = cpu1 = 0.0
         last_value = 0
-        last_change = start
+        last_change = last_tick = start
         while True:
             await asyncio.sleep(TICK)
             now = time.perf_counter()
             value = self.count()
-            if value != last_value:
+            # A tick that came ``quiet`` late is a stalled loop, not quiet traffic: what it
+            # read may not be counted yet (the consumers run after this callback).
+            if value != last_value or now - last_tick >= self.quiet:
                 last_value = value
                 last_change = now
+            last_tick = now
             if first < 0 and value > 0 and (self.ready is None or self.ready()):
                 first = now
                 self.ready_after = now - start
@@ -224,7 +237,8 @@ async def _measure_listener(ln: udpx.Listener,
     emit("ready", port=ln.local_addr[1])
     result = await window.run()
     stats = ln.stats
-    extra = {"conns": stats.conns, "drops": dict(stats.drops), "ready_after": window.ready_after}
+    extra = {"conns": stats.conns, "drops": dict(stats.drops), "ready_after": window.ready_after,
+             "fds": open_fds(), "rss": rss_bytes()}
     await ln.aclose()
     return result, extra
 
@@ -237,7 +251,8 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
     peers = args.peers
     # Room for every peer (the flood's first datagrams open the connections).
     options: dict[str, Any] = {"rcvbuf": RCVBUF, "max_conns": max(65536, 2 * peers),
-                               "backlog": max(1024, 2 * peers), "batch_size": args.batch_size}
+                               "backlog": max(1024, 2 * peers), "batch_size": args.batch_size,
+                               "connected": args.connected}
     if args.impl in ("udpx-recv", "udpx-recv_many"):
         consume = consume_recv if args.impl == "udpx-recv" else consume_recv_many
         ln = await udpx.listen(args.listen_host, 0, **options)
@@ -562,6 +577,136 @@ async def echo(args: argparse.Namespace) -> dict[str, Any]:
     return {"echoed": counter.n, "cpu_seconds": cpu_seconds(), **extra}
 
 
+# -- several workers: udpx.run -----------------------------------------------------------------
+
+
+class Settled:
+    """Says yes once ``count()`` is above zero and has not changed for ``hold`` seconds: a
+    worker of a multi-worker run does not know how many of the N peers the kernel's hash will
+    send it, so its warm-up starts once its set of connections stopped growing."""
+
+    def __init__(self, count: Callable[[], int], hold: float = 0.05) -> None:
+        self.count = count
+        self.hold = hold
+        self.value = -1
+        self.since = 0.0
+
+    def __call__(self) -> bool:
+        now = time.perf_counter()
+        value = self.count()
+        if value != self.value:
+            self.value, self.since = value, now
+            return False
+        return value > 0 and now - self.since >= self.hold
+
+
+def scale(args: argparse.Namespace) -> None:
+    """``udpx.run(main, workers=N)`` on one port, as the README's server does: every worker
+    listens with ``listen()``'s default ``reuse_port`` (True with several workers) and prints
+    its own JSON lines (each carries its ``worker`` id and ``pid``). "receive": each worker
+    counts what its connections receive over its own window and returns; "echo": each worker
+    echoes until SIGTERM (udpx.run cancels main in every worker) and then reports."""
+    # A free port every worker can bind: port 0 cannot be shared (a probe, as perf --workers).
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((HOST, 0))
+        port = int(probe.getsockname()[1])
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if args.loop == "uvloop":
+        import uvloop  # noqa: PLC0415 - only when asked for
+
+        loop_factory = uvloop.new_event_loop
+    job = scale_receive if args.mode == "receive" else scale_echo
+
+    async def main() -> None:
+        await job(args, port)
+
+    udpx.run(main, workers=args.workers, loop_factory=loop_factory)
+
+
+def _scale_options(args: argparse.Namespace) -> dict[str, Any]:
+    # Room for every peer; reuse_port is left to listen()'s default (True in a worker of a
+    # multi-worker run, False with one worker).
+    return {"rcvbuf": RCVBUF, "max_conns": max(65536, 2 * args.peers),
+            "backlog": max(1024, 2 * args.peers)}
+
+
+def _whoami() -> dict[str, Any]:
+    return {"worker": udpx.worker_id(), "pid": os.getpid()}
+
+
+async def scale_receive(args: argparse.Namespace, port: int) -> None:
+    counter = Counter()
+    conns = Counter()
+    window = Window(lambda: counter.n, warmup=args.warmup, window=args.window, quiet=args.quiet,
+                    deadline=args.deadline, ready=Settled(lambda: conns.n))
+    tasks: set[asyncio.Task[None]] = set()
+    acceptor: asyncio.Task[None] | None = None
+    if args.impl == "udpx-recv_many":
+        ln = await udpx.listen(HOST, port, **_scale_options(args))
+
+        async def accept_all() -> None:
+            async for conn in ln:
+                tasks.add(asyncio.create_task(consume_recv_many(conn, counter)))
+                conns.n += 1
+
+        acceptor = asyncio.create_task(accept_all())
+    elif args.impl == "udpx-proto":
+        ln = await udpx.listen(HOST, port, protocol_factory=lambda: CountingConnProtocol(
+            counter, conns), **_scale_options(args))
+    else:
+        raise SystemExit(f"unknown scale receiver {args.impl}")
+    emit("ready", port=ln.local_addr[1], reuse_port=ln.options.reuse_port, **_whoami())
+    result = await window.run()
+    stats = ln.stats
+    extra = {"conns": stats.conns, "drops": dict(stats.drops),
+             "ready_after": window.ready_after, "fds": open_fds()}
+    await ln.aclose()
+    if acceptor is not None:
+        acceptor.cancel()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*([acceptor] if acceptor else []), *tasks, return_exceptions=True)
+    emit("result", **result, **extra, **_whoami())
+
+
+async def scale_echo(args: argparse.Namespace, port: int) -> None:
+    counter = Counter()
+    full = Counter()
+    tasks: set[asyncio.Task[None]] = set()
+    acceptor: asyncio.Task[None] | None = None
+    if args.impl == "udpx-recv":
+        ln = await udpx.listen(HOST, port, **_scale_options(args))
+
+        async def accept_all() -> None:
+            async for conn in ln:
+                tasks.add(asyncio.create_task(echo_recv(conn, counter)))
+
+        acceptor = asyncio.create_task(accept_all())
+    elif args.impl == "udpx-proto":
+        ln = await udpx.listen(HOST, port,
+                               protocol_factory=lambda: EchoConnProtocol(counter, full),
+                               **_scale_options(args))
+    else:
+        raise SystemExit(f"unknown scale echo server {args.impl}")
+    emit("ready", port=ln.local_addr[1], reuse_port=ln.options.reuse_port, **_whoami())
+    try:
+        # Until the harness's SIGTERM (udpx.run cancels main in every worker), or the
+        # deadline (main returns: a worker whose main returned is not restarted).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.Event().wait(), args.deadline)
+    finally:
+        stats = ln.stats
+        emit("result", echoed=counter.n, cpu_seconds=cpu_seconds(), conns=stats.conns,
+             drops=dict(stats.drops), queue_full=full.n, fds=open_fds(), **_whoami())
+        await ln.aclose()
+        if acceptor is not None:
+            acceptor.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*([acceptor] if acceptor else []), *tasks,
+                             return_exceptions=True)
+
+
 # -- QUIC bulk download (aioquic) ------------------------------------------------------------
 
 #: The body is this block (pseudo-random, the same in both processes) repeated and cut to size.
@@ -783,7 +928,8 @@ async def memory(args: argparse.Namespace) -> dict[str, Any]:
     closers: list[Callable[[], Coroutine[Any, Any, None]]] = []
     if args.impl == "udpx":
         ln = await udpx.listen(HOST, 0, rcvbuf=RCVBUF, max_conns=n + 2 * warm,
-                               backlog=n + 2 * warm, idle_timeout=None)
+                               backlog=n + 2 * warm, idle_timeout=None,
+                               connected=args.connected)
 
         async def accept_all() -> None:
             async for conn in ln:
@@ -853,12 +999,16 @@ async def memory(args: argparse.Namespace) -> dict[str, Any]:
     gc.collect()
     await asyncio.sleep(0.05)
     rss_before = rss_bytes()
+    fds_before = open_fds()
     started = time.perf_counter()
+    cpu_started = cpu_seconds()
     while opened() < n:
         await add_peers(min(chunk, n - opened()), min(n, opened() + chunk))
         if time.perf_counter() - started > args.deadline:
             break
     fill_seconds = time.perf_counter() - started
+    fill_cpu = cpu_seconds() - cpu_started
+    fds_after = open_fds()
     gc.collect()
     await asyncio.sleep(0.05)
     rss_after = rss_bytes()
@@ -874,7 +1024,9 @@ async def memory(args: argparse.Namespace) -> dict[str, Any]:
         await close()
     return {"conns": count, "rss_before": rss_before, "rss_after": rss_after,
             "bytes_per_conn": (rss_after - rss_before) / count if count else 0.0,
-            "fill_seconds": fill_seconds, "stalls": stalls, **extra}
+            "fill_seconds": fill_seconds, "fill_cpu_seconds": fill_cpu,
+            "cpu_us_per_conn": fill_cpu * 1e6 / count if count else 0.0,
+            "fds_before": fds_before, "fds_after": fds_after, "stalls": stalls, **extra}
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -887,6 +1039,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     recv.add_argument("impl", choices=["udpx-recv", "udpx-recv_many", "udpx-proto", "proto",
                                        "udpx-dropin", "asyncio-dgram"])
     recv.add_argument("--batch-size", type=int, default=64, help="udpx listener's batch_size")
+    recv.add_argument("--connected", action="store_true",
+                      help="listen(connected=True): a socket per peer")
     send = kinds.add_parser("send")
     send.add_argument("impl", choices=["udpx-send", "udpx-send_many", "sendto", "socket"])
     send.add_argument("--port", type=int, required=True)
@@ -903,6 +1057,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     for sub in (recv, echo_server):
         sub.add_argument("--listen-host", default=HOST,
                          help="udpx listener's address (0.0.0.0: wildcard, with packet info)")
+    scaled = kinds.add_parser("scale", help="udpx.run(main, workers=N): receive or echo")
+    scaled.add_argument("impl", choices=["udpx-recv", "udpx-recv_many", "udpx-proto"])
+    scaled.add_argument("--mode", choices=["receive", "echo"], required=True)
+    scaled.add_argument("--workers", type=int, default=1)
     quic_srv = kinds.add_parser("quic-server")
     quic_cli = kinds.add_parser("quic-client")
     quic_cli.add_argument("--port", type=int, required=True)
@@ -917,7 +1075,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     mem.add_argument("--n", type=int, required=True)
     mem.add_argument("--size", type=int, required=True)
     mem.add_argument("--peers-bin", required=True)
-    for sub in (recv, send, flood_sender, echo_server, quic_srv, quic_cli, mem):
+    mem.add_argument("--connected", action="store_true",
+                     help="listen(connected=True): a socket per peer")
+    for sub in (recv, send, flood_sender, echo_server, scaled, quic_srv, quic_cli, mem):
         sub.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
         sub.add_argument("--warmup", type=float, default=0.2)
         sub.add_argument("--window", type=float, default=1.0)
@@ -930,6 +1090,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parse(argv)
     result: dict[str, Any]
+    if args.kind == "scale":
+        scale(args)  # every worker prints its own lines
+        return
     if args.kind == "send" and args.impl == "socket":
         result = send_socket(args)
     else:

@@ -85,3 +85,34 @@ def test_quic(settings: Settings) -> None:
 @pytest.mark.parametrize("size", SIZES)
 def test_memory(size: int, settings: Settings, programs: dict[str, Path]) -> None:
     run("memory", size, settings, programs)
+
+
+def quick_at_one_size(size: int, settings: Settings) -> None:
+    """The workers and connected-mode cases run at 64 bytes only in quick mode (the same code
+    paths; it keeps the smoke run short)."""
+    if settings.quick and size != SIZES[0]:
+        pytest.skip(f"quick mode: {SIZES[0]}-byte datagrams only")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_scale(size: int, settings: Settings, programs: dict[str, Path]) -> None:
+    quick_at_one_size(size, settings)
+    run("scale", size, settings, programs)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_scale_echo(size: int, settings: Settings, programs: dict[str, Path]) -> None:
+    quick_at_one_size(size, settings)
+    run("scale_echo", size, settings, programs)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_connected(size: int, settings: Settings, programs: dict[str, Path]) -> None:
+    quick_at_one_size(size, settings)
+    run("connected", size, settings, programs)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_connected_admit(size: int, settings: Settings, programs: dict[str, Path]) -> None:
+    quick_at_one_size(size, settings)
+    run("connected_admit", size, settings, programs)

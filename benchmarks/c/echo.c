@@ -19,7 +19,10 @@
  *                                carries its socket's index and sequence number). The sockets
  *                                start 256 at a time; the warm-up opens once every socket had
  *                                a reply (or after half the deadline) and lasts WARMUP seconds,
- *                                the window SECONDS; server CPU as for "client"
+ *                                the window SECONDS; server CPU as for "client". SERVER_PID may
+ *                                be a comma-separated list (a server in several worker
+ *                                processes): the server's CPU is their sum, and each one's is
+ *                                in "server_cpu_each"
  */
 #include "common.h"
 
@@ -184,6 +187,33 @@ static int client(int argc, char **argv) {
 #define TIMEOUT 0.2
 #define RAMP 256
 #define EVENTS 256
+#define MAX_PIDS 64
+
+/* "PID" or "PID,PID,...": the server's processes (at most MAX_PIDS). */
+static int parse_pids(const char *text, int *pids) {
+    int n = 0;
+    const char *p = text;
+    while (*p && n < MAX_PIDS) {
+        char *end;
+        long pid = strtol(p, &end, 10);
+        if (end == p || pid <= 0) break;
+        pids[n++] = (int)pid;
+        p = *end == ',' ? end + 1 : end;
+        if (*end != ',') break;
+    }
+    return n;
+}
+
+/* The on-CPU seconds of every process in PIDS (into EACH) and their sum; -1 if one is gone. */
+static double cpu_of_all(const int *pids, int n, double *each) {
+    double total = 0;
+    for (int k = 0; k < n; k++) {
+        each[k] = cpu_of(pids[k]);
+        if (each[k] < 0) return -1.0;
+        total += each[k];
+    }
+    return total;
+}
 
 static int clients(int argc, char **argv) {
     if (argc != 9) {
@@ -192,8 +222,10 @@ static int clients(int argc, char **argv) {
     }
     int port = atoi(argv[2]), size = atoi(argv[3]), nsocks = atoi(argv[4]);
     double warmup = atof(argv[5]), seconds = atof(argv[6]), deadline = atof(argv[7]);
-    int server_pid = atoi(argv[8]);
-    if (size < 8 || size > SLOT || nsocks < 1 || port < 1 || port > 65535) {
+    int server_pids[MAX_PIDS];
+    double each0[MAX_PIDS], each1[MAX_PIDS];
+    int npids = parse_pids(argv[8], server_pids);
+    if (size < 8 || size > SLOT || nsocks < 1 || port < 1 || port > 65535 || npids < 1) {
         fprintf(stderr, "echo: bad arguments\n");
         return 2;
     }
@@ -289,11 +321,13 @@ static int clients(int argc, char **argv) {
             first = t;
         }
         if (first >= 0 && t0 < 0 && t >= first + warmup) {
-            t0 = t; c0 = replies; timeouts0 = timeouts; s0 = cpu_of(server_pid);
+            t0 = t; c0 = replies; timeouts0 = timeouts;
+            s0 = cpu_of_all(server_pids, npids, each0);
             cpu0 = cpu_self();
         }
         if (t0 >= 0 && t >= t0 + seconds) {
-            t1 = t; c1 = replies; timeouts1 = timeouts; s1 = cpu_of(server_pid);
+            t1 = t; c1 = replies; timeouts1 = timeouts;
+            s1 = cpu_of_all(server_pids, npids, each1);
             cpu1 = cpu_self();
             break;
         }
@@ -307,11 +341,16 @@ static int clients(int argc, char **argv) {
            "\"rate\": %.1f, \"server_cpu_seconds\": %.6f, \"server_cpu_us_per_rt\": %.4f, "
            "\"client_cpu_seconds\": %.6f, \"timeouts\": %lld, \"window_timeouts\": %lld, "
            "\"stale\": %lld, \"send_errors\": %lld, \"answered\": %d, \"ready_after\": %.3f, "
-           "\"window_complete\": %s}\n",
+           "\"window_complete\": %s, \"server_cpu_each\": [",
            nsocks, replies, requests, count, secs, secs > 0 ? count / secs : 0.0, server_cpu,
            count > 0 && server_cpu >= 0 ? server_cpu * 1e6 / (double)count : -1.0,
            cpu1 - cpu0, timeouts, timeouts1 - timeouts0, stale, send_errors, answered_count,
            first >= 0 ? first - start : -1.0, t1 >= 0 ? "true" : "false");
+    for (int k = 0; k < npids; k++) {
+        int ok = t1 >= 0 && s0 >= 0 && s1 >= 0;
+        printf("%s%.6f", k ? ", " : "", ok ? each1[k] - each0[k] : -1.0);
+    }
+    printf("]}\n");
     fflush(stdout);
     for (int i = 0; i < nsocks; i++) close(fds[i]);
     close(ep);

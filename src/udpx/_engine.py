@@ -33,7 +33,7 @@ from ._cmsg import (
 from ._mmsg import RecvBatch, SingleRecv, make_receiver, make_sender, message_datagrams
 from ._options import Options
 from ._queue import Arena, TxQueue
-from ._reader import BatchReader
+from ._reader import MAX_DATAGRAMS_PER_WAKEUP, BatchReader
 from ._sockets import (
     Address,
     PeerKey,
@@ -149,7 +149,8 @@ class SocketEngine(Releasing):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, options: Options,
                  sink: Sink, *, named: bool, pktinfo: bool = False,
-                 recverr: bool = False, on_empty: Callable[[], None] | None = None) -> None:
+                 recverr: bool = False, on_empty: Callable[[], None] | None = None,
+                 read_budget: int = MAX_DATAGRAMS_PER_WAKEUP) -> None:
         super().__init__()
         self.loop = loop
         self.sock = sock
@@ -184,7 +185,7 @@ class SocketEngine(Releasing):
                                   self._on_error,
                                   on_nothing=self.drain_errors if self.recverr else None,
                                   before=self.writer.defer, after=self.writer.flush_scheduled,
-                                  on_empty=on_empty)
+                                  on_empty=on_empty, budget=read_budget)
         self._named = named
         self._max_datagram = options.max_datagram
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)

@@ -123,7 +123,8 @@ class Listener(asyncio.DatagramProtocol):
             raise UDPXError("connected=True needs the batch engine, which this loop cannot "
                             "drive")
         self._peer_engines: dict[UDPConn, SocketEngine] = {}
-        self._handover: list[tuple[UDPConn, SocketEngine]] = []
+        # Each with the datagrams its socket held right after connect() (see _read_early).
+        self._handover: list[tuple[UDPConn, SocketEngine, list[tuple[bytes, Address]]]] = []
         self._retired = [0, 0, 0, 0]  # tx packets, tx bytes, send errors, kernel drops
         self._fd_limited = 0
         self._fd_cap = _fd_cap() if self._connected else 0
@@ -224,7 +225,7 @@ class Listener(asyncio.DatagramProtocol):
             assert isinstance(sink, PeerSink)
             sink.attach(conn)
             self._peer_engines[conn] = engine
-            self._handover.append((conn, engine))
+            self._handover.append((conn, engine, self._read_early(engine)))
             self._engine.reader.drain_to_empty = True  # type: ignore[attr-defined]
         self._conns[key] = conn
         if logger.isEnabledFor(logging.DEBUG):
@@ -290,7 +291,13 @@ class Listener(asyncio.DatagramProtocol):
                                exc)
             return None
         try:
-            return SocketEngine(self._loop, sock, options, PeerSink(), named=False)
+            # One batch per wake-up: the loop wakes every readable peer socket in the same
+            # iteration, so the usual budget (1,024 per socket) would let one iteration read
+            # up to N x 1,024 datagrams under load (about a second with 1,000 busy peers:
+            # timers and tasks starve); a batch each keeps an iteration near what the shared
+            # socket's reader takes, and the rest waits in each socket's kernel buffer.
+            return SocketEngine(self._loop, sock, options, PeerSink(), named=False,
+                                read_budget=options.batch_size)
         except BaseException:
             sock.close()
             raise
@@ -303,27 +310,41 @@ class Listener(asyncio.DatagramProtocol):
         if not self._handover:
             return
         pending, self._handover = self._handover, []
-        for conn, engine in pending:
+        for conn, engine, early in pending:
             if conn.closed:
                 continue
-            self._take_early(conn, engine)
+            self._take_early(conn, engine, early)
             engine.reader.start()
 
-    def _take_early(self, conn: UDPConn, engine: SocketEngine) -> None:
-        """Datagrams that reached the new socket between its bind() and its connect(): that
-        socket then matched any peer as well as the listener's did. The peer's go to its
-        connection; another peer's go through the listener, as if the listener had read
+    def _read_early(self, engine: SocketEngine) -> list[tuple[bytes, Address]]:
+        """Read, right after its connect(), what reached the new socket between its bind()
+        and its connect() (that socket then matched any peer as well as the listener's did),
+        to be delivered at the handover. Read now, not at the handover: by then the socket
+        also holds everything the peer sent since the connect, which its batch reader takes
+        (reading that here, one recvfrom of max_datagram + 1 bytes per datagram for every
+        pending connection in one callback, stalled the loop for seconds under a flood of
+        new peers)."""
+        early: list[tuple[bytes, Address]] = []
+        recvfrom = engine.sock.recvfrom
+        size = self._options.max_datagram + 1
+        for _ in range(MAX_EARLY_DATAGRAMS):
+            try:
+                early.append(recvfrom(size))
+            except OSError:  # BlockingIOError: nothing (more); or a pending ICMP error
+                break
+        return early
+
+    def _take_early(self, conn: UDPConn, engine: SocketEngine,
+                    early: list[tuple[bytes, Address]]) -> None:
+        """Deliver the datagrams ``_read_early`` took from the new socket: the peer's go to
+        its connection; another peer's go through the listener, as if the listener had read
         them."""
         family = self._family
         key = conn._key
         assert key is not None
         peer_key, local = split_key(family, key) if self._pktinfo else (key, None)
         sink = engine.sink
-        for _ in range(MAX_EARLY_DATAGRAMS):
-            try:
-                data, address = engine.sock.recvfrom(self._options.max_datagram + 1)
-            except OSError:  # BlockingIOError: nothing (more); or a pending ICMP error
-                return
+        for data, address in early:
             source = key_from_address(family, address)
             if source == peer_key:
                 sink.feed_one(None, data if len(data) <= self._options.max_datagram else None)

@@ -33,8 +33,11 @@ class BatchReader:
                  on_nothing: Callable[[], object] | None = None,
                  after: Callable[[], None] | None = None,
                  before: Callable[[], None] | None = None,
-                 on_empty: Callable[[], None] | None = None) -> None:
+                 on_empty: Callable[[], None] | None = None,
+                 budget: int = MAX_DATAGRAMS_PER_WAKEUP) -> None:
         self._loop = loop
+        #: Datagrams read at most per wake-up (then the loop runs other callbacks first).
+        self.budget = budget
         self._sock = sock
         self._fd = sock.fileno()
         self.receiver = receiver
@@ -83,7 +86,7 @@ class BatchReader:
         size = self.receiver.size
         fd = self._fd
         on_batch = self._on_batch
-        budget = MAX_DATAGRAMS_PER_WAKEUP
+        budget = full_budget = self.budget
         while budget > 0:
             try:
                 count = receive(fd)
@@ -93,7 +96,7 @@ class BatchReader:
             if count == 0:
                 if self.on_empty is not None:
                     self.on_empty()
-                if budget == MAX_DATAGRAMS_PER_WAKEUP and self._on_nothing is not None:
+                if budget == full_budget and self._on_nothing is not None:
                     # Woken for nothing: the error queue (POLLERR). uvloop drops a reader after
                     # POLLERR even when the error was already read (by the writer's drain),
                     # so register again, as after an error.
