@@ -612,10 +612,9 @@ def fallback_reason(loop: asyncio.AbstractEventLoop, local_addr: object, remote_
     if proactor is not None and isinstance(loop, proactor):  # pragma: no cover - Windows
         return "a Proactor loop cannot watch sockets"
     if sock is not None:
+        # (A socket of another type is udpx's to refuse, with asyncio's error.)
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
             return f"socket family {sock.family!r}"
-        if sock.type != socket.SOCK_DGRAM:
-            return None  # the checks below raise asyncio's error
         return None
     if family not in (0, socket.AF_INET, socket.AF_INET6):
         return f"address family {family!r}"

@@ -77,10 +77,6 @@ async def _patched_method(self: asyncio.AbstractEventLoop,
     return await _create(self, options, protocol_factory, local_addr, remote_addr, **kwargs)
 
 
-def _check_options(options: dict[str, Any]) -> Options:
-    return endpoint_options(options)
-
-
 def patch_loop(loop: asyncio.AbstractEventLoop, **options: Any) -> asyncio.AbstractEventLoop:
     """Make ``loop.create_datagram_endpoint`` udpx's, with ``options`` (udpx's endpoint
     options: ``batch_size``, ``max_datagram``, ``tx_queue_size``, ``rcvbuf``, ``sndbuf``,
@@ -93,7 +89,7 @@ def patch_loop(loop: asyncio.AbstractEventLoop, **options: Any) -> asyncio.Abstr
     """
     if not isinstance(loop, asyncio.AbstractEventLoop):
         raise TypeError(f"patch_loop() needs an event loop, got {loop!r}")
-    checked = _check_options(options)
+    checked = endpoint_options(options)
     try:
         setattr(loop, _OPTIONS_ATTR, checked)
         setattr(loop, _NAME, MethodType(_patched_method, loop))
@@ -130,7 +126,7 @@ def install(**options: Any) -> None:
         TypeError: an option is unknown.
         ValueError: an option's value is invalid.
     """
-    _installed[0] = _check_options(options)
+    _installed[0] = endpoint_options(options)
     for cls in _loop_classes():
         if cls not in _stock:
             _own[cls] = _NAME in cls.__dict__
@@ -163,7 +159,7 @@ def loop_factory(base: Callable[[], asyncio.AbstractEventLoop] | None = None,
     if base is not None and not callable(base):
         raise TypeError(f"base must be a loop factory (callable), got {base!r}")
     make = base if base is not None else asyncio.new_event_loop
-    _check_options(options)
+    endpoint_options(options)
 
     def new_loop() -> asyncio.AbstractEventLoop:
         return patch_loop(make(), **options)
