@@ -50,9 +50,9 @@ from ._queue import Arena, TxAccount
 from ._sockets import (
     Address,
     PeerKey,
-    _set_buffer,
     address_from_key,
     max_payload,
+    set_buffers,
     sockaddr_from_address,
 )
 from ._stats import ConnStats, drops_mapping, ecn_mapping
@@ -749,10 +749,7 @@ async def open_endpoint(
                                           proto=proto, flags=flags, reuse_port=reuse_port,
                                           allow_broadcast=allow_broadcast)
     try:
-        if options.rcvbuf is not None:
-            _set_buffer(sock, socket.SO_RCVBUF, "rcvbuf", options.rcvbuf, "net.core.rmem_max")
-        if options.sndbuf is not None:
-            _set_buffer(sock, socket.SO_SNDBUF, "sndbuf", options.sndbuf, "net.core.wmem_max")
+        set_buffers(sock, options.rcvbuf, options.sndbuf)
         protocol = protocol_factory()
         transport = EndpointTransport(loop, sock, protocol, options, remote)
     except BaseException:

@@ -20,7 +20,7 @@ from ._cmsg import pktinfo_ancillary
 from ._conn import UDPConn
 from ._demux import Demux
 from ._dial import PeerSink
-from ._engine import SocketEngine
+from ._engine import Engine, SocketEngine
 from ._errors import ListenerClosed, UDPXError
 from ._idle import PRESSURE_FLOOR, PRESSURE_THRESHOLD, effective_timeout, sweep, sweep_interval
 from ._opening import Opening
@@ -64,6 +64,12 @@ FD_RESERVE = 64
 #: Datagrams read from a new connected socket's queue before its reader starts (those that
 #: reached it between bind() and connect()).
 MAX_EARLY_DATAGRAMS = 1024
+
+
+def _engine_totals(engine: Engine) -> tuple[int, int, int, int]:
+    """A socket's tx packets, tx bytes, send errors and kernel drops."""
+    writer = engine.writer
+    return writer.tx_packets, writer.tx_bytes, writer.tx_errors, engine.kernel_drops()
 
 
 def _fd_cap() -> int:
@@ -353,12 +359,8 @@ class Listener(asyncio.DatagramProtocol):
                               data if len(data) <= self._options.max_datagram else None)
 
     def _retire(self, engine: SocketEngine) -> None:
-        writer = engine.writer
-        totals = self._retired
-        totals[0] += writer.tx_packets
-        totals[1] += writer.tx_bytes
-        totals[2] += writer.tx_errors
-        totals[3] += engine.kernel_drops()
+        self._retired = [total + count for total, count in zip(self._retired,
+                                                               _engine_totals(engine))]
 
     async def accept(self) -> UDPConn:
         """Wait for the next connection (a datagram from a new peer).
@@ -533,18 +535,10 @@ class Listener(asyncio.DatagramProtocol):
         O(1): the totals are kept as datagrams pass, not summed over connections."""
         pool = self._pool
         demux = self._demux
-        writer = self._writer
         # Connected mode adds each connection's own socket: O(open connections) there.
-        tx_packets, tx_bytes, tx_errors, kernel = self._retired
-        tx_packets += writer.tx_packets
-        tx_bytes += writer.tx_bytes
-        tx_errors += writer.tx_errors
-        kernel += self._engine.kernel_drops()
-        for engine in self._peer_engines.values():
-            tx_packets += engine.writer.tx_packets
-            tx_bytes += engine.writer.tx_bytes
-            tx_errors += engine.writer.tx_errors
-            kernel += engine.kernel_drops()
+        tx_packets, tx_bytes, tx_errors, kernel = map(sum, zip(
+            self._retired, _engine_totals(self._engine),
+            *map(_engine_totals, self._peer_engines.values())))
         counts = {
             "rx_queue_full": pool.dropped_full,
             "truncated": pool.dropped_truncated,

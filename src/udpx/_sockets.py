@@ -208,10 +208,7 @@ def bind_socket(family: int, address: Address | None, *, connect_to: Address | N
         if reuse_addr:
             # Connected mode: per-peer sockets share the listener's address (see _listener).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if rcvbuf is not None:
-            _set_buffer(sock, socket.SO_RCVBUF, "rcvbuf", rcvbuf, "net.core.rmem_max")
-        if sndbuf is not None:
-            _set_buffer(sock, socket.SO_SNDBUF, "sndbuf", sndbuf, "net.core.wmem_max")
+        set_buffers(sock, rcvbuf, sndbuf)
         if address is not None:
             sock.bind(address)
         if connect_to is not None:
@@ -231,6 +228,14 @@ def _read_sysctl(name: str) -> int | None:
             return int(file.read().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def set_buffers(sock: socket.socket, rcvbuf: int | None, sndbuf: int | None) -> None:
+    """Request the socket buffer sizes that are not None (warning once when capped)."""
+    if rcvbuf is not None:
+        _set_buffer(sock, socket.SO_RCVBUF, "rcvbuf", rcvbuf, "net.core.rmem_max")
+    if sndbuf is not None:
+        _set_buffer(sock, socket.SO_SNDBUF, "sndbuf", sndbuf, "net.core.wmem_max")
 
 
 def _set_buffer(sock: socket.socket, option: int, name: str, requested: int,

@@ -342,17 +342,22 @@ class Writer:
                 if not retried and self._earlier_error(exc, owner):
                     retried = True
                     continue
-                owner.errors += 1
-                self.tx_errors += 1
-                logger.debug("udpx: datagram of %d bytes dropped: %s", len(data), exc)
-                if self._send_failed is not None:
-                    self._send_failed(exc)
+                self._refused(owner, data, exc)
                 return True
             owner.packets += 1
             owner.bytes += len(data)
             self.tx_packets += 1
             self.tx_bytes += len(data)
             return True
+
+    def _refused(self, owner: TxAccount, data: bytes, exc: OSError) -> None:
+        """The kernel refused one datagram: counted on its connection (``send_error``), told
+        to ``send_failed``, and the writer goes on."""
+        owner.errors += 1
+        self.tx_errors += 1
+        logger.debug("udpx: datagram of %d bytes dropped: %s", len(data), exc)
+        if self._send_failed is not None:
+            self._send_failed(exc)
 
     def _resume_paused(self) -> None:
         # Once per crossing of the low mark, O(connections told to pause).
@@ -498,12 +503,8 @@ class Writer:
                 if self._earlier_error(exc, owner) and not retried_refusal:
                     retried_refusal = True
                     continue
-                owner.errors += 1
-                self.tx_errors += 1
-                logger.debug("udpx: datagram of %d bytes dropped: %s", len(chunk[start]), exc)
+                self._refused(owner, chunk[start], exc)
                 start += 1
-                if self._send_failed is not None:
-                    self._send_failed(exc)
                 retried_refusal = False
                 continue
             end = start + sent
