@@ -78,7 +78,7 @@ def test_writer_waits_for_writability_on_eagain(run: Runner[Any]) -> None:
             sending.setblocking(False)
             receiving.setblocking(False)
             writer = Writer(loop, sending, make_sender(sending, 64, 2048, False, None),
-                            TxQueue(total), False, gso=False)
+                            TxQueue(total), False)
             account = TxAccount(None)
             for index in range(total):
                 writer.queue.put(b"%d" % index, account)

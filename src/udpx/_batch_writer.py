@@ -65,9 +65,12 @@ class BatchWriter:
         writer = conn._writer
         if self._sender is None:
             family = writer._sock.family
+            # Laid out as the socket's own sender (room for a wildcard listener's source
+            # address, a TOS byte).
             self._sender = make_sender(writer._sock, max(self._size, 2), conn._max_send,
                                        conn._tx.sockaddr is not None,
-                                       lambda raw: address_from_sockaddr(family, raw))
+                                       lambda raw: address_from_sockaddr(family, raw),
+                                       state=writer.state)
         buffer = self._buffer
         self._buffer = []
         handled = 0 if conn.closed else writer.send_now(buffer, conn._tx, self._sender)

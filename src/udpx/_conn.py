@@ -231,7 +231,7 @@ class UDPConn:
             # A dialed connection owns its socket: the socket option marks everything.
             set_tos(self._engine.sock, value)
         else:
-            if not self._writer.controls:
+            if not self._writer.state.controls:
                 raise UDPXError("conn.tos on a listener's connection needs the listener "
                                 "opened with ecn=True (per-datagram control messages)")
             ancillary = [item for item in self._tx.ancillary if item[:2] not in TOS_KINDS]

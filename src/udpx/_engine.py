@@ -1,8 +1,9 @@
 """The socket engine: one object owns one UDP socket and everything the kernel does for it.
 
-It owns the socket, its kernel capabilities (the batch arrays, GSO in the writer, GRO in the
-receiver), the batch reader, the single writer with its transmit queue, the kernel's drop
-counter, the socket's part of ``describe()`` and the flush-then-close. What the datagrams mean
+It owns the socket, its kernel capabilities (``_cmsg.SocketState``: what the kernel agreed to
+do for the socket, which lays out the batch arrays and judges GSO failures), the batch reader,
+the single writer with its transmit queue, the kernel's drop counter, the socket's part of
+``describe()`` and the flush-then-close. What the datagrams mean
 is a **sink**'s business:
 
 - a listener is an engine plus the demultiplexer sink (``Listener``);
@@ -23,14 +24,15 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, final
 
-from ._cmsg import (
-    enable_pktinfo,
-    enable_recverr,
-    enable_recvtos,
-    read_error,
-    set_dont_fragment,
+from ._cmsg import SocketState, read_error
+from ._mmsg import (
+    HAVE_MMSG,
+    RecvBatch,
+    SingleRecv,
+    make_receiver,
+    make_sender,
+    message_datagrams,
 )
-from ._mmsg import RecvBatch, SingleRecv, make_receiver, make_sender, message_datagrams
 from ._options import Options
 from ._queue import Arena, TxQueue
 from ._reader import MAX_DATAGRAMS_PER_WAKEUP, BatchReader
@@ -83,6 +85,8 @@ class Engine(Protocol):
 
     sock: socket.socket
     writer: Writer
+    #: What the kernel does for the socket (all off on a loop transport).
+    state: SocketState
     rcvbuf: int
     sndbuf: int
     #: Connections are (peer, local address) and answer from it (wildcard listeners).
@@ -157,36 +161,32 @@ class SocketEngine(Releasing):
         self.family = sock.family
         self.sink = sink
         family = sock.family
-        #: Each datagram's local address is known and each reply leaves from it (a wildcard
-        #: listener; see _cmsg): keys are (peer, local address).
-        self.pktinfo = pktinfo and enable_pktinfo(sock)
-        #: Each datagram's ECN codepoint is read and counted per connection (``ecn``), and a
-        #: connection's datagrams may carry a TOS byte of their own (``conn.tos``).
-        self.ecn = options.ecn and enable_recvtos(sock)
+        #: What the kernel does for this socket (GSO, GRO, packet info, TOS bytes, the error
+        #: queue, don't-fragment): asked for once here, downgraded where it refuses.
+        self.state = state = SocketState(
+            sock, batched=options.batch_size > 1 and HAVE_MMSG,
+            slot_size=options.max_datagram, named=named, gso=options.gso, gro=options.gro,
+            pktinfo=pktinfo, ecn=options.ecn, recverr=recverr,
+            dont_fragment=options.dont_fragment)
         self.receiver = make_receiver(sock, options.batch_size, options.max_datagram, named,
                                       lambda address: key_from_address(family, address),
-                                      gro=options.gro, pktinfo=self.pktinfo, tos=self.ecn)
+                                      state=state)
         self.sender = make_sender(sock, options.batch_size, options.max_datagram, named,
-                                  lambda raw: address_from_sockaddr(family, raw),
-                                  pktinfo=self.pktinfo, tos=self.ecn)
-        #: ICMP errors about datagrams sent from this unconnected socket are read from its
-        #: error queue and handed to the sink per peer (a listener's connections).
-        self.recverr = (recverr or options.dont_fragment) and enable_recverr(sock)
-        #: Datagrams leave with don't-fragment; "too big" reports set the path MTU.
-        self.dont_fragment = options.dont_fragment and set_dont_fragment(sock)
+                                  lambda raw: address_from_sockaddr(family, raw), state=state)
         self.writer = Writer(loop, sock, self.sender, TxQueue(options.tx_queue_size), named,
-                             gso=options.gso and options.batch_size > 1,
-                             controls=self.pktinfo or (self.ecn and named),
-                             pending_error=self.drain_errors if self.recverr else None,
+                             state=state,
+                             pending_error=self.drain_errors if state.recverr else None,
                              direct=True)
         single = isinstance(self.receiver, SingleRecv)
         self.reader = BatchReader(loop, sock, self.receiver,
                                   self._on_single if single else self._on_batch,
                                   self._on_error,
-                                  on_nothing=self.drain_errors if self.recverr else None,
+                                  on_nothing=self.drain_errors if state.recverr else None,
                                   before=self.writer.defer, after=self.writer.flush_scheduled,
                                   on_empty=on_empty, budget=read_budget)
         self._named = named
+        self._ecn = state.ecn
+        self.pktinfo = state.pktinfo
         self._max_datagram = options.max_datagram
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)
 
@@ -204,7 +204,7 @@ class SocketEngine(Releasing):
         keys = receiver.keys(count) if self._named else None
         sizes = receiver.segment_sizes(count)
         delivered = self._feed(lengths, receiver.truncated(count), keys, sizes)
-        if self.ecn:
+        if self._ecn:
             # After the batch (a new peer's connection is made there): its marks.
             self._count_ecn(count, keys, lengths, sizes)
         return delivered
@@ -260,7 +260,7 @@ class SocketEngine(Releasing):
 
     def _on_error(self, exc: OSError) -> None:
         # With IP_RECVERR the error is the first queued one: the queue says whose it is.
-        if not (self.recverr and self.drain_errors()):
+        if not (self.state.recverr and self.drain_errors()):
             self.sink.socket_error(exc)
 
     def drain_errors(self) -> bool:
@@ -284,7 +284,7 @@ class SocketEngine(Releasing):
                 key = key_from_address(family, address)
             except (OSError, ValueError, TypeError):
                 continue
-            if self.pktinfo and local is not None:
+            if self.state.pktinfo and local is not None:
                 key = join_key(family, key, local)
             self.sink.peer_error(key, OSError(code, os.strerror(code)), info)
         return found
@@ -300,9 +300,7 @@ class SocketEngine(Releasing):
         """The socket's part of ``describe()``."""
         rcvbuf, sndbuf = buffer_sizes(self.sock) if not self._released else (0, 0)
         return {"engine": "mmsg", "fd": self.sock.fileno(), "rcvbuf": rcvbuf, "sndbuf": sndbuf,
-                "batch_size": self.receiver.size, "pktinfo": self.pktinfo,
-                "recverr": self.recverr, "dont_fragment": self.dont_fragment, "ecn": self.ecn,
-                "gso": self.writer.gso, "gro": self.receiver.gro,
+                "batch_size": self.receiver.size, **self.state.describe(),
                 "tx_queued": len(self.writer.queue)}
 
     # -- closing ----------------------------------------------------------------------------

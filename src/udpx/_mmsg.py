@@ -35,9 +35,9 @@ from ._cmsg import (
     SOL_UDP,
     UDP_GRO,
     V4_MAPPED,
+    SocketState,
     ancillaries_of,
     cmsg_space,
-    enable_gro,
     local_from_ancillary,
     parse_local,
     parse_tos,
@@ -639,26 +639,28 @@ Sender = SendBatch | SingleSend
 
 
 def make_receiver(sock: socket.socket, batch_size: int, slot_size: int, named: bool,
-                  key_of: Any, *, gro: bool = False, pktinfo: bool = False,
-                  tos: bool = False) -> Receiver:
-    """The batch receiver for ``sock``, or the single-datagram one (batch_size 1, no recvmmsg).
-
-    ``gro`` asks for UDP GRO; it is used only where the kernel accepts it and the slot holds
-    any UDP datagram (a run of small datagrams can fill 64 KiB)."""
+                  key_of: Any, *, state: SocketState | None = None) -> Receiver:
+    """The batch receiver for ``sock``, or the single-datagram one (batch_size 1, no recvmmsg),
+    laid out for what ``state`` says the kernel reports (GRO runs, packet info, TOS bytes)."""
+    pktinfo = state is not None and state.pktinfo
     if batch_size > 1 and HAVE_MMSG:
-        gro = enable_gro(sock) if gro and slot_size >= 65535 else False
-        return RecvBatch(batch_size, slot_size, sock.family, named, gro=gro, pktinfo=pktinfo,
-                         tos=tos)
+        return RecvBatch(batch_size, slot_size, sock.family, named,
+                         gro=state is not None and state.gro, pktinfo=pktinfo,
+                         tos=state is not None and state.ecn)
     return SingleRecv(sock, slot_size, key_of, pktinfo=pktinfo)
 
 
 def make_sender(sock: socket.socket, batch_size: int, slot_size: int, named: bool,
-                address_of: Any, *, pktinfo: bool = False, tos: bool = False) -> Sender:
-    """The batch sender for ``sock``, or the single-datagram one. ``pktinfo``: datagrams may
-    carry their source address, ``tos`` their TOS byte (control messages per slot)."""
+                address_of: Any, *, state: SocketState | None = None) -> Sender:
+    """The batch sender for ``sock``, or the single-datagram one, with room per slot for the
+    control messages ``state`` says datagrams may carry (source address, TOS byte)."""
     if batch_size > 1 and HAVE_MMSG:
-        namelen = 16 if sock.family == socket.AF_INET else _SOCKADDR_IN6_SIZE
-        space = cmsg_space(12 if sock.family == socket.AF_INET else 20) if pktinfo else 0
-        space += cmsg_space(4) if tos else 0
+        family = sock.family
+        namelen = 16 if family == socket.AF_INET else _SOCKADDR_IN6_SIZE
+        space = 0
+        if state is not None and state.pktinfo:
+            space += cmsg_space(12 if family == socket.AF_INET else 20)
+        if state is not None and state.ecn:
+            space += cmsg_space(4)
         return SendBatch(batch_size, slot_size, named, namelen, control_space=space)
     return SingleSend(sock, address_of)

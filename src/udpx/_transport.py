@@ -22,6 +22,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, final
 
+from ._cmsg import SocketState
 from ._engine import Engine, Releasing, Sink, SocketEngine
 from ._options import Options
 from ._queue import TxQueue
@@ -122,8 +123,10 @@ class TransportEngine(Releasing, asyncio.DatagramProtocol):
         self._named = named
         self._max_datagram = options.max_datagram
         self.sender = TransportSender(sock, options.batch_size)
+        #: The loop's transport uses none of the kernel's mechanisms.
+        self.state = SocketState(sock)
         self.writer = Writer(loop, sock, self.sender, TxQueue(options.tx_queue_size), named,
-                             gso=False)
+                             state=self.state)
         self.transport: asyncio.DatagramTransport | None = None
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)
         self._keys: dict[Address, PeerKey] = {}
@@ -177,7 +180,7 @@ class TransportEngine(Releasing, asyncio.DatagramProtocol):
     def describe(self) -> dict[str, Any]:
         rcvbuf, sndbuf = buffer_sizes(self.sock) if not self._released else (0, 0)
         return {"engine": "transport", "rcvbuf": rcvbuf, "sndbuf": sndbuf, "batch_size": 1,
-                "gso": False, "gro": False, "tx_queued": len(self.writer.queue)}
+                **self.state.describe(), "tx_queued": len(self.writer.queue)}
 
     def stop_reading(self) -> None:
         self._closing = True

@@ -12,15 +12,14 @@ import asyncio
 import errno
 import logging
 import socket
-import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Protocol
 
-from ._cmsg import gso_ancillary
+from ._cmsg import ICMP_ERRNOS, SocketState
 from ._queue import TxAccount, TxQueue
-from ._sockets import address_from_sockaddr, sockaddr_port
+from ._sockets import address_from_sockaddr
 from ._waiters import FifoWaiters
 
 __all__ = ["Writer"]
@@ -29,26 +28,6 @@ logger = logging.getLogger("udpx")
 
 #: Batches sent per callback before yielding to the loop (fairness, as for the reader).
 MAX_BATCHES_PER_CALLBACK = 16
-
-# UDP generic segmentation offload: one sendmsg carries many equal-size datagrams for one peer,
-# segmented by the kernel (or the NIC). The kernel's per-datagram send cost dominates sending,
-# so this is the send side's real win (measured on loopback: about 4x the rate of sendmmsg).
-GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS on older kernels; newer ones allow 128
-GSO_MAX_BYTES = 65507  # one IPv4 datagram's payload (IPv4-mapped peers included)
-HAVE_GSO = sys.platform.startswith("linux")
-
-# Errors a GSO send can get that say "not for this socket or device" rather than "not for this
-# destination": the device cannot checksum segments (EIO), the kernel has no UDP_SEGMENT
-# (ENOPROTOOPT, EOPNOTSUPP). EINVAL is ambiguous: the kernel also returns it for a bad
-# destination (port 0) or a segment above the path MTU, so it turns GSO off only while no GSO
-# send ever succeeded on the socket and the destination is well formed.
-_GSO_REFUSALS = frozenset({errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
-
-# What an ICMP error leaves as a socket's pending error (and so as the failure of its next send).
-_ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
-                          errno.EHOSTDOWN, errno.ENETDOWN, errno.EPROTO, errno.EACCES,
-                          errno.EMSGSIZE, errno.ENONET, errno.ETIMEDOUT})
-
 
 class Sender(Protocol):
     """What the writer sends through: the batch arrays (``_mmsg``), the one-datagram
@@ -72,11 +51,14 @@ class _Pausable(Protocol):
 
 
 class Writer:
-    """Drains ``queue`` into ``sock``. ``named``: each datagram carries its destination."""
+    """Drains ``queue`` into ``sock``. ``named``: each datagram carries its destination.
+
+    ``state`` says what the kernel does for the socket (GSO, per-datagram control messages)
+    and judges GSO failures; the writer does the scheduling and the grouping.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, sender: Sender,
-                 queue: TxQueue, named: bool, *, gso: bool = True,
-                 controls: bool = False,
+                 queue: TxQueue, named: bool, *, state: SocketState | None = None,
                  pending_error: Callable[[], bool] | None = None,
                  send_failed: Callable[[OSError], None] | None = None,
                  flushed: Callable[[], None] | None = None, direct: bool = False) -> None:
@@ -86,9 +68,11 @@ class Writer:
         self.sender = sender
         self.queue = queue
         self._named = named
+        #: The socket's kernel mechanisms (a socket without any: a loop transport, a test).
+        self.state = state if state is not None else SocketState(sock)
         #: Datagrams carry their connection's control messages (source address on packet-info
-        #: listeners, TOS byte): per sendmmsg slot.
-        self.controls = controls
+        #: listeners, TOS byte): per sendmmsg slot, and on the one-datagram path.
+        self._controls = self.state.controls
         #: On an unconnected socket with IP_RECVERR, an ICMP error about one peer is also the
         #: socket's pending error, which fails its next send whatever the destination: this
         #: drains the error queue (handing each error to its peer's connection) and says
@@ -99,22 +83,16 @@ class Writer:
         self._send_failed = send_failed
         #: Called at the end of each drain (once per loop callback, not per datagram).
         self._flushed = flushed
-        #: Whether runs of equal-size datagrams to one peer go out as one GSO send.
-        self.gso = gso and HAVE_GSO
-        #: Whether a lone queued datagram goes out with a plain send/sendto (the batch
-        #: engine's sockets, without per-datagram control messages) rather than the sender.
-        self.direct = direct and not controls
-        #: GSO sends made, and times EAGAIN made the writer wait (tests and benchmarks read them).
-        self.gso_sends = 0
+        #: Whether a lone queued datagram goes out with one plain send/sendto/sendmsg (the
+        #: batch engine's sockets) rather than through the sender.
+        self.direct = direct
+        #: Times EAGAIN made the writer wait (tests and benchmarks read it).
         self.blocked = 0
-        #: Whether a GSO send ever succeeded here (then EINVAL means the destination, not GSO).
-        self._gso_proven = False
         #: Totals over every account of this socket (handed to the kernel / refused), kept as
         #: chunks go so that a listener's stats cost O(1).
         self.tx_packets = 0
         self.tx_bytes = 0
         self.tx_errors = 0
-        self._gso_control: dict[int, list[tuple[int, int, bytes]]] = {}
         self._scheduled = False
         self._handle: asyncio.Handle | None = None
         #: Inside a reader wake-up (see defer()).
@@ -129,6 +107,11 @@ class Writer:
         #: Protocol-mode connections told to pause writing (the queue crossed its high mark),
         #: told to resume once it is down to its low mark.
         self.paused: list[_Pausable] = []
+
+    @property
+    def gso_sends(self) -> int:
+        """GSO sends made on the socket (tests and benchmarks read it)."""
+        return self.state.gso_sends
 
     # -- the application side ------------------------------------------------------------
 
@@ -265,6 +248,7 @@ class Writer:
         owners = queue.owners
         sender = self.sender
         space = self.space
+        state = self.state
         if len(datagrams) == 1 and self.direct:
             # One datagram (a reply in a ping-pong, a game tick): one plain send, without
             # filling the batch arrays and calling sendmmsg through ctypes for a batch of one
@@ -278,7 +262,7 @@ class Writer:
         for _ in range(MAX_BATCHES_PER_CALLBACK):
             if not datagrams or self._waiting_writable:
                 break
-            if self.gso:
+            if state.gso:
                 run = self._gso_run(datagrams, owners)
                 if run > 1:
                     handled = self._send_gso(run)
@@ -294,7 +278,7 @@ class Writer:
             chunk = list(islice(datagrams, count))
             chunk_owners: list[TxAccount] = list(islice(owners, count))
             names = [owner.sockaddr for owner in chunk_owners] if self._named else None
-            controls = ([owner.control for owner in chunk_owners] if self.controls
+            controls = ([owner.control for owner in chunk_owners] if self._controls
                         else None)
             sender.fill(chunk, names, controls)  # type: ignore[arg-type]
             handled = self._send_chunk(chunk, chunk_owners)
@@ -333,7 +317,10 @@ class Writer:
                     if address is None:
                         address = owner.address = address_from_sockaddr(sock.family,
                                                                          owner.sockaddr)
-                    sock.sendto(data, address)
+                    if owner.ancillary:  # its source address, its TOS byte
+                        sock.sendmsg((data,), owner.ancillary, 0, address)
+                    else:
+                        sock.sendto(data, address)
             except BlockingIOError:
                 return False
             except InterruptedError:
@@ -367,13 +354,13 @@ class Writer:
 
     def _gso_run(self, datagrams: deque[bytes], owners: deque[TxAccount]) -> int:
         """How many datagrams at the head of the queue one GSO send can carry: same connection,
-        same size (the last may be shorter, not empty), at most GSO_MAX_SEGMENTS and
-        GSO_MAX_BYTES in all."""
+        same size (the last may be shorter, not empty), at most what the socket's state
+        allows per send."""
         size = len(datagrams[0])
         if size == 0:
             return 0
         owner = owners[0]
-        limit = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size, len(datagrams))
+        limit = min(self.state.gso_limit(size), len(datagrams))
         run = 1
         for data, other in zip(islice(datagrams, 1, limit), islice(owners, 1, limit)):
             if other is not owner:
@@ -391,17 +378,14 @@ class Writer:
 
         Returns how many were handled: ``run``, or 0 on EAGAIN, or -1 when this run must go
         through sendmmsg instead: the destination refused it (the per-datagram path then
-        counts each datagram's error), or the kernel or device refused GSO (then it is off for
-        this socket, logged at WARNING).
+        counts each datagram's error), or the kernel or device refused GSO (then the socket's
+        state turns it off, logged at WARNING).
         """
         queue = self.queue
         chunk = list(islice(queue.datagrams, run))
         owner: TxAccount = queue.owners[0]
-        size = len(chunk[0])
-        control = self._gso_control.get(size)
-        if control is None:
-            control = [gso_ancillary(size)]
-            self._gso_control[size] = control
+        state = self.state
+        control = state.gso_control(len(chunk[0]))
         if owner.ancillary:
             control = [*control, *owner.ancillary]  # the run's source address, TOS byte
         payload = b"".join(chunk)
@@ -423,15 +407,11 @@ class Writer:
                         retried = True
                         continue
                     return -1
-                if self._gso_refused(exc, owner):
-                    self.gso = False
-                    logger.warning("udpx: UDP GSO turned off for %r: the kernel or device "
-                                   "refused it (%s); sending with sendmmsg", self._sock, exc)
+                state.gso_failed(exc, owner.sockaddr)
                 # Either way, this run goes out (or fails, counted per datagram) with sendmmsg.
                 return -1
             break
-        self._gso_proven = True
-        self.gso_sends += 1
+        state.gso_sent()
         owner.packets += run
         owner.bytes += len(payload)
         self.tx_packets += run
@@ -445,24 +425,13 @@ class Writer:
           peer's) and reading it clears the socket's pending error;
         - a connected socket: ECONNREFUSED is its peer's, for the connection to raise once.
         """
-        if (self._pending_error is not None and exc.errno in _ICMP_ERRNOS
+        if (self._pending_error is not None and exc.errno in ICMP_ERRNOS
                 and self._pending_error()):
             return True
         if exc.errno == errno.ECONNREFUSED and owner.on_error is not None:
             owner.on_error(exc)
             return True
         return False
-
-    def _gso_refused(self, exc: OSError, owner: TxAccount) -> bool:
-        """Whether a failed GSO send means "no GSO here" (a capability refusal) rather than
-        "not to this destination" (that datagram's ``send_error``). A remote peer must not be
-        able to switch GSO off for everyone, e.g. by sending from port 0."""
-        if exc.errno in _GSO_REFUSALS:
-            return True
-        if exc.errno != errno.EINVAL or self._gso_proven:
-            return False
-        # EINVAL on the first GSO send: a capability refusal unless the destination is odd.
-        return owner.sockaddr is None or sockaddr_port(owner.sockaddr) != 0
 
     def send_now(self, datagrams: list[bytes], owner: TxAccount, sender: Sender) -> int:
         """Send ``datagrams`` of one connection at once through ``sender`` (a batch of the
@@ -476,7 +445,7 @@ class Writer:
         chunk = datagrams[:sender.size]
         owners = [owner] * len(chunk)
         names = [owner.sockaddr] * len(chunk) if self._named else None
-        controls = [owner.control] * len(chunk) if self.controls else None
+        controls = [owner.control] * len(chunk) if self._controls else None
         sender.fill(chunk, names, controls)  # type: ignore[arg-type]
         owner.enqueued += len(chunk)
         handled = self._send_chunk(chunk, owners, sender)
