@@ -273,10 +273,13 @@ def receive_gso_case(size: int, settings: Settings, programs: Programs) -> Case:
 
 
 def _many_receivers(receivers: Receivers, traffic: Traffic, group: str,
-                    reps: int | None) -> None:
+                    reps: int | None, *, wildcard: bool = False) -> None:
     for impl, name in UDPX_RECEIVERS[1:]:
         for loop in ("asyncio", "uvloop"):
             receivers.add(name, loop, impl, traffic, udpx=True, group=group, reps=reps)
+    if wildcard:
+        receivers.add(f"{UDPX_RECEIVERS[-1][1]}, listener on 0.0.0.0", "uvloop", "udpx-proto",
+                      traffic, udpx=True, group=group, reps=reps, listen_host="0.0.0.0")
     receivers.dropin(traffic, group=group, reps=reps)
     receivers.baselines(traffic, group=group, reps=reps, loops=("uvloop",), dgram=False)
 
@@ -302,7 +305,7 @@ def many_case(size: int, settings: Settings, programs: Programs) -> Case:
             # udpx's warm-up starts only once all N connections exist: allow for it.
             traffic = Traffic(size, peers=peers, burst=1, mode="mmsg" if refused else "raw",
                               extra_time=peers / 2000)
-        _many_receivers(receivers, traffic, f"{peers:,}", None)
+        _many_receivers(receivers, traffic, f"{peers:,}", None, wildcard=True)
     sender = (
         f"{refused}, so N UDP sockets (N source ports), round-robin, one sendmmsg of 1 "
         "datagram per socket per turn" if refused else
@@ -320,6 +323,9 @@ def many_case(size: int, settings: Settings, programs: Programs) -> Case:
             "DatagramProtocol here (the kernel charges every datagram's loopback delivery to "
             "it): their rate is the sender's; compare on CPU µs/datagram.",
             *MANY_NOTES,
+            "listener on 0.0.0.0: protocol mode on the wildcard listener (each datagram's "
+            "local address read with IP_PKTINFO, connections keyed by peer and local address), "
+            "uvloop only; compare it with the ConnProtocol row of the same peers.",
         ])
 
 
@@ -537,6 +543,9 @@ def echo_many_case(size: int, settings: Settings, programs: Programs) -> Case:
             for loop in ("asyncio", "uvloop"):
                 servers.add(name, loop, impl, client, deadline, peers=peers, group=group,
                             reps=reps)
+        servers.add("udpx ConnProtocol+send_many_nowait(), listener on 0.0.0.0", "uvloop",
+                    "udpx-proto", client, deadline, peers=peers, group=group, reps=reps,
+                    listen_host="0.0.0.0")
         for loop in ("asyncio", "uvloop"):
             servers.add(DROPIN, loop, "udpx-dropin", client, deadline, group=group, reps=reps)
         for loop in ("asyncio", "uvloop"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import socket
 import struct
@@ -188,6 +189,7 @@ def pktinfo_cmsg(family: int, local: bytes) -> bytes:
     return whole_cmsg(pktinfo_ancillary(family, local))
 
 
+@functools.lru_cache(maxsize=1024)  # each connection of a wildcard listener asks for its own
 def whole_cmsg(ancillary: tuple[int, int, bytes]) -> bytes:
     """``(level, type, data)`` as one whole control message: header, data, padding."""
     level, kind, data = ancillary

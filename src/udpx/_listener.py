@@ -65,6 +65,10 @@ FD_RESERVE = 64
 #: reached it between bind() and connect()).
 MAX_EARLY_DATAGRAMS = 1024
 
+#: Local addresses whose connection details a packet-info listener remembers (a host has few;
+#: all of 127/8 is local, so the cache is bounded).
+_MAX_SOURCES = 1024
+
 
 def _engine_totals(engine: Engine) -> tuple[int, int, int, int]:
     """A socket's tx packets, tx bytes, send errors and kernel drops."""
@@ -136,6 +140,9 @@ class Listener(asyncio.DatagramProtocol):
         self._fd_cap = _fd_cap() if self._connected else 0
         self._engine_released = False
         self._pktinfo = self._engine.pktinfo
+        #: Per local address (raw) of a packet-info listener: the connections' local address
+        #: and source control message, built once per address rather than per connection.
+        self._sources: dict[bytes, tuple[Address, tuple[int, int, bytes]]] = {}
         self._writer = self._engine.writer
         self._conns: dict[PeerKey, UDPConn] = {}
         # Connections created and not yet accepted, oldest first. An OrderedDict so that a
@@ -209,8 +216,14 @@ class Listener(asyncio.DatagramProtocol):
             # The connection is (peer, local address): it answers from that address.
             local = split_key(family, key)[1]
             if local is not None:
-                local_addr = local_address(family, local, self._local[1])
-                source = pktinfo_ancillary(family, local)
+                known = self._sources.get(local)
+                if known is None:
+                    if len(self._sources) >= _MAX_SOURCES:
+                        self._sources.clear()
+                    known = self._sources[local] = (
+                        local_address(family, local, self._local[1]),
+                        pktinfo_ancillary(family, local))
+                local_addr, source = known
         engine: SocketEngine | None = None
         if self._connected:
             engine = self._peer_engine(key, local_addr)

@@ -342,6 +342,9 @@ class RecvBatch:
         # packet info (no GRO run in the batch), else message by message.
         locals_ = self._local_addresses(count)
         if self.family == socket.AF_INET:
+            first = locals_[0]
+            if locals_.count(first) == count:  # one local address (the common batch)
+                return list(map(or_, peers, repeat(first << 64, count)))
             return list(map(or_, peers, map(lshift, locals_, repeat(64))))
         return list(map(add, peers, locals_))
 
