@@ -108,6 +108,30 @@ def test_protocol_mode_on_a_wildcard_listener(run: Runner[Any]) -> None:
     run(main())
 
 
+@pytest.mark.parametrize("listen_host", ["0.0.0.0", "127.0.0.3"])
+def test_dial_with_local_addr_sends_from_that_address(run: Runner[Any],
+                                                      listen_host: str) -> None:
+    """``dial(local_addr=...)`` binds before connecting, so every datagram leaves from the
+    address asked for (not the routing table's 127.0.0.1), and both ends agree on the
+    4-tuple, on a wildcard listener and on one bound to a single address."""
+
+    async def main() -> None:
+        async with udpx.listen(listen_host, 0, protocol_factory=EchoProtocol) as ln:
+            port = ln.local_addr[1]
+            target = "127.0.0.3"
+            for source in ("127.0.0.2", "127.0.0.4"):
+                async with udpx.dial(target, port, local_addr=(source, 0)) as conn:
+                    assert conn.local_addr[0] == source
+                    await conn.send(source.encode())
+                    async with asyncio.timeout(5):
+                        assert await conn.recv() == source.encode()
+                    server = next(c for c in ln.conns() if c.remote_addr == conn.local_addr)
+                    assert server.local_addr == (target, port)
+                    assert conn.remote_addr == server.local_addr
+
+    run(main())
+
+
 def test_a_listener_on_one_address_pays_nothing(run: Runner[Any], host: str) -> None:
     async def main() -> None:
         async with udpx.listen(host, 0) as ln, udpx.dial(host, ln.local_addr[1]) as conn:
