@@ -275,6 +275,45 @@ def test_cancelled_recv_loses_nothing(run: Runner[Any], host: str, engine: str) 
     run(main())
 
 
+@pytest.mark.parametrize("method", ["recv", "recv_many"])
+@pytest.mark.parametrize("cancelled", ["before_wake", "after_wake"])
+def test_turn_of_a_cancelled_receiver_goes_to_the_next(run: Runner[Any], host: str, method: str,
+                                                       cancelled: str) -> None:
+    """Two tasks wait on one connection and one datagram arrives. The first waiter is cancelled
+    before the wake-up reaches it (the wake-up must skip its cancelled turn) or after it was
+    woken and before it ran (it must pass its turn on): either way the second gets the
+    datagram, and nothing stays counted as buffered."""
+    async def main() -> None:
+        async with udpx.listen(host, 0) as ln:
+            with socket.socket(family_of(host), socket.SOCK_DGRAM) as client:
+                client.sendto(b"open", ln.local_addr)
+                server_conn = await ln.accept()
+            assert await server_conn.recv() == b"open"
+            receive = getattr(server_conn, method)
+            first = asyncio.create_task(receive())
+            second = asyncio.create_task(receive())
+            await asyncio.sleep(0)  # both wait now, first in line
+            assert not first.done() and not second.done()
+            # The reader's path, synchronously, so that the order is the same on every loop: the
+            # queue wakes its receivers as the datagram is queued.
+            if cancelled == "before_wake":
+                first.cancel()
+                server_conn._rx.put(b"kept")
+            else:
+                server_conn._rx.put(b"kept")
+                first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            async with asyncio.timeout(5):  # a lost wake-up fails here, not at the run's bound
+                got = await second
+            assert got == (b"kept" if method == "recv" else [b"kept"])
+            assert server_conn._rx.pool.buffered == 0
+            with pytest.raises(udpx.WouldBlock):
+                server_conn.recv_nowait()
+
+    run(main())
+
+
 def test_recv_many_bounds_and_validation(run: Runner[Any], host: str) -> None:
     async def main() -> None:
         async with udpx.listen(host, 0) as ln, udpx.dial(host, ln.local_addr[1]) as conn:

@@ -270,8 +270,19 @@ class UDPConn:
     def _wake_receivers(self) -> None:
         """Datagrams arrived: wake one waiting receiver per queued datagram, oldest first (as
         asyncio.Queue hands items to its getters), so that several tasks share the work."""
-        if self._receivers:
-            self._receivers.wake(len(self._rx.items))
+        # Hot path: with many peers every datagram wakes a connection's one waiting task, so
+        # the first turn is given here (FifoWaiters.wake inlined), the rest by wake().
+        receivers = self._receivers
+        if receivers:
+            future = receivers.popleft()
+            if future.done():  # cancelled, not yet removed by its task: it takes no turn
+                receivers.wake(len(self._rx.items))
+                return
+            future.set_result(None)
+            if receivers:
+                count = len(self._rx.items) - 1
+                if count > 0:
+                    receivers.wake(count)
 
     def _wake(self, count: int) -> None:
         if self._receivers:
@@ -282,14 +293,18 @@ class UDPConn:
         if self._receivers:
             self._receivers.wake_all()
 
-    async def _wait_readable(self) -> None:
-        # Cancelled (or timed out): nothing was taken from the queue, and a wake-up meant for
-        # this receiver goes on to the next one (FifoWaiters' rule).
+    def _readable_future(self) -> asyncio.Future[None]:
+        """A new turn at the end of the receivers' line (FifoWaiters.wait's first half): the
+        caller awaits it directly and calls ``FifoWaiters.abandon`` if cancelled. No coroutine
+        between the task and the future: a wait is the hot path with many peers."""
         if self._protocol is not None:
             self._no_recv()
-        if self._receivers is None:
-            self._receivers = FifoWaiters(self._loop)
-        await self._receivers.wait()
+        receivers = self._receivers
+        if receivers is None:
+            receivers = self._receivers = FifoWaiters(self._loop)
+        future = self._loop.create_future()
+        receivers.append(future)
+        return future
 
     async def recv(self) -> bytes:
         """Receive one whole datagram, waiting until one arrives.
@@ -315,7 +330,13 @@ class UDPConn:
                 return data
             if self._closed:
                 raise ConnectionClosed(reason=self._close_reason)
-            await self._wait_readable()
+            future = self._readable_future()
+            try:
+                await future
+            except asyncio.CancelledError:
+                # Nothing was taken; a turn given to this receiver goes on to the next one.
+                self._receivers.abandon(future)  # type: ignore[union-attr]
+                raise
 
     def recv_nowait(self) -> bytes:
         """Return a queued datagram without waiting.
@@ -349,14 +370,26 @@ class UDPConn:
         while True:
             if self._error is not None:
                 self._raise_error()
-            if rx.items:
+            items = rx.items
+            if items:
+                if len(items) == 1:
+                    # The usual case with many peers (RxQueue.get, inlined).
+                    data = items.popleft()
+                    rx.pool.buffered -= len(data) + DATAGRAM_OVERHEAD
+                    return [data]
                 batch = rx.get_many(max_count)
-                if rx.items and self._receivers:
-                    self._receivers.wake(len(rx.items))
+                if items and self._receivers:
+                    self._receivers.wake(len(items))
                 return batch
             if self._closed:
                 raise ConnectionClosed(reason=self._close_reason)
-            await self._wait_readable()
+            future = self._readable_future()
+            try:
+                await future
+            except asyncio.CancelledError:
+                # Nothing was taken; a turn given to this receiver goes on to the next one.
+                self._receivers.abandon(future)  # type: ignore[union-attr]
+                raise
 
     def __aiter__(self) -> Self:
         return self

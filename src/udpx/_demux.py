@@ -55,7 +55,7 @@ class Demux:
 
     __slots__ = ("_feed_mixed", "backlog", "create", "dropped_backlog", "dropped_bad_source",
                  "dropped_conn_limit", "dropped_refused", "max_conns", "on_pressure", "pending",
-                 "pool", "pressure_mark", "refusal", "table", "valid")
+                 "pool", "pressure_mark", "refusal", "table", "valid", "woken")
 
     def __init__(self, *, max_conns: int, backlog: int | None,
                  create: Callable[[PeerKey], RxQueue | None], pool: RxPool | None = None,
@@ -81,6 +81,15 @@ class Demux:
         self.dropped_refused = 0
         #: Why admit() last refused a peer (the counter's name), for feed_batch_refused().
         self.refusal = ""
+        #: Task mode: queues that a batch of several peers made non-empty (each wakes a task),
+        #: a running total for the reader (``BatchReader.spread``).
+        self.woken = 0
+
+    @property
+    def overflowed(self) -> int:
+        """Datagrams dropped because a queue or the memory budget was full (a running total,
+        for the reader: ``BatchReader.spread``)."""
+        return self.pool.dropped_full + self.pool.dropped_memory
 
     def admit(self, key: PeerKey) -> RxQueue | None:
         """Create the connection for a new peer, or count why it cannot be created."""
@@ -188,6 +197,7 @@ class Demux:
         pool.rx_packets += delivered
         pool.dropped_full += dropped_full
         pool.dropped_memory += dropped_memory
+        self.woken += len(touched)
         for queue in touched:
             queue.wake()
 

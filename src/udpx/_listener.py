@@ -126,6 +126,10 @@ class Listener(asyncio.DatagramProtocol):
         self._engine = make_engine(loop, sock, options, self, named=True,
                                    pktinfo=self._local[0] in ("0.0.0.0", "::"), recverr=True,
                                    on_empty=self._hand_over if options.connected else None)
+        if protocol_factory is None and isinstance(self._engine, SocketEngine):
+            # Task mode: with many peers a wake-up reads on past its budget while the datagrams
+            # land in connections it already woke (see BatchReader.spread).
+            self._engine.reader.spread = self._demux
         # Connected mode (see _peer_engine): each connection's own socket, the ones whose
         # reader waits for the listener's socket to be drained, totals of the closed ones.
         self._connected = options.connected

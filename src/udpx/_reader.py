@@ -6,10 +6,11 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
+from typing import Protocol
 
 from ._mmsg import Receiver
 
-__all__ = ["BatchReader"]
+__all__ = ["BatchReader", "Spread"]
 
 logger = logging.getLogger("udpx")
 
@@ -17,6 +18,28 @@ logger = logging.getLogger("udpx")
 #: that the other tasks of the loop still run between wake-ups (the loop calls us again while
 #: data is waiting). Counted in datagrams so that small batches get as many per wake-up.
 MAX_DATAGRAMS_PER_WAKEUP = 1024
+
+#: A task-mode listener's reader may read on past its budget, up to this many times the budget,
+#: while the datagrams land in connections it already woke (see ``BatchReader.spread``). 8,192
+#: datagrams of 64 bytes is most of what a socket with the usual 8 MiB of buffer holds.
+EXTENDED_BUDGET_FACTOR = 8
+
+#: ... and while the connections it woke hold on average fewer than this many of the datagrams
+#: read in this wake-up, far below any useful ``rx_queue_size``: one busy peer never gets more
+#: than the budget.
+EXTENDED_MAX_DEPTH = 16
+
+
+class Spread(Protocol):
+    """How the datagrams a wake-up read spread over connections, as running totals."""
+
+    @property
+    def woken(self) -> int:
+        """Connections a datagram made readable (each is one task to wake)."""
+
+    @property
+    def overflowed(self) -> int:
+        """Datagrams dropped because a connection's queue or the memory budget was full."""
 
 
 class BatchReader:
@@ -57,6 +80,16 @@ class BatchReader:
         # until a call returns nothing (one more syscall), so that ``on_empty`` comes soon.
         self.on_empty = on_empty
         self.drain_to_empty = False
+        # Set by a task-mode listener. What the loop does after a wake-up is mostly one task
+        # wake-up per connection that got datagrams (a few µs each), far more than a datagram
+        # costs to read: with hundreds of peers sending one datagram each per turn, a budget of
+        # 1,024 datagrams woke a task for nearly every datagram. So the budget also counts in
+        # wake-ups: past it, the wake-up reads on, one batch at a time, up to
+        # EXTENDED_BUDGET_FACTOR x the budget, while it has woken fewer connections than the
+        # budget, those hold fewer than EXTENDED_MAX_DEPTH of its datagrams on average, and no
+        # queue overflowed. With one busy peer, or with more peers than the budget (every
+        # datagram a new wake-up), it stops at the budget as before.
+        self.spread: Spread | None = None
         self._active = False
         self._reregister_pending = False
 
@@ -86,8 +119,15 @@ class BatchReader:
         size = self.receiver.size
         fd = self._fd
         on_batch = self._on_batch
-        budget = full_budget = self.budget
-        while budget > 0:
+        budget = self.budget
+        read = 0
+        spread = self.spread
+        if spread is not None:
+            first_woken = spread.woken
+            overflowed = spread.overflowed
+            wakes = budget
+            extended = budget * EXTENDED_BUDGET_FACTOR
+        while read < budget:
             try:
                 count = receive(fd)
             except OSError as exc:
@@ -96,16 +136,23 @@ class BatchReader:
             if count == 0:
                 if self.on_empty is not None:
                     self.on_empty()
-                if budget == full_budget and self._on_nothing is not None:
+                if read == 0 and self._on_nothing is not None:
                     # Woken for nothing: the error queue (POLLERR). uvloop drops a reader after
                     # POLLERR even when the error was already read (by the writer's drain),
                     # so register again, as after an error.
                     self._on_nothing()
                     self._reregister_soon()
                 return
-            budget -= on_batch(count)  # datagrams: a GRO message holds several
+            got = on_batch(count)  # datagrams: a GRO message holds several
+            read += got
             if not self._active or (count < size and not self.drain_to_empty):
                 return
+            if spread is not None and read >= budget:
+                # Past the budget: one more batch while it pays (see ``spread``).
+                woken = spread.woken - first_woken
+                if (read < extended and woken < wakes and read < EXTENDED_MAX_DEPTH * woken
+                        and spread.overflowed == overflowed):
+                    budget = read + 1
 
     def _handle_error(self, exc: OSError) -> None:
         try:

@@ -54,12 +54,21 @@ class FifoWaiters(deque["asyncio.Future[None]"]):
         try:
             await future
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self.wake(1)  # woken, then cancelled before the task could use its turn
-            else:
-                with contextlib.suppress(ValueError):
-                    self.remove(future)
+            self.abandon(future)
             raise
+
+    def abandon(self, future: asyncio.Future[None]) -> None:
+        """The waiter of ``future`` (appended to the line by the caller, as ``wait()`` does) was
+        cancelled: a turn it was given goes on to the next waiter, else it leaves the line.
+
+        For callers that await their future directly, without ``wait()``'s coroutine in
+        between (``UDPConn.recv``: one coroutine less per wait on the hot path).
+        """
+        if future.done() and not future.cancelled():
+            self.wake(1)  # woken, then cancelled before the task could use its turn
+        else:
+            with contextlib.suppress(ValueError):
+                self.remove(future)
 
     def wake(self, count: int = 1) -> int:
         """Give a turn to each of the ``count`` oldest waiters; returns how many got one."""

@@ -1,0 +1,121 @@
+"""A task-mode listener's reader reads past its budget while the datagrams spread over the
+connections it already woke (BatchReader.spread), and only then."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+import udpx
+from udpx._engine import SocketEngine
+from udpx._listener import Listener
+from udpx._reader import EXTENDED_BUDGET_FACTOR
+
+from .conftest import Runner
+
+BUDGET = 64
+BATCH = 16
+
+
+def _set_budget(ln: Listener) -> None:
+    engine = ln._engine
+    assert isinstance(engine, SocketEngine)
+    engine.reader.budget = BUDGET
+
+
+def _send_round_robin(port: int, peers: int, each: int) -> None:
+    """``each`` datagrams from each of ``peers`` sockets, one per peer per turn, all in the
+    listener's socket buffer when this returns (loopback delivers as it sends)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(peers)]
+    try:
+        for turn in range(each):
+            for index, sock in enumerate(sockets):
+                sock.sendto(b"%d:%d" % (index, turn), ("127.0.0.1", port))
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+async def _first_wakeup(count: Any) -> int:
+    """How many datagrams the listener's first reader wake-up took: the reader's callback runs
+    whole between two steps of this task."""
+    for _ in range(10_000):
+        got: int = count()
+        if got:
+            return got
+        await asyncio.sleep(0)
+    raise AssertionError("nothing was read")
+
+
+@pytest.mark.parametrize(("peers", "each", "expected"), [
+    # Few peers: the wake-up reads on past the budget, everything queued.
+    (20, 10, 200),
+    # One peer: the budget, as before (a queue never takes more than the budget per wake-up).
+    (1, 200, BUDGET),
+    # More peers than the budget: each datagram wakes a new connection, so the budget (in
+    # wake-ups) ends it, within a batch of the budget.
+    (200, 2, BUDGET),
+    # Peers that are few but each one deep: the average depth bound (16) ends it.
+    (8, 40, 8 * 16),
+])
+def test_task_mode_reads_on_while_datagrams_land_in_woken_connections(
+        run: Runner[Any], peers: int, each: int, expected: int) -> None:
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, batch_size=BATCH, rcvbuf=4 << 20,
+                               backlog=1024) as ln:
+            _set_budget(ln)
+            _send_round_robin(ln.local_addr[1], peers, each)
+            first = await _first_wakeup(lambda: ln.stats.rx_packets)
+            assert expected <= first < expected + BATCH
+            assert first <= BUDGET * EXTENDED_BUDGET_FACTOR
+            assert ln.stats.drops["rx_queue_full"] == 0
+            # Everything arrives in the end, in order per peer.
+            got: dict[int, list[bytes]] = {}
+            for _ in range(peers):
+                conn = await ln.accept()
+                got[conn.remote_addr[1]] = [await conn.recv() for _ in range(each)]
+            assert all(datagrams == sorted(datagrams, key=lambda d: int(d.split(b":")[1]))
+                       for datagrams in got.values())
+
+    run(main())
+
+
+@pytest.mark.parametrize(("queue_size", "expected"), [
+    # 20 peers: the 3rd turn (datagrams 40-59) overflows, within the budget: no extension.
+    (2, BUDGET),
+    # The 5th turn (80-99) overflows in the second batch past the budget: it is the last.
+    (4, 96),
+])
+def test_extension_stops_when_a_queue_overflows(run: Runner[Any], queue_size: int,
+                                                expected: int) -> None:
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, batch_size=BATCH, rcvbuf=4 << 20,
+                               rx_queue_size=queue_size) as ln:
+            _set_budget(ln)
+            _send_round_robin(ln.local_addr[1], 20, 10)
+            first = await _first_wakeup(lambda: ln.stats.rx_packets + ln.stats.drops[
+                "rx_queue_full"])
+            assert first == expected
+
+    run(main())
+
+
+def test_protocol_mode_keeps_the_budget(run: Runner[Any]) -> None:
+    class Count(udpx.ConnProtocol):
+        total = 0
+
+        def datagrams_received(self, datagrams: list[bytes]) -> None:
+            Count.total += len(datagrams)
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, batch_size=BATCH, rcvbuf=4 << 20,
+                               protocol_factory=Count) as ln:
+            _set_budget(ln)
+            _send_round_robin(ln.local_addr[1], 20, 10)
+            first = await _first_wakeup(lambda: Count.total)
+            assert BUDGET <= first < BUDGET + BATCH
+
+    run(main())
