@@ -83,7 +83,7 @@ _PORT_ZERO = b"\x02\x00\x00\x00" + bytes(12)
 
 
 @pytest.mark.skipif(not HAVE_GSO, reason="UDP GSO is Linux-only")
-@pytest.mark.parametrize(("code", "sockaddr", "proven", "off"), [
+@pytest.mark.parametrize("case", [
     (errno.EIO, _PEER, True, True),  # the device cannot checksum segments
     (errno.EOPNOTSUPP, None, False, True),
     (errno.ENOPROTOOPT, _PEER, False, True),
@@ -96,8 +96,9 @@ _PORT_ZERO = b"\x02\x00\x00\x00" + bytes(12)
 ], ids=["EIO", "EOPNOTSUPP", "ENOPROTOOPT", "EINVAL-first", "EINVAL-connected",
         "EINVAL-proven", "EINVAL-port0", "ECONNREFUSED", "EMSGSIZE"])
 def test_only_a_capability_refusal_turns_gso_off(
-        udp_socket: socket.socket, caplog: pytest.LogCaptureFixture, code: int,
-        sockaddr: bytes | None, proven: bool, off: bool) -> None:
+        udp_socket: socket.socket, caplog: pytest.LogCaptureFixture,
+        case: tuple[int, bytes | None, bool, bool]) -> None:
+    code, sockaddr, proven, off = case
     state = SocketState(udp_socket, batched=True, gso=True)
     if proven:
         state.gso_sent()
