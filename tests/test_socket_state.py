@@ -118,7 +118,7 @@ def test_engine_and_writer_share_the_state(run: Runner[Any]) -> None:
             engine = socket_engine(ln._engine)
             assert engine.writer.state is engine.state
             assert ln.describe()["socket"] | engine.state.describe() == ln.describe()["socket"]
-            assert engine.receiver.pktinfo and engine.receiver.tos
+            assert engine.receiver.pktinfo and engine.receiver.tos  # type: ignore[union-attr]
             assert engine.sender.control_space > 0  # type: ignore[union-attr]
 
     run(main())
