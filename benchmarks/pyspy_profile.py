@@ -4,6 +4,8 @@
     python -m benchmarks.pyspy_profile recv udpx-recv_many --loop uvloop --size 64
     python -m benchmarks.pyspy_profile recv udpx-recv_many --peers 10000 --burst 8
     python -m benchmarks.pyspy_profile recv udpx-proto --peers 10000 --burst 1 --sender raw
+    python -m benchmarks.pyspy_profile recv udpx-proto --peers 10000 --burst 1 --sender raw \
+        --listen-host 0.0.0.0
     python -m benchmarks.pyspy_profile send udpx-send --loop uvloop --size 64 [--no-gso]
 
 The process under test is the suite's own worker (``_workers.py``): a udpx receiver fed by the
@@ -71,6 +73,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--sender", choices=["gso", "mmsg", "raw"], default="gso",
                         help="recv: the C sender's mode (blast.c; raw needs CAP_NET_RAW)")
     parser.add_argument("--batch-size", type=int, default=64, help="recv: the listener's")
+    parser.add_argument("--listen-host", default="127.0.0.1",
+                        help="recv: the listener's address (0.0.0.0: wildcard, packet info)")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=20)
@@ -90,7 +94,8 @@ def main(argv: list[str]) -> None:
             target = subprocess.Popen(
                 worker("recv", args.impl, "--loop", args.loop, "--warmup", "0.3", "--window",
                        f"{window}", "--peers", str(args.peers), "--batch-size",
-                       str(args.batch_size), "--deadline", f"{window + 30}"),
+                       str(args.batch_size), "--deadline", f"{window + 30}",
+                       "--listen-host", args.listen_host),
                 stdout=subprocess.PIPE, text=True)
             assert target.stdout is not None
             port = json.loads(target.stdout.readline())["port"]

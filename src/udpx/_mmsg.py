@@ -316,12 +316,17 @@ class RecvBatch:
             return None
         stride = self._control_stride
         end = count * stride
-        # The kernel puts UDP_GRO's message first, before any packet info.
-        levels = words[_CMSG_LEVEL:end:stride].tolist()
+        # The kernel puts UDP_GRO's message first, before any packet info. A packet-info or
+        # ECN socket has control data on every message: without a GRO run in the batch (one C
+        # scan says so) there is nothing to split, and no per-message work.
         types = words[_CMSG_TYPE:end:stride].tolist()
+        if UDP_GRO not in types:
+            return None
+        levels = words[_CMSG_LEVEL:end:stride].tolist()
         sizes = words[_CMSG_DATA:end:stride].tolist()
-        return [size if length and level == SOL_UDP and kind == UDP_GRO else 0
-                for length, level, kind, size in zip(used, levels, types, sizes)]
+        sizes = [size if length and level == SOL_UDP and kind == UDP_GRO else 0
+                 for length, level, kind, size in zip(used, levels, types, sizes)]
+        return sizes if any(sizes) else None
 
     def split(self, keys: Sequence[PeerKey] | None, lengths: list[int],
               sizes: list[int]) -> tuple[list[PeerKey] | None, list[int], list[int]]:
