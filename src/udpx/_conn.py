@@ -330,6 +330,8 @@ class UDPConn:
                 return data
             if self._closed:
                 raise ConnectionClosed(reason=self._close_reason)
+            # The same five lines end recv_many(): on purpose, since a shared awaiting helper
+            # would put back the coroutine per wait that awaiting the future here saves.
             future = self._readable_future()
             try:
                 await future
