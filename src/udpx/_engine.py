@@ -89,8 +89,6 @@ class Engine(Protocol):
     state: SocketState
     rcvbuf: int
     sndbuf: int
-    #: Connections are (peer, local address) and answer from it (wildcard listeners).
-    pktinfo: bool
 
     async def open(self) -> None: ...
 
@@ -185,8 +183,6 @@ class SocketEngine(Releasing):
                                   before=self.writer.defer, after=self.writer.flush_scheduled,
                                   on_empty=on_empty, budget=read_budget)
         self._named = named
-        self._ecn = state.ecn
-        self.pktinfo = state.pktinfo
         self._max_datagram = options.max_datagram
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)
 
@@ -204,7 +200,7 @@ class SocketEngine(Releasing):
         keys = receiver.keys(count) if self._named else None
         sizes = receiver.segment_sizes(count)
         delivered = self._feed(lengths, receiver.truncated(count), keys, sizes)
-        if self._ecn:
+        if self.state.ecn:
             # After the batch (a new peer's connection is made there): its marks.
             self._count_ecn(count, keys, lengths, sizes)
         return delivered

@@ -143,7 +143,8 @@ class Listener(asyncio.DatagramProtocol):
         self._fd_limited = 0
         self._fd_cap = _fd_cap() if self._connected else 0
         self._engine_released = False
-        self._pktinfo = self._engine.pktinfo
+        #: Connections are (peer, local address) and answer from it (wildcard listeners).
+        self._pktinfo = self._engine.state.pktinfo
         #: Per local address (raw) of a packet-info listener: the connections' local address
         #: and source control message, built once per address rather than per connection.
         self._sources: dict[bytes, tuple[Address, tuple[int, int, bytes]]] = {}

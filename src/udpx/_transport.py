@@ -110,9 +110,6 @@ class TransportEngine(Releasing, asyncio.DatagramProtocol):
     """One UDP socket served by the loop's datagram transport, feeding ``sink``; the same
     surface as ``SocketEngine``. ``open()`` hands the socket to the loop."""
 
-    #: The loop's transport reports no local addresses.
-    pktinfo = False
-
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, options: Options,
                  sink: Sink, *, named: bool) -> None:
         Releasing.__init__(self)
@@ -123,7 +120,7 @@ class TransportEngine(Releasing, asyncio.DatagramProtocol):
         self._named = named
         self._max_datagram = options.max_datagram
         self.sender = TransportSender(sock, options.batch_size)
-        #: The loop's transport uses none of the kernel's mechanisms.
+        #: The loop's transport uses none of the kernel's mechanisms (no local addresses).
         self.state = SocketState(sock)
         self.writer = Writer(loop, sock, self.sender, TxQueue(options.tx_queue_size), named,
                              state=self.state)
