@@ -58,6 +58,11 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def sleeps() -> int:
+    """Voluntary context switches so far: how often this process waited for the kernel."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -115,6 +120,7 @@ class Window:
         first = t0 = t1 = -1.0
         c0 = c1 = 0
         cpu0 = cpu1 = 0.0
+        sleeps0 = sleeps1 = 0
         last_value = 0
         last_change = last_tick = start
         while True:
@@ -131,9 +137,9 @@ class Window:
                 first = now
                 self.ready_after = now - start
             if first >= 0 and t0 < 0 and now >= first + self.warmup:
-                t0, c0, cpu0 = now, value, cpu_seconds()
+                t0, c0, cpu0, sleeps0 = now, value, cpu_seconds(), sleeps()
             if t0 >= 0 and t1 < 0 and now >= t0 + self.window:
-                t1, c1, cpu1 = now, value, cpu_seconds()
+                t1, c1, cpu1, sleeps1 = now, value, cpu_seconds(), sleeps()
                 self.closed.set()
                 if not self.linger:
                     break
@@ -145,7 +151,7 @@ class Window:
                 break
         complete = t1 >= 0
         if t0 >= 0 and t1 < 0:  # the traffic stopped early: close the window at its end
-            t1, c1, cpu1 = last_change, last_value, cpu_seconds()
+            t1, c1, cpu1, sleeps1 = last_change, last_value, cpu_seconds(), sleeps()
         self.closed.set()
         seconds = t1 - t0 if t0 >= 0 else 0.0
         count = c1 - c0
@@ -153,6 +159,7 @@ class Window:
         return {"total": last_value, "window_count": count, "window_seconds": seconds,
                 "cpu_seconds": cpu, "rate": count / seconds if seconds > 0 else 0.0,
                 "cpu_us_per_dgram": cpu * 1e6 / count if count > 0 else 0.0,
+                "sleeps_per_dgram": (sleeps1 - sleeps0) / count if count > 0 else 0.0,
                 "window_complete": complete}
 
 

@@ -7,13 +7,15 @@
     python -m benchmarks.pyspy_profile recv udpx-proto --peers 10000 --burst 1 --sender raw \
         --listen-host 0.0.0.0
     python -m benchmarks.pyspy_profile send udpx-send --loop uvloop --size 64 [--no-gso]
+    python -m benchmarks.pyspy_profile echo udpx-proto --peers 10000
 
 The process under test is the suite's own worker (``_workers.py``): a udpx receiver fed by the
-saturating C sender, or a udpx sender draining into the C receiver. py-spy samples it
-(``--nonblocking``, so the process is never paused) for a few seconds in the middle of the run;
-the summary gives each function's and each line's share of the samples in which the process was
-running (time it spent waiting in epoll is not sampled). A ctypes or socket call's share is the
-time spent in that system call.
+saturating C sender, a udpx sender draining into the C receiver, or an echo server answering
+the C client's N sockets with one request in flight on each (the many-peer echo case). py-spy
+samples it (``--nonblocking``, so the process is never paused) for a few seconds in the middle
+of the run; the summary gives each function's and each line's share of the samples in which the
+process was running (time it spent waiting in epoll is not sampled). A ctypes or socket call's
+share is the time spent in that system call.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def summarise(raw: Path, top: int) -> str:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pyspy_profile")
-    parser.add_argument("path", choices=["recv", "send"])
+    parser.add_argument("path", choices=["recv", "send", "echo"])
     parser.add_argument("impl", help="a worker of _workers.py, e.g. udpx-recv_many, udpx-send")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
     parser.add_argument("--size", type=int, default=64)
@@ -103,6 +105,17 @@ def main(argv: list[str]) -> None:
                 [str(programs["blast"]), str(port), str(args.size), f"{window + 1}",
                  "1000000000", str(args.peers), str(args.burst), args.sender],
                 stdout=subprocess.PIPE, text=True)
+        elif args.path == "echo":
+            target = subprocess.Popen(
+                worker("echo", args.impl, "--loop", args.loop, "--peers", str(args.peers),
+                       "--deadline", f"{window + 30}", "--listen-host", args.listen_host),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert target.stdout is not None and target.stdin is not None
+            port = json.loads(target.stdout.readline())["port"]
+            other = subprocess.Popen(
+                [str(programs["echo"]), "clients", str(port), str(args.size), str(args.peers),
+                 "0.3", f"{window}", f"{window + 30}", str(target.pid)],
+                stdout=subprocess.PIPE, text=True)
         else:
             other = subprocess.Popen([str(programs["sink"]), "0.2", f"{window}", "0.5",
                                       f"{window + 30}"], stdout=subprocess.PIPE, text=True)
@@ -117,8 +130,12 @@ def main(argv: list[str]) -> None:
         subprocess.run([pyspy, "record", "--pid", str(target.pid), "--duration",
                         f"{int(seconds)}", "--rate", str(args.rate), "--format", "raw",
                         "--nonblocking", "-o", str(raw)], check=True, capture_output=True)
-        target_out = target.communicate(timeout=window + 60)[0]
-        other_out = other.communicate(timeout=window + 60)[0]
+        if args.path == "echo":  # the client ends by itself; the server when its stdin closes
+            other_out = other.communicate(timeout=window + 60)[0]
+            target_out = target.communicate(timeout=window + 60)[0]
+        else:
+            target_out = target.communicate(timeout=window + 60)[0]
+            other_out = other.communicate(timeout=window + 60)[0]
         for text in (target_out, other_out):
             for line in text.splitlines():
                 if '"result"' in line:
