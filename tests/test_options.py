@@ -92,6 +92,8 @@ def _invalid_cases() -> list[tuple[str, Any]]:
     cases += [("idle_timeout", value) for value in (
         0, 0.0, -0.0, -1, -1e-9, math.nan, math.inf, -math.inf, True, False, "60", b"60",
         [60], complex(1, 0))]
+    cases += [("rx_coalesce", value) for value in (
+        -0.001, -1, 1.5, 2, math.nan, math.inf, True, False, None, "0.001", b"0", [0.001])]
     cases += [("reuse_port", value) for value in (1, 0, "yes", None)]
     cases += [("local_addr", value) for value in (
         "127.0.0.1:0", ("127.0.0.1",), ("127.0.0.1", 0, 0), (1, 0), (b"127.0.0.1", 0),
@@ -104,6 +106,11 @@ def _invalid_cases() -> list[tuple[str, Any]]:
 def test_invalid_value_raises_value_error_naming_the_option(name: str, value: Any) -> None:
     with pytest.raises(ValueError, match=names_option(name)):
         make(**{name: value})
+
+
+@pytest.mark.parametrize("value", [0, 0.0, 0.0005, 0.001, 0.25, 1, 1.0])
+def test_rx_coalesce_takes_seconds_from_0_to_1(value: float) -> None:
+    assert make(rx_coalesce=value).rx_coalesce == value
 
 
 def test_first_invalid_option_is_named() -> None:

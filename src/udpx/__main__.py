@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--rx-queue-size", type=_integer(1, 2**31 - 1), default=1024,
                       metavar="N", help="udpx rx_queue_size per connection (default: "
                                         "%(default)s)")
+    perf.add_argument("--rx-coalesce", type=_number(0, 1, allow_low=True), default=0.001,
+                      metavar="SECONDS",
+                      help="udpx rx_coalesce of the listener: the longest its reader waits "
+                           "between reads of a busy socket, 0 for never (default: "
+                           "%(default)s)")
     perf.add_argument("--quiet", "-q", action="store_true",
                       help="no live progress line on stderr")
     perf.add_argument("--describe", action="store_true",
@@ -216,7 +221,7 @@ def _perf(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                         loop=args.loop, batch_size=args.batch_size, host=args.host,
                         compare=args.compare, sender=args.sender, burst=args.burst,
                         rcvbuf=args.rcvbuf or None, max_datagram=args.max_datagram,
-                        rx_queue_size=args.rx_queue_size,
+                        rx_queue_size=args.rx_queue_size, rx_coalesce=args.rx_coalesce,
                         isolate=args.compare if args.isolate is None else args.isolate,
                         describe=args.describe, workers=args.workers)
     try:

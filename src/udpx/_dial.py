@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import final
 
 from ._conn import UDPConn
+from ._engine import SocketEngine
 from ._idle import sweep, sweep_interval
 from ._opening import Opening
 from ._options import DEFAULTS, Options
@@ -36,6 +37,12 @@ class PeerSink:
     def attach(self, conn: UDPConn) -> None:
         self.conn = conn
         self.rx = conn._rx
+
+    @property
+    def overflowed(self) -> int:
+        """Datagrams dropped for want of room in the connection's queue or memory budget."""
+        pool = self.rx.pool if self.rx is not None else None
+        return pool.dropped_full + pool.dropped_memory if pool is not None else 0
 
     def feed_batch(self, keys: Sequence[PeerKey] | None, arena: Arena, offsets: Sequence[int],
                    lengths: Sequence[int]) -> None:
@@ -87,6 +94,8 @@ class _DialedSocket:
                             local_addr=sock.getsockname(), remote_addr=remote, sockaddr=None,
                             protocol_mode=protocol_mode)
         sink.attach(self.conn)
+        if isinstance(self._engine, SocketEngine):
+            self._engine.reader.overflow = sink
         self._loop = loop
         self._idle_timeout = options.idle_timeout
         self._sweeper: asyncio.TimerHandle | None = None
@@ -119,7 +128,8 @@ def dial(host: str, port: int, *,
          rcvbuf: int | None = DEFAULTS.rcvbuf, sndbuf: int | None = DEFAULTS.sndbuf,
          local_addr: tuple[str, int] | None = DEFAULTS.local_addr, gso: bool = DEFAULTS.gso,
          gro: bool = DEFAULTS.gro, dont_fragment: bool = DEFAULTS.dont_fragment,
-         ecn: bool = DEFAULTS.ecn, engine: str = DEFAULTS.engine) -> Opening[UDPConn]:
+         ecn: bool = DEFAULTS.ecn, engine: str = DEFAULTS.engine,
+         rx_coalesce: float = DEFAULTS.rx_coalesce) -> Opening[UDPConn]:
     """Open a connection to ``host``/``port`` over a connected UDP socket.
 
     Await the result, or use it with ``async with``. No datagram is exchanged by dialing.
@@ -143,7 +153,7 @@ def dial(host: str, port: int, *,
                       rx_memory_limit=rx_memory_limit, idle_timeout=idle_timeout,
                       rcvbuf=rcvbuf, sndbuf=sndbuf,
                       local_addr=local_addr, gso=gso, gro=gro, dont_fragment=dont_fragment,
-                      ecn=ecn, engine=engine)
+                      ecn=ecn, engine=engine, rx_coalesce=rx_coalesce)
     if not isinstance(host, str):
         raise ValueError(f"host must be a str, got {host!r}")
     check_factory(protocol_factory)

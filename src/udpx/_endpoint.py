@@ -63,7 +63,7 @@ logger = logging.getLogger("udpx")
 
 #: The udpx options an endpoint takes (the others are about connections and listeners).
 ENDPOINT_OPTIONS = frozenset({"batch_size", "max_datagram", "tx_queue_size", "rcvbuf",
-                              "sndbuf", "gso", "gro"})
+                              "sndbuf", "gso", "gro", "rx_coalesce"})
 
 #: Peer address tuples (receive side) and destination accounts (send side) remembered per
 #: endpoint. Building one costs about a microsecond; a server with more active peers than this
@@ -689,6 +689,7 @@ async def create_datagram_endpoint(
         max_datagram: int = DEFAULTS.max_datagram, tx_queue_size: int = DEFAULTS.tx_queue_size,
         rcvbuf: int | None = DEFAULTS.rcvbuf, sndbuf: int | None = DEFAULTS.sndbuf,
         gso: bool = DEFAULTS.gso, gro: bool = DEFAULTS.gro,
+        rx_coalesce: float = DEFAULTS.rx_coalesce,
 ) -> tuple[asyncio.DatagramTransport, asyncio.BaseProtocol]:
     """``loop.create_datagram_endpoint`` on udpx's batch engine, for the running loop.
 
@@ -707,7 +708,7 @@ async def create_datagram_endpoint(
     loop = asyncio.get_running_loop()
     options = Options(batch_size=batch_size, max_datagram=max_datagram,
                       tx_queue_size=tx_queue_size, rcvbuf=rcvbuf, sndbuf=sndbuf, gso=gso,
-                      gro=gro)
+                      gro=gro, rx_coalesce=rx_coalesce)
     return await open_endpoint(loop, _stock_method(loop), protocol_factory, local_addr,
                                remote_addr, family=family, proto=proto, flags=flags,
                                reuse_port=reuse_port, allow_broadcast=allow_broadcast,

@@ -181,7 +181,8 @@ class SocketEngine(Releasing):
                                   self._on_error,
                                   on_nothing=self.drain_errors if state.recverr else None,
                                   before=self.writer.defer, after=self.writer.flush_scheduled,
-                                  on_empty=on_empty, budget=read_budget)
+                                  on_empty=on_empty, budget=read_budget,
+                                  coalesce=options.rx_coalesce)
         self._named = named
         self._max_datagram = options.max_datagram
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)
@@ -297,6 +298,8 @@ class SocketEngine(Releasing):
         rcvbuf, sndbuf = buffer_sizes(self.sock) if not self._released else (0, 0)
         return {"engine": "mmsg", "fd": self.sock.fileno(), "rcvbuf": rcvbuf, "sndbuf": sndbuf,
                 "batch_size": self.receiver.size, **self.state.describe(),
+                "rx_coalesce": self.reader.coalesce, "rx_pauses": self.reader.pauses,
+                "rx_pauses_failed": self.reader.pauses_failed,
                 "tx_queued": len(self.writer.queue)}
 
     # -- closing ----------------------------------------------------------------------------

@@ -126,10 +126,13 @@ class Listener(asyncio.DatagramProtocol):
         self._engine = make_engine(loop, sock, options, self, named=True,
                                    pktinfo=self._local[0] in ("0.0.0.0", "::"), recverr=True,
                                    on_empty=self._hand_over if options.connected else None)
-        if protocol_factory is None and isinstance(self._engine, SocketEngine):
-            # Task mode: with many peers a wake-up reads on past its budget while the datagrams
-            # land in connections it already woke (see BatchReader.spread).
-            self._engine.reader.spread = self._demux
+        if isinstance(self._engine, SocketEngine):
+            # Read coalescing does not pause while the connections' queues overflow.
+            self._engine.reader.overflow = self._demux
+            if protocol_factory is None:
+                # Task mode: with many peers a wake-up reads on past its budget while the
+                # datagrams land in connections it already woke (see BatchReader.spread).
+                self._engine.reader.spread = self._demux
         # Connected mode (see _peer_engine): each connection's own socket, the ones whose
         # reader waits for the listener's socket to be drained, totals of the closed ones.
         self._connected = options.connected
@@ -320,8 +323,11 @@ class Listener(asyncio.DatagramProtocol):
             # up to N x 1,024 datagrams under load (about a second with 1,000 busy peers:
             # timers and tasks starve); a batch each keeps an iteration near what the shared
             # socket's reader takes, and the rest waits in each socket's kernel buffer.
-            return SocketEngine(self._loop, sock, options, PeerSink(), named=False,
-                                read_budget=options.batch_size)
+            sink = PeerSink()
+            engine = SocketEngine(self._loop, sock, options, sink, named=False,
+                                  read_budget=options.batch_size)
+            engine.reader.overflow = sink
+            return engine
         except BaseException:
             sock.close()
             raise
@@ -641,7 +647,8 @@ def listen(host: str | None, port: int, *,
            sndbuf: int | None = DEFAULTS.sndbuf, gso: bool = DEFAULTS.gso,
            gro: bool = DEFAULTS.gro, dont_fragment: bool = DEFAULTS.dont_fragment,
            ecn: bool = DEFAULTS.ecn, engine: str = DEFAULTS.engine,
-           connected: bool = DEFAULTS.connected) -> Opening[Listener]:
+           connected: bool = DEFAULTS.connected,
+           rx_coalesce: float = DEFAULTS.rx_coalesce) -> Opening[Listener]:
     """Listen for datagrams on ``host``/``port`` (``host=None``: every interface, IPv6
     dual-stack where available; ``port=0``: a free port, see ``local_addr``).
 
@@ -676,7 +683,7 @@ def listen(host: str | None, port: int, *,
                       idle_timeout=idle_timeout, max_conns=max_conns, backlog=backlog,
                       reuse_port=reuse_port, rcvbuf=rcvbuf, sndbuf=sndbuf, gso=gso,
                       gro=gro, dont_fragment=dont_fragment, ecn=ecn, engine=engine,
-                      connected=connected)
+                      connected=connected, rx_coalesce=rx_coalesce)
     check_factory(protocol_factory)
     if port is None or isinstance(port, bool) or not isinstance(port, int) or not (
             0 <= port <= 65535):

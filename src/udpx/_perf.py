@@ -50,6 +50,7 @@ from ._cmsg import SOL_UDP, UDP_SEGMENT
 from ._conn import UDPConn
 from ._errors import ConnectionClosed
 from ._listener import Listener, listen
+from ._options import DEFAULTS
 from ._run import die_with_parent, run, worker_id
 from ._sockets import Address, kernel_drops
 
@@ -445,7 +446,7 @@ class _UdpxReceiver:
 
     def __init__(self, loop_name: str, *, batch_size: int, max_datagram: int,
                  rx_queue_size: int, rcvbuf: int | None, clients: int,
-                 describe: bool = False) -> None:
+                 rx_coalesce: float = DEFAULTS.rx_coalesce, describe: bool = False) -> None:
         self.name = "udpx"
         self._describe_at_exit = describe
         self.loop_name = loop_name
@@ -453,7 +454,7 @@ class _UdpxReceiver:
         self.bytes = 0
         self._options: dict[str, Any] = {
             "batch_size": batch_size, "max_datagram": max_datagram,
-            "rx_queue_size": rx_queue_size, "rcvbuf": rcvbuf,
+            "rx_queue_size": rx_queue_size, "rcvbuf": rcvbuf, "rx_coalesce": rx_coalesce,
             "backlog": max(clients, 1024), "idle_timeout": None}
         self._listener: Listener | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -764,6 +765,7 @@ class PerfConfig:
     rcvbuf: int | None = None
     max_datagram: int = 65535
     rx_queue_size: int = 1024
+    rx_coalesce: float = DEFAULTS.rx_coalesce
     isolate: bool = False
     describe: bool = False
     workers: int = 1
@@ -774,7 +776,8 @@ def _make_receiver(kind: str, loop_name: str, config: PerfConfig) -> _Receiver:
         return _UdpxReceiver(loop_name, batch_size=config.batch_size,
                              max_datagram=config.max_datagram,
                              rx_queue_size=config.rx_queue_size, rcvbuf=config.rcvbuf,
-                             clients=config.clients, describe=config.describe)
+                             clients=config.clients, rx_coalesce=config.rx_coalesce,
+                             describe=config.describe)
     return _ProtocolReceiver(loop_name, rcvbuf=config.rcvbuf)
 
 
@@ -966,7 +969,8 @@ async def _receive_as_worker(job: WorkersJob) -> None:
     receiver = _UdpxReceiver(config.loop, batch_size=config.batch_size,
                              max_datagram=config.max_datagram,
                              rx_queue_size=config.rx_queue_size, rcvbuf=config.rcvbuf,
-                             clients=config.clients, describe=config.describe)
+                             clients=config.clients, rx_coalesce=config.rx_coalesce,
+                             describe=config.describe)
     try:
         await receiver.open(config.host, job.port)
         pipe.send(("ready", os.getpid()))

@@ -6,11 +6,13 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
+from time import perf_counter
 from typing import Protocol
 
 from ._mmsg import Receiver
+from ._sockets import receive_memory
 
-__all__ = ["BatchReader", "Spread"]
+__all__ = ["BatchReader", "Overflow", "Spread"]
 
 logger = logging.getLogger("udpx")
 
@@ -30,16 +32,34 @@ EXTENDED_BUDGET_FACTOR = 8
 EXTENDED_MAX_DEPTH = 16
 
 
-class Spread(Protocol):
+#: Read coalescing (``rx_coalesce``): a pause is taken only when the arrival rate, measured
+#: over at least COALESCE_SPAN seconds of wake-ups, would bring at least COALESCE_MIN_BATCH
+#: datagrams during it (with the default 1 ms: 64,000 datagrams/s and more).
+COALESCE_MIN_BATCH = 64
+COALESCE_SPAN = 0.0005
+
+#: A pause that did not pay (the kernel dropped, the queue filled past a quarter of the
+#: buffer, or less than half the expected datagrams came) stops pausing for this long, doubled
+#: at each further failure up to COALESCE_MAX_BACKOFF; a pause that paid resets it.
+COALESCE_BACKOFF = 0.05
+COALESCE_MAX_BACKOFF = 2.0
+
+
+class Overflow(Protocol):
+    """Where the reader's datagrams go, as far as the reader needs to know."""
+
+    @property
+    def overflowed(self) -> int:
+        """Datagrams dropped because a connection's queue or the memory budget was full (a
+        running total)."""
+
+
+class Spread(Overflow, Protocol):
     """How the datagrams a wake-up read spread over connections, as running totals."""
 
     @property
     def woken(self) -> int:
         """Connections a datagram made readable (each is one task to wake)."""
-
-    @property
-    def overflowed(self) -> int:
-        """Datagrams dropped because a connection's queue or the memory budget was full."""
 
 
 class BatchReader:
@@ -49,6 +69,22 @@ class BatchReader:
     how many datagrams they held;
     ``on_error(exc)`` handles an error the socket reported (ICMP errors on a connected socket
     arrive this way). Neither stops the reader.
+
+    ``coalesce`` (seconds, 0: never) is read coalescing, what a NIC's interrupt moderation
+    does. A reader that keeps up with a steady stream is woken again as soon as the next few
+    datagrams arrive: on this path most of the cost of a datagram is then the wake-up, the
+    poll and the receive call it shares with only a handful of others (measured here: 2.6 µs
+    per datagram at 5 per call, 1.2 µs at 60). So when the socket was drained and datagrams
+    arrive fast enough to fill a batch within ``coalesce``, the reader stops watching the
+    socket for that long and then reads what came in fewer, fuller calls. Each pause is
+    checked when it ends: if the kernel dropped, if the queue filled past a quarter of the
+    socket's buffer, if fewer than half the datagrams the rate promised came (the peers
+    were waiting for replies: a pause then only adds delay), or if the wake-up after it
+    overflowed a connection's queue (``overflow``), the reader stops pausing for a while
+    (COALESCE_BACKOFF, doubling). Nor does it pause while queues overflow: the consumers
+    are then the bottleneck, and bigger bursts would only overflow them more. Light traffic
+    is never delayed; a steady stream waits at most ``coalesce`` (plus the loop's timer
+    granularity) longer.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, receiver: Receiver,
@@ -57,7 +93,7 @@ class BatchReader:
                  after: Callable[[], None] | None = None,
                  before: Callable[[], None] | None = None,
                  on_empty: Callable[[], None] | None = None,
-                 budget: int = MAX_DATAGRAMS_PER_WAKEUP) -> None:
+                 budget: int = MAX_DATAGRAMS_PER_WAKEUP, coalesce: float = 0.0) -> None:
         self._loop = loop
         #: Datagrams read at most per wake-up (then the loop runs other callbacks first).
         self.budget = budget
@@ -90,8 +126,29 @@ class BatchReader:
         # queue overflowed. With one busy peer, or with more peers than the budget (every
         # datagram a new wake-up), it stops at the budget as before.
         self.spread: Spread | None = None
+        #: The owner's count of datagrams its queues dropped for want of room, if it has
+        #: queues (read coalescing neither pauses nor keeps pausing while it grows).
+        self.overflow: Overflow | None = None
+        #: Whether the owner wants the socket read (a coalescing pause does not change it).
         self._active = False
         self._reregister_pending = False
+        # Read coalescing (see the class's docstring).
+        self.coalesce = coalesce
+        #: Pauses taken, and how many of them did not pay (then the reader backed off).
+        self.pauses = 0
+        self.pauses_failed = 0
+        #: Whether the last wake-up emptied the socket (else the budget ended it).
+        self._drained = False
+        self._pause: asyncio.TimerHandle | None = None
+        self._since = perf_counter()  # the rate is measured from here ...
+        self._count = 0  # ... over this many datagrams
+        self._dropped = 0  # ... and ``overflow`` stood here
+        self._no_pause_until = 0.0
+        self._backoff = COALESCE_BACKOFF
+        self._pause_began = 0.0
+        self._pause_rate = 0.0
+        self._pause_drops = 0
+        self._expected = 0.0  # datagrams the wake-up after a pause should find, at least
 
     def start(self) -> None:
         if not self._active:
@@ -101,18 +158,89 @@ class BatchReader:
     def stop(self) -> None:
         if self._active:
             self._active = False
-            self._loop.remove_reader(self._fd)
+            if self._pause is not None:  # not watched during a pause
+                self._pause.cancel()
+                self._pause = None
+            else:
+                self._loop.remove_reader(self._fd)
+
+    @property
+    def paused(self) -> bool:
+        """Whether a coalescing pause is under way."""
+        return self._pause is not None
 
     def _on_readable(self) -> None:
         if self._before is not None:
             self._before()
         try:
-            self._read()
+            read = self._read()
         finally:
             if self._after is not None:
                 self._after()
+        if self.coalesce:
+            self._coalesce(read)
 
-    def _read(self) -> None:
+    # -- read coalescing --------------------------------------------------------------------
+
+    def _coalesce(self, read: int) -> None:
+        """After a wake-up that read ``read`` datagrams: pause, or go on measuring the rate."""
+        now = perf_counter()
+        if self._expected:  # the wake-up right after a pause: did it pay?
+            dropped = self._overflowed()
+            # (A wake-up that spent its budget left more behind than it read: it did.)
+            if (read < self._expected and self._drained) or dropped != self._dropped:
+                self._back_off(now)
+            else:
+                self._backoff = COALESCE_BACKOFF
+            self._expected = 0.0
+            self._since, self._count, self._dropped = now, 0, dropped
+            return
+        count = self._count + read
+        span = now - self._since
+        if span < COALESCE_SPAN:
+            self._count = count
+            return
+        dropped = self._overflowed()
+        overflowed = dropped != self._dropped
+        self._since, self._count, self._dropped = now, 0, dropped
+        if (overflowed or count < COALESCE_MIN_BATCH * span / self.coalesce
+                or not self._drained or not self._active or self.drain_to_empty
+                or now < self._no_pause_until):
+            return
+        memory = receive_memory(self._sock)
+        if memory is None:  # the kernel cannot say whether the buffer would hold: never
+            self.coalesce = 0.0
+            return
+        self.pauses += 1
+        self._pause_began = now
+        self._pause_rate = count / span
+        self._pause_drops = memory[2]
+        self._loop.remove_reader(self._fd)
+        self._pause = self._loop.call_later(self.coalesce, self._end_pause)
+
+    def _overflowed(self) -> int:
+        overflow = self.overflow
+        return overflow.overflowed if overflow is not None else 0
+
+    def _end_pause(self) -> None:
+        # (stop() cancels a pause: the owner still wants the socket read.)
+        self._pause = None
+        memory = receive_memory(self._sock)
+        now = perf_counter()
+        if memory is None or memory[2] != self._pause_drops or 4 * memory[0] > memory[1]:
+            self._back_off(now)
+        else:
+            self._expected = max(1.0, self._pause_rate * (now - self._pause_began) / 2)
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._on_readable()  # what the pause gathered, now rather than after one more poll
+
+    def _back_off(self, now: float) -> None:
+        self.pauses_failed += 1
+        self._no_pause_until = now + self._backoff
+        self._backoff = min(2 * self._backoff, COALESCE_MAX_BACKOFF)
+
+    def _read(self) -> int:
+        """Read until the socket is empty or the budget is spent; the datagrams read."""
         # Hot path: one recvmmsg per batch; stop on a short batch rather than paying for a call
         # that only says EAGAIN.
         receive = self.receiver.receive
@@ -127,13 +255,15 @@ class BatchReader:
             overflowed = spread.overflowed
             wakes = budget
             extended = budget * EXTENDED_BUDGET_FACTOR
+        self._drained = False
         while read < budget:
             try:
                 count = receive(fd)
             except OSError as exc:
                 self._handle_error(exc)
-                return
+                return read
             if count == 0:
+                self._drained = True
                 if self.on_empty is not None:
                     self.on_empty()
                 if read == 0 and self._on_nothing is not None:
@@ -142,17 +272,19 @@ class BatchReader:
                     # so register again, as after an error.
                     self._on_nothing()
                     self._reregister_soon()
-                return
+                return read
             got = on_batch(count)  # datagrams: a GRO message holds several
             read += got
             if not self._active or (count < size and not self.drain_to_empty):
-                return
+                self._drained = count < size
+                return read
             if spread is not None and read >= budget:
                 # Past the budget: one more batch while it pays (see ``spread``).
                 woken = spread.woken - first_woken
                 if (read < extended and woken < wakes and read < EXTENDED_MAX_DEPTH * woken
                         and spread.overflowed == overflowed):
                     budget = read + 1
+        return read
 
     def _handle_error(self, exc: OSError) -> None:
         try:
@@ -173,6 +305,6 @@ class BatchReader:
 
     def _reregister(self) -> None:
         self._reregister_pending = False
-        if self._active:
+        if self._active and self._pause is None:
             self._loop.remove_reader(self._fd)
             self._loop.add_reader(self._fd, self._on_readable)

@@ -21,6 +21,7 @@ __all__ = [
     "buffer_sizes",
     "kernel_drops",
     "key_from_address",
+    "receive_memory",
     "resolve",
     "sockaddr_from_key",
 ]
@@ -33,6 +34,9 @@ Address = tuple[Any, ...]
 SO_MEMINFO = 55
 _SK_MEMINFO_DROPS = 8
 _SK_MEMINFO_VARS = 9
+# SK_MEMINFO_RMEM_ALLOC and SK_MEMINFO_RCVBUF are its first two words.
+_MEMINFO_HEAD = struct.Struct("=II")
+_MEMINFO_WORD = struct.Struct("=I")
 
 _IPV4_HEAD = struct.Struct("=H")  # sa_family in host order
 _PORT = struct.Struct("!H")
@@ -262,15 +266,24 @@ def buffer_sizes(sock: socket.socket) -> tuple[int, int]:
 def kernel_drops(sock: socket.socket) -> int:
     """The kernel's count of datagrams dropped for this socket (SK_MEMINFO_DROPS), 0 where
     the platform does not report it."""
+    memory = receive_memory(sock)
+    return memory[2] if memory is not None else 0
+
+
+def receive_memory(sock: socket.socket) -> tuple[int, int, int] | None:
+    """What the socket's receive queue holds now, in bytes as the kernel charges them (each
+    datagram's buffer, several hundred bytes above its payload), the buffer's size in the same
+    bytes, and the kernel's drop count (SO_MEMINFO); None where the platform does not say."""
     if sock.fileno() < 0:
-        return 0
+        return None
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * _SK_MEMINFO_VARS)
     except OSError:
-        return 0
+        return None
     if len(raw) < 4 * (_SK_MEMINFO_DROPS + 1):
-        return 0
-    return int(struct.unpack_from("=I", raw, 4 * _SK_MEMINFO_DROPS)[0])
+        return None
+    queued, size = _MEMINFO_HEAD.unpack_from(raw)
+    return queued, size, int(_MEMINFO_WORD.unpack_from(raw, 4 * _SK_MEMINFO_DROPS)[0])
 
 
 def is_ipv4(address: Address) -> bool:

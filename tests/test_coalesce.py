@@ -1,0 +1,324 @@
+"""Read coalescing (``rx_coalesce``): under a steady stream the reader pauses between reads,
+loses and reorders nothing, and stops pausing when a pause does not pay.
+
+The reader measures the arrival rate with ``perf_counter``; these tests replace that clock
+with one that advances a fixed step per reading, so that "a fast stream" does not depend on
+the machine's speed. The sockets, the kernel and the loop's timers are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import udpx
+from udpx import _reader
+from udpx._endpoint import EndpointTransport
+from udpx._engine import SocketEngine
+from udpx._listener import Listener
+from udpx._reader import COALESCE_BACKOFF, BatchReader
+
+from .conftest import Runner
+
+#: One burst: a full batch, read by one wake-up that then finds the socket empty.
+BURST = 64
+#: The fake clock's step per reading: 64 datagrams per 100 µs is 640,000 a second.
+STEP = 0.0001
+
+
+class Clock:
+    """A perf_counter that advances STEP each time it is read."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        self.now += STEP
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(_reader, "perf_counter", fake)
+    return fake
+
+
+class Collect(udpx.ConnProtocol):
+    """Every datagram of every connection, in order, and a way to wait for a count."""
+
+    got: list[bytes]
+    waiter: tuple[int, asyncio.Future[None]] | None = None
+
+    def __init__(self) -> None:
+        self.got = []
+
+    def datagrams_received(self, datagrams: list[bytes]) -> None:
+        self.got += datagrams
+        waiter = self.waiter
+        if waiter is not None and len(self.got) >= waiter[0] and not waiter[1].done():
+            waiter[1].set_result(None)
+
+    async def until(self, count: int) -> None:
+        if len(self.got) < count:
+            future = asyncio.get_running_loop().create_future()
+            self.waiter = (count, future)
+            await future
+
+
+def _reader_of(ln: Listener) -> BatchReader:
+    engine = ln._engine
+    assert isinstance(engine, SocketEngine)
+    return engine.reader
+
+
+def _sender() -> socket.socket:
+    return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+
+def _send(sock: socket.socket, port: int, first: int, count: int) -> None:
+    for number in range(first, first + count):
+        sock.sendto(b"%d" % number, ("127.0.0.1", port))
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until ``condition()`` holds (bounded by the test's timeout)."""
+    while not condition():
+        await asyncio.sleep(0)
+
+
+async def _stream_until_paused(reader: BatchReader, proto: Collect, sock: socket.socket,
+                               port: int, sent: int) -> int:
+    """Send bursts, each read by one wake-up, until the reader pauses; the count sent."""
+    for _ in range(50):
+        _send(sock, port, sent, BURST)
+        sent += BURST
+        await proto.until(sent)
+        if reader.paused:
+            return sent
+    raise AssertionError("the reader never paused under a fast stream")
+
+
+def test_a_fast_stream_makes_the_reader_pause_and_nothing_is_lost_or_reordered(
+        run: Runner[Any], clock: Clock) -> None:
+    async def main() -> None:
+        proto = Collect()
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=lambda: proto,
+                               rcvbuf=1 << 20) as ln:
+            reader = _reader_of(ln)
+            port = ln.local_addr[1]
+            with _sender() as sock:
+                sent = await _stream_until_paused(reader, proto, sock, port, 0)
+                assert reader.pauses == 1
+                # Paused: the loop does not watch the socket, so what arrives now waits in
+                # the kernel's buffer for the pause to end.
+                _send(sock, port, sent, 100)
+                for _ in range(20):
+                    await asyncio.sleep(0)
+                if reader.paused:  # (a slow machine may already be past the 1 ms)
+                    assert len(proto.got) == sent
+                await proto.until(sent + 100)
+                sent += 100
+            assert proto.got == [b"%d" % number for number in range(sent)]
+            described = ln.describe()["socket"]
+            assert described["rx_coalesce"] == 0.001
+            assert described["rx_pauses"] >= 1
+            # The wake-up after the pause found more than the rate promised: it paid.
+            assert described["rx_pauses_failed"] == 0
+            assert ln.stats.drops["kernel"] == 0
+
+    run(main())
+
+
+def test_a_pause_that_brings_too_little_stops_pausing_for_a_while(
+        run: Runner[Any], clock: Clock) -> None:
+    # Peers that wait for replies (a request/response client, an echo window) send nothing
+    # more during a pause: it only delays them, so the reader backs off.
+    async def main() -> None:
+        proto = Collect()
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=lambda: proto,
+                               rcvbuf=1 << 20) as ln:
+            reader = _reader_of(ln)
+            port = ln.local_addr[1]
+            with _sender() as sock:
+                sent = await _stream_until_paused(reader, proto, sock, port, 0)
+                await _until(lambda: reader.pauses_failed == 1)
+                assert not reader.paused
+                # Backing off: the same fast stream (ten bursts: twice what it took to pause)
+                # does not pause ...
+                for _ in range(10):
+                    _send(sock, port, sent, BURST)
+                    sent += BURST
+                    await proto.until(sent)
+                    assert not reader.paused
+                assert reader.pauses == 1
+                # ... until the back-off has passed.
+                clock.now += COALESCE_BACKOFF
+                sent = await _stream_until_paused(reader, proto, sock, port, sent)
+                assert reader.pauses == 2
+                _send(sock, port, sent, 200)
+                sent += 200
+                await proto.until(sent)
+            assert proto.got == [b"%d" % number for number in range(sent)]
+
+    run(main())
+
+
+def test_a_pause_that_lets_the_kernel_drop_stops_pausing(run: Runner[Any],
+                                                         clock: Clock) -> None:
+    async def main() -> None:
+        proto = Collect()
+        # A small buffer (the kernel doubles it: about 150 datagrams of this size).
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=lambda: proto,
+                               rcvbuf=64 * 1024) as ln:
+            reader = _reader_of(ln)
+            port = ln.local_addr[1]
+            with _sender() as sock:
+                sent = await _stream_until_paused(reader, proto, sock, port, 0)
+                _send(sock, port, sent, 2000)  # far more than the buffer holds
+                await _until(lambda: reader.pauses_failed == 1)
+                assert reader.pauses == 1
+            dropped = ln.stats.drops["kernel"]
+            assert dropped > 0
+            await proto.until(sent + 2000 - dropped)
+            assert len(proto.got) == sent + 2000 - dropped  # every datagram read or counted
+            assert proto.got == sorted(proto.got, key=int)
+
+    run(main())
+
+
+def test_no_pause_when_rx_coalesce_is_0(run: Runner[Any], clock: Clock) -> None:
+    async def main() -> None:
+        proto = Collect()
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=lambda: proto,
+                               rcvbuf=1 << 20, rx_coalesce=0) as ln:
+            reader = _reader_of(ln)
+            with _sender() as sock:
+                for burst in range(20):
+                    _send(sock, ln.local_addr[1], burst * BURST, BURST)
+                    await proto.until((burst + 1) * BURST)
+                    assert not reader.paused
+            assert reader.pauses == 0
+            assert ln.describe()["socket"]["rx_coalesce"] == 0
+
+    run(main())
+
+
+def test_request_response_traffic_is_never_paused(run: Runner[Any]) -> None:
+    # The real clock: one datagram in flight is far below the rate that pauses.
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0) as ln:
+            async with udpx.dial("127.0.0.1", ln.local_addr[1]) as client:
+                await client.send(b"hello")
+                server = await ln.accept()
+                await server.send(await server.recv())
+                for number in range(300):
+                    assert await client.recv() in (b"hello", b"%d" % (number - 1))
+                    await client.send(b"%d" % number)
+                    await server.send(await server.recv())
+                await client.recv()
+                assert client.describe()["socket"]["rx_pauses"] == 0
+            assert ln.describe()["socket"]["rx_pauses"] == 0
+
+    run(main())
+
+
+def test_closing_during_a_pause_cancels_it(run: Runner[Any], clock: Clock) -> None:
+    async def main() -> None:
+        proto = Collect()
+        ln = await udpx.listen("127.0.0.1", 0, protocol_factory=lambda: proto,
+                               rcvbuf=1 << 20)
+        reader = _reader_of(ln)
+        with _sender() as sock:
+            await _stream_until_paused(reader, proto, sock, ln.local_addr[1], 0)
+        fd = ln.describe()["socket"]["fd"]
+        ln.close()
+        await ln.wait_closed()
+        assert not reader.paused
+        assert reader._pause is None
+        with pytest.raises(OSError):
+            socket.socket(fileno=fd).close()  # the listener's descriptor is gone
+
+    run(main())
+
+
+class DropIn(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+        self.target = 0
+        self.reached: asyncio.Event | None = None
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.got.append(data)
+        if self.reached is not None and len(self.got) >= self.target:
+            self.reached.set()
+
+    async def until(self, count: int) -> None:
+        self.target = count
+        self.reached = asyncio.Event()
+        if len(self.got) < count:
+            await self.reached.wait()
+
+
+def test_pause_reading_during_a_pause_is_kept_when_the_pause_ends(run: Runner[Any],
+                                                                  clock: Clock) -> None:
+    # The drop-in endpoint's pause_reading() is the owner's: the end of a coalescing pause
+    # must not start reading again behind its back.
+    async def main() -> None:
+        transport, proto = await udpx.create_datagram_endpoint(
+            DropIn, local_addr=("127.0.0.1", 0), rcvbuf=1 << 20)
+        assert isinstance(transport, EndpointTransport)
+        assert isinstance(proto, DropIn)
+        reader = transport._engine.reader
+        assert isinstance(reader, BatchReader)
+        port = transport.get_extra_info("sockname")[1]
+        try:
+            with _sender() as sock:
+                sent = 0
+                for _ in range(50):
+                    _send(sock, port, sent, BURST)
+                    sent += BURST
+                    await proto.until(sent)
+                    if reader.paused:
+                        break
+                assert reader.paused
+                transport.pause_reading()
+                assert not reader.paused
+                _send(sock, port, sent, 10)
+                started = asyncio.get_running_loop().time()
+                # Past the end the pause would have had: still nothing is read.
+                while asyncio.get_running_loop().time() - started < 0.01:
+                    await asyncio.sleep(0)
+                assert len(proto.got) == sent
+                transport.resume_reading()
+                await proto.until(sent + 10)
+            assert proto.got == [b"%d" % number for number in range(sent + 10)]
+        finally:
+            transport.close()
+
+    run(main())
+
+
+def test_no_pause_while_connection_queues_overflow(run: Runner[Any], clock: Clock) -> None:
+    # The consumer is the bottleneck (its queue overflows): a pause would only make bigger
+    # bursts for it to drop, so the fast stream is read as it comes.
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, rcvbuf=1 << 20, rx_queue_size=16) as ln:
+            reader = _reader_of(ln)
+            port = ln.local_addr[1]
+            with _sender() as sock:
+                for burst in range(20):  # nobody reads the connection: all but 16 overflow
+                    _send(sock, port, burst * BURST, BURST)
+                    await _until(lambda b=burst: ln.stats.rx_packets  # type: ignore[misc]
+                                 + ln.stats.drops["rx_queue_full"] >= (b + 1) * BURST)
+                    assert not reader.paused
+                assert reader.pauses == 0
+                conn = await ln.accept()
+                assert await conn.recv_many() == [b"%d" % number for number in range(16)]
+            assert ln.stats.drops["rx_queue_full"] == 20 * BURST - 16
+
+    run(main())
