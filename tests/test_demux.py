@@ -21,6 +21,7 @@ from hypothesis.stateful import (
 )
 
 from udpx._demux import Demux, PeerKey
+from udpx._mmsg import slice_all
 from udpx._queue import DATAGRAM_OVERHEAD, RxPool, RxQueue
 from udpx._sockets import key_from_address
 
@@ -222,12 +223,12 @@ class DemuxMachine(RuleBasedStateMachine):
             arena = mmap.mmap(-1, max(len(blob), 1))
             try:
                 arena[:len(blob)] = bytes(blob)
-                self.demux.feed_batch(keys, arena, offsets, lengths)
+                self.demux.feed_batch(keys, slice_all(arena, offsets, lengths), lengths)
                 arena[:] = b"\xff" * len(arena)  # the queues must hold copies
             finally:
                 arena.close()
         else:
-            self.demux.feed_batch(keys, bytes(blob), offsets, lengths)
+            self.demux.feed_batch(keys, slice_all(bytes(blob), offsets, lengths), lengths)
         assert not self.creations, "create was not called for an admitted peer"
         self._check_wakes(was_empty)
 
@@ -361,8 +362,9 @@ def test_batch_from_a_slot_arena() -> None:
         datagrams = [payload(peer, index, 3 + index) for index, peer in enumerate(peers)]
         for index, data in enumerate(datagrams):
             arena[index * slot:index * slot + len(data)] = data
-        demux.feed_batch([fresh_key(peer) for peer in peers], arena,
-                         [index * slot for index in range(8)], [len(d) for d in datagrams])
+        lengths = [len(d) for d in datagrams]
+        demux.feed_batch([fresh_key(peer) for peer in peers],
+                         slice_all(arena, [index * slot for index in range(8)], lengths), lengths)
     finally:
         arena.close()
     assert list(queues) == [PEER_KEYS[0], PEER_KEYS[3], PEER_KEYS[1]]
@@ -378,7 +380,7 @@ def test_refused_peer_does_not_stick_within_a_batch() -> None:
     different peer in the same batch still gets through once there is room."""
     demux, queues, _ = make_demux(max_conns=1)
     demux.feed_batch([fresh_key(0), fresh_key(1), fresh_key(1), fresh_key(0)],
-                     b"abcd", [0, 1, 2, 3], [1, 1, 1, 1])
+                     [b"a", b"b", b"c", b"d"], [1, 1, 1, 1])
     assert list(queues) == [PEER_KEYS[0]]
     assert list(queues[PEER_KEYS[0]].items) == [b"a", b"d"]
     assert demux.dropped_conn_limit == 2

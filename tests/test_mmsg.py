@@ -14,7 +14,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from udpx._mmsg import HAVE_MMSG, MSG_TRUNC, RecvBatch, SendBatch, make_receiver, make_sender
+from udpx._mmsg import (
+    HAVE_MMSG,
+    MSG_TRUNC,
+    UNIFORM_LAYOUTS,
+    RecvBatch,
+    SendBatch,
+    make_receiver,
+    make_sender,
+)
 from udpx._sockets import address_from_sockaddr, key_from_address, sockaddr_from_address
 
 from .conftest import HAVE_IPV6
@@ -121,6 +129,51 @@ def test_burst_is_received_in_batches(stack: contextlib.ExitStack, family: int) 
     calls = batch.calls
     assert batch.receive(receiver.fileno()) == 0
     assert batch.calls == calls + 1
+
+
+def _received_payloads(stack: contextlib.ExitStack, family: int, sent: list[bytes],
+                       slot_size: int, batch: RecvBatch | None = None) -> list[bytes]:
+    """``sent`` from one socket to another, received with ``datagrams()`` (copies: each batch
+    is taken before the next call overwrites the arena)."""
+    receiver = bound(stack, family)
+    sender = bound(stack, family, blocking=True)
+    for data in sent:
+        sender.sendto(data, receiver.getsockname())
+    batch = batch or recv_batch(stack, 16, slot_size, family)
+    got: list[bytes] = []
+    for _ in range(2 * len(sent) + 10):
+        if len(got) >= len(sent):
+            break
+        count = batch.receive(receiver.fileno())
+        if count == 0:
+            wait_readable(receiver)
+            continue
+        payloads = batch.datagrams(batch.lengths(count))
+        assert all(type(data) is bytes for data in payloads)
+        got += payloads
+    return got
+
+
+@pytest.mark.parametrize("size", [0, 1, 64, 1200, 2048])
+def test_datagrams_of_one_length_come_whole_and_as_copies(
+        stack: contextlib.ExitStack, family: int, size: int) -> None:
+    # One length in every batch: the one-call decoder, up to a payload that fills its slot.
+    sent = [bytes([index]) * size for index in range(40)]
+    assert _received_payloads(stack, family, sent, 2048) == sent
+
+
+def test_datagrams_of_mixed_lengths_come_whole(stack: contextlib.ExitStack, family: int) -> None:
+    sent = [burst_payload(index) for index in range(100)]
+    assert _received_payloads(stack, family, sent, 2048) == sent
+
+
+def test_uniform_layouts_are_bounded(stack: contextlib.ExitStack, family: int) -> None:
+    # Each (length, count) seen compiles a layout; past the bound the cache starts over.
+    batch = recv_batch(stack, 4, 600, family)
+    sent = [bytes([length % 256]) * length for length in range(UNIFORM_LAYOUTS + 20)
+            for _ in range(4)]
+    assert _received_payloads(stack, family, sent, 600, batch) == sent
+    assert 0 < len(batch._uniform) <= UNIFORM_LAYOUTS
 
 
 def test_empty_socket_returns_zero(stack: contextlib.ExitStack, family: int) -> None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from itertools import islice
-from operator import add
 
-from ._queue import DATAGRAM_OVERHEAD, Arena, ProtocolRxQueue, RxPool, RxQueue
+from ._queue import DATAGRAM_OVERHEAD, ProtocolRxQueue, RxPool, RxQueue
 
 __all__ = ["Demux", "PeerKey"]
 
@@ -126,10 +125,10 @@ class Demux:
         """Forget a closed connection's peer (no-op if unknown)."""
         self.table.pop(key, None)
 
-    def feed_batch(self, keys: Sequence[PeerKey] | None, arena: Arena, offsets: Sequence[int],
+    def feed_batch(self, keys: Sequence[PeerKey] | None, datagrams: Sequence[bytes],
                    lengths: Sequence[int]) -> None:
-        """Route one received batch: datagram i is ``arena[offsets[i]:offsets[i] + lengths[i]]``
-        from peer ``keys[i]``. ``lengths`` gives the batch size.
+        """Route one received batch: datagram i is ``datagrams[i]``, ``lengths[i]`` bytes long,
+        from peer ``keys[i]``.
 
         Every datagram ends up queued on its peer's connection or counted as a drop. Each queue
         that became non-empty is woken once, after the whole batch.
@@ -147,11 +146,11 @@ class Demux:
                 # admit() counted one drop; the rest of the batch is refused the same way.
                 self.feed_batch_refused(count - 1)
             else:
-                queue.put_batch(arena, offsets, lengths)
+                queue.put_batch(datagrams, lengths)
             return
-        self._feed_mixed(keys, arena, offsets, lengths)
+        self._feed_mixed(keys, datagrams, lengths)
 
-    def _feed_mixed_tasks(self, keys: Sequence[PeerKey], arena: Arena, offsets: Sequence[int],
+    def _feed_mixed_tasks(self, keys: Sequence[PeerKey], datagrams: Sequence[bytes],
                           lengths: Sequence[int]) -> None:
         # Mixed peers: locals only, the lookup skipped within runs of one peer, no per-datagram
         # call except the slice; the pool's totals are added once, after the batch.
@@ -165,7 +164,7 @@ class Demux:
         current = _NO_QUEUE
         items = current.items
         limit = 0
-        for key, offset, length in zip(keys, offsets, lengths):
+        for key, data, length in zip(keys, datagrams, lengths):
             if key != last_key:
                 found = table_get(key)
                 if found is None:
@@ -186,7 +185,7 @@ class Demux:
                 continue
             if not items:
                 touched.append(current)
-            items.append(arena[offset:offset + length])
+            items.append(data)
             buffered += length + DATAGRAM_OVERHEAD
             current.rx_packets += 1
             current.rx_bytes += length
@@ -201,8 +200,8 @@ class Demux:
         for queue in touched:
             queue.wake()
 
-    def _feed_mixed_protocol(self, keys: Sequence[PeerKey], arena: Arena,
-                             offsets: Sequence[int], lengths: Sequence[int]) -> None:
+    def _feed_mixed_protocol(self, keys: Sequence[PeerKey], datagrams: Sequence[bytes],
+                             lengths: Sequence[int]) -> None:
         # Protocol mode, mixed peers (hot path: many busy peers land here). Delivery is
         # synchronous, after the routing, so nothing is queued, limited or budgeted per
         # datagram: each connection's datagrams are collected in a plain list, and each
@@ -216,12 +215,12 @@ class Demux:
             # peers: lookups and slices in C, one delivery per datagram.
             queues = list(map(table_get, keys))
             if None not in queues:
-                self._deliver_distinct(queues, arena, offsets, lengths)  # type: ignore[arg-type]
+                self._deliver_distinct(queues, datagrams, lengths)  # type: ignore[arg-type]
                 return
         touched: list[ProtocolRxQueue] = []
         last_key: object = _NO_KEY
         incoming = _NO_LIST
-        for key, offset, length in zip(keys, offsets, lengths):
+        for key, data in zip(keys, datagrams):
             if key != last_key:
                 found = table_get(key)
                 if found is None:
@@ -233,30 +232,30 @@ class Demux:
                 incoming = found.incoming  # type: ignore[attr-defined]
                 if not incoming:
                     touched.append(found)  # type: ignore[arg-type]
-            incoming.append(arena[offset:offset + length])
+            incoming.append(data)
         for queue in touched:
             queue.flush()
 
-    def _deliver_distinct(self, queues: list[ProtocolRxQueue], arena: Arena,
-                          offsets: Sequence[int], lengths: Sequence[int]) -> None:
+    def _deliver_distinct(self, queues: list[ProtocolRxQueue], datagrams: Sequence[bytes],
+                          lengths: Sequence[int]) -> None:
         """One datagram for each of ``queues``: ProtocolRxQueue.flush inlined, the pool's
         totals added once."""
-        datagrams = list(map(arena.__getitem__, map(slice, offsets, map(add, offsets, lengths))))
         total = len(datagrams)
         held = held_bytes = 0
         index = 0
         while index < total:
             try:
-                for queue, data in zip(islice(queues, index, None),
-                                       islice(datagrams, index, None)):
+                for queue, data, length in zip(islice(queues, index, None),
+                                               islice(datagrams, index, None),
+                                               islice(lengths, index, None)):
                     index += 1
                     if queue.hold:
                         queue.hold_back([data])
                         held += 1
-                        held_bytes += len(data)
+                        held_bytes += length
                         continue
                     queue.rx_packets += 1
-                    queue.rx_bytes += len(data)
+                    queue.rx_bytes += length
                     queue.deliver([data])
             except Exception as exc:
                 # The callback of datagram ``index - 1`` raised: its connection handles it

@@ -14,7 +14,7 @@ from ._idle import sweep, sweep_interval
 from ._opening import Opening
 from ._options import DEFAULTS, Options
 from ._protocol import ConnProtocol, check_factory, make_protocol
-from ._queue import Arena, RxPool, RxQueue
+from ._queue import RxPool, RxQueue
 from ._sockets import Address, PeerKey, bind_socket, max_payload, resolve
 from ._transport import make_engine
 
@@ -44,11 +44,11 @@ class PeerSink:
         pool = self.rx.pool if self.rx is not None else None
         return pool.dropped_full + pool.dropped_memory if pool is not None else 0
 
-    def feed_batch(self, keys: Sequence[PeerKey] | None, arena: Arena, offsets: Sequence[int],
+    def feed_batch(self, keys: Sequence[PeerKey] | None, datagrams: Sequence[bytes],
                    lengths: Sequence[int]) -> None:
         rx = self.rx
         assert rx is not None
-        rx.put_batch(arena, offsets, lengths)
+        rx.put_batch(datagrams, lengths)
 
     def feed_one(self, key: PeerKey | None, data: bytes | None) -> None:
         rx = self.rx

@@ -46,7 +46,7 @@ from typing import Any, final
 
 from ._engine import SocketEngine
 from ._options import DEFAULTS, Options
-from ._queue import Arena, TxAccount
+from ._queue import TxAccount
 from ._sockets import (
     Address,
     PeerKey,
@@ -232,27 +232,27 @@ class EndpointTransport(asyncio.DatagramTransport):
 
     # -- the sink: batches straight to datagram_received --------------------------------
 
-    def feed_batch(self, keys: Sequence[PeerKey] | None, arena: Arena, offsets: Sequence[int],
+    def feed_batch(self, keys: Sequence[PeerKey] | None, datagrams: Sequence[bytes],
                    lengths: Sequence[int]) -> None:
         self._rx_packets += len(lengths)
         self._rx_bytes += sum(lengths)
         addresses: Iterator[Address] = (
             map(self._addresses.__getitem__, keys) if keys is not None
             else repeat(self._peername))  # type: ignore[arg-type]
-        items = zip(offsets, lengths, addresses)
+        items = zip(datagrams, addresses)
         if self._halt:
-            self._keep(arena, items)
+            self._keep(items)
             return
         received = self._received
         halt = self._halt
         while True:
-            # Hot path: a slice and a call per datagram; the addresses come from the cache
-            # through C-level map, the stop test is a local list's truth.
+            # Hot path: a call per datagram; the addresses come from the cache through
+            # C-level map, the stop test is a local list's truth.
             try:
-                for offset, length, address in items:
-                    received(arena[offset:offset + length], address)
+                for data, address in items:
+                    received(data, address)
                     if halt:
-                        self._keep(arena, items)
+                        self._keep(items)
                         return
                 return
             except (SystemExit, KeyboardInterrupt):
@@ -261,13 +261,13 @@ class EndpointTransport(asyncio.DatagramTransport):
                 # As on asyncio's loop: reported, and the next datagram is delivered.
                 self._callback_failed(exc)
                 if halt:
-                    self._keep(arena, items)
+                    self._keep(items)
                     return
 
-    def _keep(self, arena: Arena, items: Any) -> None:
+    def _keep(self, items: Iterator[tuple[bytes, Address]]) -> None:
         """The rest of a batch, once delivery stopped: held until reading resumes, or
         dropped (counted) when the transport is closing."""
-        rest = [(arena[offset:offset + length], address) for offset, length, address in items]
+        rest = list(items)
         if self._closing:
             self._dropped_closed += len(rest)
         else:

@@ -32,9 +32,10 @@ from ._mmsg import (
     make_receiver,
     make_sender,
     message_datagrams,
+    slice_all,
 )
 from ._options import Options
-from ._queue import Arena, TxQueue
+from ._queue import TxQueue
 from ._reader import MAX_DATAGRAMS_PER_WAKEUP, BatchReader
 from ._sockets import (
     Address,
@@ -58,10 +59,10 @@ MAX_ERRORS_PER_DRAIN = 256
 class Sink(Protocol):
     """Where an engine's received datagrams go."""
 
-    def feed_batch(self, keys: Sequence[PeerKey] | None, arena: Arena, offsets: Sequence[int],
+    def feed_batch(self, keys: Sequence[PeerKey] | None, datagrams: Sequence[bytes],
                    lengths: Sequence[int]) -> None:
-        """Datagram i is ``arena[offsets[i]:offsets[i] + lengths[i]]``, from ``keys[i]``
-        (``keys`` is None on a connected socket); ``lengths`` gives the count (hot path)."""
+        """Datagram i is ``datagrams[i]``, ``lengths[i]`` bytes long, from ``keys[i]``
+        (``keys`` is None on a connected socket) (hot path)."""
 
     def feed_one(self, key: PeerKey | None, data: bytes | None) -> None:
         """One datagram (None: it arrived truncated, to be counted and dropped)."""
@@ -213,10 +214,10 @@ class SocketEngine(Releasing):
         sink = self.sink
         if truncated is None:
             if sizes is None:
-                sink.feed_batch(keys, receiver.arena, receiver.offsets, lengths)
+                sink.feed_batch(keys, receiver.datagrams(lengths), lengths)
                 return count
             split_keys, offsets, lengths = receiver.split(keys, lengths, sizes)
-            sink.feed_batch(split_keys, receiver.arena, offsets, lengths)
+            sink.feed_batch(split_keys, slice_all(receiver.arena, offsets, lengths), lengths)
             return len(lengths)
         # Rare: some message did not fit its slot. One message at a time.
         arena = receiver.arena

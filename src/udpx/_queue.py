@@ -10,18 +10,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from itertools import islice
+from typing import Any
 
 from ._cmsg import whole_cmsg
 
-__all__ = ["DATAGRAM_OVERHEAD", "Arena", "ProtocolRxQueue", "RxPool", "RxQueue", "TxAccount",
+__all__ = ["DATAGRAM_OVERHEAD", "ProtocolRxQueue", "RxPool", "RxQueue", "TxAccount",
            "TxQueue"]
-
-
-class Arena(Protocol):
-    """A buffer whose slices are ``bytes``: an ``mmap`` (the batch arenas) or ``bytes``."""
-
-    def __getitem__(self, index: slice, /) -> bytes: ...
 
 
 #: What one queued datagram costs beyond its payload, as the memory budget counts it: the
@@ -117,15 +112,13 @@ class RxQueue:
             self.wake()
         return True
 
-    def put_batch(self, arena: Arena, offsets: Sequence[int], lengths: Sequence[int]) -> None:
-        """Queue the datagrams ``arena[offset:offset + length]`` in order (hot path).
+    def put_batch(self, datagrams: Sequence[bytes], lengths: Sequence[int]) -> None:
+        """Queue ``datagrams`` (``lengths`` are theirs) in order (hot path).
 
-        ``lengths`` gives the batch size; ``offsets`` may be longer. What does not fit (the
-        queue's length or the pool's memory) is dropped and counted, exactly as if each
-        datagram were ``put()`` in turn. ``arena`` must return ``bytes`` when sliced (an
-        ``mmap`` or ``bytes``).
+        What does not fit (the queue's length or the pool's memory) is dropped and counted,
+        exactly as if each datagram were ``put()`` in turn.
         """
-        # Hot path: one list comprehension per batch, one bytes object per datagram.
+        # Hot path: the fitting datagrams appended in one call.
         items = self.items
         pool = self.pool
         total = len(lengths)
@@ -134,7 +127,7 @@ class RxQueue:
         payload = sum(fitting)
         cost = payload + count * DATAGRAM_OVERHEAD
         if pool.buffered + cost > pool.limit:
-            self._put_each(arena, offsets, lengths)
+            self._put_each(datagrams)
             return
         if count < total:
             self.dropped_full += total - count
@@ -142,7 +135,7 @@ class RxQueue:
         if count == 0:
             return
         was_empty = not items
-        items.extend([arena[offset:offset + length] for offset, length in zip(offsets, fitting)])
+        items.extend(datagrams if count == total else islice(datagrams, count))
         pool.buffered += cost
         self.rx_packets += count
         self.rx_bytes += payload
@@ -151,7 +144,7 @@ class RxQueue:
         if was_empty:
             self.wake()
 
-    def _put_each(self, arena: Arena, offsets: Sequence[int], lengths: Sequence[int]) -> None:
+    def _put_each(self, datagrams: Sequence[bytes]) -> None:
         """Rare: the memory budget runs out within a batch. One datagram at a time, so that
         what is dropped, and why, is the same as with put() whatever the path; the queue is
         still woken once, after the batch."""
@@ -159,8 +152,8 @@ class RxQueue:
         wake = self.wake
         self.wake = _do_nothing
         try:
-            for offset, length in zip(offsets, lengths):
-                self.put(arena[offset:offset + length])
+            for data in datagrams:
+                self.put(data)
         finally:
             self.wake = wake
         if was_empty and self.items:
@@ -294,10 +287,9 @@ class ProtocolRxQueue(RxQueue):
         self.flush()
         return True
 
-    def put_batch(self, arena: Arena, offsets: Sequence[int], lengths: Sequence[int]) -> None:
+    def put_batch(self, datagrams: Sequence[bytes], lengths: Sequence[int]) -> None:
         """A batch of one peer: one list, one delivery (hot path)."""
-        self.incoming = [arena[offset:offset + length]
-                         for offset, length in zip(offsets, lengths)]
+        self.incoming = list(datagrams)
         self.flush()
 
     def pause(self) -> None:
