@@ -642,3 +642,31 @@ def test_protocol_listener_many_peers_all_served(run: Runner[Any], engine: str) 
             assert all(isinstance(conn.protocol, EchoProtocol) for conn in ln.conns())
 
     run(main())
+
+
+def test_send_many_nowait_of_one_datagram_checks_it_as_send_nowait(run: Runner[Any]) -> None:
+    # One datagram takes a shorter path (a reply per peer): the same checks, the same results.
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, max_datagram=100) as ln, \
+                udpx.dial(*ln.local_addr, max_datagram=100, tx_queue_size=2) as conn:
+            with pytest.raises(TypeError, match="bytes-like"):
+                conn.send_many_nowait(["text"])  # type: ignore[list-item]
+            with pytest.raises(udpx.MessageTooLong):
+                conn.send_many_nowait([b"x" * 101])
+            assert conn.describe()["tx_pending"] == 0
+            buffer = bytearray(b"b")
+            conn.send_many_nowait([buffer])
+            buffer[0] = ord("X")  # queued as a copy
+            conn.send_many_nowait(view for view in [memoryview(b"c")])
+            with pytest.raises(udpx.QueueFull):
+                conn.send_many_nowait([b"d"])  # the queue (2) is full: nothing queued
+            server = await ln.accept()
+            assert [await server.recv() for _ in range(2)] == [b"b", b"c"]
+            conn.send_many_nowait([b"x" * 100])
+            assert await server.recv() == b"x" * 100
+            assert conn.stats.tx_packets == 3
+            conn.close()
+            with pytest.raises(udpx.ConnectionClosed):
+                conn.send_many_nowait([b"late"])
+
+    run(main())

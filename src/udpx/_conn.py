@@ -598,6 +598,23 @@ class UDPConn:
                 nothing was queued.
         """
         given = datagrams if type(datagrams) is list else list(datagrams)
+        if len(given) == 1:
+            # Hot path (a reply to each of many peers' one datagram: DNS, game ticks, the
+            # many-peer echo): send_nowait() with its checks and _enqueue inlined.
+            data = given[0]
+            txq = self._txq
+            queued = txq.datagrams
+            if (type(data) is not bytes or len(data) > self._max_send or self._closed
+                    or self._error is not None or len(queued) >= txq.limit):
+                self.send_nowait(data)  # raises, or queues a bytes-like object as bytes
+                return
+            queued.append(data)
+            txq.owners.append(self._tx)
+            self._tx.enqueued += 1
+            self._writer.schedule()
+            if len(queued) >= txq.high:
+                self._over_high_mark()
+            return
         if not given:
             return
         # Hot path (an echo in datagrams_received): the common case, a list of bytes within
