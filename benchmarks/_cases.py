@@ -196,7 +196,9 @@ RECEIVE_NOTES = [
     "receiver could not keep up). CPU: receiver process, user + system.",
     "udpx: one accepted connection, one task; recv() takes one datagram per await, "
     "recv_many() all that are queued; ConnProtocol: listen(protocol_factory=...), no task, "
-    "datagrams_received() called once per received batch.",
+    "datagrams_received() called once per received batch. udpx's other options are its "
+    "defaults, read coalescing included (rx_coalesce=0.001: a reader that keeps up with a "
+    "steady stream pauses up to 1 ms between reads).",
 ]
 
 

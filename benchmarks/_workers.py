@@ -171,12 +171,23 @@ def receiving_socket() -> socket.socket:
     return sock
 
 
-def dropin_loop(impl: str) -> asyncio.AbstractEventLoop:
+def coalescing(args: argparse.Namespace) -> dict[str, Any]:
+    """``--rx-coalesce`` as a udpx option (none: udpx's default)."""
+    value = getattr(args, "rx_coalesce", None)
+    return {} if value is None else {"rx_coalesce": value}
+
+
+def pauses(described: dict[str, Any]) -> dict[str, Any]:
+    """A udpx socket's read-coalescing counters, from its ``describe()["socket"]``."""
+    return {key: described[key] for key in ("rx_pauses", "rx_pauses_failed") if key in described}
+
+
+def dropin_loop(impl: str, args: argparse.Namespace) -> asyncio.AbstractEventLoop:
     """The running loop; for "udpx-dropin" patched first (``udpx.patch_loop``), so that the
     stock code's ``loop.create_datagram_endpoint`` opens udpx's drop-in endpoint."""
     loop = asyncio.get_running_loop()
     if impl == "udpx-dropin":
-        udpx.patch_loop(loop)
+        udpx.patch_loop(loop, **coalescing(args))
     return loop
 
 
@@ -192,7 +203,7 @@ def endpoint_extra(impl: str, transport: asyncio.BaseTransport) -> dict[str, Any
     if isinstance(transport, udpx.EndpointTransport):
         stats = transport.stats
         extra.update(drops=dict(stats.drops), rx_packets=stats.rx_packets,
-                     tx_packets=stats.tx_packets)
+                     tx_packets=stats.tx_packets, **pauses(transport.describe()["socket"]))
     return extra
 
 
@@ -245,7 +256,7 @@ async def _measure_listener(ln: udpx.Listener,
     result = await window.run()
     stats = ln.stats
     extra = {"conns": stats.conns, "drops": dict(stats.drops), "ready_after": window.ready_after,
-             "fds": open_fds(), "rss": rss_bytes()}
+             "fds": open_fds(), "rss": rss_bytes(), **pauses(ln.describe()["socket"])}
     await ln.aclose()
     return result, extra
 
@@ -259,7 +270,7 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
     # Room for every peer (the flood's first datagrams open the connections).
     options: dict[str, Any] = {"rcvbuf": RCVBUF, "max_conns": max(65536, 2 * peers),
                                "backlog": max(1024, 2 * peers), "batch_size": args.batch_size,
-                               "connected": args.connected}
+                               "connected": args.connected, **coalescing(args)}
     if args.impl in ("udpx-recv", "udpx-recv_many"):
         consume = consume_recv if args.impl == "udpx-recv" else consume_recv_many
         ln = await udpx.listen(args.listen_host, 0, **options)
@@ -286,7 +297,7 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
     elif args.impl in ("proto", "udpx-dropin"):
         # The same protocol and call; "udpx-dropin" on a loop patched by udpx.patch_loop, so
         # that loop.create_datagram_endpoint is udpx's drop-in endpoint.
-        loop = dropin_loop(args.impl)
+        loop = dropin_loop(args.impl, args)
         sock = receiving_socket()
         transport, _ = await loop.create_datagram_endpoint(lambda: CountingProtocol(counter),
                                                            sock=sock)
@@ -542,7 +553,7 @@ async def echo(args: argparse.Namespace) -> dict[str, Any]:
     counter = Counter()
     extra: dict[str, Any] = {}
     options: dict[str, Any] = {"rcvbuf": RCVBUF, "max_conns": max(65536, 2 * args.peers),
-                               "backlog": max(1024, 2 * args.peers)}
+                               "backlog": max(1024, 2 * args.peers), **coalescing(args)}
     if args.impl in ("udpx-recv", "udpx-recv_many"):
         serve = echo_recv if args.impl == "udpx-recv" else echo_recv_many
         ln = await udpx.listen(args.listen_host, 0, **options)
@@ -556,7 +567,8 @@ async def echo(args: argparse.Namespace) -> dict[str, Any]:
         emit("ready", port=ln.local_addr[1])
         await asyncio.wait_for(stdin_closed(), args.deadline)
         stats = ln.stats
-        extra = {"drops": dict(stats.drops), "conns": stats.conns}
+        extra = {"drops": dict(stats.drops), "conns": stats.conns,
+                 **pauses(ln.describe()["socket"])}
         await ln.aclose()
         acceptor.cancel()
         await asyncio.gather(acceptor, *tasks, return_exceptions=True)
@@ -568,10 +580,11 @@ async def echo(args: argparse.Namespace) -> dict[str, Any]:
         emit("ready", port=ln.local_addr[1])
         await asyncio.wait_for(stdin_closed(), args.deadline)
         stats = ln.stats
-        extra = {"drops": dict(stats.drops), "conns": stats.conns, "queue_full": full.n}
+        extra = {"drops": dict(stats.drops), "conns": stats.conns, "queue_full": full.n,
+                 **pauses(ln.describe()["socket"])}
         await ln.aclose()
     elif args.impl in ("proto", "udpx-dropin"):
-        loop = dropin_loop(args.impl)
+        loop = dropin_loop(args.impl, args)
         sock = receiving_socket()
         transport, _ = await loop.create_datagram_endpoint(lambda: EchoProtocol(counter),
                                                            sock=sock)
@@ -1064,6 +1077,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     for sub in (recv, echo_server):
         sub.add_argument("--listen-host", default=HOST,
                          help="udpx listener's address (0.0.0.0: wildcard, with packet info)")
+        sub.add_argument("--rx-coalesce", type=float, default=None,
+                         help="udpx's rx_coalesce (default: udpx's own default)")
     scaled = kinds.add_parser("scale", help="udpx.run(main, workers=N): receive or echo")
     scaled.add_argument("impl", choices=["udpx-recv", "udpx-recv_many", "udpx-proto"])
     scaled.add_argument("--mode", choices=["receive", "echo"], required=True)

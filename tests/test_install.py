@@ -48,7 +48,7 @@ def test_patch_loop_is_idempotent_and_returns_the_loop() -> None:
     try:
         assert not udpx.is_patched(loop)
         assert udpx.patch_loop(loop) is loop
-        assert udpx.patch_loop(loop, batch_size=8) is loop
+        assert udpx.patch_loop(loop, batch_size=8, rx_coalesce=0) is loop
         assert udpx.is_patched(loop)
 
         async def main() -> None:
@@ -57,6 +57,7 @@ def test_patch_loop_is_idempotent_and_returns_the_loop() -> None:
             assert isinstance(transport, udpx.EndpointTransport)
             # The options of the last patch_loop call.
             assert transport.describe()["socket"]["batch_size"] == 8
+            assert transport.describe()["socket"]["rx_coalesce"] == 0
             transport.close()
 
         loop.run_until_complete(main())
@@ -73,6 +74,8 @@ def test_patch_loop_checks_its_arguments() -> None:
             udpx.patch_loop(loop, max_conns=3)
         with pytest.raises(ValueError, match="batch_size"):
             udpx.patch_loop(loop, batch_size=0)
+        with pytest.raises(ValueError, match="rx_coalesce"):
+            udpx.patch_loop(loop, rx_coalesce=-1)
         assert not udpx.is_patched(loop)
     finally:
         loop.close()

@@ -80,8 +80,8 @@ async def _patched_method(self: asyncio.AbstractEventLoop,
 def patch_loop(loop: asyncio.AbstractEventLoop, **options: Any) -> asyncio.AbstractEventLoop:
     """Make ``loop.create_datagram_endpoint`` udpx's, with ``options`` (udpx's endpoint
     options: ``batch_size``, ``max_datagram``, ``tx_queue_size``, ``rcvbuf``, ``sndbuf``,
-    ``gso``, ``gro``). Idempotent: patching again only replaces the options. Returns
-    ``loop``.
+    ``gso``, ``gro``, ``rx_coalesce``). Idempotent: patching again only replaces the options.
+    Returns ``loop``.
 
     Raises:
         TypeError: ``loop`` is not an event loop, or an option is unknown.
