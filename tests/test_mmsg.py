@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from udpx._cmsg import SOL_UDP, UDP_GRO, UDP_SEGMENT
 from udpx._mmsg import (
     HAVE_MMSG,
     MSG_TRUNC,
@@ -373,3 +374,46 @@ def test_single_sender_matches(stack: contextlib.ExitStack, family: int) -> None
     assert single.fill([b"p", b"q"], [name, name]) == 1
     assert single.send(sender.fileno(), 0) == 1
     assert recv_n(receiver, 1)[0] == (b"p", sender.getsockname())
+
+
+def test_split_expands_gro_runs_into_their_datagrams(stack: contextlib.ExitStack,
+                                                     family: int) -> None:
+    # A GSO send of 10 x 100 bytes + 37 arrives (UDP_GRO) as one message of 1,037 bytes with
+    # segment size 100; split() makes its 11 datagrams, the last one short, with their keys,
+    # beside a plain datagram of the same batch.
+    receiver = bound(stack, family)
+    try:
+        receiver.setsockopt(SOL_UDP, UDP_GRO, 1)
+        sender = bound(stack, family, blocking=True)
+        sender.setsockopt(SOL_UDP, UDP_SEGMENT, 100)
+    except OSError as exc:
+        pytest.skip(f"no UDP GSO/GRO here: {exc}")
+    run = b"".join(bytes([index]) * 100 for index in range(10)) + b"t" * 37
+    sender.sendto(run, receiver.getsockname())
+    sender.setsockopt(SOL_UDP, UDP_SEGMENT, 0)
+    sender.sendto(b"plain", receiver.getsockname())
+    batch = RecvBatch(8, 65535, family, True, gro=True)
+    stack.callback(batch.close)
+    got: list[bytes] = []
+    keys: list[object] = []
+    for _ in range(20):
+        if len(got) >= 12:
+            break
+        count = batch.receive(receiver.fileno())
+        if count == 0:
+            wait_readable(receiver)
+            continue
+        lengths = batch.lengths(count)
+        sizes = batch.segment_sizes(count)
+        if sizes is None:
+            got += batch.datagrams(lengths)
+            keys += batch.keys(count)
+            continue
+        split_keys, datagrams, split_lengths = batch.split(batch.keys(count), lengths, sizes)
+        assert split_keys is not None
+        assert split_lengths == [len(data) for data in datagrams]
+        got += datagrams
+        keys += split_keys
+    assert got == [bytes([index]) * 100 for index in range(10)] + [b"t" * 37, b"plain"]
+    assert len(set(keys)) == 1  # all from the one sender
+    assert batch.gro_segments == 11

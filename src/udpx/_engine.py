@@ -32,7 +32,6 @@ from ._mmsg import (
     make_receiver,
     make_sender,
     message_datagrams,
-    slice_all,
 )
 from ._options import Options
 from ._queue import TxQueue
@@ -216,8 +215,8 @@ class SocketEngine(Releasing):
             if sizes is None:
                 sink.feed_batch(keys, receiver.datagrams(lengths), lengths)
                 return count
-            split_keys, offsets, lengths = receiver.split(keys, lengths, sizes)
-            sink.feed_batch(split_keys, slice_all(receiver.arena, offsets, lengths), lengths)
+            split_keys, datagrams, lengths = receiver.split(keys, lengths, sizes)
+            sink.feed_batch(split_keys, datagrams, lengths)
             return len(lengths)
         # Rare: some message did not fit its slot. One message at a time.
         arena = receiver.arena

@@ -165,14 +165,12 @@ def peer_keys_ipv4(names_view: memoryview, count: int) -> list[int]:
 
 def split_segments(keys: Sequence[PeerKey] | None, offsets: Sequence[int],
                    lengths: Sequence[int], sizes: Sequence[int],
-                   counter: RecvBatch | None = None,
                    ) -> tuple[list[PeerKey] | None, list[int], list[int]]:
     """Expand messages carrying GRO runs (``sizes[i] > 0``: segments of that size, the last
     one possibly shorter) into one entry per datagram. ``keys`` may be None (connected)."""
     out_keys: list[PeerKey] | None = [] if keys is not None else None
     out_offsets: list[int] = []
     out_lengths: list[int] = []
-    split = 0
     for index, (offset, length, size) in enumerate(zip(offsets, lengths, sizes)):
         if size and length > size:
             end = offset + length
@@ -181,7 +179,6 @@ def split_segments(keys: Sequence[PeerKey] | None, offsets: Sequence[int],
             out_offsets.extend(starts)
             out_lengths.extend([size] * (pieces - 1))
             out_lengths.append(end - starts[-1])
-            split += pieces
             if out_keys is not None and keys is not None:
                 out_keys.extend([keys[index]] * pieces)
         else:
@@ -189,8 +186,6 @@ def split_segments(keys: Sequence[PeerKey] | None, offsets: Sequence[int],
             out_lengths.append(length)
             if out_keys is not None and keys is not None:
                 out_keys.append(keys[index])
-    if counter is not None:
-        counter.gro_segments += split
     return out_keys, out_offsets, out_lengths
 
 
@@ -206,7 +201,7 @@ UNIFORM_LAYOUTS = 256
 
 def message_datagrams(arena: Any, offset: int, length: int, size: int) -> list[bytes]:
     """The datagrams of one received message: itself, or its GRO run split (``size > 0``).
-    For the one-message-at-a-time slow paths; batches go through ``split_segments``."""
+    For the one-message-at-a-time slow paths; batches go through ``RecvBatch.split``."""
     _, offsets, lengths = split_segments(None, [offset], [length], [size])
     return slice_all(arena, offsets, lengths)
 
@@ -280,8 +275,10 @@ class RecvBatch:
         self._used = 0
         self._words = memoryview(self._hdrs).cast("B").cast("I")
         self._names_q = memoryview(self._names).cast("Q")
-        # Batch decoders for uniform lengths, by (length, count): see ``datagrams``.
+        # Batch decoders for uniform lengths, by (length, count): see ``datagrams``; GRO run
+        # decoders, by (segment size, segments, last segment's size): see ``split``.
         self._uniform: dict[tuple[int, int], Any] = {}
+        self._runs: dict[tuple[int, int, int], Any] = {}
         self._closed = False
 
     def receive(self, fd: int) -> int:
@@ -373,10 +370,52 @@ class RecvBatch:
                  for length, level, kind, size in zip(used, levels, types, sizes)]
         return sizes if any(sizes) else None
 
-    def split(self, keys: Sequence[PeerKey] | None, lengths: list[int],
-              sizes: list[int]) -> tuple[list[PeerKey] | None, list[int], list[int]]:
-        """Expand GRO messages into their datagrams: ``(keys, offsets, lengths)`` per datagram."""
-        return split_segments(keys, self.offsets, lengths, sizes, self)
+    def split(self, keys: Sequence[PeerKey] | None, lengths: list[int], sizes: list[int],
+              ) -> tuple[list[PeerKey] | None, list[bytes], list[int]]:
+        """Expand GRO messages into their datagrams: ``(keys, datagrams, lengths)`` per
+        datagram, in order.
+
+        Hot path of udpx-to-udpx traffic (GSO senders). A run's segments lie end to end in
+        its slot, so one ``struct`` call with a layout compiled once per (segment size,
+        segments, last segment's size) makes all of its ``bytes`` objects; a listener whose
+        queue can take only part of a batch still pays ~25 ns for each one it then drops.
+        """
+        arena = self.arena
+        runs = self._runs
+        out_keys: list[PeerKey] | None = [] if keys is not None else None
+        datagrams: list[bytes] = []
+        out_lengths: list[int] = []
+        split = 0
+        for index, (offset, length, size) in enumerate(zip(self.offsets, lengths, sizes)):
+            if size and length > size:
+                pieces = -(-length // size)
+                last = length - (pieces - 1) * size
+                unpack = runs.get((size, pieces, last))
+                if unpack is None:
+                    unpack = self._run_layout(size, pieces, last)
+                datagrams.extend(unpack(arena, offset))
+                out_lengths.extend(repeat(size, pieces - 1))
+                out_lengths.append(last)
+                split += pieces
+                if out_keys is not None and keys is not None:
+                    out_keys.extend(repeat(keys[index], pieces))
+            else:
+                datagrams.append(arena[offset:offset + length])
+                out_lengths.append(length)
+                if out_keys is not None and keys is not None:
+                    out_keys.append(keys[index])
+        self.gro_segments += split
+        return out_keys, datagrams, out_lengths
+
+    def _run_layout(self, size: int, pieces: int, last: int) -> Any:
+        """The decoder of one GRO run: ``pieces`` segments end to end, the last ``last``
+        bytes long."""
+        runs = self._runs
+        if len(runs) >= UNIFORM_LAYOUTS:
+            runs.clear()
+        unpack = runs[(size, pieces, last)] = struct.Struct(
+            "=" + f"{size}s" * (pieces - 1) + f"{last}s").unpack_from
+        return unpack
 
     def keys(self, count: int) -> Sequence[PeerKey]:
         if self.family == socket.AF_INET:
@@ -536,9 +575,10 @@ class SingleRecv:
     def datagrams(self, lengths: list[int]) -> Sequence[bytes]:
         return [self.data] if self.data is not None else []
 
-    def split(self, keys: Sequence[PeerKey] | None, lengths: list[int],
-              sizes: list[int]) -> tuple[list[PeerKey] | None, list[int], list[int]]:
-        return split_segments(keys, self.offsets, lengths, sizes)
+    def split(self, keys: Sequence[PeerKey] | None, lengths: list[int], sizes: list[int],
+              ) -> tuple[list[PeerKey] | None, list[bytes], list[int]]:
+        split_keys, offsets, split_lengths = split_segments(keys, self.offsets, lengths, sizes)
+        return split_keys, slice_all(self.arena, offsets, split_lengths), split_lengths
 
     def close(self) -> None:
         self._views[0].release()
