@@ -9,8 +9,9 @@ the machine's speed. The sockets, the kernel and the loop's timers are real.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -85,6 +86,18 @@ def _send(sock: socket.socket, port: int, first: int, count: int) -> None:
         sock.sendto(b"%d" % number, ("127.0.0.1", port))
 
 
+@contextlib.asynccontextmanager
+async def _listening(**options: Any) -> AsyncIterator[
+        tuple[Listener, BatchReader, Collect, socket.socket, int]]:
+    """A protocol-mode listener (all its datagrams to one ``Collect``), its reader, and a
+    socket to send to it from, with the listener's port."""
+    proto = Collect()
+    async with udpx.listen("127.0.0.1", 0, protocol_factory=lambda: proto,
+                           **{"rcvbuf": 1 << 20, **options}) as ln:
+        with _sender() as sock:
+            yield ln, _reader_of(ln), proto, sock, ln.local_addr[1]
+
+
 async def _until(condition: Callable[[], bool]) -> None:
     """Let the loop run until ``condition()`` holds (bounded by the test's timeout)."""
     while not condition():
@@ -106,23 +119,18 @@ async def _stream_until_paused(reader: BatchReader, proto: Collect, sock: socket
 def test_a_fast_stream_makes_the_reader_pause_and_nothing_is_lost_or_reordered(
         run: Runner[Any], clock: Clock) -> None:
     async def main() -> None:
-        proto = Collect()
-        async with udpx.listen("127.0.0.1", 0, protocol_factory=lambda: proto,
-                               rcvbuf=1 << 20) as ln:
-            reader = _reader_of(ln)
-            port = ln.local_addr[1]
-            with _sender() as sock:
-                sent = await _stream_until_paused(reader, proto, sock, port, 0)
-                assert reader.pauses == 1
-                # Paused: the loop does not watch the socket, so what arrives now waits in
-                # the kernel's buffer for the pause to end.
-                _send(sock, port, sent, 100)
-                for _ in range(20):
-                    await asyncio.sleep(0)
-                if reader.paused:  # (a slow machine may already be past the 1 ms)
-                    assert len(proto.got) == sent
-                await proto.until(sent + 100)
-                sent += 100
+        async with _listening() as (ln, reader, proto, sock, port):
+            sent = await _stream_until_paused(reader, proto, sock, port, 0)
+            assert reader.pauses == 1
+            # Paused: the loop does not watch the socket, so what arrives now waits in the
+            # kernel's buffer for the pause to end.
+            _send(sock, port, sent, 100)
+            for _ in range(20):
+                await asyncio.sleep(0)
+            if reader.paused:  # (a slow machine may already be past the 1 ms)
+                assert len(proto.got) == sent
+            await proto.until(sent + 100)
+            sent += 100
             assert proto.got == [b"%d" % number for number in range(sent)]
             described = ln.describe()["socket"]
             assert described["rx_coalesce"] == 0.001
@@ -139,30 +147,25 @@ def test_a_pause_that_brings_too_little_stops_pausing_for_a_while(
     # Peers that wait for replies (a request/response client, an echo window) send nothing
     # more during a pause: it only delays them, so the reader backs off.
     async def main() -> None:
-        proto = Collect()
-        async with udpx.listen("127.0.0.1", 0, protocol_factory=lambda: proto,
-                               rcvbuf=1 << 20) as ln:
-            reader = _reader_of(ln)
-            port = ln.local_addr[1]
-            with _sender() as sock:
-                sent = await _stream_until_paused(reader, proto, sock, port, 0)
-                await _until(lambda: reader.pauses_failed == 1)
-                assert not reader.paused
-                # Backing off: the same fast stream (ten bursts: twice what it took to pause)
-                # does not pause ...
-                for _ in range(10):
-                    _send(sock, port, sent, BURST)
-                    sent += BURST
-                    await proto.until(sent)
-                    assert not reader.paused
-                assert reader.pauses == 1
-                # ... until the back-off has passed.
-                clock.now += COALESCE_BACKOFF
-                sent = await _stream_until_paused(reader, proto, sock, port, sent)
-                assert reader.pauses == 2
-                _send(sock, port, sent, 200)
-                sent += 200
+        async with _listening() as (_, reader, proto, sock, port):
+            sent = await _stream_until_paused(reader, proto, sock, port, 0)
+            await _until(lambda: reader.pauses_failed == 1)
+            assert not reader.paused
+            # Backing off: the same fast stream (ten bursts: twice what it took to pause) does
+            # not pause ...
+            for _ in range(10):
+                _send(sock, port, sent, BURST)
+                sent += BURST
                 await proto.until(sent)
+                assert not reader.paused
+            assert reader.pauses == 1
+            # ... until the back-off has passed.
+            clock.now += COALESCE_BACKOFF
+            sent = await _stream_until_paused(reader, proto, sock, port, sent)
+            assert reader.pauses == 2
+            _send(sock, port, sent, 200)
+            sent += 200
+            await proto.until(sent)
             assert proto.got == [b"%d" % number for number in range(sent)]
 
     run(main())
@@ -171,17 +174,12 @@ def test_a_pause_that_brings_too_little_stops_pausing_for_a_while(
 def test_a_pause_that_lets_the_kernel_drop_stops_pausing(run: Runner[Any],
                                                          clock: Clock) -> None:
     async def main() -> None:
-        proto = Collect()
         # A small buffer (the kernel doubles it: about 150 datagrams of this size).
-        async with udpx.listen("127.0.0.1", 0, protocol_factory=lambda: proto,
-                               rcvbuf=64 * 1024) as ln:
-            reader = _reader_of(ln)
-            port = ln.local_addr[1]
-            with _sender() as sock:
-                sent = await _stream_until_paused(reader, proto, sock, port, 0)
-                _send(sock, port, sent, 2000)  # far more than the buffer holds
-                await _until(lambda: reader.pauses_failed == 1)
-                assert reader.pauses == 1
+        async with _listening(rcvbuf=64 * 1024) as (ln, reader, proto, sock, port):
+            sent = await _stream_until_paused(reader, proto, sock, port, 0)
+            _send(sock, port, sent, 2000)  # far more than the buffer holds
+            await _until(lambda: reader.pauses_failed == 1)
+            assert reader.pauses == 1
             dropped = ln.stats.drops["kernel"]
             assert dropped > 0
             await proto.until(sent + 2000 - dropped)
@@ -193,15 +191,11 @@ def test_a_pause_that_lets_the_kernel_drop_stops_pausing(run: Runner[Any],
 
 def test_no_pause_when_rx_coalesce_is_0(run: Runner[Any], clock: Clock) -> None:
     async def main() -> None:
-        proto = Collect()
-        async with udpx.listen("127.0.0.1", 0, protocol_factory=lambda: proto,
-                               rcvbuf=1 << 20, rx_coalesce=0) as ln:
-            reader = _reader_of(ln)
-            with _sender() as sock:
-                for burst in range(20):
-                    _send(sock, ln.local_addr[1], burst * BURST, BURST)
-                    await proto.until((burst + 1) * BURST)
-                    assert not reader.paused
+        async with _listening(rx_coalesce=0) as (ln, reader, proto, sock, port):
+            for burst in range(20):
+                _send(sock, port, burst * BURST, BURST)
+                await proto.until((burst + 1) * BURST)
+                assert not reader.paused
             assert reader.pauses == 0
             assert ln.describe()["socket"]["rx_coalesce"] == 0
 
