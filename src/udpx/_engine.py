@@ -209,6 +209,7 @@ class SocketEngine(Releasing):
     def _feed(self, lengths: list[int], truncated: list[bool] | None,
               keys: Sequence[PeerKey] | None, sizes: list[int] | None) -> int:
         receiver = self.receiver
+        assert isinstance(receiver, RecvBatch)  # the one-datagram receiver feeds feed_one
         count = len(lengths)
         sink = self.sink
         if truncated is None:

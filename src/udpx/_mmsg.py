@@ -572,14 +572,6 @@ class SingleRecv:
     def segment_sizes(self, count: int) -> list[int] | None:
         return None  # no GRO on the one-datagram path
 
-    def datagrams(self, lengths: list[int]) -> Sequence[bytes]:
-        return [self.data] if self.data is not None else []
-
-    def split(self, keys: Sequence[PeerKey] | None, lengths: list[int], sizes: list[int],
-              ) -> tuple[list[PeerKey] | None, list[bytes], list[int]]:
-        split_keys, offsets, split_lengths = split_segments(keys, self.offsets, lengths, sizes)
-        return split_keys, slice_all(self.arena, offsets, split_lengths), split_lengths
-
     def close(self) -> None:
         self._views[0].release()
 
