@@ -9,7 +9,6 @@ equal for equal peers.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from itertools import islice
 
 from ._queue import DATAGRAM_OVERHEAD, ProtocolRxQueue, RxPool, RxQueue
 
@@ -209,14 +208,17 @@ class Demux:
         # peer lookup repeats _feed_mixed_tasks' on purpose: a shared helper would cost a call
         # per datagram.
         table_get = self.table.get
-        count = len(lengths)
-        if len(set(keys)) == count:
-            # Every datagram from a different known peer, the usual batch with thousands of
-            # peers: lookups and slices in C, one delivery per datagram.
-            queues = list(map(table_get, keys))
-            if None not in queues:
-                self._deliver_distinct(queues, datagrams, lengths)  # type: ignore[arg-type]
-                return
+        # Every datagram from a different known peer, the usual batch with thousands of peers:
+        # lookups in C, one delivery per datagram. Both tests use one set of the queues found
+        # (None for an unknown peer): queues hash by identity, well spread, where IPv4 keys
+        # share their low bits (the address family) and collide in a small set, and ``None
+        # in`` a list compares each queue with None (measured: 36 ns per datagram against
+        # 100 for set(keys) and 28 for the list test).
+        queues = list(map(table_get, keys))
+        distinct = set(queues)
+        if len(distinct) == len(queues) and None not in distinct:
+            self._deliver_distinct(queues, datagrams, lengths)  # type: ignore[arg-type]
+            return
         touched: list[ProtocolRxQueue] = []
         last_key: object = _NO_KEY
         incoming = _NO_LIST
@@ -242,13 +244,12 @@ class Demux:
         totals added once."""
         total = len(datagrams)
         held = held_bytes = 0
-        index = 0
-        while index < total:
+        # One iterator, resumed after a callback raised: no position to keep per datagram.
+        items = zip(queues, datagrams, lengths)
+        queue: ProtocolRxQueue | None = None
+        while True:
             try:
-                for queue, data, length in zip(islice(queues, index, None),
-                                               islice(datagrams, index, None),
-                                               islice(lengths, index, None)):
-                    index += 1
+                for queue, data, length in items:
                     if queue.hold:
                         queue.hold_back([data])
                         held += 1
@@ -257,10 +258,12 @@ class Demux:
                     queue.rx_packets += 1
                     queue.rx_bytes += length
                     queue.deliver([data])
+                break
             except Exception as exc:
-                # The callback of datagram ``index - 1`` raised: its connection handles it
-                # (closes), the rest of the batch goes on.
-                queues[index - 1].failed(exc)
+                # The current datagram's callback raised: its connection handles it (closes),
+                # the rest of the batch goes on.
+                assert queue is not None
+                queue.failed(exc)
         pool = self.pool
         pool.rx_packets += total - held
         pool.rx_bytes += sum(lengths) - held_bytes
