@@ -20,7 +20,9 @@ from udpx._sockets import (
     Address,
     address_from_key,
     address_from_sockaddr,
+    join_key,
     key_from_address,
+    key_has_port,
     max_payload,
     sockaddr_from_address,
     sockaddr_from_key,
@@ -110,6 +112,21 @@ def test_ipv6_keys_tell_peers_apart(first: tuple[ipaddress.IPv6Address, int, int
     key_one = key_from_address(socket.AF_INET6, (str(first[0]), first[1], 0, first[2]))
     key_two = key_from_address(socket.AF_INET6, (str(second[0]), second[1], 0, second[2]))
     assert (key_one == key_two) == (first == second)
+
+
+@PROPERTY_SETTINGS
+@given(ip=st.ip_addresses(), port=ports, local=st.ip_addresses())
+def test_key_has_port_reads_the_port_of_plain_and_joined_keys(
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int,
+        local: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    # A new peer with port 0 is refused (dropped_bad_source): the check reads the key alone,
+    # plain or joined with a packet-info listener's local address.
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    key = key_from_address(family, (str(ip), port))
+    assert key_has_port(key) == (port != 0)
+    local_raw = local.packed if ip.version == local.version else (
+        bytes(4) if ip.version == 4 else bytes(16))
+    assert key_has_port(join_key(family, key, local_raw)) == (port != 0)
 
 
 def test_max_payload() -> None:

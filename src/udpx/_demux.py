@@ -135,9 +135,10 @@ class Demux:
         # Hot path, run for every datagram a listener receives.
         assert keys is not None  # a listener's socket is unconnected: every datagram has one
         count = len(lengths)
-        if count > 1 and keys.count(keys[0]) == count:
+        if count > 1 and keys[-1] == keys[0] and keys.count(keys[0]) == count:
             # A whole batch from one peer (a bulk sender, a dialed client): one lookup and one
-            # list comprehension, as for a connected socket.
+            # list comprehension, as for a connected socket. (The first and last keys rule
+            # out most batches of many peers without a comparison per datagram.)
             queue = self.table.get(keys[0])
             if queue is None:
                 queue = self.admit(keys[0])

@@ -35,7 +35,7 @@ from ._sockets import (
     bind_socket,
     join_key,
     key_from_address,
-    key_port,
+    key_has_port,
     local_address,
     max_payload,
     resolve,
@@ -89,7 +89,7 @@ def _fd_cap() -> int:
 
 def _valid_source(key: PeerKey) -> bool:
     # Port 0 is no peer's real port: a reply to it fails (EINVAL), so it opens no connection.
-    return key_port(key) != 0
+    return key_has_port(key)
 
 @final
 class Listener(asyncio.DatagramProtocol):

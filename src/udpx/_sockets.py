@@ -107,14 +107,16 @@ def local_address(family: int, local: bytes, port: int) -> Address:
     return (socket.inet_ntop(socket.AF_INET6, local), port, 0, 0)
 
 
-def key_port(key: PeerKey) -> int:
-    """The port of a peer key (see ``key_from_address``): bytes 2-3 of the sockaddr."""
+#: Bytes 2-3 of an IPv4 key's sockaddr (the port), as bits of the native-order int.
+_KEY_PORT_BITS = 0xFFFF << (16 if sys.byteorder == "little" else 32)
+
+
+def key_has_port(key: PeerKey) -> bool:
+    """Whether the port of a peer key (bytes 2-3 of its sockaddr) is not 0. Run for every new
+    peer (a flood opens thousands at once): a mask, no bytes made."""
     if isinstance(key, int):
-        raw = (key & _PEER_MASK).to_bytes(8, sys.byteorder)
-    else:
-        assert isinstance(key, bytes)
-        raw = key
-    return sockaddr_port(raw)
+        return key & _KEY_PORT_BITS != 0
+    return key[2:4] != b"\0\0"
 
 
 def sockaddr_from_key(family: int, key: PeerKey) -> bytes:
