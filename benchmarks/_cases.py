@@ -123,6 +123,11 @@ def _receive_once(receiver: list[str], label: str, traffic: Traffic, loop: str, 
     for key in ("fds", "ready_after", "rss"):
         if key in got:
             metrics[key] = float(got[key])
+    if "window_kernel_drops" in got:
+        # The window's own loss (kernel drops while it was open), apart from what the opening
+        # of connections before it cost: kept in the samples, beside the run's loss.
+        dropped = got["window_kernel_drops"]
+        metrics["window_loss"] = dropped / max(1, dropped + got["window_count"])
     return metrics
 
 

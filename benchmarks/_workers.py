@@ -63,6 +63,23 @@ def sleeps() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
 
 
+#: SO_MEMINFO (Linux): the socket's memory counters; word 8 is the kernel's drop count.
+SO_MEMINFO = 55
+SK_MEMINFO_VARS = 9
+
+
+def socket_drops(sock: Any) -> Callable[[], int]:
+    """A reader of the kernel's drop count for ``sock`` (a socket, or the socket-like object
+    a transport reports), or of 0 where the platform does not say."""
+    def read() -> int:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * SK_MEMINFO_VARS)
+        except OSError:
+            return 0
+        return int.from_bytes(raw[32:36], sys.byteorder) if len(raw) >= 36 else 0
+    return read
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -112,6 +129,9 @@ class Window:
         self.quiet = quiet
         self.deadline = deadline
         self.closed = asyncio.Event()  # set when the window has closed
+        #: The receiving socket's kernel drop count (buffer full), sampled as the window opens
+        #: and closes: the loss of the window alone, apart from the connection opening.
+        self.drops: Callable[[], int] | None = None
 
     async def run(self) -> dict[str, Any]:
         """Return once the window closed and the counter stood still for ``quiet`` seconds
@@ -121,6 +141,8 @@ class Window:
         c0 = c1 = 0
         cpu0 = cpu1 = 0.0
         sleeps0 = sleeps1 = 0
+        drops0 = drops1 = 0
+        drops = self.drops if self.drops is not None else (lambda: 0)
         last_value = 0
         last_change = last_tick = start
         while True:
@@ -137,9 +159,9 @@ class Window:
                 first = now
                 self.ready_after = now - start
             if first >= 0 and t0 < 0 and now >= first + self.warmup:
-                t0, c0, cpu0, sleeps0 = now, value, cpu_seconds(), sleeps()
+                t0, c0, cpu0, sleeps0, drops0 = now, value, cpu_seconds(), sleeps(), drops()
             if t0 >= 0 and t1 < 0 and now >= t0 + self.window:
-                t1, c1, cpu1, sleeps1 = now, value, cpu_seconds(), sleeps()
+                t1, c1, cpu1, sleeps1, drops1 = now, value, cpu_seconds(), sleeps(), drops()
                 self.closed.set()
                 if not self.linger:
                     break
@@ -152,6 +174,7 @@ class Window:
         complete = t1 >= 0
         if t0 >= 0 and t1 < 0:  # the traffic stopped early: close the window at its end
             t1, c1, cpu1, sleeps1 = last_change, last_value, cpu_seconds(), sleeps()
+            drops1 = drops()
         self.closed.set()
         seconds = t1 - t0 if t0 >= 0 else 0.0
         count = c1 - c0
@@ -160,7 +183,8 @@ class Window:
                 "cpu_seconds": cpu, "rate": count / seconds if seconds > 0 else 0.0,
                 "cpu_us_per_dgram": cpu * 1e6 / count if count > 0 else 0.0,
                 "sleeps_per_dgram": (sleeps1 - sleeps0) / count if count > 0 else 0.0,
-                "window_complete": complete}
+                "window_complete": complete,
+                **({"window_kernel_drops": drops1 - drops0} if self.drops is not None else {})}
 
 
 def receiving_socket() -> socket.socket:
@@ -253,6 +277,7 @@ async def _measure_listener(ln: udpx.Listener,
     """Announce the listener's port, run the measurement window, then close the listener:
     the window's result and the listener's counters."""
     emit("ready", port=ln.local_addr[1])
+    window.drops = lambda: int(ln.stats.drops["kernel"])
     result = await window.run()
     stats = ln.stats
     extra = {"conns": stats.conns, "drops": dict(stats.drops), "ready_after": window.ready_after,
@@ -302,14 +327,17 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
         transport, _ = await loop.create_datagram_endpoint(lambda: CountingProtocol(counter),
                                                            sock=sock)
         emit("ready", port=sock.getsockname()[1])
+        window.drops = socket_drops(transport.get_extra_info("socket"))
         result = await window.run()
         extra = endpoint_extra(args.impl, transport)
         transport.close()
     elif args.impl == "asyncio-dgram":
         import asyncio_dgram  # noqa: PLC0415 - an optional baseline
 
-        stream = await asyncio_dgram.from_socket(receiving_socket())
+        dgram_sock = receiving_socket()
+        stream = await asyncio_dgram.from_socket(dgram_sock)
         emit("ready", port=stream.sockname[1])
+        window.drops = socket_drops(dgram_sock)
 
         async def drain() -> None:
             recv = stream.recv
