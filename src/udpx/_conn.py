@@ -54,6 +54,9 @@ def _as_bytes(data: object) -> bytes:
         return view.tobytes()
 
 
+#: The ECN counts of a connection that never received a marked datagram.
+_NO_ECN = (0, 0, 0, 0)
+
 @final
 class UDPConn:
     """A connection with one remote peer: whole datagrams in, whole datagrams out.
@@ -106,7 +109,9 @@ class UDPConn:
         self._protocol: ConnProtocol | None = None
         self._writing_paused = False
         self._icmp_errors = 0
-        self._ecn = [0, 0, 0, 0]  # datagrams received per ECN codepoint (``ecn``)
+        # Datagrams received per ECN codepoint (``ecn``), made by the first marked one
+        # (``_ecn_counts``): most connections never see one.
+        self._ecn: list[int] | None = None
         self._tos = 0
         self._lost: Exception | None = None
         # Idle tracking (see _idle): the activity count seen by the last sweep, and since when.
@@ -117,6 +122,13 @@ class UDPConn:
         """Datagrams received (delivered or dropped on arrival) or queued for sending so far."""
         rx = self._rx
         return rx.rx_packets + rx.dropped_full + rx.dropped_truncated + self._tx.enqueued
+
+    def _ecn_counts(self) -> list[int]:
+        """The per-codepoint counts of ECN-marked datagrams received, for the sink to add to
+        (made on the first marked datagram)."""
+        if self._ecn is None:
+            self._ecn = [0, 0, 0, 0]
+        return self._ecn
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -159,7 +171,7 @@ class UDPConn:
         if self._engine is not None:
             drops["kernel"] = self._engine.kernel_drops()
         return ConnStats(rx.rx_packets, rx.rx_bytes, tx.packets, tx.bytes, drops_mapping(**drops),
-                         self._icmp_errors, ecn_mapping(self._ecn))
+                         self._icmp_errors, ecn_mapping(self._ecn or _NO_ECN))
 
     def describe(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot: addresses, age, idle time, queue depths, stats.

@@ -61,7 +61,7 @@ class PeerSink:
     def count_ecn(self, keys: Sequence[PeerKey] | None, codes: Sequence[int],
                   pieces: Sequence[int]) -> None:
         assert self.conn is not None
-        counts = self.conn._ecn
+        counts = self.conn._ecn_counts()
         for code, count in zip(codes, pieces):
             counts[code] += count
 

@@ -190,7 +190,7 @@ class Listener(asyncio.DatagramProtocol):
                 totals[code] += count
                 conn = conns_get(key)
                 if conn is not None:
-                    conn._ecn[code] += count
+                    conn._ecn_counts()[code] += count
 
     def peer_error(self, key: PeerKey, exc: OSError, info: int) -> None:
         """An ICMP error about a datagram sent to ``key``'s peer (from the socket's error

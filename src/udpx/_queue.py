@@ -394,7 +394,9 @@ class TxAccount:
         self.address: tuple[object, ...] | None = None
         self.on_error = on_error
         self.control = b""
-        self.ancillary: list[tuple[int, int, bytes]] = []
+        # A shared empty tuple until there is something to carry: most accounts never do, and
+        # a list per connection is one more object for the garbage collector to visit.
+        self.ancillary: Sequence[tuple[int, int, bytes]] = ()
         if ancillary:
             self.set_ancillary(ancillary)
         self.enqueued = 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
@@ -14,7 +14,7 @@ def drops_mapping(**counts: int) -> Mapping[str, int]:
     return MappingProxyType(dict(counts))
 
 
-def ecn_mapping(counts: list[int]) -> Mapping[str, int]:
+def ecn_mapping(counts: Sequence[int]) -> Mapping[str, int]:
     """Datagrams per ECN codepoint (indexed by codepoint) as QUIC's ACK_ECN counts them."""
     return MappingProxyType({"ect0": counts[2], "ect1": counts[1], "ce": counts[3]})
 
