@@ -57,6 +57,7 @@ def _as_bytes(data: object) -> bytes:
 #: The ECN counts of a connection that never received a marked datagram.
 _NO_ECN = (0, 0, 0, 0)
 
+
 @final
 class UDPConn:
     """A connection with one remote peer: whole datagrams in, whole datagrams out.
