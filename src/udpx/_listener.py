@@ -87,10 +87,6 @@ def _fd_cap() -> int:
     return max(0, soft - FD_RESERVE - open_now)
 
 
-def _valid_source(key: PeerKey) -> bool:
-    # Port 0 is no peer's real port: a reply to it fails (EINVAL), so it opens no connection.
-    return key_has_port(key)
-
 @final
 class Listener(asyncio.DatagramProtocol):
     """Accepts one ``UDPConn`` per remote peer on one UDP socket.
@@ -116,7 +112,9 @@ class Listener(asyncio.DatagramProtocol):
                             backlog=options.backlog if protocol_factory is None else None,
                             create=self._create_conn if protocol_factory is None
                             else self._create_protocol_conn,
-                            pool=self._pool, valid=_valid_source,
+                            # Port 0 is no peer's real port: a reply to it fails (EINVAL),
+                            # so it opens no connection.
+                            pool=self._pool, valid=key_has_port,
                             pressure_mark=math.ceil(PRESSURE_THRESHOLD * options.max_conns),
                             on_pressure=self._pressure, protocol=protocol_factory is not None)
         # The sink interface, bound straight to the demultiplexer: no call layer per batch.

@@ -66,11 +66,6 @@ def sockaddr_from_address(family: int, address: Address) -> bytes:
             + socket.inet_pton(socket.AF_INET6, host) + struct.pack("=I", scope_id))
 
 
-def sockaddr_port(raw: bytes) -> int:
-    """The port of a raw ``sockaddr_in``/``sockaddr_in6`` (network order at offset 2)."""
-    return int(_PORT.unpack_from(raw, 2)[0])
-
-
 #: On a packet-info (wildcard) listener a connection's key is the peer's key joined with the
 #: local address the peer sent to (``join_key``): for IPv4 the address's 4 bytes as a native
 #: int above the peer's 64 bits, for IPv6 its 16 bytes after the peer's 28.
