@@ -18,7 +18,7 @@ from hypothesis.stateful import (
 )
 
 from udpx._mmsg import slice_all
-from udpx._queue import RxQueue, TxAccount, TxQueue
+from udpx._queue import DATAGRAM_OVERHEAD, ProtocolRxQueue, RxPool, RxQueue, TxAccount, TxQueue
 
 MACHINE_SETTINGS = settings(max_examples=150, stateful_step_count=40, deadline=None)
 
@@ -280,3 +280,56 @@ def test_tx_account_pending() -> None:
     assert account.pending() == 2
     assert account.sockaddr == b"\x02\x00"
     assert TxAccount(None).on_error is None
+
+
+class _Recorder:
+    """A protocol and connection for a bare ProtocolRxQueue: what it was handed."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[bytes]] = []
+        self.failures: list[Exception] = []
+
+    def datagrams_received(self, datagrams: list[bytes], /) -> None:
+        self.batches.append(datagrams)
+
+    def _datagrams_failed(self, exc: Exception, /) -> None:
+        self.failures.append(exc)
+
+
+def test_protocol_queues_held_back_datagrams_are_their_own() -> None:
+    # A protocol-mode queue shares one empty placeholder (for the held datagrams and for the
+    # batch being collected) with every other until it needs its own: holding back in one
+    # queue must neither lose datagrams nor show up in another.
+    pool = RxPool()
+    first, second = ProtocolRxQueue(4, pool), ProtocolRxQueue(4, pool)
+    seen = _Recorder()
+    first.protocol = second.protocol = seen
+    first.pause()
+    for data in (b"a", b"b", b"c", b"d", b"e"):
+        first.put(data)
+    second.put(b"x")
+    assert list(first.items) == [b"a", b"b", b"c", b"d"]
+    assert (first.dropped_full, pool.dropped_full) == (1, 1)
+    assert len(second) == 0
+    assert seen.batches == [[b"x"]]
+    assert first.resume()
+    assert first.take_held() == [b"a", b"b", b"c", b"d"]
+    second.pause()
+    second.put_batch([b"y", b"z"], [1, 1])
+    assert (list(second.items), len(first)) == ([b"y", b"z"], 0)
+    assert (pool.rx_packets, pool.buffered) == (7, 2 * (1 + DATAGRAM_OVERHEAD))
+
+
+def test_protocol_queue_passes_callback_errors_to_its_connection() -> None:
+    queue = ProtocolRxQueue(2, RxPool())
+    recorder = _Recorder()
+    error = ValueError("bad datagram")
+
+    class Failing:
+        def datagrams_received(self, datagrams: list[bytes], /) -> None:
+            raise error
+
+    queue.protocol, queue.conn = Failing(), recorder
+    queue.put(b"a")
+    assert recorder.failures == [error]
+    assert (queue.rx_packets, queue.items) == (1, deque())

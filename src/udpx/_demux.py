@@ -234,6 +234,8 @@ class Demux:
                 last_key = key
                 incoming = found.incoming  # type: ignore[attr-defined]
                 if not incoming:
+                    # Its first datagram of the batch: a list of its own (flush hands it over).
+                    incoming = found.incoming = []  # type: ignore[attr-defined]
                     touched.append(found)  # type: ignore[arg-type]
             incoming.append(data)
         for queue in touched:
@@ -258,13 +260,13 @@ class Demux:
                         continue
                     queue.rx_packets += 1
                     queue.rx_bytes += length
-                    queue.deliver([data])
+                    queue.protocol.datagrams_received([data])
                 break
             except Exception as exc:
                 # The current datagram's callback raised: its connection handles it (closes),
                 # the rest of the batch goes on.
                 assert queue is not None
-                queue.failed(exc)
+                queue.conn._datagrams_failed(exc)
         pool = self.pool
         pool.rx_packets += total - held
         pool.rx_bytes += sum(lengths) - held_bytes

@@ -235,14 +235,17 @@ class Listener(asyncio.DatagramProtocol):
             engine = self._peer_engine(key, local_addr)
             if engine is None:
                 return None
-        conn = UDPConn(loop=self._loop, owner=self, engine=engine,
-                       writer=self._writer if engine is None else engine.writer,
-                       rx_queue_size=self._options.rx_queue_size, pool=self._pool,
-                       max_send=min(self._options.max_datagram, max_payload(family, remote)),
-                       local_addr=local_addr, remote_addr=None,  # built from key on demand
-                       sockaddr=sockaddr_from_key(family, key) if engine is None else None,
-                       key=key, protocol_mode=self._protocol_factory is not None,
-                       source=source if engine is None else None)
+        # By position (see UDPConn.__init__): loop, owner, engine, writer, rx_queue_size, pool,
+        # max_send, local_addr, remote_addr (built from the key on demand), sockaddr, key,
+        # protocol_mode, source.
+        conn = UDPConn(self._loop, self, engine,
+                       self._writer if engine is None else engine.writer,
+                       self._options.rx_queue_size, self._pool,
+                       min(self._options.max_datagram, max_payload(family, remote)),
+                       local_addr, None,
+                       sockaddr_from_key(family, key) if engine is None else None,
+                       key, self._protocol_factory is not None,
+                       source if engine is None else None)
         if engine is not None:
             # Its socket's reader starts once the listener's socket was read empty, after
             # every datagram the peer sent there before connect() (_hand_over).
