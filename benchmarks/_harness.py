@@ -496,8 +496,8 @@ class Report:
             secondary = ""
             if settings.secondary_reps != settings.reps:
                 secondary = (f" ({settings.secondary_reps} for the GSO-sender tables, the "
-                             "batch_size=1 rows, the many-peer echo and the workers and "
-                             "connected-mode tables)")
+                             "batch_size=1 rows, the many-peer echo below its largest group, "
+                             "and the workers and connected-mode tables)")
             parts.append(
                 f"Each figure: median (min{DASH}max) of {settings.reps} repetition"
                 f"{'s' if settings.reps != 1 else ''}{secondary}, "
