@@ -106,6 +106,9 @@ class Listener(asyncio.DatagramProtocol):
         self._options = options
         self._protocol_factory = protocol_factory
         self._family = sock.family
+        #: The largest datagram an IPv4 listener's connections send (an IPv6 one's depends on
+        #: the peer: IPv4-mapped or not), computed once rather than per new peer.
+        self._max_send = min(options.max_datagram, max_payload(socket.AF_INET, None))
         self._local: Address = sock.getsockname()
         self._pool = RxPool(options.rx_memory_limit)
         self._demux = Demux(max_conns=options.max_conns,
@@ -231,6 +234,8 @@ class Listener(asyncio.DatagramProtocol):
                         pktinfo_ancillary(family, local))
                 local_addr, source = known
         engine: SocketEngine | None = None
+        max_send = (self._max_send if remote is None
+                    else min(self._options.max_datagram, max_payload(family, remote)))
         if self._connected:
             engine = self._peer_engine(key, local_addr)
             if engine is None:
@@ -240,9 +245,7 @@ class Listener(asyncio.DatagramProtocol):
         # protocol_mode, source.
         conn = UDPConn(self._loop, self, engine,
                        self._writer if engine is None else engine.writer,
-                       self._options.rx_queue_size, self._pool,
-                       min(self._options.max_datagram, max_payload(family, remote)),
-                       local_addr, None,
+                       self._options.rx_queue_size, self._pool, max_send, local_addr, None,
                        sockaddr_from_key(family, key) if engine is None else None,
                        key, self._protocol_factory is not None,
                        source if engine is None else None)
