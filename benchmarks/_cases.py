@@ -698,6 +698,8 @@ def memory_case(size: int, settings: Settings, programs: Programs) -> Case:
         group = f"{n:,}"
         for impl, name, loop, role in (("udpx", "udpx listener", "asyncio", "udpx"),
                                        ("udpx", "udpx listener", "uvloop", "udpx"),
+                                       ("udpx-proto", "udpx listener, protocol mode", "uvloop",
+                                        "udpx"),
                                        ("table", "dict[addr] → deque", "asyncio", "baseline")):
             config = Config(name=name, loop=loop, role="udpx" if role == "udpx" else "baseline",
                             run=lambda: {}, group=group, skip=_loop_skip(loop))
@@ -719,7 +721,8 @@ def memory_case(size: int, settings: Settings, programs: Programs) -> Case:
             "accepted, its datagram read with recv_nowait() and the connection kept in a list "
             "(no task per connection): open, accepted, idle. Empty = the same listener after "
             "256 warm-up peers were accepted and closed. RSS from /proc/self/status after "
-            "gc.collect().",
+            "gc.collect(). Protocol mode: listen(protocol_factory=...), each connection "
+            "kept by its protocol's connection_made(), its datagram delivered and let go.",
             "Baseline: an asyncio DatagramProtocol keeping a dict from peer address to a deque, "
             "the least state a hand-written demultiplexer holds per peer.",
         ])

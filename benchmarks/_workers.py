@@ -965,6 +965,17 @@ class TableProtocol(asyncio.DatagramProtocol):
             self.table[addr] = deque()  # the datagram itself is consumed: idle peers
 
 
+class KeepingConnProtocol(udpx.ConnProtocol):
+    """Protocol mode, idle: keeps its connection (in ``conns``) and reads nothing from it
+    (its datagram is delivered and let go)."""
+
+    def __init__(self, conns: list[udpx.UDPConn]) -> None:
+        self.conns = conns
+
+    def connection_made(self, conn: udpx.UDPConn) -> None:
+        self.conns.append(conn)
+
+
 async def memory(args: argparse.Namespace) -> dict[str, Any]:
     """Resident memory per idle connection: ``peers`` (C) sends one datagram from each of N
     new source addresses, in chunks small enough for the receive buffer; every connection is
@@ -974,18 +985,23 @@ async def memory(args: argparse.Namespace) -> dict[str, Any]:
     warm = 256
     conns: list[udpx.UDPConn] = []
     closers: list[Callable[[], Coroutine[Any, Any, None]]] = []
-    if args.impl == "udpx":
-        ln = await udpx.listen(HOST, 0, rcvbuf=RCVBUF, max_conns=n + 2 * warm,
-                               backlog=n + 2 * warm, idle_timeout=None,
-                               connected=args.connected)
+    if args.impl in ("udpx", "udpx-proto"):
+        options: dict[str, Any] = {"rcvbuf": RCVBUF, "max_conns": n + 2 * warm,
+                                   "idle_timeout": None, "connected": args.connected}
+        acceptor: asyncio.Task[None] | None = None
+        if args.impl == "udpx-proto":
+            ln = await udpx.listen(HOST, 0, protocol_factory=lambda: KeepingConnProtocol(conns),
+                                   **options)
+        else:
+            ln = await udpx.listen(HOST, 0, backlog=n + 2 * warm, **options)
 
-        async def accept_all() -> None:
-            async for conn in ln:
-                with contextlib.suppress(udpx.WouldBlock):
-                    conn.recv_nowait()
-                conns.append(conn)
+            async def accept_all() -> None:
+                async for conn in ln:
+                    with contextlib.suppress(udpx.WouldBlock):
+                        conn.recv_nowait()
+                    conns.append(conn)
 
-        acceptor = asyncio.create_task(accept_all())
+            acceptor = asyncio.create_task(accept_all())
         port = ln.local_addr[1]
 
         def opened() -> int:
@@ -993,8 +1009,9 @@ async def memory(args: argparse.Namespace) -> dict[str, Any]:
 
         async def close_udpx() -> None:
             await ln.aclose()
-            acceptor.cancel()
-            await asyncio.gather(acceptor, return_exceptions=True)
+            if acceptor is not None:
+                acceptor.cancel()
+                await asyncio.gather(acceptor, return_exceptions=True)
 
         closers.append(close_udpx)
     elif args.impl == "table":
@@ -1038,7 +1055,7 @@ async def memory(args: argparse.Namespace) -> dict[str, Any]:
     # Warm up the listener with a few peers (touches the receive arena's pages, grows the
     # tables once), then close them: "empty" means a listener that has received traffic.
     await add_peers(warm, warm)
-    if args.impl == "udpx":
+    if args.impl != "table":
         for conn in conns:
             await conn.aclose()
         conns.clear()
@@ -1062,7 +1079,7 @@ async def memory(args: argparse.Namespace) -> dict[str, Any]:
     rss_after = rss_bytes()
     count = opened()
     extra: dict[str, Any] = {}
-    if args.impl == "udpx":
+    if args.impl != "table":
         stats = ln.stats
         extra = {"listener_conns": stats.conns, "accepted": stats.accepted,
                  "drops": dict(stats.drops)}
@@ -1121,7 +1138,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         sub.add_argument("--patched", action="store_true",
                          help="udpx.install(): aioquic's endpoint is udpx's drop-in")
     mem = kinds.add_parser("memory")
-    mem.add_argument("impl", choices=["udpx", "table"])
+    mem.add_argument("impl", choices=["udpx", "udpx-proto", "table"])
     mem.add_argument("--n", type=int, required=True)
     mem.add_argument("--size", type=int, required=True)
     mem.add_argument("--peers-bin", required=True)
