@@ -291,7 +291,7 @@ class ProtocolRxQueue(RxQueue):
         self.hold = False
 
     def flush(self) -> None:
-        """Hand ``incoming`` to ``deliver`` (called once per batch that added to it), or
+        """Hand ``incoming`` to the protocol (called once per batch that added to it), or
         hold it back."""
         batch = self.incoming
         self.incoming = _NO_INCOMING
