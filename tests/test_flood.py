@@ -229,16 +229,28 @@ def udp_packet(source: tuple[str, int], dest: tuple[str, int], payload: bytes) -
     return bytearray(ip + udp + payload)
 
 
+#: How many listings of /proc/net/udp must all lack a socket before it is taken to be gone.
+PROC_LISTINGS = 5
+
+
 def receive_queue_bytes(port: int, host: str = "127.0.0.1") -> int:
     """Bytes waiting in the receive queue of the UDP socket bound to ``host:port``, from
-    /proc/net/udp (whose addresses are in host byte order)."""
+    /proc/net/udp (whose addresses are in host byte order).
+
+    The kernel lists the table a page per read(), each resuming at a count of entries from
+    the start: a socket that any process of the network namespace closes between two reads
+    shifts that count, and the entry at the page boundary is left out of that listing. So a
+    socket missing from one listing is looked for in the next ones (a bounded number) before
+    the test concludes that it is gone.
+    """
     local = f"{struct.unpack('=I', socket.inet_aton(host))[0]:08X}:{port:04X}"
-    with open("/proc/net/udp") as table:
-        for line in table:
-            fields = line.split()
-            if fields[1] == local:
-                return int(fields[4].split(":")[1], 16)  # tx_queue:rx_queue
-    raise AssertionError(f"no UDP socket on {host}:{port}")
+    for _ in range(PROC_LISTINGS):
+        with open("/proc/net/udp") as table:
+            for line in table:
+                fields = line.split()
+                if fields[1] == local:
+                    return int(fields[4].split(":")[1], 16)  # tx_queue:rx_queue
+    raise AssertionError(f"no UDP socket on {host}:{port} in {PROC_LISTINGS} listings")
 
 
 def pace(rcvbuf: int, size: int) -> int:
