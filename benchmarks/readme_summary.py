@@ -56,7 +56,8 @@ def summary(results: dict[str, Any], loop: str = "uvloop", size: int = 64) -> st
     reps = f"{settings['reps']}"
     secondary = settings.get("secondary_reps", settings["reps"])
     if secondary != settings["reps"]:
-        reps += f" ({secondary} for the GSO-sender tables, batch_size=1 and the many-peer echo)"
+        reps += (f" ({secondary} for the GSO-sender tables, batch_size=1 and the many-peer "
+                 "echo below 10,000 peers)")
     lines = [
         f"Generated from `benchmarks/results/latest.json`: {results['mode']} run of "
         f"{results['seconds'] / 60:.1f} min at udpx {machine.get('git', '?')}, "
