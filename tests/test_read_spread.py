@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import udpx
+from udpx._cmsg import SOL_UDP, UDP_SEGMENT
 from udpx._engine import SocketEngine
 from udpx._listener import Listener
 from udpx._reader import EXTENDED_BUDGET_FACTOR
@@ -117,5 +118,55 @@ def test_protocol_mode_keeps_the_budget(run: Runner[Any]) -> None:
             _send_round_robin(ln.local_addr[1], 20, 10)
             first = await _first_wakeup(lambda: Count.total)
             assert BUDGET <= first < BUDGET + BATCH
+
+    run(main())
+
+
+def test_gro_runs_of_one_peer_do_not_overflow_its_queue(run: Runner[Any]) -> None:
+    # A GSO peer's runs arrive as GRO messages of up to 64 datagrams. Asked for 64 messages at a
+    # time, one call would bring 4,096 datagrams, four times what the connection's queue holds,
+    # and drop the excess though the socket's buffer held it (seen as 40-67 % rx_queue_full in
+    # `python -m udpx perf` on a busy machine). The reader asks for about a budget's worth.
+    runs, run_length, size = 64, 64, 64
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, rcvbuf=4 << 20) as ln:
+            engine = ln._engine
+            assert isinstance(engine, SocketEngine)
+            if not engine.reader.receiver.gro:
+                pytest.skip("no UDP GRO on this socket")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+                try:
+                    sender.setsockopt(SOL_UDP, UDP_SEGMENT, size)
+                except OSError as exc:
+                    pytest.skip(f"no UDP GSO here: {exc}")
+                # All of it in the listener's buffer before the loop reads (loopback delivers
+                # as it sends, and this task does not yield meanwhile).
+                for index in range(runs):
+                    sender.sendto(b"".join((b"%d:%d:" % (index, piece)).ljust(size, b".")
+                                           for piece in range(run_length)), ln.local_addr)
+            conn = await ln.accept()
+            expected = [(b"%d:%d:" % (index, piece)).ljust(size, b".")
+                        for index in range(runs) for piece in range(run_length)]
+            got: list[bytes] = []
+            # (One deadline for the whole loop: wait_for would run each recv_many() in a task
+            # of its own, a loop iteration late.)
+            async with asyncio.timeout(10):
+                while len(got) < len(expected):
+                    got += await conn.recv_many()
+            assert got == expected
+            assert ln.stats.drops["rx_queue_full"] == 0
+            receiver = engine.reader.receiver
+            assert receiver.gro_segments > 0  # it did come as GRO runs
+            assert receiver.vlen < receiver.size
+            # Datagrams sent one at a time: whole batches again (one call per 64 messages).
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as plain:
+                for index in range(100):
+                    plain.sendto(b"%d" % index, ln.local_addr)
+            other = await ln.accept()
+            async with asyncio.timeout(10):
+                assert [await other.recv() for _ in range(100)] == [
+                    b"%d" % index for index in range(100)]
+            assert receiver.vlen == receiver.size
 
     run(main())

@@ -218,6 +218,9 @@ class RecvBatch:
         if _libc is None:  # pragma: no cover - checked by make_receiver
             raise OSError(errno.ENOSYS, "recvmmsg is not available")
         self.size = batch_size
+        #: Messages asked for per call, at most ``size``: the reader lowers it while GRO
+        #: messages carry many datagrams each (see ``BatchReader._read``).
+        self.vlen = batch_size
         #: Whether the socket reports each datagram's local address (IP_PKTINFO set): keys
         #: are then (peer, local address), see ``_sockets.join_key``.
         self.pktinfo = pktinfo
@@ -290,7 +293,7 @@ class RecvBatch:
         if self._used:
             ctypes.memmove(self._hdrs, self._template, self._used * _HDR_SIZE)
         while True:
-            count: int = _recvmmsg(fd, self._hdrs, self.size, 0, None)  # type: ignore[misc]
+            count: int = _recvmmsg(fd, self._hdrs, self.vlen, 0, None)  # type: ignore[misc]
             self.calls += 1
             if count >= 0:
                 self._used = count
@@ -505,7 +508,7 @@ class SingleRecv:
     single receiver read those rather than the one-item lists of the batch interface.
     """
 
-    size = 1
+    size = vlen = 1
     gro = False
     gro_segments = 0
 

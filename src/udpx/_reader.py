@@ -21,6 +21,11 @@ logger = logging.getLogger("udpx")
 #: data is waiting). Counted in datagrams so that small batches get as many per wake-up.
 MAX_DATAGRAMS_PER_WAKEUP = 1024
 
+#: Datagrams one GRO message carries at most, in the usual case (the kernel's UDP_MAX_SEGMENTS
+#: is 64 on older kernels, 128 on newer ones): a reader of a GRO socket starts by asking for a
+#: budget's worth of such messages per call, and adapts (see ``BatchReader._read``).
+GRO_RUN = 64
+
 #: A task-mode listener's reader may read on past its budget, up to this many times the budget,
 #: while the datagrams land in connections it already woke (see ``BatchReader.spread``). 8,192
 #: datagrams of 64 bytes is most of what a socket with the usual 8 MiB of buffer holds.
@@ -100,6 +105,9 @@ class BatchReader:
         self._sock = sock
         self._fd = sock.fileno()
         self.receiver = receiver
+        if receiver.gro:
+            # Until the first batch says otherwise, messages may be GSO peers' runs.
+            receiver.vlen = max(1, min(receiver.size, budget // GRO_RUN))
         self._on_batch = on_batch
         self._on_error = on_error
         # Called when a wake-up finds nothing to read: the socket may be readable for its error
@@ -243,8 +251,10 @@ class BatchReader:
         """Read until the socket is empty or the budget is spent; the datagrams read."""
         # Hot path: one recvmmsg per batch; stop on a short batch rather than paying for a call
         # that only says EAGAIN.
-        receive = self.receiver.receive
-        size = self.receiver.size
+        receiver = self.receiver
+        receive = receiver.receive
+        size = receiver.size
+        vlen = receiver.vlen
         fd = self._fd
         on_batch = self._on_batch
         budget = self.budget
@@ -275,8 +285,16 @@ class BatchReader:
                 return read
             got = on_batch(count)  # datagrams: a GRO message holds several
             read += got
-            if not self._active or (count < size and not self.drain_to_empty):
-                self._drained = count < size
+            asked = vlen
+            if got > count or vlen < size:
+                # GRO messages (a GSO peer's runs, up to 64 datagrams each): ask for about a
+                # budget's worth of datagrams per call, not ``size`` messages. A call of 64
+                # such messages from one peer brings more than its connection's queue holds
+                # (rx_queue_size, 1,024 by default) before its task can run, and the excess
+                # is dropped, though the kernel's buffer had room for it.
+                vlen = receiver.vlen = max(1, min(size, self.budget * count // max(got, 1)))
+            if not self._active or (count < asked and not self.drain_to_empty):
+                self._drained = count < asked
                 return read
             if spread is not None and read >= budget:
                 # Past the budget: one more batch while it pays (see ``spread``).
