@@ -234,7 +234,7 @@ class Listener(asyncio.DatagramProtocol):
                         pktinfo_ancillary(family, local))
                 local_addr, source = known
         engine: SocketEngine | None = None
-        max_send = (self._max_send if remote is None
+        max_send = (self._max_send if family == socket.AF_INET
                     else min(self._options.max_datagram, max_payload(family, remote)))
         if self._connected:
             engine = self._peer_engine(key, local_addr)

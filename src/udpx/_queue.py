@@ -232,8 +232,8 @@ class _Conn(Protocol):
     def _datagrams_failed(self, exc: Exception, /) -> None: ...
 
 
-class _NoProtocol:
-    """Where a queue delivers before its connection has a protocol: nowhere."""
+class _Nowhere:
+    """A queue's protocol and connection before it has them: takes everything, does nothing."""
 
     def datagrams_received(self, datagrams: list[bytes], /) -> None:
         return None
@@ -242,7 +242,7 @@ class _NoProtocol:
         return None
 
 
-_NO_PROTOCOL = _NoProtocol()
+_NOWHERE = _Nowhere()
 
 #: What a protocol-mode queue holds until it first holds something back: most never do, and
 #: an empty deque costs 760 bytes (it allocates its first block) and one more object for the
@@ -281,8 +281,8 @@ class ProtocolRxQueue(RxQueue):
         self.dropped_full = self.dropped_truncated = self.dropped_closed = 0
         #: This batch's datagrams for the connection, not yet flushed (``_NO_INCOMING``: none).
         self.incoming = _NO_INCOMING
-        self.protocol: _Protocol = _NO_PROTOCOL
-        self.conn: _Conn = _NO_PROTOCOL
+        self.protocol: _Protocol = _NOWHERE
+        self.conn: _Conn = _NOWHERE
         #: Reading paused: datagrams are held in ``items``.
         self.paused = False
         #: The connection is closed: datagrams are dropped, counted as ``closed``.
