@@ -1,5 +1,6 @@
 """A task-mode listener's reader reads past its budget while the datagrams spread over the
-connections it already woke (BatchReader.spread), and only then."""
+connections it already woke (BatchReader.spread), and only then; and it wakes a bounded
+number of connections per wake-up."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import udpx
 from udpx._cmsg import SOL_UDP, UDP_SEGMENT
 from udpx._engine import SocketEngine
 from udpx._listener import Listener
-from udpx._reader import EXTENDED_BUDGET_FACTOR
+from udpx._reader import EXTENDED_BUDGET_FACTOR, MAX_DATAGRAMS_PER_WAKEUP, MAX_WAKES_PER_WAKEUP
 
 from .conftest import Runner
 
@@ -80,6 +81,51 @@ def test_task_mode_reads_on_while_datagrams_land_in_woken_connections(
                 got[conn.remote_addr[1]] = [await conn.recv() for _ in range(each)]
             assert all(datagrams == sorted(datagrams, key=lambda d: int(d.split(b":")[1]))
                        for datagrams in got.values())
+
+    run(main())
+
+
+def test_task_mode_caps_wakes_while_datagrams_spread_thin(run: Runner[Any]) -> None:
+    """Many peers, one datagram each: that wake-up spread its datagrams thin, so the next ones
+    end at MAX_WAKES_PER_WAKEUP woken connections (within a batch), well inside the budget,
+    and the wake-ups after take the rest. Fewer, busier peers lift the cap."""
+    peers = MAX_WAKES_PER_WAKEUP * 3
+    assert peers < MAX_DATAGRAMS_PER_WAKEUP
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, batch_size=BATCH, rcvbuf=4 << 20,
+                               backlog=2 * peers) as ln:
+            engine = ln._engine
+            assert isinstance(engine, SocketEngine)
+            reader = engine.reader
+            port = ln.local_addr[1]
+            sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(peers)]
+            try:
+                for index, sock in enumerate(sockets):
+                    sock.sendto(b"%d:0" % index, ("127.0.0.1", port))
+                # The first wake-up is not capped yet: it takes them all.
+                assert await _first_wakeup(lambda: ln.stats.rx_packets) == peers
+                assert reader.max_wakes == MAX_WAKES_PER_WAKEUP
+                conns = [await ln.accept() for _ in range(peers)]
+                assert sorted([await conn.recv() for conn in conns]) == sorted(
+                    b"%d:0" % index for index in range(peers))
+                # The same peers again: capped.
+                for index, sock in enumerate(sockets):
+                    sock.sendto(b"%d:1" % index, ("127.0.0.1", port))
+                first = await _first_wakeup(lambda: ln.stats.rx_packets - peers)
+                assert MAX_WAKES_PER_WAKEUP <= first < MAX_WAKES_PER_WAKEUP + BATCH
+                assert sorted([await conn.recv() for conn in conns]) == sorted(
+                    b"%d:1" % index for index in range(peers))
+                assert ln.stats.drops["rx_queue_full"] == 0
+                # 20 peers, 10 datagrams each: deep, not thin; the cap is lifted.
+                for turn in range(10):
+                    for index, sock in enumerate(sockets[:20]):
+                        sock.sendto(b"%d:%d" % (index, turn + 2), ("127.0.0.1", port))
+                assert await _first_wakeup(lambda: ln.stats.rx_packets - 2 * peers) == 200
+                assert reader.max_wakes > MAX_DATAGRAMS_PER_WAKEUP
+            finally:
+                for sock in sockets:
+                    sock.close()
 
     run(main())
 
