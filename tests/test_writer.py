@@ -11,7 +11,7 @@ import pytest
 import udpx
 from udpx._mmsg import make_sender, split_segments
 from udpx._queue import TxAccount, TxQueue
-from udpx._writer import Writer
+from udpx._writer import GSO_MIN_RUN, Writer
 
 from .conftest import Runner, socket_engine
 from .test_end_to_end import BIG_RCVBUF, recv_exactly
@@ -153,3 +153,39 @@ def test_split_segments() -> None:
     assert offsets == [0, 100, 110, 120, 200]
     assert lengths == [10, 10, 10, 5, 7]
     assert split_segments(None, [0], [20], [10]) == (None, [0, 10], [10, 10])
+
+
+def test_short_runs_share_a_sendmmsg_batch(run: Runner[Any]) -> None:
+    """Runs to one peer shorter than GSO_MIN_RUN (an echo server answering many clients a few
+    datagrams each) go out together in one sendmmsg, not as a GSO send each; a run of
+    GSO_MIN_RUN is one GSO send."""
+    peers = 5
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0) as ln:
+            clients = [await udpx.dial("127.0.0.1", ln.local_addr[1]) for _ in range(peers)]
+            try:
+                conns = []
+                for client in clients:
+                    await client.send(b"hello")
+                    conn = await ln.accept()
+                    assert await conn.recv() == b"hello"
+                    conns.append(conn)
+                writer = conns[0]._writer
+                assert ln.describe()["socket"]["gso"] is True
+                calls = writer.sender.calls
+                for index, conn in enumerate(conns):
+                    conn.send_many_nowait([b"%d" % index * 100] * (GSO_MIN_RUN - 1))
+                for index, client in enumerate(clients):
+                    assert await recv_exactly(client, GSO_MIN_RUN - 1) == [
+                        b"%d" % index * 100] * (GSO_MIN_RUN - 1)
+                assert writer.gso_sends == 0
+                assert writer.sender.calls == calls + 1
+                conns[0].send_many_nowait([b"z" * 100] * GSO_MIN_RUN)
+                assert await recv_exactly(clients[0], GSO_MIN_RUN) == [b"z" * 100] * GSO_MIN_RUN
+                assert writer.gso_sends == 1
+            finally:
+                for client in clients:
+                    await client.aclose()
+
+    run(main())

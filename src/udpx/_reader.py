@@ -36,28 +36,6 @@ EXTENDED_BUDGET_FACTOR = 8
 #: than the budget.
 EXTENDED_MAX_DEPTH = 16
 
-#: A task-mode listener whose wake-ups spread their datagrams thin (one or two per connection
-#: woken, over at least this many connections: thousands of peers sending in turn) ends its
-#: next wake-ups once they have woken this many connections, whatever the budget. Each
-#: wake-up of a waiting task is a new object (the loop's handle) that lives until the task
-#: runs, and CPython collects its youngest generation after 700 net new objects by default. A
-#: wake-up that woke a task for each of its 1,024 datagrams (10,000 peers) triggered such
-#: collections every time, and each moved the thousands of futures and coroutines that wait
-#: for their next datagram into older generations, to be visited again and again: a quarter
-#: of the receiver's CPU went to the collector. Below the threshold they die young.
-#: (Fewer peers keep the budget: their wake-ups read on while datagrams land in the woken
-#: connections, and many datagrams per wake pay far more than the collector costs.)
-MAX_WAKES_PER_WAKEUP = 256
-
-#: ... except every this many wake-ups, which may wake twice as many, so that a change in
-#: traffic (a few hundred busier peers) is seen. (Not the whole budget: with 10,000 peers each
-#: such wake-up triggered a collection of the tens of thousands of young objects waiting.)
-WAKE_CAP_PROBE = 16
-
-
-#: No cap on a wake-up's wake-ups (more than it can read).
-UNCAPPED = 1 << 62
-
 
 #: Read coalescing (``rx_coalesce``): a pause is taken only when the arrival rate, measured
 #: over at least COALESCE_SPAN seconds of wake-ups, would bring at least COALESCE_MIN_BATCH
@@ -154,13 +132,8 @@ class BatchReader:
         # EXTENDED_BUDGET_FACTOR x the budget, while it has woken fewer connections than the
         # budget, those hold fewer than EXTENDED_MAX_DEPTH of its datagrams on average, and no
         # queue overflowed. With one busy peer, or with more peers than the budget (every
-        # datagram a new wake-up), it stops at the budget as before, or sooner (see
-        # MAX_WAKES_PER_WAKEUP).
+        # datagram a new wake-up), it stops at the budget as before.
         self.spread: Spread | None = None
-        #: Connections a wake-up may wake (see MAX_WAKES_PER_WAKEUP), and how many wake-ups
-        #: in a row spread their datagrams thin.
-        self.max_wakes = UNCAPPED
-        self._thin = 0
         #: The owner's count of datagrams its queues dropped for want of room, if it has
         #: queues (read coalescing neither pauses nor keeps pausing while it grows).
         self.overflow: Overflow | None = None
@@ -207,29 +180,13 @@ class BatchReader:
     def _on_readable(self) -> None:
         if self._before is not None:
             self._before()
-        spread = self.spread
-        if spread is not None:
-            woken = spread.woken
         try:
             read = self._read()
         finally:
             if self._after is not None:
                 self._after()
-        if spread is not None:
-            self._cap_wakes(read, spread.woken - woken)
         if self.coalesce:
             self._coalesce(read)
-
-    def _cap_wakes(self, read: int, woken: int) -> None:
-        """After a task-mode wake-up that read ``read`` datagrams into ``woken`` connections:
-        cap the next one's wake-ups while datagrams spread thin (see MAX_WAKES_PER_WAKEUP)."""
-        if woken >= MAX_WAKES_PER_WAKEUP and read < 2 * woken:
-            self._thin += 1
-            self.max_wakes = MAX_WAKES_PER_WAKEUP * (
-                2 if self._thin % WAKE_CAP_PROBE == 0 else 1)
-        elif self._thin:
-            self._thin = 0
-            self.max_wakes = UNCAPPED
 
     # -- read coalescing --------------------------------------------------------------------
 
@@ -308,7 +265,6 @@ class BatchReader:
             overflowed = spread.overflowed
             wakes = budget
             extended = budget * EXTENDED_BUDGET_FACTOR
-            max_wakes = self.max_wakes
         self._drained = False
         while read < budget:
             try:
@@ -340,13 +296,10 @@ class BatchReader:
             if not self._active or (count < asked and not self.drain_to_empty):
                 self._drained = count < asked
                 return read
-            if spread is not None:
-                woken = spread.woken - first_woken
-                if woken >= max_wakes:
-                    return read  # (see MAX_WAKES_PER_WAKEUP)
+            if spread is not None and read >= budget:
                 # Past the budget: one more batch while it pays (see ``spread``).
-                if (read >= budget and read < extended and woken < wakes
-                        and read < EXTENDED_MAX_DEPTH * woken
+                woken = spread.woken - first_woken
+                if (read < extended and woken < wakes and read < EXTENDED_MAX_DEPTH * woken
                         and spread.overflowed == overflowed):
                     budget = read + 1
         return read

@@ -29,6 +29,12 @@ logger = logging.getLogger("udpx")
 #: Batches sent per callback before yielding to the loop (fairness, as for the reader).
 MAX_BATCHES_PER_CALLBACK = 16
 
+#: The shortest run of datagrams to one peer sent with one GSO sendmsg: a shorter one goes
+#: with its neighbours in a sendmmsg batch. A GSO send is a system call and several
+#: microseconds of Python of its own; for runs of two or three (an echo server whose clients
+#: each have a few datagrams queued) one sendmmsg for 64 datagrams costs far less.
+GSO_MIN_RUN = 4
+
 class Sender(Protocol):
     """What the writer sends through: the batch arrays (``_mmsg``), the one-datagram
     sender, or a loop transport (``_transport``)."""
@@ -264,7 +270,7 @@ class Writer:
                 break
             if state.gso:
                 run = self._gso_run(datagrams, owners)
-                if run > 1:
+                if run >= GSO_MIN_RUN:
                     handled = self._send_gso(run)
                     if handled >= 0:
                         queue.pop(handled)
