@@ -12,9 +12,10 @@ import pytest
 
 import udpx
 from udpx._cmsg import SOL_UDP, UDP_SEGMENT
+from udpx._demux import WAKES_PER_TURN
 from udpx._engine import SocketEngine
 from udpx._listener import Listener
-from udpx._reader import EXTENDED_BUDGET_FACTOR, MAX_DATAGRAMS_PER_WAKEUP, MAX_WAKES_PER_WAKEUP
+from udpx._reader import EXTENDED_BUDGET_FACTOR, MAX_DATAGRAMS_PER_WAKEUP
 
 from .conftest import Runner
 
@@ -85,47 +86,59 @@ def test_task_mode_reads_on_while_datagrams_land_in_woken_connections(
     run(main())
 
 
-def test_task_mode_caps_wakes_while_datagrams_spread_thin(run: Runner[Any]) -> None:
-    """Many peers, one datagram each: that wake-up spread its datagrams thin, so the next ones
-    end at MAX_WAKES_PER_WAKEUP woken connections (within a batch), well inside the budget,
-    and the wake-ups after take the rest. Fewer, busier peers lift the cap."""
-    peers = MAX_WAKES_PER_WAKEUP * 3
-    assert peers < MAX_DATAGRAMS_PER_WAKEUP
+def test_task_mode_paces_wakes_oldest_first(run: Runner[Any]) -> None:
+    """A datagram from each of many peers, a task waiting on each connection: a reader wake-up
+    wakes at most WAKES_PER_TURN of the tasks, later turns (one per loop iteration) the rest,
+    in the order the datagrams arrived, and nothing is lost."""
+    peers = WAKES_PER_TURN * 3
+    assert peers < MAX_DATAGRAMS_PER_WAKEUP  # one wake-up reads them all
 
     async def main() -> None:
         async with udpx.listen("127.0.0.1", 0, batch_size=BATCH, rcvbuf=4 << 20,
                                backlog=2 * peers) as ln:
-            engine = ln._engine
-            assert isinstance(engine, SocketEngine)
-            reader = engine.reader
             port = ln.local_addr[1]
             sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(peers)]
             try:
                 for index, sock in enumerate(sockets):
                     sock.sendto(b"%d:0" % index, ("127.0.0.1", port))
-                # The first wake-up is not capped yet: it takes them all.
-                assert await _first_wakeup(lambda: ln.stats.rx_packets) == peers
-                assert reader.max_wakes == MAX_WAKES_PER_WAKEUP
                 conns = [await ln.accept() for _ in range(peers)]
-                assert sorted([await conn.recv() for conn in conns]) == sorted(
-                    b"%d:0" % index for index in range(peers))
-                # The same peers again: capped.
+                index_of = {}
+                for conn in conns:
+                    index_of[conn] = int((await conn.recv()).split(b":")[0])
+                done: list[int] = []
+                woken_at_first: list[int] = []
+
+                async def consume(conn: udpx.UDPConn) -> None:
+                    data = await conn.recv()
+                    assert data == b"%d:1" % index_of[conn]
+                    if not done:
+                        # Tasks woken so far: their connection has no waiter any more.
+                        woken_at_first.append(sum(not other._receivers for other in conns))
+                    done.append(index_of[conn])
+
+                tasks = [asyncio.create_task(consume(conn)) for conn in conns]
+
+                def ready() -> bool:
+                    # Every task waits, and no wake of the first round is still paced.
+                    return all(conn._receivers for conn in conns) and not ln._demux.paced
+
+                for _ in range(100):
+                    if ready():
+                        break
+                    await asyncio.sleep(0)
+                assert ready()
+                # All in the socket's buffer before the listener's next read.
                 for index, sock in enumerate(sockets):
                     sock.sendto(b"%d:1" % index, ("127.0.0.1", port))
-                first = await _first_wakeup(lambda: ln.stats.rx_packets - peers)
-                assert MAX_WAKES_PER_WAKEUP <= first < MAX_WAKES_PER_WAKEUP + BATCH
-                assert sorted([await conn.recv() for conn in conns]) == sorted(
-                    b"%d:1" % index for index in range(peers))
-                assert ln.stats.drops["rx_queue_full"] == 0
-                # 20 peers, 10 datagrams each: deep, not thin; the cap is lifted.
-                for turn in range(10):
-                    for index, sock in enumerate(sockets[:20]):
-                        sock.sendto(b"%d:%d" % (index, turn + 2), ("127.0.0.1", port))
-                assert await _first_wakeup(lambda: ln.stats.rx_packets - 2 * peers) == 200
-                assert reader.max_wakes > MAX_DATAGRAMS_PER_WAKEUP
+                await asyncio.wait_for(asyncio.gather(*tasks), 10)
             finally:
                 for sock in sockets:
                     sock.close()
+        # When the first woken task ran, one turn (or two: the reader's and a paced one) had
+        # woken tasks; unpaced, the reader would have woken all of them.
+        assert WAKES_PER_TURN <= woken_at_first[0] <= 2 * WAKES_PER_TURN
+        # Oldest first: in the order of arrival, every datagram delivered.
+        assert done == list(range(peers))
 
     run(main())
 

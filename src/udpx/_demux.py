@@ -8,6 +8,7 @@ equal for equal peers.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from ._queue import DATAGRAM_OVERHEAD, ProtocolRxQueue, RxPool, RxQueue
@@ -23,6 +24,19 @@ PeerKey = int | bytes
 _NO_KEY = object()
 _NO_QUEUE = RxQueue(1)
 _NO_LIST: list[bytes] = []
+
+
+#: Task mode: tasks a reader wake-up wakes at most; the connections past it are woken in later
+#: loop iterations, this many per iteration, oldest first ("paced" wakes). Waking a task
+#: costs a few microseconds and makes an object (the loop's handle) that lives until the task
+#: runs; a wake-up that read 1,024 datagrams from as many peers woke 1,024 tasks at once,
+#: past CPython's first-generation threshold (700 new objects): the collector then ran at
+#: every wake-up and moved the thousands of futures and coroutines of waiting receivers into
+#: older generations, to be visited again and again (a quarter of the CPU, at 10,000 peers).
+#: Paced, they die young, and a connection whose turn comes later takes, with one wake-up,
+#: every datagram that arrived for it meanwhile: under a flood from thousands of peers, the
+#: cost of a wake-up is shared by several datagrams instead of paid by each.
+WAKES_PER_TURN = 256
 
 
 def _always_valid(key: PeerKey) -> bool:
@@ -51,15 +65,17 @@ class Demux:
     All receive queues share ``pool``, which counts every datagram they are fed.
     """
 
-    __slots__ = ("_feed_mixed", "backlog", "create", "dropped_backlog", "dropped_bad_source",
-                 "dropped_conn_limit", "dropped_refused", "max_conns", "on_pressure", "pending",
-                 "pool", "pressure_mark", "refusal", "table", "valid", "woken")
+    __slots__ = ("_feed_mixed", "_paced_scheduled", "backlog", "create", "dropped_backlog",
+                 "dropped_bad_source", "dropped_conn_limit", "dropped_refused", "max_conns",
+                 "on_pressure", "paced", "pending", "pool", "pressure_mark", "refusal",
+                 "schedule", "table", "valid", "wakes_left", "woken")
 
     def __init__(self, *, max_conns: int, backlog: int | None,
                  create: Callable[[PeerKey], RxQueue | None], pool: RxPool | None = None,
                  valid: Callable[[PeerKey], bool] = _always_valid,
                  pressure_mark: int | None = None,
-                 on_pressure: Callable[[], None] = _do_nothing, protocol: bool = False) -> None:
+                 on_pressure: Callable[[], None] = _do_nothing, protocol: bool = False,
+                 schedule: Callable[[Callable[[], None]], object] | None = None) -> None:
         self.table: dict[PeerKey, RxQueue] = {}
         # ``protocol``: every queue is a ProtocolRxQueue, delivered to as the batch ends.
         self._feed_mixed = self._feed_mixed_protocol if protocol else self._feed_mixed_tasks
@@ -82,6 +98,14 @@ class Demux:
         #: Task mode: queues that a batch of several peers made non-empty (each wakes a task),
         #: a running total for the reader (``BatchReader.spread``).
         self.woken = 0
+        #: Task mode: ``schedule(callback)`` runs ``callback`` in the loop's next iteration
+        #: (``loop.call_soon``); given, wakes are paced (see WAKES_PER_TURN): ``paced`` holds
+        #: the queues whose wake waits for a later turn, oldest first, and ``wakes_left`` is
+        #: what the current turn may still wake. Not given: every wake at once.
+        self.schedule = schedule
+        self.paced: deque[RxQueue] = deque()
+        self.wakes_left = WAKES_PER_TURN
+        self._paced_scheduled = False
 
     @property
     def overflowed(self) -> int:
@@ -197,8 +221,46 @@ class Demux:
         pool.dropped_full += dropped_full
         pool.dropped_memory += dropped_memory
         self.woken += len(touched)
-        for queue in touched:
-            queue.wake()
+        if len(touched) <= self.wakes_left and not self.paced:
+            self.wakes_left -= len(touched)
+            for queue in touched:
+                queue.wake()
+        else:
+            self._pace(touched)
+
+    def new_turn(self) -> None:
+        """A reader wake-up begins: it may wake WAKES_PER_TURN more tasks."""
+        self.wakes_left = WAKES_PER_TURN
+
+    def _pace(self, touched: list[RxQueue]) -> None:
+        """Wake what this turn still may, oldest first; the rest waits for later turns."""
+        if self.schedule is None:
+            for queue in touched:
+                queue.wake()
+            return
+        paced = self.paced
+        paced.extend(touched)
+        self.wakes_left = self._wake_paced(self.wakes_left)
+        if paced and not self._paced_scheduled:
+            self._paced_scheduled = True
+            self.schedule(self._paced_turn)
+
+    def _wake_paced(self, count: int) -> int:
+        """Wake up to ``count`` paced queues, oldest first; returns how many more may be."""
+        paced = self.paced
+        popleft = paced.popleft
+        while count and paced:
+            popleft().wake()  # (a closed connection's queue no longer wakes anyone)
+            count -= 1
+        return count
+
+    def _paced_turn(self) -> None:
+        """A loop iteration's turn for the paced queues, until none is left."""
+        self._paced_scheduled = False
+        self._wake_paced(WAKES_PER_TURN)
+        if self.paced and self.schedule is not None:
+            self._paced_scheduled = True
+            self.schedule(self._paced_turn)
 
     def _feed_mixed_protocol(self, keys: Sequence[PeerKey], datagrams: Sequence[bytes],
                              lengths: Sequence[int]) -> None:

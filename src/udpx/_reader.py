@@ -66,6 +66,9 @@ class Spread(Overflow, Protocol):
     def woken(self) -> int:
         """Connections a datagram made readable (each is one task to wake)."""
 
+    def new_turn(self) -> None:
+        """A wake-up begins: it may wake a new turn's worth of tasks."""
+
 
 class BatchReader:
     """Drains one socket with its receiver whenever it is readable.
@@ -261,6 +264,7 @@ class BatchReader:
         read = 0
         spread = self.spread
         if spread is not None:
+            spread.new_turn()
             first_woken = spread.woken
             overflowed = spread.overflowed
             wakes = budget
