@@ -6,6 +6,7 @@ from __future__ import annotations
 import mmap
 import socket
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -20,7 +21,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from udpx._demux import Demux, PeerKey
+from udpx._demux import WAKES_PER_TURN, Demux, PeerKey
 from udpx._mmsg import slice_all
 from udpx._queue import DATAGRAM_OVERHEAD, RxPool, RxQueue
 from udpx._sockets import key_from_address
@@ -436,3 +437,45 @@ def test_truncated_datagram_is_counted_never_delivered(known: bool) -> None:
         assert demux.pool.dropped_truncated == 1
         assert demux.pending == 0
     assert woken == []
+
+
+def test_paced_wakes_oldest_first_and_never_lost() -> None:
+    """Task mode's paced wakes (WAKES_PER_TURN): a turn wakes at most its share, oldest first;
+    the rest wait for turns scheduled one at a time, and what later batches touch waits behind
+    them; a wake that raises loses no other wake."""
+    woken: list[int] = []
+    scheduled: list[Callable[[], None]] = []
+    failing = 650
+
+    def make(key: PeerKey) -> RxQueue:
+        index = len(demux.table)  # the order of arrival
+
+        def wake() -> None:
+            if index == failing:
+                raise RuntimeError("wake failed")
+            woken.append(index)
+
+        return RxQueue(8, wake)
+
+    demux = Demux(max_conns=10_000, backlog=None, create=make, schedule=scheduled.append)
+    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(700)]
+    demux.new_turn()
+    demux.feed_batch(keys[:600], [b"x"] * 600, [1] * 600)
+    assert woken == list(range(WAKES_PER_TURN))
+    assert len(scheduled) == 1
+    assert len(demux.paced) == 600 - WAKES_PER_TURN
+    # The next wake-up's turn wakes the oldest paced queues; its own new ones wait behind.
+    demux.new_turn()
+    demux.feed_batch(keys[600:], [b"x"] * 100, [1] * 100)
+    assert woken == list(range(2 * WAKES_PER_TURN))
+    assert len(scheduled) == 1  # still the one turn
+    # That turn reaches the failing wake: it raises, and the rest get a turn all the same.
+    with pytest.raises(RuntimeError, match="wake failed"):
+        scheduled.pop()()
+    assert woken == list(range(failing))
+    assert len(scheduled) == 1
+    scheduled.pop()()
+    assert not scheduled
+    assert not demux.paced
+    assert woken == [index for index in range(700) if index != failing]
+    assert demux.woken == 700

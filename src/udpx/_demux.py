@@ -257,10 +257,13 @@ class Demux:
     def _paced_turn(self) -> None:
         """A loop iteration's turn for the paced queues, until none is left."""
         self._paced_scheduled = False
-        self._wake_paced(WAKES_PER_TURN)
-        if self.paced and self.schedule is not None:
-            self._paced_scheduled = True
-            self.schedule(self._paced_turn)
+        try:
+            self._wake_paced(WAKES_PER_TURN)
+        finally:
+            # Whatever happened, the rest keep their turns: a wake is never lost.
+            if self.paced and self.schedule is not None:
+                self._paced_scheduled = True
+                self.schedule(self._paced_turn)
 
     def _feed_mixed_protocol(self, keys: Sequence[PeerKey], datagrams: Sequence[bytes],
                              lengths: Sequence[int]) -> None:

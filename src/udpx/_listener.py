@@ -607,6 +607,7 @@ class Listener(asyncio.DatagramProtocol):
         self._drop_reporter.cancel()
         for conn in list(self._conns.values()):
             conn.close()
+        self._demux.paced.clear()  # closing woke every waiter
         self._acceptors.wake_all()
         self._engine.close(self._released)
 
