@@ -440,9 +440,10 @@ def test_truncated_datagram_is_counted_never_delivered(known: bool) -> None:
 
 
 def test_paced_wakes_oldest_first_and_never_lost() -> None:
-    """Task mode's paced wakes (WAKES_PER_TURN): a turn wakes at most its share, oldest first;
-    the rest wait for turns scheduled one at a time, and what later batches touch waits behind
-    them; a wake that raises loses no other wake."""
+    """Task mode's paced wakes (WAKES_PER_TURN): a reader's turn wakes at most its share, the
+    rest wait in line for turns scheduled one at a time (a reader's turn wakes nothing while
+    the line is not empty), and what later batches touch waits behind them; a queue is in line
+    at most once; a wake that raises loses no other wake."""
     woken: list[int] = []
     scheduled: list[Callable[[], None]] = []
     failing = 650
@@ -450,10 +451,11 @@ def test_paced_wakes_oldest_first_and_never_lost() -> None:
     def make(key: PeerKey) -> RxQueue:
         index = len(demux.table)  # the order of arrival
 
-        def wake() -> None:
+        def wake() -> bool:
             if index == failing:
                 raise RuntimeError("wake failed")
             woken.append(index)
+            return True  # a task was woken
 
         return RxQueue(8, wake)
 
@@ -464,12 +466,17 @@ def test_paced_wakes_oldest_first_and_never_lost() -> None:
     assert woken == list(range(WAKES_PER_TURN))
     assert len(scheduled) == 1
     assert len(demux.paced) == 600 - WAKES_PER_TURN
-    # The next wake-up's turn wakes the oldest paced queues; its own new ones wait behind.
+    # The next wake-up: its new queues wait behind the line, and so do the queues already in
+    # line that get more datagrams (not twice).
     demux.new_turn()
-    demux.feed_batch(keys[600:], [b"x"] * 100, [1] * 100)
-    assert woken == list(range(2 * WAKES_PER_TURN))
+    demux.feed_batch(keys[WAKES_PER_TURN:], [b"x"] * (700 - WAKES_PER_TURN),
+                     [1] * (700 - WAKES_PER_TURN))
+    assert woken == list(range(WAKES_PER_TURN))
+    assert len(demux.paced) == 700 - WAKES_PER_TURN
     assert len(scheduled) == 1  # still the one turn
-    # That turn reaches the failing wake: it raises, and the rest get a turn all the same.
+    scheduled.pop()()
+    assert woken == list(range(2 * WAKES_PER_TURN))
+    # The next turn reaches the failing wake: it raises, and the rest get a turn all the same.
     with pytest.raises(RuntimeError, match="wake failed"):
         scheduled.pop()()
     assert woken == list(range(failing))
@@ -479,3 +486,39 @@ def test_paced_wakes_oldest_first_and_never_lost() -> None:
     assert not demux.paced
     assert woken == [index for index in range(700) if index != failing]
     assert demux.woken == 700
+
+
+def test_a_queue_half_full_in_line_is_woken_at_once() -> None:
+    """A queue whose wake waits in line and that fills half-way is woken out of turn (counted
+    in ``urgent``); its place in line then costs nothing (its task took the datagrams)."""
+    woken: list[int] = []
+    scheduled: list[Callable[[], None]] = []
+    queues: list[RxQueue] = []
+
+    def make(key: PeerKey) -> RxQueue:
+        index = len(demux.table)
+
+        def wake() -> bool:
+            woken.append(index)
+            return True
+
+        queue = RxQueue(8, wake)
+        queues.append(queue)
+        return queue
+
+    demux = Demux(max_conns=10_000, backlog=None, create=make, schedule=scheduled.append)
+    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(300)]
+    demux.new_turn()
+    demux.feed_batch(keys, [b"x"] * 300, [1] * 300)
+    assert woken == list(range(WAKES_PER_TURN))
+    last = keys[-1]  # in line; limit 8: half full at its 4th datagram
+    demux.new_turn()
+    demux.feed_batch([last] * 2 + keys[:2], [b"x"] * 4, [1] * 4)
+    assert demux.urgent == 0
+    demux.feed_batch([last, *keys[:1]], [b"x"] * 2, [1] * 2)
+    assert demux.urgent == 1
+    assert woken[-1] == 299
+    queues[299].items.clear()  # its task took them
+    del woken[:]
+    scheduled.pop()()
+    assert woken == list(range(WAKES_PER_TURN, 299))  # no wake for the emptied queue

@@ -5,6 +5,7 @@ number of connections per wake-up."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from typing import Any
 
@@ -227,5 +228,99 @@ def test_gro_runs_of_one_peer_do_not_overflow_its_queue(run: Runner[Any]) -> Non
                 assert [await other.recv() for _ in range(100)] == [
                     b"%d" % index for index in range(100)]
             assert receiver.vlen == receiver.size
+
+    run(main())
+
+
+def test_paced_wakes_overflow_no_queue_the_kernel_could_hold(run: Runner[Any]) -> None:
+    """Small queues, tasks waiting, a burst the socket buffer holds: nothing is dropped. (The
+    reader reads on while wakes are paced; a queue half full while it waits for its turn is
+    woken at once, and a wake-up stops reading past its budget after such a wake.)"""
+    peers, each, queue_size = 900, 5, 3
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, rcvbuf=8 << 20, backlog=peers,
+                               rx_queue_size=queue_size) as ln:
+            port = ln.local_addr[1]
+            sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(peers)]
+            try:
+                for sock in sockets:
+                    sock.sendto(b"hello", ("127.0.0.1", port))
+                conns = [await ln.accept() for _ in range(peers)]
+                got: list[bytes] = []
+
+                async def consume(conn: udpx.UDPConn) -> None:
+                    with contextlib.suppress(udpx.ConnectionClosed):
+                        while True:
+                            got.append(await conn.recv())
+
+                tasks = [asyncio.create_task(consume(conn)) for conn in conns]
+                for _ in range(100):
+                    if len(got) == peers and all(conn._receivers for conn in conns):
+                        break
+                    await asyncio.sleep(0)
+                assert len(got) == peers
+                got.clear()
+                for turn in range(each):
+                    for sock in sockets:
+                        sock.sendto(b"%d" % turn, ("127.0.0.1", port))
+                async with asyncio.timeout(10):
+                    while len(got) + sum(ln.stats.drops.values()) < peers * each:
+                        await asyncio.sleep(0)
+                assert {name: count for name, count in ln.stats.drops.items() if count} == {}
+                assert len(got) == peers * each
+                for task in tasks:
+                    task.cancel()
+            finally:
+                for sock in sockets:
+                    sock.close()
+
+    run(main())
+
+
+def test_paced_line_holds_each_connection_once(run: Runner[Any]) -> None:
+    """Connections drained by polling (recv_nowait) while every peer sends each iteration: a
+    connection waits in the paced line at most once, so the line stays within the number of
+    connections, and a task waiting in recv() still gets its datagrams within a few turns."""
+    peers, iterations = 3 * WAKES_PER_TURN, 40
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, rcvbuf=8 << 20, backlog=peers + 1) as ln:
+            port = ln.local_addr[1]
+            sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(peers)]
+            waiter_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                waiter_sock.sendto(b"hello", ("127.0.0.1", port))
+                waiter = await ln.accept()
+                assert await waiter.recv() == b"hello"
+                for sock in sockets:
+                    sock.sendto(b"hello", ("127.0.0.1", port))
+                polled = [await ln.accept() for _ in range(peers)]
+                received = asyncio.Queue[bytes]()
+
+                async def wait_in_recv() -> None:
+                    while True:
+                        received.put_nowait(await waiter.recv())
+
+                task = asyncio.create_task(wait_in_recv())
+                longest = 0
+                for iteration in range(iterations):
+                    for sock in sockets:
+                        sock.sendto(b"%d" % iteration, ("127.0.0.1", port))
+                    waiter_sock.sendto(b"%d" % iteration, ("127.0.0.1", port))
+                    for conn in polled:
+                        with contextlib.suppress(udpx.WouldBlock):
+                            while True:
+                                conn.recv_nowait()
+                    await asyncio.sleep(0)
+                    longest = max(longest, len(ln._demux.paced))
+                async with asyncio.timeout(10):
+                    for iteration in range(iterations):
+                        assert await received.get() == b"%d" % iteration
+                assert longest <= peers + 1
+                task.cancel()
+            finally:
+                for sock in [*sockets, waiter_sock]:
+                    sock.close()
 
     run(main())

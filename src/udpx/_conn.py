@@ -284,22 +284,24 @@ class UDPConn:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def _wake_receivers(self) -> None:
+    def _wake_receivers(self) -> bool:
         """Datagrams arrived: wake one waiting receiver per queued datagram, oldest first (as
-        asyncio.Queue hands items to its getters), so that several tasks share the work."""
+        asyncio.Queue hands items to its getters), so that several tasks share the work.
+        Returns whether a receiver was woken."""
         # Hot path: with many peers every datagram wakes a connection's one waiting task, so
         # the first turn is given here (FifoWaiters.wake inlined), the rest by wake().
         receivers = self._receivers
         if receivers:
             future = receivers.popleft()
             if future.done():  # cancelled, not yet removed by its task: it takes no turn
-                receivers.wake(len(self._rx.items))
-                return
+                return receivers.wake(len(self._rx.items)) > 0
             future.set_result(None)
             if receivers:
                 count = len(self._rx.items) - 1
                 if count > 0:
                     receivers.wake(count)
+            return True
+        return False
 
     def _wake(self, count: int) -> None:
         if self._receivers:

@@ -26,8 +26,10 @@ _NO_QUEUE = RxQueue(1)
 _NO_LIST: list[bytes] = []
 
 
-#: Task mode: tasks a reader wake-up wakes at most; the connections past it are woken in later
-#: loop iterations, this many per iteration, oldest first ("paced" wakes). Waking a task
+#: Task mode: tasks a reader wake-up wakes at most; the connections past it wait in line
+#: (``Demux.paced``, each at most once) and are woken in later loop iterations, this many per
+#: iteration, oldest first; while the line is not empty a reader wake-up wakes none itself,
+#: and a queue that fills half-way while in line is woken at once (``urgent``). Waking a task
 #: costs a few microseconds and makes an object (the loop's handle) that lives until the task
 #: runs; a wake-up that read 1,024 datagrams from as many peers woke 1,024 tasks at once,
 #: past CPython's first-generation threshold (700 new objects): the collector then ran at
@@ -68,7 +70,7 @@ class Demux:
     __slots__ = ("_feed_mixed", "_paced_scheduled", "backlog", "create", "dropped_backlog",
                  "dropped_bad_source", "dropped_conn_limit", "dropped_refused", "max_conns",
                  "on_pressure", "paced", "pending", "pool", "pressure_mark", "refusal",
-                 "schedule", "table", "valid", "wakes_left", "woken")
+                 "schedule", "table", "urgent", "valid", "wakes_left", "woken")
 
     def __init__(self, *, max_conns: int, backlog: int | None,
                  create: Callable[[PeerKey], RxQueue | None], pool: RxPool | None = None,
@@ -106,6 +108,8 @@ class Demux:
         self.paced: deque[RxQueue] = deque()
         self.wakes_left = WAKES_PER_TURN
         self._paced_scheduled = False
+        #: Task mode: queues woken out of turn, half full (a running total, for the reader).
+        self.urgent = 0
 
     @property
     def overflowed(self) -> int:
@@ -184,10 +188,11 @@ class Demux:
         memory_limit = pool.limit - DATAGRAM_OVERHEAD  # compared with buffered + length
         delivered = dropped_full = dropped_memory = 0
         touched: list[RxQueue] = []
+        urgent: list[RxQueue] = []
         last_key: object = _NO_KEY
         current = _NO_QUEUE
         items = current.items
-        limit = 0
+        limit = urgent_depth = 0
         for key, data, length in zip(keys, datagrams, lengths):
             if key != last_key:
                 found = table_get(key)
@@ -200,15 +205,19 @@ class Demux:
                 last_key = key
                 items = found.items
                 limit = found.limit
-            if len(items) >= limit:
+                urgent_depth = (limit - 1) >> 1
+            depth = len(items)
+            if depth >= limit:
                 current.dropped_full += 1
                 dropped_full += 1
                 continue
             if buffered + length > memory_limit:
                 dropped_memory += 1
                 continue
-            if not items:
+            if not depth:
                 touched.append(current)
+            if depth == urgent_depth:
+                urgent.append(current)
             items.append(data)
             buffered += length + DATAGRAM_OVERHEAD
             current.rx_packets += 1
@@ -225,12 +234,19 @@ class Demux:
             self.wakes_left -= len(touched)
             for queue in touched:
                 queue.wake()
-        else:
-            self._pace(touched)
+            return
+        self._pace(touched)
+        for queue in urgent:
+            if queue.turn_waiting:
+                # Half full while it waits for its turn: it cannot wait any longer without
+                # overflowing (its place in line stays, harmless: it finds nothing to do).
+                self.urgent += 1
+                queue.wake()
 
     def new_turn(self) -> None:
-        """A reader wake-up begins: it may wake WAKES_PER_TURN more tasks."""
-        self.wakes_left = WAKES_PER_TURN
+        """A reader wake-up begins: it may wake WAKES_PER_TURN tasks, or none while older
+        wakes wait for their turns (one turn per loop iteration, theirs)."""
+        self.wakes_left = 0 if self.paced else WAKES_PER_TURN
 
     def _pace(self, touched: list[RxQueue]) -> None:
         """Wake what this turn still may, oldest first; the rest waits for later turns."""
@@ -239,19 +255,28 @@ class Demux:
                 queue.wake()
             return
         paced = self.paced
-        paced.extend(touched)
+        append = paced.append
+        for queue in touched:
+            if not queue.turn_waiting:
+                queue.turn_waiting = True
+                append(queue)
         self.wakes_left = self._wake_paced(self.wakes_left)
         if paced and not self._paced_scheduled:
             self._paced_scheduled = True
             self.schedule(self._paced_turn)
 
     def _wake_paced(self, count: int) -> int:
-        """Wake up to ``count`` paced queues, oldest first; returns how many more may be."""
+        """Wake up to ``count`` waiting tasks of paced queues, oldest first; returns how many
+        more may be. A queue emptied meanwhile (its task or ``recv_nowait`` took its
+        datagrams), or with no task waiting, costs no wake."""
         paced = self.paced
         popleft = paced.popleft
         while count and paced:
-            popleft().wake()  # (a closed connection's queue no longer wakes anyone)
-            count -= 1
+            queue = popleft()
+            queue.turn_waiting = False
+            # (A closed connection's queue no longer wakes anyone.)
+            if queue.items and queue.wake():
+                count -= 1
         return count
 
     def _paced_turn(self) -> None:

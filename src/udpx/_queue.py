@@ -67,15 +67,18 @@ class RxQueue:
     """
 
     __slots__ = ("dropped_closed", "dropped_full", "dropped_truncated", "items", "limit", "pool",
-                 "rx_bytes", "rx_packets", "wake")
+                 "rx_bytes", "rx_packets", "turn_waiting", "wake")
 
-    def __init__(self, limit: int, wake: Callable[[], None] = _do_nothing,
+    def __init__(self, limit: int, wake: Callable[[], object] = _do_nothing,
                  pool: RxPool | None = None) -> None:
         if limit < 1:
             raise ValueError(f"rx_queue_size must be at least 1, got {limit}")
         self.items: deque[bytes] = deque()
         self.limit = limit
+        #: Returns whether it woke a waiting task (a paced turn counts only those).
         self.wake = wake
+        #: Task mode: its wake waits for a paced turn (see ``Demux``): at most once in line.
+        self.turn_waiting = False
         self.pool = pool if pool is not None else RxPool()
         #: Datagrams and bytes accepted into the queue (delivered to the connection).
         self.rx_packets = 0
@@ -276,6 +279,7 @@ class ProtocolRxQueue(RxQueue):
         self.items = _NOTHING_HELD
         self.limit = limit
         self.wake = _do_nothing
+        self.turn_waiting = False
         self.pool = pool
         self.rx_packets = self.rx_bytes = 0
         self.dropped_full = self.dropped_truncated = self.dropped_closed = 0

@@ -69,6 +69,11 @@ class Spread(Overflow, Protocol):
     def new_turn(self) -> None:
         """A wake-up begins: it may wake a new turn's worth of tasks."""
 
+    @property
+    def urgent(self) -> int:
+        """Connections woken out of turn because their queue filled half-way (a running
+        total): reading on would overflow such queues."""
+
 
 class BatchReader:
     """Drains one socket with its receiver whenever it is readable.
@@ -267,6 +272,7 @@ class BatchReader:
             spread.new_turn()
             first_woken = spread.woken
             overflowed = spread.overflowed
+            urgent = spread.urgent
             wakes = budget
             extended = budget * EXTENDED_BUDGET_FACTOR
         self._drained = False
@@ -304,7 +310,7 @@ class BatchReader:
                 # Past the budget: one more batch while it pays (see ``spread``).
                 woken = spread.woken - first_woken
                 if (read < extended and woken < wakes and read < EXTENDED_MAX_DEPTH * woken
-                        and spread.overflowed == overflowed):
+                        and spread.overflowed == overflowed and spread.urgent == urgent):
                     budget = read + 1
         return read
 
