@@ -158,7 +158,7 @@ def test_split_segments() -> None:
 def test_short_runs_share_a_sendmmsg_batch(run: Runner[Any]) -> None:
     """Runs to one peer shorter than GSO_MIN_RUN (an echo server answering many clients a few
     datagrams each) go out together in one sendmmsg, not as a GSO send each; a run of
-    GSO_MIN_RUN is one GSO send."""
+    GSO_MIN_RUN is one GSO send, and so is a shorter run with nothing queued after it."""
     peers = 5
 
     async def main() -> None:
@@ -184,6 +184,11 @@ def test_short_runs_share_a_sendmmsg_batch(run: Runner[Any]) -> None:
                 conns[0].send_many_nowait([b"z" * 100] * GSO_MIN_RUN)
                 assert await recv_exactly(clients[0], GSO_MIN_RUN) == [b"z" * 100] * GSO_MIN_RUN
                 assert writer.gso_sends == 1
+                # A short run that is all that is queued (one peer's burst) goes with GSO:
+                # one system call either way.
+                conns[1].send_many_nowait([b"w" * 100] * 2)
+                assert await recv_exactly(clients[1], 2) == [b"w" * 100] * 2
+                assert writer.gso_sends == 2
             finally:
                 for client in clients:
                     await client.aclose()

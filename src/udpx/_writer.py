@@ -29,10 +29,13 @@ logger = logging.getLogger("udpx")
 #: Batches sent per callback before yielding to the loop (fairness, as for the reader).
 MAX_BATCHES_PER_CALLBACK = 16
 
-#: The shortest run of datagrams to one peer sent with one GSO sendmsg: a shorter one goes
-#: with its neighbours in a sendmmsg batch. A GSO send is a system call and several
-#: microseconds of Python of its own; for runs of two or three (an echo server whose clients
-#: each have a few datagrams queued) one sendmmsg for 64 datagrams costs far less.
+#: The shortest run of datagrams to one peer sent with one GSO sendmsg when other datagrams
+#: follow it: a shorter one goes with its neighbours in a sendmmsg batch. A GSO send is a
+#: system call and several microseconds of Python of its own; for runs of two or three (an
+#: echo server whose clients each have a few datagrams queued) one sendmmsg for 64 datagrams
+#: costs far less. A run that is all that is queued (one peer's burst: a QUIC flight) goes
+#: with GSO from two datagrams on: one system call either way, and the kernel's per-datagram
+#: work is done once.
 GSO_MIN_RUN = 4
 
 class Sender(Protocol):
@@ -270,7 +273,7 @@ class Writer:
                 break
             if state.gso:
                 run = self._gso_run(datagrams, owners)
-                if run >= GSO_MIN_RUN:
+                if run >= GSO_MIN_RUN or 1 < run == len(datagrams):
                     handled = self._send_gso(run)
                     if handled >= 0:
                         queue.pop(handled)
