@@ -83,9 +83,10 @@ class Options:
     """dial() only: (host, port) to bind before connecting."""
 
     gso: bool = True
-    """Send runs of equal-size datagrams to one peer (four or more; shorter ones go in the
-    sendmmsg batch) as one UDP GSO send where the kernel supports it (Linux); turned off for
-    the socket at the first refusal. Off when ``batch_size`` is 1."""
+    """Send runs of equal-size datagrams to one peer (four or more, or two or more with nothing
+    queued behind them; shorter ones go in the sendmmsg batch) as one UDP GSO send where the
+    kernel supports it (Linux); turned off for the socket at the first refusal. Off when
+    ``batch_size`` is 1."""
 
     gro: bool = True
     """Receive runs of datagrams that the kernel coalesced (UDP GRO: the peer sent them with
