@@ -40,6 +40,9 @@ _NO_LIST: list[bytes] = []
 #: cost of a wake-up is shared by several datagrams instead of paid by each.
 WAKES_PER_TURN = 256
 
+#: A turn's size when wakes are not paced: more than any batch touches.
+_UNPACED = 1 << 62
+
 
 def _always_valid(key: PeerKey) -> bool:
     return True
@@ -47,6 +50,10 @@ def _always_valid(key: PeerKey) -> bool:
 
 def _do_nothing() -> None:
     return None
+
+
+def _no_schedule(callback: Callable[[], None]) -> None:
+    raise AssertionError("wakes are not paced: nothing waits for a turn")
 
 
 class Demux:
@@ -67,10 +74,10 @@ class Demux:
     All receive queues share ``pool``, which counts every datagram they are fed.
     """
 
-    __slots__ = ("_feed_mixed", "_paced_scheduled", "backlog", "create", "dropped_backlog",
-                 "dropped_bad_source", "dropped_conn_limit", "dropped_refused", "max_conns",
-                 "on_pressure", "paced", "pending", "pool", "pressure_mark", "refusal",
-                 "schedule", "table", "urgent", "valid", "wakes_left", "woken")
+    __slots__ = ("_feed_mixed", "_paced_scheduled", "_schedule", "_turn", "backlog", "create",
+                 "dropped_backlog", "dropped_bad_source", "dropped_conn_limit",
+                 "dropped_refused", "max_conns", "on_pressure", "paced", "pending", "pool",
+                 "pressure_mark", "refusal", "table", "urgent", "valid", "wakes_left", "woken")
 
     def __init__(self, *, max_conns: int, backlog: int | None,
                  create: Callable[[PeerKey], RxQueue | None], pool: RxPool | None = None,
@@ -100,14 +107,15 @@ class Demux:
         #: Task mode: queues that a batch of several peers made non-empty (each wakes a task),
         #: a running total for the reader (``BatchReader.spread``).
         self.woken = 0
-        #: Task mode: ``schedule(callback)`` runs ``callback`` in the loop's next iteration
-        #: (``loop.call_soon``); given, wakes are paced (see WAKES_PER_TURN): ``paced`` holds
-        #: the queues whose wake waits for a later turn, oldest first, and ``wakes_left`` is
-        #: what the current turn may still wake. Not given: every wake at once.
-        self.schedule = schedule
+        #: Task mode, paced wakes (see WAKES_PER_TURN and ``pace``): the queues whose wake
+        #: waits for a later turn, oldest first, and what the current turn may still wake.
+        #: Not paced, a turn has no end: every wake at once.
         self.paced: deque[RxQueue] = deque()
-        self.wakes_left = WAKES_PER_TURN
+        self._schedule: Callable[[Callable[[], None]], object] = _no_schedule
+        self._turn = self.wakes_left = _UNPACED
         self._paced_scheduled = False
+        if schedule is not None:
+            self.pace(schedule)
         #: Task mode: queues woken out of turn, half full (a running total, for the reader).
         self.urgent = 0
 
@@ -243,17 +251,19 @@ class Demux:
                 self.urgent += 1
                 queue.wake()
 
+    def pace(self, schedule: Callable[[Callable[[], None]], object]) -> None:
+        """Pace wakes from now on (see WAKES_PER_TURN); ``schedule(callback)`` runs
+        ``callback`` in the loop's next iteration (``loop.call_soon``)."""
+        self._schedule = schedule
+        self._turn = self.wakes_left = WAKES_PER_TURN
+
     def new_turn(self) -> None:
-        """A reader wake-up begins: it may wake WAKES_PER_TURN tasks, or none while older
+        """A reader wake-up begins: it may wake a turn's worth of tasks, or none while older
         wakes wait for their turns (one turn per loop iteration, theirs)."""
-        self.wakes_left = 0 if self.paced else WAKES_PER_TURN
+        self.wakes_left = 0 if self.paced else self._turn
 
     def _pace(self, touched: list[RxQueue]) -> None:
         """Wake what this turn still may, oldest first; the rest waits for later turns."""
-        if self.schedule is None:
-            for queue in touched:
-                queue.wake()
-            return
         paced = self.paced
         append = paced.append
         for queue in touched:
@@ -263,7 +273,7 @@ class Demux:
         self.wakes_left = self._wake_paced(self.wakes_left)
         if paced and not self._paced_scheduled:
             self._paced_scheduled = True
-            self.schedule(self._paced_turn)
+            self._schedule(self._paced_turn)
 
     def _wake_paced(self, count: int) -> int:
         """Wake up to ``count`` waiting tasks of paced queues, oldest first; returns how many
@@ -286,9 +296,9 @@ class Demux:
             self._wake_paced(WAKES_PER_TURN)
         finally:
             # Whatever happened, the rest keep their turns: a wake is never lost.
-            if self.paced and self.schedule is not None:
+            if self.paced:
                 self._paced_scheduled = True
-                self.schedule(self._paced_turn)
+                self._schedule(self._paced_turn)
 
     def _feed_mixed_protocol(self, keys: Sequence[PeerKey], datagrams: Sequence[bytes],
                              lengths: Sequence[int]) -> None:

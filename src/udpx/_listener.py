@@ -135,7 +135,7 @@ class Listener(asyncio.DatagramProtocol):
                 # datagrams land in connections it already woke (see BatchReader.spread); and
                 # its wake-ups wake a bounded number of tasks each (see WAKES_PER_TURN).
                 self._engine.reader.spread = self._demux
-                self._demux.schedule = loop.call_soon
+                self._demux.pace(loop.call_soon)
         # Connected mode (see _peer_engine): each connection's own socket, the ones whose
         # reader waits for the listener's socket to be drained, totals of the closed ones.
         self._connected = options.connected

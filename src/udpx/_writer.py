@@ -38,6 +38,7 @@ MAX_BATCHES_PER_CALLBACK = 16
 #: work is done once.
 GSO_MIN_RUN = 4
 
+
 class Sender(Protocol):
     """What the writer sends through: the batch arrays (``_mmsg``), the one-datagram
     sender, or a loop transport (``_transport``)."""
