@@ -339,6 +339,8 @@ def test_connection_refused_surfaces_once(run: Runner[Any], host: str, engine: s
             await conn.send(b"anyone?")
             with pytest.raises(ConnectionRefusedError):
                 await conn.recv()
+            # Counted as the ICMP report it is, as on a listener's connection.
+            assert conn.stats.icmp_errors == 1
             # Once: the connection stays usable.
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.05):

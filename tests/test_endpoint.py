@@ -293,6 +293,23 @@ def test_sendto_copies_mutable_buffers_at_the_call(run: Runner[None], impl: str)
     run(main())
 
 
+def test_sendto_takes_a_bytes_subclass(run: Runner[None], impl: str) -> None:
+    """As the loop's transports do: a ``bytes`` subclass is bytes-like (sent as plain bytes)."""
+
+    class Tagged(bytes):
+        pass
+
+    async def main() -> None:
+        transport, protocol = await endpoint(impl, local_addr=("127.0.0.1", 0))
+        with plain_socket() as peer:
+            transport.sendto(Tagged(b"tagged"), peer.getsockname())
+            assert await receive_data(peer, 1) == [b"tagged"]
+        transport.close()
+        await protocol.lost
+
+    run(main())
+
+
 def test_sendto_type_errors(run: Runner[None], impl: str) -> None:
     async def main() -> None:
         transport, protocol = await endpoint(impl, local_addr=("127.0.0.1", 0))
@@ -658,6 +675,45 @@ def test_datagrams_after_close_are_not_delivered(run: Runner[None], impl: str) -
 
 
 # -- udpx's own -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("action", ["close", "abort", "pause, then close"])
+def test_what_a_close_keeps_from_delivery_is_counted_once(run: Runner[None],
+                                                           action: str) -> None:
+    """A protocol that closes (aborts; pauses, then closes) on the first datagram of a batch:
+    the rest of the batch leaves the delivered count and is counted as ``closed``, once, so
+    that delivered + dropped is what arrived."""
+    async def main() -> None:
+        def stop_on_first(protocol: Recorder, data: bytes) -> None:
+            assert isinstance(protocol.transport, udpx.EndpointTransport)
+            if action == "close":
+                protocol.transport.close()
+            elif action == "abort":
+                protocol.transport.abort()
+            else:
+                protocol.transport.pause_reading()
+
+        def factory() -> Recorder:
+            protocol = Recorder()
+            protocol.on_datagram = stop_on_first
+            return protocol
+
+        transport, protocol = await endpoint("udpx", factory, local_addr=("127.0.0.1", 0))
+        assert isinstance(transport, udpx.EndpointTransport)
+        with plain_socket() as peer:
+            for index in range(10):  # all sent before the loop reads: one batch
+                peer.sendto(b"%d" % index, transport.get_extra_info("sockname"))
+            await protocol.until(1)
+        if action == "pause, then close":
+            stats = transport.stats  # the rest is held, to be delivered on resume
+            assert (stats.rx_packets, stats.drops["closed"]) == (10, 0), stats
+            transport.close()
+        await protocol.lost
+        stats = transport.stats
+        assert [data for data, _ in protocol.datagrams] == [b"0"]
+        assert (stats.rx_packets, stats.rx_bytes, stats.drops["closed"]) == (1, 1, 9), stats
+
+    run(main())
+
 
 def test_stats_and_describe(run: Runner[None]) -> None:
     async def main() -> None:

@@ -176,6 +176,70 @@ def test_default_datagrams_received_calls_datagram_received(run: Runner[Any], en
     run(main())
 
 
+@pytest.mark.parametrize("action", ["close", "pause_reading", "raise"])
+def test_default_datagrams_received_stops_where_a_callback_stopped(
+        run: Runner[Any], action: str) -> None:
+    """A protocol that keeps the default datagrams_received and closes its connection, pauses
+    reading or raises in datagram_received on the first datagram of a batch gets no more of
+    it: the rest is counted as ``closed`` (closed, raised) or waits for resume_reading().
+    (The batch engine: the loop's transport delivers one datagram per call, and a closed
+    connection's peer opens a new one with its next datagram.)"""
+
+    class One(udpx.ConnProtocol):
+        def __init__(self) -> None:
+            self.got: list[bytes] = []
+            self.conn: udpx.UDPConn | None = None
+
+        def connection_made(self, conn: udpx.UDPConn) -> None:
+            self.conn = conn
+
+        def datagram_received(self, data: bytes) -> None:
+            self.got.append(data)
+            assert self.conn is not None
+            if data == b"0":
+                if action == "close":
+                    self.conn.close()
+                elif action == "pause_reading":
+                    self.conn.pause_reading()
+                else:
+                    raise RuntimeError("refused")
+
+    async def main() -> None:
+        made: list[One] = []
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+
+        def factory() -> One:
+            made.append(One())
+            return made[-1]
+
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory) as ln:
+            with _peers("127.0.0.1", 1) as (peer,):
+                for index in range(10):  # all sent before the listener reads: one batch
+                    peer.sendto(b"%d" % index, ln.local_addr)
+                await settle(ln, 10)
+                (protocol,) = made
+                conn = protocol.conn
+                assert conn is not None
+                assert protocol.got == [b"0"]
+                if action == "pause_reading":
+                    assert (conn.stats.rx_packets, conn.describe()["rx_queued"]) == (10, 9)
+                    conn.resume_reading()
+                    for _ in range(1000):  # delivered from the loop, soon
+                        if len(protocol.got) == 10:
+                            break
+                        await asyncio.sleep(0.001)
+                    assert protocol.got == [b"%d" % index for index in range(10)]
+                    assert sum(ln.stats.drops.values()) == 0
+                else:
+                    assert conn.closed
+                    assert (conn.stats.rx_packets, conn.stats.drops["closed"]) == (1, 9)
+                    assert (ln.stats.rx_packets, ln.stats.drops["closed"]) == (1, 9)
+                    assert len(errors) == (action == "raise")
+
+    run(main())
+
+
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(peers=st.integers(1, 40),
@@ -295,6 +359,38 @@ def test_closing_while_paused_counts_the_queued_datagrams(run: Runner[Any], engi
     run(main())
 
 
+def test_datagrams_right_after_resume_reading_follow_the_held_ones(run: Runner[Any],
+                                                                  engine: str) -> None:
+    """Reading resumed with a full queue held: datagrams that the reader takes before the
+    loop hands the held ones over (uvloop reads the socket first) are delivered after them,
+    not dropped as if the queue were still full."""
+
+    async def main() -> None:
+        factory = Factory()
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory, rx_queue_size=8,
+                               engine=engine) as ln:
+            with _peers("127.0.0.1", 1) as (peer,):
+                peer.sendto(b"first", ln.local_addr)
+                await factory.wait_for(1)
+                (protocol,) = factory.made
+                await _received(protocol, 1)
+                conn = protocol.conn
+                assert conn is not None
+                conn.pause_reading()
+                for index in range(8):  # exactly fills the queue
+                    peer.sendto(b"held %d" % index, ln.local_addr)
+                await settle(ln, 9)
+                conn.resume_reading()
+                for index in range(2):  # in the socket before the loop runs again
+                    peer.sendto(b"after %d" % index, ln.local_addr)
+                await _received(protocol, 11)
+            assert protocol.received == [b"first", *(b"held %d" % index for index in range(8)),
+                                         b"after 0", b"after 1"]
+            assert sum(ln.stats.drops.values()) == 0, ln.stats
+
+    run(main())
+
+
 def test_task_mode_connection_cannot_pause_reading(run: Runner[Any]) -> None:
     async def main() -> None:
         async with udpx.listen("127.0.0.1", 0) as ln, udpx.dial(*ln.local_addr) as conn:
@@ -348,6 +444,61 @@ def test_pause_writing_above_the_high_mark_and_resume_at_the_low_mark(
             kinds = [kind for _, kind, _ in protocol.events]
             assert kinds == ["made", "received", "sent 5", "pause_writing", "sent 6", "sent 8",
                              "resume_writing"]
+
+    run(main())
+
+
+@pytest.mark.parametrize("send", ["send_nowait", "send_many_nowait"])
+def test_a_send_refused_with_queue_full_is_told_to_pause_and_resume(
+        run: Runner[Any], send: str) -> None:
+    """Two new peers in one batch; the first one's callback fills the shared transmit queue,
+    so the second one's first send meets QueueFull: it is told pause_writing() too, then
+    resume_writing() once the queue drained (a protocol that waits for resume_writing after
+    QueueFull would otherwise wait for ever). A batch larger than the whole queue, on an
+    empty queue, can never fit: QueueFull without a pause."""
+
+    class Filler(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.resumed = asyncio.Event()
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self.resumed.set()
+
+        def datagrams_received(self, datagrams: list[bytes]) -> None:
+            super().datagrams_received(datagrams)
+            conn = self.conn
+            assert conn is not None
+            for index in range(20):
+                try:
+                    if send == "send_nowait":
+                        conn.send_nowait(b"%d" % index)
+                    else:
+                        conn.send_many_nowait([b"%d" % index] * 3)
+                except udpx.QueueFull:
+                    self.events.append((self, "full", None))
+                    return
+
+    async def main() -> None:
+        factory = Factory(Filler)
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory,
+                               tx_queue_size=8) as ln:
+            with _peers("127.0.0.1", 2) as peers:
+                for peer in peers:  # both before the listener reads: one batch
+                    peer.sendto(b"go", ln.local_addr)
+                await factory.wait_for(2)
+                for protocol in factory.made:
+                    assert isinstance(protocol, Filler)
+                    await asyncio.wait_for(protocol.resumed.wait(), 10)
+                    kinds = [kind for _, kind, _ in protocol.events]
+                    assert kinds.count("pause_writing") == 1, kinds
+                    assert kinds.index("pause_writing") < kinds.index("full"), kinds
+            last = factory.made[-1]
+            assert last.conn is not None
+            with pytest.raises(udpx.QueueFull):
+                last.conn.send_many_nowait([b"x"] * 9)  # 9 > tx_queue_size, queue empty
+            assert [kind for _, kind, _ in last.events].count("pause_writing") == 1
 
     run(main())
 
@@ -488,6 +639,36 @@ def test_refused_peers_are_counted(run: Runner[Any], engine: str) -> None:
     run(main())
 
 
+def test_closing_the_listener_in_connection_made_admits_no_more_peers(
+        run: Runner[Any], engine: str) -> None:
+    """Five new peers in one batch; the first connection_made closes the listener: no other
+    connection is made (their datagrams count as ``closed``), and the first gets
+    connection_lost."""
+
+    async def main() -> None:
+        class Closer(Recorder):
+            def connection_made(self, conn: udpx.UDPConn) -> None:
+                super().connection_made(conn)
+                ln.close()
+
+        factory = Factory(Closer)
+        ln = await udpx.listen("127.0.0.1", 0, protocol_factory=factory, engine=engine)
+        with _peers("127.0.0.1", 5) as peers:
+            for peer in peers:  # all before the listener reads: one batch
+                peer.sendto(b"hello", ln.local_addr)
+            await asyncio.wait_for(ln.wait_closed(), 10)
+        (protocol,) = factory.made
+        assert await protocol.lost is None
+        stats = ln.stats
+        assert stats.conns == 0 and stats.accepted == 1, stats
+        # The first peer's datagram came after its connection_made closed it (refused);
+        # on the batch engine the other four were in the same batch.
+        assert stats.drops["refused"] + stats.drops["closed"] == (5 if engine == "mmsg"
+                                                                  else 1), stats
+
+    run(main())
+
+
 def test_bad_protocol_factory_is_refused_at_the_call() -> None:
     with pytest.raises(TypeError, match="protocol_factory must be callable"):
         udpx.listen("127.0.0.1", 0, protocol_factory=42)  # type: ignore[arg-type]
@@ -586,6 +767,7 @@ def test_dialed_protocol_connection(run: Runner[Any], host: str, engine: str) ->
                 await asyncio.wait_for(protocol.arrived.wait(), 5)
             errors = [exc for _, kind, exc in protocol.events if kind == "error"]
             assert isinstance(errors[0], ConnectionRefusedError)
+            assert conn.stats.icmp_errors == len(errors)
             assert not conn.closed
 
     run(main())

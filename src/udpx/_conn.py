@@ -95,7 +95,7 @@ class UDPConn:
         self._rx = (ProtocolRxQueue(rx_queue_size, pool) if protocol_mode
                     else RxQueue(rx_queue_size, self._wake_receivers, pool))
         # Only a connected socket reports ICMP errors, so only a dialed connection needs on_error.
-        self._tx = TxAccount(sockaddr, self._set_error if sockaddr is None else None)
+        self._tx = TxAccount(sockaddr, self._socket_error if sockaddr is None else None)
         if source is not None:
             self._tx.set_ancillary([source])
         # Made on the first wait: most of a listener's connections may never have a waiter.
@@ -261,6 +261,12 @@ class UDPConn:
     def path_mtu(self) -> int | None:
         """The path MTU the network reported (``dont_fragment``), None until it reports one."""
         return self._path_mtu
+
+    def _socket_error(self, exc: OSError) -> None:
+        """An error this connection's own (connected) socket reported to a receive or a send:
+        the kernel's word for an ICMP report about the peer, counted as such."""
+        self._icmp_errors += 1
+        self._set_error(exc)
 
     def _set_error(self, exc: OSError) -> None:
         # Called by the reader or the writer of a connected socket (ICMP errors): the error is
@@ -439,6 +445,7 @@ class UDPConn:
         # The queue calls the protocol itself: one call per connection per batch.
         rx.protocol = protocol
         rx.conn = self
+        rx.one_by_one = type(protocol).datagrams_received is ConnProtocol.datagrams_received
         try:
             protocol.connection_made(self)
         except Exception as exc:
@@ -503,11 +510,7 @@ class UDPConn:
         rx = self._rx
         assert isinstance(rx, ProtocolRxQueue)
         if not rx.paused and not rx.closed and rx.items:
-            batch = rx.take_held()
-            try:
-                rx.protocol.datagrams_received(batch)
-            except Exception as exc:
-                self._datagrams_failed(exc)
+            rx.deliver(rx.take_held())
 
     def is_reading(self) -> bool:
         """Protocol mode: False between ``pause_reading()`` and ``resume_reading()``, and once
@@ -597,12 +600,15 @@ class UDPConn:
         """Queue one datagram without waiting.
 
         Raises:
-            QueueFull: the transmit queue is full; nothing was queued.
+            QueueFull: the transmit queue is full; nothing was queued. In protocol mode the
+                protocol is told ``pause_writing()`` (once), and ``resume_writing()`` when the
+                queue is down to its low mark.
             MessageTooLong, ConnectionClosed, ConnectionRefusedError, TypeError: as ``send()``.
         """
         datagram = self._check_send(data)
         txq = self._txq
         if len(txq.datagrams) >= txq.limit:
+            self._over_high_mark()
             raise QueueFull(f"transmit queue full ({txq.limit} datagrams)")
         self._enqueue(datagram)
         if len(txq.datagrams) >= txq.high:
@@ -612,7 +618,9 @@ class UDPConn:
         """Queue several datagrams in order without waiting: all of them, or none.
 
         Raises:
-            QueueFull: the transmit queue has no room for all of them; nothing was queued.
+            QueueFull: the transmit queue has no room for all of them; nothing was queued. In
+                protocol mode the protocol is told ``pause_writing()`` as by ``send_nowait()``
+                (unless the queue is empty: then the batch is larger than ``tx_queue_size``).
             MessageTooLong, ConnectionClosed, ConnectionRefusedError, TypeError: as ``send()``;
                 nothing was queued.
         """
@@ -648,6 +656,10 @@ class UDPConn:
         txq = self._txq
         count = len(batch)
         if len(txq.datagrams) + count > txq.limit:
+            if txq.datagrams:
+                # (The writer tells it to resume once the queue is down to its low mark; an
+                # empty queue will not go down, and a batch larger than the limit never fits.)
+                self._over_high_mark()
             raise QueueFull(f"transmit queue has room for {txq.limit - len(txq.datagrams)} "
                             f"datagrams, not {count} ({txq.limit} in all)")
         txq.put_many(batch, self._tx)

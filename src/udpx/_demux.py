@@ -74,9 +74,10 @@ class Demux:
     All receive queues share ``pool``, which counts every datagram they are fed.
     """
 
-    __slots__ = ("_feed_mixed", "_paced_scheduled", "_schedule", "_turn", "backlog", "create",
-                 "dropped_backlog", "dropped_bad_source", "dropped_conn_limit",
-                 "dropped_refused", "max_conns", "on_pressure", "paced", "pending", "pool",
+    __slots__ = ("_feed_mixed", "_paced_scheduled", "_schedule", "_turn", "backlog", "closed",
+                 "create", "dropped_backlog", "dropped_bad_source", "dropped_closed",
+                 "dropped_conn_limit", "dropped_refused", "max_conns", "on_pressure", "paced",
+                 "pending", "pool",
                  "pressure_mark", "refusal", "table", "urgent", "valid", "wakes_left", "woken")
 
     def __init__(self, *, max_conns: int, backlog: int | None,
@@ -102,6 +103,10 @@ class Demux:
         self.dropped_conn_limit = 0
         self.dropped_bad_source = 0
         self.dropped_refused = 0
+        #: New peers' datagrams that arrived after the owner closed (``closed``): a callback
+        #: closed the listener in the middle of a batch.
+        self.dropped_closed = 0
+        self.closed = False
         #: Why admit() last refused a peer (the counter's name), for feed_batch_refused().
         self.refusal = ""
         #: Task mode: queues that a batch of several peers made non-empty (each wakes a task),
@@ -127,6 +132,10 @@ class Demux:
 
     def admit(self, key: PeerKey) -> RxQueue | None:
         """Create the connection for a new peer, or count why it cannot be created."""
+        if self.closed:
+            self.dropped_closed += 1
+            self.refusal = "dropped_closed"
+            return None
         if not self.valid(key):
             self.dropped_bad_source += 1
             self.refusal = "dropped_bad_source"
@@ -354,7 +363,11 @@ class Demux:
             try:
                 for queue, data, length in items:
                     if queue.hold:
-                        queue.hold_back([data])
+                        # Paused or closed (held back or dropped), or resumed with held
+                        # datagrams still to deliver first: the queue's own path, which
+                        # counts what it does.
+                        queue.incoming = [data]
+                        queue.flush()
                         held += 1
                         held_bytes += length
                         continue

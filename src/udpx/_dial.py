@@ -75,7 +75,7 @@ class PeerSink:
         # hand them to the connection, which raises them once from recv() or send().
         assert self.conn is not None
         logger.debug("udpx: %r reported %s", self.conn, exc)
-        self.conn._set_error(exc)
+        self.conn._socket_error(exc)
 
 
 @final

@@ -39,7 +39,7 @@ import sys
 import warnings
 from asyncio import trsock
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from itertools import repeat
 from struct import error as struct_error
 from typing import Any, final
@@ -94,8 +94,10 @@ class _Addresses(dict[PeerKey, Address]):
 
 
 def _own_bytes(data: object) -> bytes:
-    """``data`` as an immutable bytes object (copied: the caller may reuse its buffer)."""
-    if isinstance(data, (bytearray, memoryview)):
+    """``data`` (not exactly ``bytes``) as a ``bytes`` object: a copy (the caller may reuse a
+    buffer; a ``bytes`` subclass becomes plain ``bytes``). The types asyncio's transports
+    take."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
     raise TypeError(f"data argument must be a bytes-like object, not "
                     f"{type(data).__name__!r}")
@@ -269,9 +271,16 @@ class EndpointTransport(asyncio.DatagramTransport):
         dropped (counted) when the transport is closing."""
         rest = list(items)
         if self._closing:
-            self._dropped_closed += len(rest)
+            self._drop_undelivered(rest)
         else:
             self._held.extend(rest)
+
+    def _drop_undelivered(self, items: Collection[tuple[bytes, Address]]) -> None:
+        """``items`` were counted as received when they arrived but will never be delivered
+        (the endpoint closed): they leave the delivered counts, counted as ``closed``."""
+        self._rx_packets -= len(items)
+        self._rx_bytes -= sum(len(data) for data, _ in items)
+        self._dropped_closed += len(items)
 
     def _callback_failed(self, exc: BaseException) -> None:
         self._loop.call_exception_handler({
@@ -282,15 +291,15 @@ class EndpointTransport(asyncio.DatagramTransport):
         if data is None:
             self._truncated += 1
             return
-        self._rx_packets += 1
-        self._rx_bytes += len(data)
         address = self._addresses[key] if key is not None else self._peername
         assert address is not None
+        if self._halt and self._closing:
+            self._dropped_closed += 1
+            return
+        self._rx_packets += 1
+        self._rx_bytes += len(data)
         if self._halt:
-            if self._closing:
-                self._dropped_closed += 1
-            else:
-                self._held.append((data, address))
+            self._held.append((data, address))
             return
         try:
             self._received(data, address)
@@ -504,7 +513,7 @@ class EndpointTransport(asyncio.DatagramTransport):
         self._closing = True
         if not self._halt:
             self._halt.append(True)
-        self._dropped_closed += len(self._held)
+        self._drop_undelivered(self._held)
         self._held.clear()
         self._engine.stop_reading()
 

@@ -580,7 +580,7 @@ class Listener(asyncio.DatagramProtocol):
             "memory_limit": pool.dropped_memory,
             "bad_source": demux.dropped_bad_source,
             "refused": demux.dropped_refused - self._fd_limited,
-            "closed": pool.dropped_closed,
+            "closed": pool.dropped_closed + demux.dropped_closed,
         }
         if self._connected:
             counts["fd_limit"] = self._fd_limited
@@ -600,6 +600,9 @@ class Listener(asyncio.DatagramProtocol):
         if self._closed:
             return
         self._closed = True
+        # No new connection either, not even for the rest of a batch whose callback closed
+        # the listener.
+        self._demux.closed = True
         self._engine.stop_reading()
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -36,7 +36,9 @@ class ConnProtocol:
         """The connection's datagrams of one received batch, in arrival order (at least one).
 
         Called once per connection per batch that held its datagrams. The list is the
-        callback's to keep. The default calls ``datagram_received(data)`` for each.
+        callback's to keep. The default calls ``datagram_received(data)`` for each, and stops
+        where that closed the connection, paused its reading or raised: the rest then waits
+        for ``resume_reading()``, or is counted as ``closed``.
         """
         for data in datagrams:
             self.datagram_received(data)

@@ -272,7 +272,7 @@ class ProtocolRxQueue(RxQueue):
     flood of new peers arrives), and calling through the reference measured faster.
     """
 
-    __slots__ = ("closed", "conn", "hold", "incoming", "paused", "protocol")
+    __slots__ = ("closed", "conn", "hold", "incoming", "one_by_one", "paused", "protocol")
 
     def __init__(self, limit: int, pool: RxPool) -> None:
         # Every attribute set here, no super().__init__ call: this runs once per new peer.
@@ -293,6 +293,10 @@ class ProtocolRxQueue(RxQueue):
         self.closed = False
         #: Paused, closed, or held datagrams wait for delivery: hold new ones back too.
         self.hold = False
+        #: The protocol keeps ConnProtocol's own datagrams_received, which calls
+        #: datagram_received per datagram: the queue does that loop itself (``deliver``), so
+        #: that a callback that closes the connection or pauses reading gets no more.
+        self.one_by_one = False
 
     def flush(self) -> None:
         """Hand ``incoming`` to the protocol (called once per batch that added to it), or
@@ -300,8 +304,9 @@ class ProtocolRxQueue(RxQueue):
         batch = self.incoming
         self.incoming = _NO_INCOMING
         if self.hold:
-            self.hold_back(batch)
+            self._flush_held(batch)
             return
+        # Hot path: _count and deliver inlined (a call each per connection per batch).
         count = len(batch)
         payload = sum(map(len, batch))
         self.rx_packets += count
@@ -310,9 +315,70 @@ class ProtocolRxQueue(RxQueue):
         pool.rx_packets += count
         pool.rx_bytes += payload
         try:
-            self.protocol.datagrams_received(batch)
+            if self.one_by_one:
+                self._one_by_one(batch)
+            else:
+                self.protocol.datagrams_received(batch)
         except Exception as exc:
             self.conn._datagrams_failed(exc)
+
+    def _flush_held(self, batch: list[bytes]) -> None:
+        if self.paused or self.closed:
+            self.hold_back(batch)
+            return
+        # Reading resumed, and the datagrams held meanwhile still wait for their delivery from
+        # the loop (uvloop reads the socket before running that callback): they go now, ahead
+        # of this batch, rather than filling the queue and dropping it.
+        held = self.take_held()
+        self._count(batch)
+        held += batch
+        self.deliver(held)
+
+    def _count(self, batch: list[bytes]) -> None:
+        """``batch`` is delivered: count it (the queue's counters and the pool's)."""
+        count = len(batch)
+        payload = sum(map(len, batch))
+        self.rx_packets += count
+        self.rx_bytes += payload
+        pool = self.pool
+        pool.rx_packets += count
+        pool.rx_bytes += payload
+
+    def deliver(self, batch: list[bytes]) -> None:
+        """Hand ``batch`` (counted as delivered) to the protocol; what it raises goes to the
+        connection (which closes)."""
+        try:
+            if self.one_by_one:
+                self._one_by_one(batch)
+            else:
+                self.protocol.datagrams_received(batch)
+        except Exception as exc:
+            self.conn._datagrams_failed(exc)
+
+    def _one_by_one(self, batch: list[bytes]) -> None:
+        # ConnProtocol.datagrams_received's loop, stopping where a callback closed the
+        # connection, paused reading or raised: the rest was not delivered, so it leaves the
+        # delivered counts and is held (paused; raised: until the close drops it) or dropped
+        # as ``closed``.
+        received = self.protocol.datagram_received  # type: ignore[attr-defined]
+        done = 0
+        try:
+            for data in batch:
+                done += 1
+                received(data)
+                if self.hold:
+                    break
+        finally:
+            if done < len(batch):
+                rest = batch[done:]
+                count = len(rest)
+                payload = sum(map(len, rest))
+                self.rx_packets -= count
+                self.rx_bytes -= payload
+                pool = self.pool
+                pool.rx_packets -= count
+                pool.rx_bytes -= payload
+                self.hold_back(rest)
 
     def hold_back(self, batch: list[bytes]) -> None:
         """Queue ``batch`` (bounded and counted, as ``put``), or count it as ``closed``."""
