@@ -25,7 +25,7 @@ from ._errors import ListenerClosed, UDPXError
 from ._idle import PRESSURE_FLOOR, PRESSURE_THRESHOLD, effective_timeout, sweep, sweep_interval
 from ._opening import Opening
 from ._options import DEFAULTS, Options
-from ._protocol import ConnProtocol, check_factory, make_protocol
+from ._protocol import ConnProtocol, check_factory, not_a_protocol
 from ._queue import RxPool, RxQueue
 from ._run import in_multi_worker_run
 from ._sockets import (
@@ -33,6 +33,7 @@ from ._sockets import (
     PeerKey,
     address_from_key,
     bind_socket,
+    ipv4_sockaddr,
     join_key,
     key_from_address,
     key_has_port,
@@ -111,6 +112,8 @@ class Listener(asyncio.DatagramProtocol):
         self._max_send = min(options.max_datagram, max_payload(socket.AF_INET, None))
         self._local: Address = sock.getsockname()
         self._pool = RxPool(options.rx_memory_limit)
+        self._rx_queue_size = options.rx_queue_size
+        self._protocol_mode = protocol_factory is not None
         self._demux = Demux(max_conns=options.max_conns,
                             backlog=options.backlog if protocol_factory is None else None,
                             create=self._create_conn if protocol_factory is None
@@ -151,6 +154,10 @@ class Listener(asyncio.DatagramProtocol):
         self._engine_released = False
         #: Connections are (peer, local address) and answer from it (wildcard listeners).
         self._pktinfo = self._engine.state.pktinfo
+        # A new connection on an IPv4 listener on one address, sharing its socket, needs
+        # nothing decided per peer but its sockaddr (see _new_conn).
+        self._plain = (self._family == socket.AF_INET and not self._pktinfo
+                       and not self._connected)
         #: Per local address (raw) of a packet-info listener: the connections' local address
         #: and source control message, built once per address rather than per connection.
         self._sources: dict[bytes, tuple[Address, tuple[int, int, bytes]]] = {}
@@ -219,6 +226,17 @@ class Listener(asyncio.DatagramProtocol):
         # Run for every new peer (10,000 of them arrive at once under a flood): the address
         # tuple is built only where it decides something (an IPv6 socket's limit depends on
         # whether the peer is IPv4-mapped) or is logged.
+        if self._plain:
+            # The usual listener, and the cheapest case: the rest of this method, decided
+            # once (measured: opening 10,000 protocol-mode connections costs about 10 % less).
+            conn = UDPConn(self._loop, self, None, self._writer, self._rx_queue_size,
+                           self._pool, self._max_send, self._local, None, ipv4_sockaddr(key),
+                           key, self._protocol_mode, None)
+            self._conns[key] = conn
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("udpx: new connection from %r on %r", conn.remote_addr,
+                             self._local)
+            return conn
         family = self._family
         remote = address_from_key(family, key) if family != socket.AF_INET else None
         local_addr = self._local
@@ -281,7 +299,10 @@ class Listener(asyncio.DatagramProtocol):
         factory = self._protocol_factory
         assert factory is not None
         try:
-            protocol = make_protocol(factory)
+            # (make_protocol's check, inlined: this runs for every new peer.)
+            protocol = factory()
+            if not isinstance(protocol, ConnProtocol):
+                raise not_a_protocol(protocol)
         except Exception as exc:
             self._loop.call_exception_handler({
                 "message": f"udpx: protocol_factory raised on listener {self._local!r}; "

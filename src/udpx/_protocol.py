@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ._conn import UDPConn
 
-__all__ = ["ConnProtocol", "check_factory", "make_protocol"]
+__all__ = ["ConnProtocol", "check_factory", "make_protocol", "not_a_protocol"]
 
 
 class ConnProtocol:
@@ -86,6 +86,11 @@ def make_protocol(factory: Callable[[], ConnProtocol]) -> ConnProtocol:
     """
     protocol = factory()
     if not isinstance(protocol, ConnProtocol):
-        raise TypeError(f"protocol_factory must return a udpx.ConnProtocol, got "
-                        f"{type(protocol).__name__}")
+        raise not_a_protocol(protocol)
     return protocol
+
+
+def not_a_protocol(protocol: object) -> TypeError:
+    """The error for a ``protocol_factory`` that returned ``protocol``, not a ConnProtocol."""
+    return TypeError(f"protocol_factory must return a udpx.ConnProtocol, got "
+                     f"{type(protocol).__name__}")

@@ -19,6 +19,7 @@ __all__ = [
     "address_from_key",
     "bind_socket",
     "buffer_sizes",
+    "ipv4_sockaddr",
     "kernel_drops",
     "key_from_address",
     "receive_memory",
@@ -114,8 +115,9 @@ def key_has_port(key: PeerKey) -> bool:
     return key[2:4] != b"\0\0"
 
 
-#: A ``sockaddr_in`` from its first 8 bytes as a native int (the rest is zero).
-_SOCKADDR_IN = struct.Struct("=Q8x").pack
+#: A ``sockaddr_in`` from its first 8 bytes as a native int (the rest is zero): the sockaddr
+#: of an IPv4 peer key without a local address part (a listener on one address).
+ipv4_sockaddr = struct.Struct("=Q8x").pack
 
 
 def sockaddr_from_key(family: int, key: PeerKey) -> bytes:
@@ -123,7 +125,7 @@ def sockaddr_from_key(family: int, key: PeerKey) -> bytes:
     peer: one ``struct`` call for IPv4."""
     if family == socket.AF_INET:
         assert isinstance(key, int)
-        return _SOCKADDR_IN(key & _PEER_MASK)
+        return ipv4_sockaddr(key & _PEER_MASK)
     assert isinstance(key, bytes)
     return key[:4] + bytes(4) + key[8:28]
 
