@@ -97,6 +97,44 @@ def test_closing_a_connection_frees_its_socket(run: Runner[None]) -> None:
     run(main())
 
 
+@pytest.mark.parametrize("mode", ["task", "protocol"])
+def test_what_waits_in_a_closed_connections_socket_is_counted(run: Runner[None],
+                                                               mode: str) -> None:
+    """Datagrams still in a connection's own socket when it closes (sent after its last read)
+    are read out as the socket is freed and counted as ``closed``: every datagram that reached
+    the listener is delivered or counted."""
+
+    async def main() -> None:
+        made: list[_Echo] = []
+
+        def factory() -> _Echo:
+            made.append(_Echo())
+            return made[-1]
+
+        async with udpx.listen("127.0.0.1", 0, connected=True,
+                               protocol_factory=factory if mode == "protocol" else None) as ln:
+            with peer_socket("127.0.0.1") as peer:
+                peer.sendto(b"first", ln.local_addr)
+                if mode == "task":
+                    conn = await ln.accept()
+                    assert await conn.recv() == b"first"
+                    await conn.send(b"first")
+                else:
+                    assert await receive(peer, 1) == [b"first"]  # echoed
+                    (conn,) = ln.conns()
+                for index in range(50):  # into the connection's own socket, unread
+                    peer.sendto(b"%d" % index, ln.local_addr)
+                conn.close()
+                await conn.wait_closed()
+                stats = conn.stats
+                assert (stats.rx_packets, stats.drops["closed"]) == (1, 50), stats
+            listener = ln.stats
+            assert listener.rx_packets + sum(listener.drops.values()) == 51, listener
+            assert listener.drops["closed"] == 50, listener
+
+    run(main())
+
+
 #: Datagrams the burst below sends ahead of what the connection has received.
 BURST_WINDOW = 100
 

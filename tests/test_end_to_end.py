@@ -444,6 +444,28 @@ def test_recv_drains_then_raises_after_close(run: Runner[Any], host: str, engine
     run(main())
 
 
+def test_what_waits_in_a_closed_socket_is_counted(run: Runner[Any], host: str) -> None:
+    """Datagrams still in a socket when its listener or dialed connection closes (they came
+    after the last read) are read out as the socket is freed and counted as ``closed``."""
+    async def main() -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as plain:
+            plain.bind((host, 0))
+            ln = await udpx.listen(host, 0)
+            conn = await udpx.dial(*plain.getsockname()[:2])  # plain is its peer
+            for _ in range(7):  # unread: nothing yields before the closes
+                plain.sendto(b"late", ln.local_addr[:2])
+                plain.sendto(b"late", conn.local_addr[:2])
+            ln.close()
+            conn.close()
+            await ln.wait_closed()
+            await conn.wait_closed()
+        assert (ln.stats.rx_packets, ln.stats.drops["closed"]) == (0, 7), ln.stats
+        assert (conn.stats.rx_packets, conn.stats.drops["closed"]) == (0, 7), conn.stats
+
+    run(main())
+
+
 def test_listener_close_wakes_accept_and_recv_waiters(run: Runner[Any], host: str,
         engine: str) -> None:
     async def main() -> None:

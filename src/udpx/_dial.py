@@ -65,6 +65,11 @@ class PeerSink:
         for code, count in zip(codes, pieces):
             counts[code] += count
 
+    def closed_unread(self, count: int) -> None:
+        rx = self.rx
+        if rx is not None:
+            rx.count_closed(count)
+
     def peer_error(self, key: PeerKey, exc: OSError, info: int) -> None:
         # From the error queue (read when dont_fragment asked for it): the peer's, by nature.
         assert self.conn is not None

@@ -313,6 +313,9 @@ class EndpointTransport(asyncio.DatagramTransport):
         self._icmp_errors += 1
         self._call_protocol("error_received", exc)
 
+    def closed_unread(self, count: int) -> None:
+        self._dropped_closed += count
+
     def peer_error(self, key: PeerKey, exc: OSError, info: int) -> None:
         self._icmp_errors += 1
         self._call_protocol("error_received", exc)

@@ -53,6 +53,9 @@ logger = logging.getLogger("udpx")
 
 #: Error-queue entries read per drain (a flood of ICMP errors cannot hold the loop).
 MAX_ERRORS_PER_DRAIN = 256
+#: Receive calls a freed socket's engine makes at most to count what was left in its buffer
+#: (64 messages each: more than a 64 MiB buffer of small datagrams holds).
+MAX_UNREAD_CALLS = 2048
 
 
 class Sink(Protocol):
@@ -77,6 +80,10 @@ class Sink(Protocol):
                   pieces: Sequence[int]) -> None:
         """Message i, from ``keys[i]`` (None: the connected peer), carried ECN codepoint
         ``codes[i]`` on each of its ``pieces[i]`` datagrams."""
+
+    def closed_unread(self, count: int) -> None:
+        """``count`` datagrams were still in the socket when it was freed (they arrived after
+        reading stopped): never delivered, to be counted as ``closed``."""
 
 
 class Engine(Protocol):
@@ -320,10 +327,37 @@ class SocketEngine(Releasing):
             return
         self._released = True
         self.writer.close()  # calls every closing connection's when_drained callback
+        unread = self._count_unread()
+        if unread:
+            self.sink.closed_unread(unread)
         self.receiver.close()
         self._kernel_final = kernel_drops(self.sock)
         self.sock.close()
         self._released_now()
+
+    def _count_unread(self) -> int:
+        """Read out what is left in the socket as it is freed (what arrived after reading
+        stopped, while the queue was flushed): how many datagrams, none delivered. Every
+        datagram that reached the socket is delivered or counted, this one too."""
+        receiver = self.receiver
+        fd = self.sock.fileno()
+        unread = 0
+        for _ in range(MAX_UNREAD_CALLS):
+            try:
+                count = receiver.receive(fd)
+            except OSError:
+                continue  # a pending error (an ICMP report), reported once: read on
+            if count == 0:
+                break
+            sizes = (receiver.segment_sizes(count) if isinstance(receiver, RecvBatch)
+                     else None)
+            if sizes is None:
+                unread += count
+            else:  # GRO messages: a run of datagrams each
+                assert isinstance(receiver, RecvBatch)
+                unread += sum(-(-length // size) if size else 1
+                              for length, size in zip(receiver.lengths(count), sizes))
+        return unread
 
     def abort(self) -> None:
         """Garbage collection of an unclosed owner: free the socket, send nothing more."""

@@ -189,6 +189,9 @@ class Listener(asyncio.DatagramProtocol):
         # An error the error queue did not attribute to a peer: log and go on.
         logger.warning("udpx: receive error on listener %r: %s", self._local, exc)
 
+    def closed_unread(self, count: int) -> None:
+        self._pool.dropped_closed += count
+
     def count_ecn(self, keys: Sequence[PeerKey] | None, codes: Sequence[int],
                   pieces: Sequence[int]) -> None:
         # Opt-in (``ecn``), and only for marked datagrams: a lookup per marked message.

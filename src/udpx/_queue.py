@@ -162,6 +162,11 @@ class RxQueue:
         if was_empty and self.items:
             wake()
 
+    def count_closed(self, count: int) -> None:
+        """``count`` datagrams for this queue arrived after its connection closed, dropped."""
+        self.dropped_closed += count
+        self.pool.dropped_closed += count
+
     def count_truncated(self, count: int = 1) -> None:
         """``count`` datagrams for this queue arrived cut short and were dropped."""
         self.dropped_truncated += count
