@@ -336,14 +336,19 @@ def test_echo_reaps_idle_connections_and_reports_counts() -> None:
         server.kill()
 
 
-def test_echo_port_in_use_exits_1() -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_echo_port_in_use_exits_1(workers: str) -> None:
+    """One line and exit status 1, with several workers too (not a traceback per worker
+    start and restart)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
-        result = udpx_command("echo", "127.0.0.1", str(port), timeout=ECHO_TIMEOUT)
+        result = udpx_command("echo", "127.0.0.1", str(port), "--workers", workers,
+                              timeout=ECHO_TIMEOUT)
     assert result.returncode == 1
-    assert "error" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"udpx echo: error: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in "
+        "use"], result.stderr
     assert result.stdout == ""
 
 

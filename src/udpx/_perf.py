@@ -1214,11 +1214,23 @@ def run_echo(config: EchoConfig, *, out: TextIO, err: TextIO) -> None:
     several workers each worker prints it, followed by `` (worker N)``.
 
     Raises:
-        PerfError: the listener could not be opened (with several workers: again and again,
-            until ``udpx.run()`` gave up).
+        PerfError: the listener could not be opened (with several workers: found out once,
+            before any worker starts).
     """
+    if config.workers > 1:
+        # Each worker would fail alike, be restarted and log its traceback until udpx.run()
+        # gave up: try the address once here, as the workers will take it (SO_REUSEPORT).
+        asyncio.run(_try_listen(config))
     run(functools.partial(_echo, config, out, err), workers=config.workers,
         loop_factory=_loop_factory(config.loop))
+
+
+async def _try_listen(config: EchoConfig) -> None:
+    try:
+        listener = await listen(config.host, config.port, reuse_port=True)
+    except OSError as exc:
+        raise PerfError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
+    await listener.aclose()
 
 
 def _write_line(stream: TextIO, line: str) -> None:
