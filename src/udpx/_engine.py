@@ -58,6 +58,12 @@ MAX_ERRORS_PER_DRAIN = 256
 MAX_UNREAD_CALLS = 2048
 
 
+def _datagrams_per_message(lengths: list[int], sizes: list[int]) -> list[int]:
+    """The datagrams in each received message: a GRO message of ``length`` bytes holds a run
+    of ``size``-byte segments (the last may be shorter); ``size`` 0 is a plain datagram."""
+    return [-(-length // size) if size else 1 for length, size in zip(lengths, sizes)]
+
+
 class Sink(Protocol):
     """Where an engine's received datagrams go."""
 
@@ -253,8 +259,7 @@ class SocketEngine(Releasing):
         codes = receiver.codepoints(count)
         if not any(codes):
             return
-        pieces = [1] * count if sizes is None else [
-            -(-length // size) if size else 1 for length, size in zip(lengths, sizes)]
+        pieces = [1] * count if sizes is None else _datagrams_per_message(lengths, sizes)
         self.sink.count_ecn(keys, codes, pieces)
 
     def _on_single(self, count: int) -> int:
@@ -355,8 +360,7 @@ class SocketEngine(Releasing):
                 unread += count
             else:  # GRO messages: a run of datagrams each
                 assert isinstance(receiver, RecvBatch)
-                unread += sum(-(-length // size) if size else 1
-                              for length, size in zip(receiver.lengths(count), sizes))
+                unread += sum(_datagrams_per_message(receiver.lengths(count), sizes))
         return unread
 
     def abort(self) -> None:

@@ -219,9 +219,7 @@ class RxQueue:
         connection will never deliver (queued while its reading was paused, or arriving in the
         batch that closed it). Delivered means handed to the protocol, so they leave the
         delivered counts."""
-        count = self._undeliver()
-        self.dropped_closed += count
-        self.pool.dropped_closed += count
+        self.count_closed(self._undeliver())
 
     def release(self) -> None:
         """The queue is being freed with datagrams in it (its connection was dropped unread):
@@ -339,10 +337,11 @@ class ProtocolRxQueue(RxQueue):
         held += batch
         self.deliver(held)
 
-    def _count(self, batch: list[bytes]) -> None:
-        """``batch`` is delivered: count it (the queue's counters and the pool's)."""
-        count = len(batch)
-        payload = sum(map(len, batch))
+    def _count(self, batch: list[bytes], sign: int = 1) -> None:
+        """``batch`` is delivered (``sign`` -1: was counted so and is not): count it on the
+        queue's counters and the pool's."""
+        count = sign * len(batch)
+        payload = sign * sum(map(len, batch))
         self.rx_packets += count
         self.rx_bytes += payload
         pool = self.pool
@@ -376,20 +375,13 @@ class ProtocolRxQueue(RxQueue):
         finally:
             if done < len(batch):
                 rest = batch[done:]
-                count = len(rest)
-                payload = sum(map(len, rest))
-                self.rx_packets -= count
-                self.rx_bytes -= payload
-                pool = self.pool
-                pool.rx_packets -= count
-                pool.rx_bytes -= payload
+                self._count(rest, -1)
                 self.hold_back(rest)
 
     def hold_back(self, batch: list[bytes]) -> None:
         """Queue ``batch`` (bounded and counted, as ``put``), or count it as ``closed``."""
         if self.closed:
-            self.dropped_closed += len(batch)
-            self.pool.dropped_closed += len(batch)
+            self.count_closed(len(batch))
             return
         if self.items is _NOTHING_HELD:
             self.items = deque()
