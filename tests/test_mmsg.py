@@ -6,7 +6,9 @@ Waiting is done with ``select`` and bounded loops; nothing sleeps.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import gc
 import os
 import select
 import socket
@@ -24,6 +26,7 @@ from udpx._mmsg import (
     make_receiver,
     make_sender,
 )
+from udpx._queue import BYTES_DATA_OFFSET, TxAccount
 from udpx._sockets import address_from_sockaddr, key_from_address, sockaddr_from_address
 
 from .conftest import HAVE_IPV6
@@ -308,11 +311,14 @@ def recv_n(sock: socket.socket, count: int) -> list[tuple[bytes, tuple[object, .
 def test_send_to_named_destinations(stack: contextlib.ExitStack, family: int) -> None:
     sender = bound(stack, family)
     receivers = [bound(stack, family) for _ in range(2)]
-    names = [sockaddr_from_address(family, receiver.getsockname()) for receiver in receivers]
+    # Each destination's sockaddr is kept by its account only (the batch points at it).
+    names = [TxAccount(sockaddr_from_address(family, receiver.getsockname()))
+             for receiver in receivers]
     batch = send_batch(stack, 8, 2048, family, named=True)
     datagrams = [b"", b"a" * 2048, b"bc", b"d" * 100, b"e"]
     targets = [0, 1, 0, 1, 1]
     assert batch.fill(datagrams, [names[target] for target in targets]) == len(datagrams)
+    gc.collect()
     send_filled(batch, sender, len(datagrams))
     assert batch.calls < len(datagrams)
     for index, receiver in enumerate(receivers):
@@ -326,6 +332,16 @@ def test_send_to_named_destinations(stack: contextlib.ExitStack, family: int) ->
     send_filled(batch, sender, 2)
     assert recv_n(receivers[1], 1)[0][0] == b"xyz"
     assert recv_n(receivers[0], 1)[0][0] == b""
+
+
+def test_account_points_at_its_sockaddr(family: int) -> None:
+    """A batch sender's message headers point at the account's sockaddr bytes, not a copy."""
+    assert BYTES_DATA_OFFSET is not None  # CPython
+    raw = sockaddr_from_address(family, ("::1", 9) if family == socket.AF_INET6
+                                else ("127.0.0.1", 9))
+    account = TxAccount(raw)
+    assert ctypes.string_at(account.name_address, len(raw)) == raw
+    assert TxAccount(None).name_address == 0
 
 
 def test_send_on_connected_socket(stack: contextlib.ExitStack, family: int) -> None:
@@ -370,7 +386,7 @@ def test_single_sender_matches(stack: contextlib.ExitStack, family: int) -> None
     sender = bound(stack, family)
     single = make_sender(sender, 1, 64, True, lambda raw: address_from_sockaddr(family, raw))
     stack.callback(single.close)
-    name = sockaddr_from_address(family, receiver.getsockname())
+    name = TxAccount(sockaddr_from_address(family, receiver.getsockname()))
     assert single.fill([b"p", b"q"], [name, name]) == 1
     assert single.send(sender.fileno(), 0) == 1
     assert recv_n(receiver, 1)[0] == (b"p", sender.getsockname())

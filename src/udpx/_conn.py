@@ -568,7 +568,8 @@ class UDPConn:
         txq.datagrams.append(datagram)
         txq.owners.append(self._tx)
         self._tx.enqueued += 1
-        self._writer.schedule()
+        if not self._writer.scheduled:
+            self._writer.schedule()
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Queue one datagram for sending, waiting while the socket's transmit queue is full.
@@ -639,7 +640,8 @@ class UDPConn:
             queued.append(data)
             txq.owners.append(self._tx)
             self._tx.enqueued += 1
-            self._writer.schedule()
+            if not self._writer.scheduled:
+                self._writer.schedule()
             if len(queued) >= txq.high:
                 self._over_high_mark()
             return

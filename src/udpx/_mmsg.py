@@ -43,10 +43,12 @@ from ._cmsg import (
     parse_local,
     parse_tos,
 )
+from ._queue import BYTES_DATA_OFFSET
 from ._sockets import join_key
 
 if TYPE_CHECKING:
     from ._demux import PeerKey
+    from ._queue import TxAccount
 
 __all__ = [
     "HAVE_MMSG",
@@ -109,6 +111,7 @@ _IOV_WORDS = _IOV_SIZE // ctypes.sizeof(ctypes.c_size_t)
 _SIZE_T = ctypes.sizeof(ctypes.c_size_t)
 _WORD_STRIDE = _HDR_SIZE // _SIZE_T
 _WORD_CONTROLLEN = _MsgHdr.msg_controllen.offset // _SIZE_T
+_WORD_NAME = _MsgHdr.msg_name.offset // _SIZE_T
 
 
 def _cmsg_align(length: int) -> int:
@@ -582,9 +585,11 @@ class SingleRecv:
 class SendBatch:
     """Preallocated arrays for one socket's sendmmsg calls.
 
-    ``fill(datagrams, names)`` copies a batch into the arena (one memcpy per datagram: cheaper
-    and safer than pointing the kernel at Python objects); ``send(fd, start)`` sends
-    ``fill``'s datagrams from index ``start`` on and returns how many the kernel took.
+    ``fill(datagrams, owners)`` copies a batch into the arena (one memcpy per datagram: cheaper
+    and safer than pointing the kernel at Python objects that may be mutable) and points each
+    message at its owner's sockaddr (immutable bytes that its account keeps); ``send(fd,
+    start)`` sends ``fill``'s datagrams from index ``start`` on and returns how many the kernel
+    took.
     """
 
     def __init__(self, batch_size: int, slot_size: int, named: bool, namelen: int, *,
@@ -597,9 +602,6 @@ class SendBatch:
         self.calls = 0
         self.arena, arena_address, self._arena_anchor = _anonymous_arena(batch_size * slot_size)
         self.offsets = [index * slot_size for index in range(batch_size)]
-        self._names, names_address, self._names_anchor = _anonymous_arena(
-            batch_size * SOCKADDR_SIZE)
-        self.name_offsets = [index * SOCKADDR_SIZE for index in range(batch_size)]
         self._iovs = (_IOVec * batch_size)()
         self._hdrs = (_MMsgHdr * batch_size)()
         for index in range(batch_size):
@@ -609,7 +611,7 @@ class SendBatch:
             hdr.msg_iov = ctypes.addressof(iov)
             hdr.msg_iovlen = 1
             if named:
-                hdr.msg_name = names_address + index * SOCKADDR_SIZE
+                # msg_name is set per datagram by fill(): its account's sockaddr.
                 hdr.msg_namelen = namelen
         self._iov_lengths = memoryview(self._iovs).cast("B").cast(_SIZE_T_CODE)
         self._controls, controls_address, self._controls_anchor = _anonymous_arena(
@@ -623,22 +625,23 @@ class SendBatch:
         self._count = 0
         self._closed = False
 
-    def fill(self, datagrams: Sequence[bytes], names: Sequence[bytes] | None,
+    def fill(self, datagrams: Sequence[bytes], owners: Sequence[TxAccount] | None,
              controls: Sequence[bytes] | None = None) -> int:
-        """Copy at most ``size`` datagrams (and their destination sockaddrs, and on a
-        packet-info socket their control messages, b"" for none) into the arrays."""
-        # Hot path: one slice assignment per datagram, the lengths written in one go.
-        # The caller passes at most ``size`` datagrams.
+        """Copy at most ``size`` datagrams into the arrays, each addressed to its owner's
+        sockaddr (``owners``: None on a connected socket), and on a packet-info socket with
+        its control messages (b"" for none). The owners must stay alive until the send."""
+        # Hot path: one slice assignment per datagram, the lengths and the destinations
+        # (pointers to the owners' sockaddr bytes, no copy) written in one go each. The caller
+        # passes at most ``size`` datagrams.
         count = len(datagrams)
         arena = self.arena
         sizes = [len(data) for data in datagrams]
         for offset, data, size in zip(self.offsets, datagrams, sizes):
             arena[offset:offset + size] = data
         self._iov_lengths[1:1 + count * _IOV_WORDS:_IOV_WORDS] = array(_SIZE_T_CODE, sizes)
-        if names is not None:
-            store = self._names
-            for offset, name in zip(self.name_offsets, names):
-                store[offset:offset + len(name)] = name
+        if owners is not None:
+            self._hdr_words[_WORD_NAME:_WORD_NAME + count * _WORD_STRIDE:_WORD_STRIDE] = array(
+                _SIZE_T_CODE, [owner.name_address for owner in owners])
         if controls is not None:
             store = self._controls
             lengths = [len(control) for control in controls]
@@ -677,9 +680,8 @@ class SendBatch:
         self._closed = True
         self._iov_lengths.release()
         self._hdr_words.release()
-        del self._arena_anchor, self._names_anchor, self._controls_anchor
+        del self._arena_anchor, self._controls_anchor
         self.arena.close()
-        self._names.close()
         self._controls.close()
 
 
@@ -691,16 +693,16 @@ class SingleSend:
         self.size = size
         self.calls = 0
         self._datagrams: Sequence[bytes] = ()
-        self._names: Sequence[bytes] | None = None
+        self._owners: Sequence[TxAccount] | None = None
         self._controls: Sequence[bytes] | None = None
         self._address_of = address_of
         self._count = 0
 
-    def fill(self, datagrams: Sequence[bytes], names: Sequence[bytes] | None,
+    def fill(self, datagrams: Sequence[bytes], owners: Sequence[TxAccount] | None,
              controls: Sequence[bytes] | None = None) -> int:
         self._count = min(len(datagrams), self.size)
         self._datagrams = datagrams
-        self._names = names
+        self._owners = owners
         self._controls = controls
         return self._count
 
@@ -710,19 +712,20 @@ class SingleSend:
         control = self._controls[start] if self._controls is not None else b""
         while True:
             try:
-                if self._names is None:
+                if self._owners is None:
                     self._sock.send(data)
                 elif control:
                     self._sock.sendmsg([data], ancillaries_of(control), 0,
-                                       self._address_of(self._names[start]))
+                                       self._address_of(self._owners[start].sockaddr))
                 else:
-                    self._sock.sendto(data, self._address_of(self._names[start]))
+                    self._sock.sendto(data, self._address_of(self._owners[start].sockaddr))
             except InterruptedError:
                 continue
             return 1
 
     def close(self) -> None:
         self._datagrams = ()
+        self._owners = None
 
 
 Receiver = RecvBatch | SingleRecv
@@ -734,7 +737,7 @@ def make_receiver(sock: socket.socket, batch_size: int, slot_size: int, named: b
     """The batch receiver for ``sock``, or the single-datagram one (batch_size 1, no recvmmsg),
     laid out for what ``state`` says the kernel reports (GRO runs, packet info, TOS bytes)."""
     pktinfo = state is not None and state.pktinfo
-    if batch_size > 1 and HAVE_MMSG:
+    if batch_size > 1 and HAVE_MMSG and (BYTES_DATA_OFFSET is not None or not named):
         return RecvBatch(batch_size, slot_size, sock.family, named,
                          gro=state is not None and state.gro, pktinfo=pktinfo,
                          tos=state is not None and state.ecn)

@@ -8,6 +8,7 @@ socket's single writer.
 
 from __future__ import annotations
 
+import ctypes
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import islice
@@ -477,6 +478,24 @@ class TxQueue:
             owners.popleft()
 
 
+def _bytes_data_offset() -> int | None:
+    """Where a bytes object's data starts, counted from its address (``id()``): CPython's
+    layout, checked on two objects; None where ``id()`` is not an address."""
+    offsets = set()
+    for probe in (b"udpx", bytes(range(40))):
+        address = ctypes.cast(ctypes.c_char_p(probe), ctypes.c_void_p).value
+        if address is None:  # pragma: no cover - not CPython
+            return None
+        offsets.add(address - id(probe))
+    return offsets.pop() if len(offsets) == 1 else None
+
+
+#: See _bytes_data_offset: a batch sender points each message at its account's sockaddr
+#: (``TxAccount.name_address``) instead of copying it (None: it cannot).
+BYTES_DATA_OFFSET = _bytes_data_offset()
+_NAME_OFFSET = BYTES_DATA_OFFSET or 0
+
+
 class TxAccount:
     """One connection's side of a shared transmit queue: its destination and its counters.
 
@@ -484,13 +503,17 @@ class TxAccount:
     datagrams it refused; ``enqueued - packets - errors`` is what is still queued.
     """
 
-    __slots__ = ("address", "ancillary", "bytes", "control", "enqueued", "errors", "on_error",
-                 "packets", "sockaddr")
+    __slots__ = ("address", "ancillary", "bytes", "control", "enqueued", "errors", "name_address",
+                 "on_error", "packets", "sockaddr")
 
     def __init__(self, sockaddr: bytes | None,
                  on_error: Callable[[OSError], None] | None = None) -> None:
         #: Raw destination sockaddr; None on a connected socket.
         self.sockaddr = sockaddr
+        #: Where ``sockaddr``'s bytes are in memory, for a batch sender's message headers: the
+        #: bytes object is immutable, never moves, and lives as long as the account, which every
+        #: queued datagram refers to (0: no sockaddr).
+        self.name_address = id(sockaddr) + _NAME_OFFSET if sockaddr is not None else 0
         #: The same as an address tuple, made by the writer the first time it sends one
         #: datagram alone (a plain sendto is cheaper than a batch of one).
         self.address: tuple[object, ...] | None = None

@@ -25,7 +25,7 @@ from typing import Any, final
 from ._cmsg import SocketState
 from ._engine import Engine, Releasing, Sink, SocketEngine
 from ._options import Options
-from ._queue import TxQueue
+from ._queue import TxAccount, TxQueue
 from ._sockets import (
     Address,
     PeerKey,
@@ -55,14 +55,13 @@ class TransportSender:
         self.transport: asyncio.DatagramTransport | None = None
         self._family = sock.family
         self._datagrams: Sequence[bytes] = ()
-        self._names: Sequence[bytes] | None = None
-        self._addresses: dict[bytes, Address] = {}
+        self._owners: Sequence[TxAccount] | None = None
 
-    def fill(self, datagrams: Sequence[bytes], names: Sequence[bytes] | None,
+    def fill(self, datagrams: Sequence[bytes], owners: Sequence[TxAccount] | None,
              controls: Sequence[bytes] | None = None) -> int:
         # (No packet info through a loop transport: ``controls`` is always None here.)
         self._datagrams = datagrams
-        self._names = names
+        self._owners = owners
         return len(datagrams)
 
     def send(self, fd: int, start: int) -> int:
@@ -71,18 +70,19 @@ class TransportSender:
         transport = self.transport
         assert transport is not None
         datagrams = self._datagrams
-        names = self._names
+        owners = self._owners
         self.calls += 1
         for index in range(start, len(datagrams)):
             data = datagrams[index]
             address = None
-            if names is not None:
-                name = names[index]
-                address = self._addresses.get(name)
+            if owners is not None:
+                # The destination as an address tuple, made once per connection.
+                owner = owners[index]
+                address = owner.address
                 if address is None:
-                    if len(self._addresses) >= _KEY_CACHE_SIZE:
-                        self._addresses.clear()
-                    address = self._addresses[name] = address_from_sockaddr(self._family, name)
+                    assert owner.sockaddr is not None  # an unconnected socket's account
+                    address = owner.address = address_from_sockaddr(self._family,
+                                                                    owner.sockaddr)
             if data:
                 transport.sendto(data, address)
                 continue

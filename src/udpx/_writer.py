@@ -46,7 +46,7 @@ class Sender(Protocol):
     size: int
     calls: int
 
-    def fill(self, datagrams: Sequence[bytes], names: Sequence[bytes] | None,
+    def fill(self, datagrams: Sequence[bytes], owners: Sequence[TxAccount] | None,
              controls: Sequence[bytes] | None = None) -> int: ...
 
     def send(self, fd: int, start: int) -> int: ...
@@ -103,7 +103,9 @@ class Writer:
         self.tx_packets = 0
         self.tx_bytes = 0
         self.tx_errors = 0
-        self._scheduled = False
+        #: A drain is due (a loop callback, or the end of the reader's wake-up): a sender that
+        #: sees it true need not call schedule().
+        self.scheduled = False
         self._handle: asyncio.Handle | None = None
         #: Inside a reader wake-up (see defer()).
         self._deferred = False
@@ -127,8 +129,8 @@ class Writer:
 
     def schedule(self) -> None:
         """Make sure the queue gets drained soon (cheap when already scheduled)."""
-        if not self._scheduled and not self._waiting_writable and not self._closed:
-            self._scheduled = True
+        if not self.scheduled and not self._waiting_writable and not self._closed:
+            self.scheduled = True
             if not self._deferred:
                 self._handle = self._loop.call_soon(self._flush)
 
@@ -143,7 +145,7 @@ class Writer:
         wake-up: the replies queued by its callbacks leave in the same loop iteration, in one
         batch, rather than one iteration later)."""
         self._deferred = False
-        if self._scheduled:
+        if self.scheduled:
             if self._handle is not None:
                 self._handle.cancel()
                 self._handle = None
@@ -249,7 +251,7 @@ class Writer:
         self._flush()
 
     def _flush(self) -> None:
-        self._scheduled = False
+        self.scheduled = False
         self._handle = None
         if self._closed or self._waiting_writable:
             return
@@ -287,10 +289,9 @@ class Writer:
             count = min(len(datagrams), sender.size)
             chunk = list(islice(datagrams, count))
             chunk_owners: list[TxAccount] = list(islice(owners, count))
-            names = [owner.sockaddr for owner in chunk_owners] if self._named else None
             controls = ([owner.control for owner in chunk_owners] if self._controls
                         else None)
-            sender.fill(chunk, names, controls)  # type: ignore[arg-type]
+            sender.fill(chunk, chunk_owners if self._named else None, controls)
             handled = self._send_chunk(chunk, chunk_owners)
             queue.pop(handled)
             if space:
@@ -300,7 +301,7 @@ class Writer:
                 break
         else:
             if datagrams:
-                self._scheduled = True
+                self.scheduled = True
                 self._handle = self._loop.call_soon(self._flush)
         if self._draining:
             self._run_drained()
@@ -454,9 +455,8 @@ class Writer:
             return 0
         chunk = datagrams[:sender.size]
         owners = [owner] * len(chunk)
-        names = [owner.sockaddr] * len(chunk) if self._named else None
         controls = [owner.control] * len(chunk) if self._controls else None
-        sender.fill(chunk, names, controls)  # type: ignore[arg-type]
+        sender.fill(chunk, owners if self._named else None, controls)
         owner.enqueued += len(chunk)
         handled = self._send_chunk(chunk, owners, sender)
         owner.enqueued -= len(chunk) - handled
