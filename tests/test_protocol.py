@@ -852,3 +852,48 @@ def test_send_many_nowait_of_one_datagram_checks_it_as_send_nowait(run: Runner[A
                 conn.send_many_nowait([b"late"])
 
     run(main())
+
+
+def test_a_connection_that_only_receives_sends_later_as_any_other(run: Runner[Any], host: str,
+                                                                   engine: str) -> None:
+    """A connection's side of the transmit queue is made by its first send: until then its
+    counters read zero and it closes at once; its first send, made long after it opened,
+    reaches the peer and is counted. (Both listener kinds: on a wildcard listener the first
+    send carries the local address the peer sent to.)"""
+
+    class Quiet(Recorder):
+        pass
+
+    async def main() -> None:
+        factory = Factory(Quiet)
+        listen_host = "::" if ":" in host else "0.0.0.0"
+        async with udpx.listen(listen_host, 0, protocol_factory=factory, engine=engine) as ln:
+            port = ln.local_addr[1]
+            with _peers(host, 2) as peers:
+                for index, peer in enumerate(peers):
+                    peer.sendto(b"in %d" % index, (host, port))
+                await factory.wait_for(2)
+                for protocol in factory.made:
+                    await _received(protocol, 1)
+                    conn = protocol.conn
+                    assert conn is not None
+                    stats = conn.stats
+                    assert (stats.rx_packets, stats.tx_packets, stats.tx_bytes,
+                            stats.drops["send_error"]) == (1, 0, 0, 0)
+                    assert conn.describe()["tx_pending"] == 0
+                by_port = {made.conn.remote_addr[1]: made for made in factory.made
+                           if made.conn is not None}
+                quiet, talker = (by_port[peer.getsockname()[1]] for peer in peers)
+                assert quiet.conn is not None and talker.conn is not None
+                # The quiet one closes at once: nothing of its own to wait for.
+                quiet.conn.close()
+                assert await quiet.lost is None
+                talker.conn.send_nowait(b"out")
+                reply, source = await asyncio.to_thread(peers[1].recvfrom, 100)
+                assert reply == b"out" and source[:2] == (host, port)
+                assert talker.conn.stats.tx_packets == 1
+                assert talker.conn.stats.tx_bytes == 3
+                assert talker.conn.activity_count() == 2
+            assert ln.stats.tx_packets == 1
+
+    run(main())

@@ -68,12 +68,12 @@ class BatchWriter:
             # Laid out as the socket's own sender (room for a wildcard listener's source
             # address, a TOS byte).
             self._sender = make_sender(writer._sock, max(self._size, 2), conn._max_send,
-                                       conn._tx.sockaddr is not None,
+                                       conn._account().sockaddr is not None,
                                        lambda raw: address_from_sockaddr(family, raw),
                                        state=writer.state)
         buffer = self._buffer
         self._buffer = []
-        handled = 0 if conn.closed else writer.send_now(buffer, conn._tx, self._sender)
+        handled = 0 if conn.closed else writer.send_now(buffer, conn._account(), self._sender)
         try:
             await conn.send_many(buffer[handled:])
         except BaseException:

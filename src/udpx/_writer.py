@@ -183,14 +183,15 @@ class Writer:
         that is woken and does not queue a datagram must call ``space.wake(1)``."""
         await self.space.wait()
 
-    def when_drained(self, account: TxAccount, callback: Callable[[], None]) -> None:
+    def when_drained(self, account: TxAccount | None, callback: Callable[[], None]) -> None:
         """Call ``callback`` once every datagram ``account`` queued was handled (sent or
-        counted as failed), or when the writer closes; at once if none is pending.
+        counted as failed), or when the writer closes; at once if none is pending (None: a
+        connection that never sent).
 
         This is what a closing connection waits for: its own datagrams, not the whole socket's
         queue (which another connection may keep busy for ever).
         """
-        if account.pending() == 0 or self._closed:
+        if account is None or account.pending() == 0 or self._closed:
             callback()
         else:
             self._draining[account] = callback
