@@ -334,6 +334,31 @@ def test_send_to_named_destinations(stack: contextlib.ExitStack, family: int) ->
     assert recv_n(receivers[0], 1)[0][0] == b""
 
 
+def test_batches_of_changing_layouts_send_what_was_filled(stack: contextlib.ExitStack,
+                                                         family: int) -> None:
+    """Each batch lies end to end at the arena's start and its iovecs are rewritten only when
+    its layout (one size for all, and how many) differs from the last batch's: every batch,
+    however it follows the one before, sends exactly its own datagrams."""
+    receiver = bound(stack, family)
+    sender = bound(stack, family)
+    sender.connect(receiver.getsockname())
+    batch = send_batch(stack, 4, 512, family, named=False)
+    batches = [
+        [b"a" * 8, b"b" * 8, b"c" * 8, b"d" * 8],    # one size
+        [b"e" * 8, b"f" * 8, b"g" * 8, b"h" * 8],    # the same layout: iovecs kept
+        [b"i" * 8, b"j" * 8],                        # the same size, fewer
+        [b"k" * 3, b"", b"l" * 512, b"m"],           # mixed sizes
+        [b"n" * 8, b"o" * 8, b"p" * 8, b"q" * 8],    # one size again, after mixed
+        [b"", b""],                                  # empty datagrams
+        [b"r" * 512] * 4,                            # the whole arena
+        [b"s" * 20],                                 # one datagram
+    ]
+    for datagrams in batches:
+        assert batch.fill(datagrams, None) == len(datagrams)
+        send_filled(batch, sender, len(datagrams))
+        assert [data for data, _ in recv_n(receiver, len(datagrams))] == datagrams
+
+
 def test_account_points_at_its_sockaddr(family: int) -> None:
     """A batch sender's message headers point at the account's sockaddr bytes, not a copy."""
     assert BYTES_DATA_OFFSET is not None  # CPython

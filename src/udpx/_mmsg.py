@@ -24,7 +24,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Sequence
-from itertools import repeat
+from itertools import accumulate, repeat
 from operator import add, lshift, or_
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -600,20 +600,24 @@ class SendBatch:
         #: Control bytes per slot (a packet-info socket's source address), 0: none.
         self.control_space = control_space
         self.calls = 0
-        self.arena, arena_address, self._arena_anchor = _anonymous_arena(batch_size * slot_size)
-        self.offsets = [index * slot_size for index in range(batch_size)]
+        # The payloads of a batch lie end to end at the arena's start (see fill).
+        self.arena, self._arena_address, self._arena_anchor = _anonymous_arena(
+            batch_size * slot_size)
+        #: (size, count) of the last batch when all its datagrams had one size: the iovecs
+        #: already point where a batch of that layout lies (None: they do not).
+        self._layout: tuple[int, int] | None = None
+        self._uniform_bases: dict[int, array[int]] = {}
         self._iovs = (_IOVec * batch_size)()
         self._hdrs = (_MMsgHdr * batch_size)()
         for index in range(batch_size):
             iov = self._iovs[index]
-            iov.iov_base = arena_address + index * slot_size
             hdr = self._hdrs[index].msg_hdr
             hdr.msg_iov = ctypes.addressof(iov)
             hdr.msg_iovlen = 1
             if named:
                 # msg_name is set per datagram by fill(): its account's sockaddr.
                 hdr.msg_namelen = namelen
-        self._iov_lengths = memoryview(self._iovs).cast("B").cast(_SIZE_T_CODE)
+        self._iov_words = memoryview(self._iovs).cast("B").cast(_SIZE_T_CODE)
         self._controls, controls_address, self._controls_anchor = _anonymous_arena(
             batch_size * control_space)
         self.control_offsets = [index * control_space for index in range(batch_size)]
@@ -630,15 +634,32 @@ class SendBatch:
         """Copy at most ``size`` datagrams into the arrays, each addressed to its owner's
         sockaddr (``owners``: None on a connected socket), and on a packet-info socket with
         its control messages (b"" for none). The owners must stay alive until the send."""
-        # Hot path: one slice assignment per datagram, the lengths and the destinations
-        # (pointers to the owners' sockaddr bytes, no copy) written in one go each. The caller
-        # passes at most ``size`` datagrams.
+        # Hot path, with no Python-level step per datagram: the payloads are joined in C and
+        # copied to the arena's start in one go (a batch of small datagrams then touches one
+        # page, not one per slot), the iovecs pointed at them, and the destinations (pointers
+        # to the owners' sockaddr bytes, no copy) written in one go. The caller passes at most
+        # ``size`` datagrams.
         count = len(datagrams)
-        arena = self.arena
-        sizes = [len(data) for data in datagrams]
-        for offset, data, size in zip(self.offsets, datagrams, sizes):
-            arena[offset:offset + size] = data
-        self._iov_lengths[1:1 + count * _IOV_WORDS:_IOV_WORDS] = array(_SIZE_T_CODE, sizes)
+        if not count:
+            self._count = 0
+            return 0
+        sizes = list(map(len, datagrams))
+        payload = b"".join(datagrams)
+        self.arena[:len(payload)] = payload
+        words = self._iov_words
+        first = sizes[0]
+        if sizes.count(first) == count:
+            # The usual batch: every datagram the same size (one protocol's messages). The
+            # iovecs stay as they are while batches keep that layout.
+            if self._layout != (first, count):
+                self._layout = (first, count)
+                words[0:count * _IOV_WORDS:_IOV_WORDS] = self._bases(first)[:count]
+                words[1:1 + count * _IOV_WORDS:_IOV_WORDS] = array(_SIZE_T_CODE, sizes)
+        else:
+            self._layout = None
+            words[0:count * _IOV_WORDS:_IOV_WORDS] = array(
+                _SIZE_T_CODE, list(accumulate(sizes[:-1], initial=self._arena_address)))
+            words[1:1 + count * _IOV_WORDS:_IOV_WORDS] = array(_SIZE_T_CODE, sizes)
         if owners is not None:
             self._hdr_words[_WORD_NAME:_WORD_NAME + count * _WORD_STRIDE:_WORD_STRIDE] = array(
                 _SIZE_T_CODE, [owner.name_address for owner in owners])
@@ -651,6 +672,19 @@ class SendBatch:
                             _WORD_STRIDE] = array(_SIZE_T_CODE, lengths)
         self._count = count
         return count
+
+    def _bases(self, size: int) -> array[int]:
+        """Where each datagram of a batch of ``size``-byte datagrams starts (made once per
+        size, a bounded number of sizes kept)."""
+        bases = self._uniform_bases.get(size)
+        if bases is None:
+            if len(self._uniform_bases) >= UNIFORM_LAYOUTS:
+                self._uniform_bases.clear()
+            start = self._arena_address
+            bases = self._uniform_bases[size] = (
+                array(_SIZE_T_CODE, range(start, start + self.size * size, size)) if size
+                else array(_SIZE_T_CODE, [start]) * self.size)
+        return bases
 
     def send(self, fd: int, start: int) -> int:
         """Send the filled datagrams from ``start`` on with one sendmmsg.
@@ -678,7 +712,7 @@ class SendBatch:
         if self._closed:
             return
         self._closed = True
-        self._iov_lengths.release()
+        self._iov_words.release()
         self._hdr_words.release()
         del self._arena_anchor, self._controls_anchor
         self.arena.close()
