@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from udpx import _mmsg as mmsg_module
 from udpx._cmsg import SOL_UDP, UDP_GRO, UDP_SEGMENT
 from udpx._mmsg import (
     HAVE_MMSG,
@@ -357,6 +358,20 @@ def test_batches_of_changing_layouts_send_what_was_filled(stack: contextlib.Exit
         assert batch.fill(datagrams, None) == len(datagrams)
         send_filled(batch, sender, len(datagrams))
         assert [data for data, _ in recv_n(receiver, len(datagrams))] == datagrams
+
+
+def test_without_object_addresses_an_unconnected_socket_sends_one_by_one(
+        stack: contextlib.ExitStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where id() is not an address (not CPython), a batch cannot point at the destinations:
+    an unconnected socket gets the one-datagram sender, a connected one keeps the batch."""
+    monkeypatch.setattr(mmsg_module, "BYTES_DATA_OFFSET", None)
+    sock = bound(stack, socket.AF_INET)
+    unconnected = make_sender(sock, 8, 64, True, None)
+    stack.callback(unconnected.close)
+    connected = make_sender(sock, 8, 64, False, None)
+    stack.callback(connected.close)
+    assert not isinstance(unconnected, SendBatch)
+    assert isinstance(connected, SendBatch)
 
 
 def test_account_points_at_its_sockaddr(family: int) -> None:

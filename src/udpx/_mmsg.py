@@ -585,11 +585,12 @@ class SingleRecv:
 class SendBatch:
     """Preallocated arrays for one socket's sendmmsg calls.
 
-    ``fill(datagrams, owners)`` copies a batch into the arena (one memcpy per datagram: cheaper
-    and safer than pointing the kernel at Python objects that may be mutable) and points each
-    message at its owner's sockaddr (immutable bytes that its account keeps); ``send(fd,
-    start)`` sends ``fill``'s datagrams from index ``start`` on and returns how many the kernel
-    took.
+    ``fill(datagrams, owners)`` copies a batch's payloads end to end into the arena (one join
+    in C, cheaper than working out where each payload's bytes are) and points each message at
+    its owner's sockaddr (immutable bytes that its account keeps, the same from batch to
+    batch); ``send(fd, start)`` sends ``fill``'s datagrams from index
+    ``start`` on and returns how many the kernel took. Where ``id()`` is not an address (not
+    CPython), ``make_sender`` gives an unconnected socket the one-datagram sender instead.
     """
 
     def __init__(self, batch_size: int, slot_size: int, named: bool, namelen: int, *,
@@ -771,7 +772,7 @@ def make_receiver(sock: socket.socket, batch_size: int, slot_size: int, named: b
     """The batch receiver for ``sock``, or the single-datagram one (batch_size 1, no recvmmsg),
     laid out for what ``state`` says the kernel reports (GRO runs, packet info, TOS bytes)."""
     pktinfo = state is not None and state.pktinfo
-    if batch_size > 1 and HAVE_MMSG and (BYTES_DATA_OFFSET is not None or not named):
+    if batch_size > 1 and HAVE_MMSG:
         return RecvBatch(batch_size, slot_size, sock.family, named,
                          gro=state is not None and state.gro, pktinfo=pktinfo,
                          tos=state is not None and state.ecn)
@@ -782,7 +783,7 @@ def make_sender(sock: socket.socket, batch_size: int, slot_size: int, named: boo
                 address_of: Any, *, state: SocketState | None = None) -> Sender:
     """The batch sender for ``sock``, or the single-datagram one, with room per slot for the
     control messages ``state`` says datagrams may carry (source address, TOS byte)."""
-    if batch_size > 1 and HAVE_MMSG:
+    if batch_size > 1 and HAVE_MMSG and (BYTES_DATA_OFFSET is not None or not named):
         family = sock.family
         namelen = 16 if family == socket.AF_INET else _SOCKADDR_IN6_SIZE
         space = 0
