@@ -159,15 +159,19 @@ async def link_local(ifname: str) -> Result:
     return result
 
 
-async def transport_backpressure(count: int, size: int, sndbuf: int) -> Result:
+async def transport_backpressure(count: int, size: int, sndbuf: int,
+                                 empty_every: int = 0) -> Result:
     """A dialed connection on the loop-transport engine sends ``count`` datagrams into a slow
     link: the transport's buffer fills (EAGAIN), it pauses udpx's writer, ``send_many`` waits
-    for room, and every datagram still arrives, in order."""
+    for room, and every datagram still arrives, in order. With ``empty_every``, every such
+    datagram is empty (udpx sends those past the transport, which would skip them); the
+    connection then closes, within the scenario's time bound."""
     received: list[bytes] = []
     async with udpx.listen("127.0.0.1", 0, rcvbuf=4 << 20) as ln, \
             udpx.dial("127.0.0.1", ln.local_addr[1], engine="transport", sndbuf=sndbuf,
                       tx_queue_size=64) as conn:
-        datagrams = [index.to_bytes(4, "big") * (size // 4) for index in range(count)]
+        datagrams = [b"" if empty_every and index % empty_every == empty_every - 1
+                     else index.to_bytes(4, "big") * (size // 4) for index in range(count)]
         started = time.monotonic()
         await conn.send_many(datagrams)
         server = await ln.accept()
@@ -175,10 +179,14 @@ async def transport_backpressure(count: int, size: int, sndbuf: int) -> Result:
             async with asyncio.timeout(20):
                 received.extend(await server.recv_many())
         writer = conn._writer
-        return {"in_order": received == datagrams, "received": len(received),
-                "first_out_of_order": _first_difference(received, datagrams),
-                "paused": writer.blocked, "seconds": round(time.monotonic() - started, 2),
-                "describe": conn.describe()["socket"]}
+        result = {"in_order": received == datagrams, "received": len(received),
+                  "first_out_of_order": _first_difference(received, datagrams),
+                  "paused": writer.blocked, "seconds": round(time.monotonic() - started, 2),
+                  "describe": conn.describe()["socket"]}
+        async with asyncio.timeout(10):
+            await conn.aclose()
+        result["tx_packets"] = conn.stats.tx_packets
+        return result
 
 
 def _first_difference(received: list[bytes], sent: list[bytes]) -> int | None:
@@ -361,7 +369,7 @@ SCENARIOS: dict[str, Callable[[list[str]], Coroutine[Any, Any, Result]]] = {
     "wildcard_echo": lambda args: wildcard_echo(float(args[0])),
     "dial_each": lambda args: dial_each(int(args[0]), *args[1:]),
     "transport_backpressure": lambda args: transport_backpressure(
-        int(args[0]), int(args[1]), int(args[2])),
+        int(args[0]), int(args[1]), int(args[2]), *map(int, args[3:])),
     "endpoint_backpressure": lambda args: endpoint_backpressure(
         int(args[0]), int(args[1]), int(args[2])),
     "deaf_after_icmp": lambda args: deaf_after_icmp(int(args[0]), int(args[1]), int(args[2])),

@@ -110,6 +110,23 @@ def test_transport_engine_pauses_the_writer_and_loses_nothing(netns: NetNS,
     assert result["paused"] > 0, f"the transport never paused the writer: {result}"
 
 
+def test_transport_engine_sends_empty_datagrams_in_order_under_eagain(
+        netns: NetNS, loop_kind: str) -> None:
+    """An empty datagram goes past the loop's transport (which would skip it), and only once
+    the transport holds nothing queued before it; meeting EAGAIN, the writer tries again
+    shortly. Before, EAGAIN on an empty datagram made the writer call add_writer() on the
+    transport's socket, which the loop refuses: nothing more was ever sent and close hung."""
+    if shutil.which("tc") is None:
+        pytest.skip("the tc tool (iproute2) is not installed")
+    netns.run("tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "4mbit",
+              "burst", "32kbit", "latency", "400ms")
+    result = run_scenario(netns, "transport_backpressure", loop_kind, "300", "400", "4096",
+                          "7")
+    assert result["in_order"] and result["received"] == 300, result
+    assert result["tx_packets"] == 300, result
+    assert result["paused"] > 0, f"the writer never met a full socket: {result}"
+
+
 def test_drop_in_endpoint_pauses_its_protocol_and_loses_nothing(netns: NetNS,
                                                                 loop_kind: str) -> None:
     """The drop-in endpoint under real EAGAIN (the same slow lo): its write buffer passes the

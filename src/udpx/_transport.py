@@ -17,6 +17,7 @@ handed to the connection (dialed sockets), not counted as ``send_error``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -42,6 +43,8 @@ logger = logging.getLogger("udpx")
 
 #: Peer keys remembered per address tuple (computing one costs about a microsecond).
 _KEY_CACHE_SIZE = 4096
+#: Seconds before the writer tries again after EAGAIN on a transport's socket.
+EAGAIN_RETRY = 0.001
 
 
 @final
@@ -87,10 +90,14 @@ class TransportSender:
                 transport.sendto(data, address)
                 continue
             # Loop transports silently skip empty datagrams (asyncio before 3.12, uvloop); UDP
-            # allows them, so they go straight to the socket. A failure is that datagram's:
-            # raised when it is the first of the call (the writer counts it), else the call
-            # ends before it.
+            # allows them, so they go straight to the socket, once the transport holds nothing
+            # queued before them (else they would overtake it). A failure is that datagram's:
+            # raised when it is the first of the call (the writer counts it, or on EAGAIN
+            # tries again shortly), else the call ends before it.
             try:
+                buffered = getattr(transport, "get_write_buffer_size", None)
+                if buffered is not None and buffered():
+                    raise BlockingIOError(errno.EAGAIN, "the transport is still sending")
                 if address is None:
                     self.sock.send(b"")
                 else:
@@ -122,8 +129,11 @@ class TransportEngine(Releasing, asyncio.DatagramProtocol):
         self.sender = TransportSender(sock, options.batch_size)
         #: The loop's transport uses none of the kernel's mechanisms (no local addresses).
         self.state = SocketState(sock)
+        # (The loop's transport owns the socket: after EAGAIN, which only an empty datagram
+        # sent past it meets, the writer tries again shortly rather than watching the socket.)
         self.writer = Writer(loop, sock, self.sender, TxQueue(options.tx_queue_size), named,
-                             state=self.state)
+                             state=self.state,
+                             retry_later=lambda retry: loop.call_later(EAGAIN_RETRY, retry))
         self.transport: asyncio.DatagramTransport | None = None
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)
         self._keys: dict[Address, PeerKey] = {}

@@ -71,7 +71,9 @@ class Writer:
                  queue: TxQueue, named: bool, *, state: SocketState | None = None,
                  pending_error: Callable[[], bool] | None = None,
                  send_failed: Callable[[OSError], None] | None = None,
-                 flushed: Callable[[], None] | None = None, direct: bool = False) -> None:
+                 flushed: Callable[[], None] | None = None, direct: bool = False,
+                 retry_later: Callable[[Callable[[], None]], asyncio.Handle] | None = None,
+                 ) -> None:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
@@ -98,6 +100,12 @@ class Writer:
         self.direct = direct
         #: Times EAGAIN made the writer wait (tests and benchmarks read it).
         self.blocked = 0
+        #: How to wait after EAGAIN where the loop's transport owns the socket (no add_writer
+        #: on it): schedule a retry (None: wait for writability with add_writer).
+        self._retry_later = retry_later
+        self._retry_handle: asyncio.Handle | None = None
+        #: add_writer is watching the socket for us.
+        self._watching = False
         #: Totals over every account of this socket (handed to the kernel / refused), kept as
         #: chunks go so that a listener's stats cost O(1).
         self.tx_packets = 0
@@ -209,9 +217,13 @@ class Writer:
         if self._closed:
             return
         self._closed = True
-        if self._waiting_writable:
-            self._waiting_writable = False
+        self._waiting_writable = False
+        if self._watching:
+            self._watching = False
             self._loop.remove_writer(self._fd)
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
         self._run_on_empty()
         self._run_drained(everyone=True)
         self.space.wake_all()
@@ -244,11 +256,23 @@ class Writer:
         # where a full receiver just drops, but real on other paths).
         self.blocked += 1
         self._waiting_writable = True
-        self._loop.add_writer(self._fd, self._on_writable)
+        if self._retry_later is not None:
+            self._retry_handle = self._retry_later(self._retry)
+        else:
+            self._watching = True
+            self._loop.add_writer(self._fd, self._on_writable)
 
     def _on_writable(self) -> None:
         self._waiting_writable = False
+        self._watching = False
         self._loop.remove_writer(self._fd)
+        self._flush()
+
+    def _retry(self) -> None:
+        self._retry_handle = None
+        if self._closed:
+            return
+        self._waiting_writable = False
         self._flush()
 
     def _flush(self) -> None:
