@@ -354,13 +354,9 @@ class SocketEngine(Releasing):
                 continue  # a pending error (an ICMP report), reported once: read on
             if count == 0:
                 break
-            sizes = (receiver.segment_sizes(count) if isinstance(receiver, RecvBatch)
-                     else None)
-            if sizes is None:
-                unread += count
-            else:  # GRO messages: a run of datagrams each
-                assert isinstance(receiver, RecvBatch)
-                unread += sum(_datagrams_per_message(receiver.lengths(count), sizes))
+            sizes = receiver.segment_sizes(count)  # None: no GRO (one datagram per message)
+            unread += (count if sizes is None
+                       else sum(_datagrams_per_message(receiver.lengths(count), sizes)))
         return unread
 
     def abort(self) -> None:

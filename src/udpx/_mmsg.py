@@ -647,19 +647,16 @@ class SendBatch:
         sizes = list(map(len, datagrams))
         payload = b"".join(datagrams)
         self.arena[:len(payload)] = payload
-        words = self._iov_words
         first = sizes[0]
-        if sizes.count(first) == count:
-            # The usual batch: every datagram the same size (one protocol's messages). The
-            # iovecs stay as they are while batches keep that layout.
-            if self._layout != (first, count):
-                self._layout = (first, count)
-                words[0:count * _IOV_WORDS:_IOV_WORDS] = self._bases(first)[:count]
-                words[1:1 + count * _IOV_WORDS:_IOV_WORDS] = array(_SIZE_T_CODE, sizes)
-        else:
-            self._layout = None
-            words[0:count * _IOV_WORDS:_IOV_WORDS] = array(
-                _SIZE_T_CODE, list(accumulate(sizes[:-1], initial=self._arena_address)))
+        # The usual batch has every datagram the same size (one protocol's messages): the
+        # iovecs stay as they are while batches keep that layout.
+        layout = (first, count) if sizes.count(first) == count else None
+        if layout is None or layout != self._layout:
+            self._layout = layout
+            words = self._iov_words
+            words[0:count * _IOV_WORDS:_IOV_WORDS] = (
+                self._bases(first)[:count] if layout is not None else
+                array(_SIZE_T_CODE, list(accumulate(sizes[:-1], initial=self._arena_address))))
             words[1:1 + count * _IOV_WORDS:_IOV_WORDS] = array(_SIZE_T_CODE, sizes)
         if owners is not None:
             self._hdr_words[_WORD_NAME:_WORD_NAME + count * _WORD_STRIDE:_WORD_STRIDE] = array(
