@@ -240,6 +240,19 @@ def test_peers_beyond_the_fd_limit_are_refused_and_counted(run: Runner[None],
                 assert 0 < stats.conns <= cap
                 assert stats.drops["fd_limit"] == 30 - stats.conns
                 assert stats.drops["refused"] == 0
+                # A refused peer sending several at once: each counts as fd_limit, not only
+                # the one that asked for a socket.
+                before = stats.drops["fd_limit"]
+                extra = peer_socket("127.0.0.1")
+                peers.append(extra)
+                for _ in range(3):
+                    extra.sendto(b"y", ln.local_addr)
+                for _ in range(1000):
+                    if ln.stats.drops["fd_limit"] >= before + 3:
+                        break
+                    await asyncio.sleep(0.005)
+                assert (ln.stats.drops["fd_limit"], ln.stats.drops["refused"]) == (before + 3,
+                                                                                   0)
                 # The admitted peers are served; nothing crashed.
                 conn = await ln.accept()
                 await conn.send(b"served")

@@ -639,6 +639,62 @@ def test_refused_peers_are_counted(run: Runner[Any], engine: str) -> None:
     run(main())
 
 
+def test_a_refused_peer_is_asked_once_per_batch_among_other_peers(run: Runner[Any],
+                                                                   engine: str) -> None:
+    """A peer refused by connection_made (or by a raising factory), its datagrams interleaved
+    with an accepted peer's in one batch: the batch engine asks once for that batch and
+    counts every datagram of it as ``refused``; the accepted peer gets all of its own. (The
+    loop's transport hands datagrams over one by one, so it asks once per datagram.)"""
+    # 12 datagrams: one receive call (a new listener's first asks for 16 messages or more).
+    rounds = 6
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: reported.append(context))
+        with _peers("127.0.0.1", 2) as (good, bad):
+            refused_port = bad.getsockname()[1]
+
+            class Picky(Recorder):
+                def connection_made(self, conn: udpx.UDPConn) -> None:
+                    super().connection_made(conn)
+                    if conn.remote_addr[1] == refused_port:
+                        conn.close()
+
+            def raising() -> udpx.ConnProtocol:
+                made.append(None)
+                if len(made) > 1:  # the first asked is the good peer's (it sends first)
+                    raise ValueError("not this peer")
+                return Recorder()
+
+            made: list[None] = []
+            factory = Factory(Picky)
+            for protocol_factory in (factory, raising):
+                async with udpx.listen("127.0.0.1", 0, engine=engine,
+                                       protocol_factory=protocol_factory) as ln:
+                    # All sent before the listener reads: one batch on the batch engine.
+                    for index in range(rounds):
+                        good.sendto(b"g%d" % index, ln.local_addr)
+                        bad.sendto(b"b%d" % index, ln.local_addr)
+                    await settle(ln, 2 * rounds)
+                    stats = ln.stats
+                    assert (stats.conns, stats.rx_packets, stats.drops["refused"]) == (
+                        1, rounds, rounds), stats
+                    asked = 1 if engine == "mmsg" else rounds
+                    if protocol_factory is factory:
+                        assert len(factory.made) == 1 + asked
+                        assert factory.made[0].received == [b"g%d" % i for i in range(rounds)]
+                        for refused in factory.made[1:]:
+                            assert refused.received == [] and await refused.lost is None
+                    else:
+                        assert len(made) == 1 + asked
+                        assert len(reported) == asked
+                        assert all(isinstance(context["exception"], ValueError)
+                                   for context in reported)
+
+    run(main())
+
+
 def test_closing_the_listener_in_connection_made_admits_no_more_peers(
         run: Runner[Any], engine: str) -> None:
     """Five new peers in one batch; the first connection_made closes the listener: no other

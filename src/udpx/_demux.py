@@ -63,7 +63,10 @@ class Demux:
     (a valid source, fewer than ``max_conns`` open, fewer than ``backlog`` not yet accepted); it
     returns the new connection's receive queue, or None when the connection refused the peer
     as it was made (a protocol-mode connection closed in ``connection_made``), which counts as
-    ``dropped_refused``. The owner calls ``accepted()`` when a connection leaves the backlog
+    ``dropped_refused``, or as the counter ``create`` named in ``refusal`` before returning
+    (``dropped_fd_limit``: no file descriptor left for a connected-mode socket). Within one
+    batch a refused peer is asked once: its other datagrams in the batch are counted the
+    same way. The owner calls ``accepted()`` when a connection leaves the backlog
     (``backlog=None``: there is none, connections are handed over as they are made) and
     ``remove(key)`` when a connection closes, so that the peer's next datagram opens a new
     connection.
@@ -76,9 +79,9 @@ class Demux:
 
     __slots__ = ("_feed_mixed", "_paced_scheduled", "_schedule", "_turn", "backlog", "closed",
                  "create", "dropped_backlog", "dropped_bad_source", "dropped_closed",
-                 "dropped_conn_limit", "dropped_refused", "max_conns", "on_pressure", "paced",
-                 "pending", "pool",
-                 "pressure_mark", "refusal", "table", "urgent", "valid", "wakes_left", "woken")
+                 "dropped_conn_limit", "dropped_fd_limit", "dropped_refused", "max_conns",
+                 "on_pressure", "paced", "pending", "pool", "pressure_mark", "refusal", "table",
+                 "urgent", "valid", "wakes_left", "woken")
 
     def __init__(self, *, max_conns: int, backlog: int | None,
                  create: Callable[[PeerKey], RxQueue | None], pool: RxPool | None = None,
@@ -103,6 +106,9 @@ class Demux:
         self.dropped_conn_limit = 0
         self.dropped_bad_source = 0
         self.dropped_refused = 0
+        #: New peers refused because no file descriptor was left for their own socket
+        #: (connected mode: create() names this reason in ``refusal``).
+        self.dropped_fd_limit = 0
         #: New peers' datagrams that arrived after the owner closed (``closed``): a callback
         #: closed the listener in the middle of a batch.
         self.dropped_closed = 0
@@ -149,10 +155,11 @@ class Demux:
             self.dropped_backlog += 1
             self.refusal = "dropped_backlog"
             return None
+        self.refusal = "dropped_refused"  # unless create() names another reason
         queue = self.create(key)
         if queue is None:
-            self.dropped_refused += 1
-            self.refusal = "dropped_refused"
+            name = self.refusal
+            setattr(self, name, getattr(self, name) + 1)
             return None
         self.table[key] = queue
         if backlog >= 0:
@@ -210,11 +217,12 @@ class Demux:
         current = _NO_QUEUE
         items = current.items
         limit = urgent_depth = 0
+        refused: dict[PeerKey, str] = {}
         for key, data, length in zip(keys, datagrams, lengths):
             if key != last_key:
                 found = table_get(key)
                 if found is None:
-                    found = self.admit(key)
+                    found = self._admit_once(key, refused)
                     if found is None:
                         last_key = _NO_KEY
                         continue
@@ -332,11 +340,12 @@ class Demux:
         touched: list[ProtocolRxQueue] = []
         last_key: object = _NO_KEY
         incoming = _NO_LIST
+        refused: dict[PeerKey, str] = {}
         for key, data in zip(keys, datagrams):
             if key != last_key:
                 found = table_get(key)
                 if found is None:
-                    found = self.admit(key)
+                    found = self._admit_once(key, refused)
                     if found is None:
                         last_key = _NO_KEY
                         continue
@@ -383,6 +392,22 @@ class Demux:
         pool = self.pool
         pool.rx_packets += total - held
         pool.rx_bytes += sum(lengths) - held_bytes
+
+    def _admit_once(self, key: PeerKey, refused: dict[PeerKey, str]) -> RxQueue | None:
+        """``admit(key)`` for a peer of a mixed batch, asked at most once per batch: a peer
+        refused earlier in the batch (``refused``: its reason) is refused again for the same
+        reason, counted, without asking again. (Interleaved with other peers, a refused
+        peer's datagrams would otherwise each make and close a connection, or each report a
+        failing factory.)"""
+        if refused and not self.closed:  # (closed meanwhile: counted as closed from now on)
+            reason = refused.get(key)
+            if reason is not None:
+                setattr(self, reason, getattr(self, reason) + 1)
+                return None
+        queue = self.admit(key)
+        if queue is None:
+            refused[key] = self.refusal
+        return queue
 
     def feed_batch_refused(self, count: int) -> None:
         """Count ``count`` more datagrams from a peer that admission just refused, for the same

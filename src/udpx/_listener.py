@@ -149,7 +149,6 @@ class Listener(asyncio.DatagramProtocol):
         # Each with the datagrams its socket held right after connect() (see _read_early).
         self._handover: list[tuple[UDPConn, SocketEngine, list[tuple[bytes, Address]]]] = []
         self._retired = [0, 0, 0, 0]  # tx packets, tx bytes, send errors, kernel drops
-        self._fd_limited = 0
         self._fd_cap = _fd_cap() if self._connected else 0
         self._engine_released = False
         #: Connections are (peer, local address) and answer from it (wildcard listeners).
@@ -329,7 +328,7 @@ class Listener(asyncio.DatagramProtocol):
         connect()ed to it, with its engine (reading starts at the handover); None when the
         peer is refused (no file descriptor left: counted as ``fd_limit``)."""
         if len(self._peer_engines) >= self._fd_cap:
-            self._fd_limited += 1
+            self._demux.refusal = "dropped_fd_limit"
             return None
         options = self._options
         # SO_REUSEADDR on both sockets lets this one bind the listener's address; once it is
@@ -342,7 +341,7 @@ class Listener(asyncio.DatagramProtocol):
                                rcvbuf=options.rcvbuf, sndbuf=options.sndbuf)
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
-                self._fd_limited += 1
+                self._demux.refusal = "dropped_fd_limit"
             else:
                 logger.warning("udpx: listener %r: no socket for a new peer: %s", self._local,
                                exc)
@@ -603,11 +602,11 @@ class Listener(asyncio.DatagramProtocol):
             "unaccepted": pool.dropped_unaccepted,
             "memory_limit": pool.dropped_memory,
             "bad_source": demux.dropped_bad_source,
-            "refused": demux.dropped_refused - self._fd_limited,
+            "refused": demux.dropped_refused,
             "closed": pool.dropped_closed + demux.dropped_closed,
         }
         if self._connected:
-            counts["fd_limit"] = self._fd_limited
+            counts["fd_limit"] = demux.dropped_fd_limit
         return ListenerStats(pool.rx_packets, pool.rx_bytes, tx_packets, tx_bytes,
                              drops_mapping(**counts), len(self._conns), self._accepted,
                              self._icmp_errors, ecn_mapping(self._ecn))
