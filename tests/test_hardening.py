@@ -93,6 +93,69 @@ def test_cancelled_space_waiters_pass_their_turn_on(run: Runner[Any]) -> None:
     run(main())
 
 
+@pytest.mark.parametrize("flood", ["send", "send_many", "send_nowait"])
+def test_a_waiting_send_is_not_overtaken_by_a_busy_connection(run: Runner[Any],
+                                                              flood: str) -> None:
+    """One connection keeps the shared transmit queue full; another's send() waits for room.
+    Its turn comes at the next drain: the busy one, which never has to wait for a freed slot
+    before the waiter runs, may not refill the room the waiter was woken for (it used to, at
+    every drain, and the waiter waited for ever)."""
+    limit = 32
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, tx_queue_size=limit) as ln:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy_peer, \
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as quiet_peer:
+                for peer in (busy_peer, quiet_peer):
+                    peer.bind(("127.0.0.1", 0))
+                    peer.sendto(b"hi", ln.local_addr)
+                conns = {}
+                for _ in range(2):
+                    conn = await ln.accept()
+                    conns[conn.remote_addr[1]] = conn
+                busy, quiet = (conns[peer.getsockname()[1]] for peer in (busy_peer, quiet_peer))
+                queued = 0
+                stop = asyncio.Event()
+
+                async def keep_full() -> None:
+                    nonlocal queued
+                    for _ in range(200_000):  # bounded; stopped long before
+                        if stop.is_set():
+                            return
+                        if flood == "send":
+                            await busy.send(b"b" * 100)
+                            queued += 1
+                        elif flood == "send_many":
+                            await busy.send_many([b"b" * 100] * 4)
+                            queued += 4
+                        else:
+                            try:
+                                busy.send_nowait(b"b" * 100)
+                            except udpx.QueueFull:
+                                await asyncio.sleep(0)
+                            else:
+                                queued += 1
+
+                flooder = asyncio.create_task(keep_full())
+                try:
+                    for _ in range(3):
+                        await asyncio.sleep(0)  # the queue is full, or being drained
+                    before = queued
+                    async with asyncio.timeout(5):
+                        await quiet.send(b"quiet")
+                    # Its turn came within a drain or two of the queue.
+                    assert queued - before <= 2 * limit + 4, (before, queued)
+                finally:
+                    stop.set()
+                    await flooder
+                assert quiet.stats.tx_packets in (0, 1)  # queued, maybe not yet sent
+                async with asyncio.timeout(5):
+                    await quiet.aclose()
+                assert quiet.stats.tx_packets == 1
+
+    run(main())
+
+
 # -- 3. a connection's close waits only for its own datagrams ------------------------------
 
 

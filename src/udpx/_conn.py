@@ -605,13 +605,26 @@ class UDPConn:
             ConnectionRefusedError: (dialed connections) as for ``recv()``; nothing was queued.
             TypeError: ``data`` is not bytes-like.
         """
-        # Hot path: no suspension while the queue has room.
+        # Hot path: no suspension while the queue has room and nobody waits for it.
         datagram = self._check_send(data)
         txq = self._txq
-        while len(txq.datagrams) >= txq.limit:
-            await self._writer.wait_space()
-            self._check_turn()
+        if len(txq.datagrams) >= txq.open_limit or self._writer.space:
+            await self._wait_room()
         self._enqueue(datagram)
+
+    async def _wait_room(self) -> None:
+        """Wait in line for room in the socket's transmit queue: FIFO among every ``send()``
+        of the socket, whichever connection it is for (a connection that keeps sending does
+        not overtake one that waits). Returns with room for at least one datagram."""
+        txq = self._txq
+        writer = self._writer
+        front = False
+        while True:
+            await writer.wait_space(front=front)
+            self._check_turn()
+            if len(txq.datagrams) < txq.open_limit:
+                return
+            front = True  # a *_nowait() took the room meanwhile: first in line again
 
     def _check_turn(self) -> None:
         """After a wait for room: a closed connection will not use its turn, so it hands it
@@ -631,9 +644,9 @@ class UDPConn:
         """
         datagram = self._check_send(data)
         txq = self._txq
-        if len(txq.datagrams) >= txq.limit:
+        if len(txq.datagrams) >= txq.open_limit:
             self._over_high_mark()
-            raise QueueFull(f"transmit queue full ({txq.limit} datagrams)")
+            raise QueueFull(txq.full_message())
         self._enqueue(datagram)
         if len(txq.datagrams) >= txq.high:
             self._over_high_mark()
@@ -657,7 +670,7 @@ class UDPConn:
             txq = self._txq
             queued = txq.datagrams
             if (type(data) is not bytes or len(data) > self._max_send or self._closed
-                    or self._error is not None or len(queued) >= txq.limit):
+                    or self._error is not None or len(queued) >= txq.open_limit):
                 self.send_nowait(data)  # raises, or queues a bytes-like object as bytes
                 return
             tx = self._tx
@@ -683,13 +696,13 @@ class UDPConn:
             batch = [self._check_send(data) for data in given]
         txq = self._txq
         count = len(batch)
-        if len(txq.datagrams) + count > txq.limit:
-            if txq.datagrams:
+        if len(txq.datagrams) + count > txq.open_limit:
+            if txq.datagrams or txq.open_limit < txq.limit:
                 # (The writer tells it to resume once the queue is down to its low mark; an
                 # empty queue will not go down, and a batch larger than the limit never fits.)
                 self._over_high_mark()
-            raise QueueFull(f"transmit queue has room for {txq.limit - len(txq.datagrams)} "
-                            f"datagrams, not {count} ({txq.limit} in all)")
+            raise QueueFull(f"transmit queue has room for {max(txq.space(), 0)} datagrams, "
+                            f"not {count} ({txq.limit} in all)")
         txq.put_many(batch, self._account())
         self._writer.schedule()
         if len(txq.datagrams) >= txq.high:
@@ -709,11 +722,14 @@ class UDPConn:
         tx = self._account()
         index = 0
         total = len(batch)
+        waited = False
         while index < total:
-            space = txq.limit - len(txq.datagrams)
-            if space <= 0:
-                await self._writer.wait_space()
-                self._check_turn()
+            space = txq.open_limit - len(txq.datagrams)
+            if space <= 0 or (not waited and self._writer.space):
+                # (Behind those already waiting, as send(); once it has had a turn, it takes
+                # what room there is, and waits at the end of the line when there is none.)
+                await self._wait_room()
+                waited = True
                 continue
             part = batch[index:index + space]
             txq.put_many(part, tx)

@@ -430,7 +430,7 @@ class TxQueue:
     """A socket's bounded transmit queue: datagrams with, in parallel, the connection that sent
     each (kept in a second deque rather than as pairs, so that a send allocates no tuple)."""
 
-    __slots__ = ("datagrams", "high", "limit", "low", "owners")
+    __slots__ = ("datagrams", "high", "limit", "low", "open_limit", "owners")
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
@@ -438,6 +438,9 @@ class TxQueue:
         self.datagrams: deque[bytes] = deque()
         self.owners: deque[Any] = deque()
         self.limit = limit
+        #: ``limit`` less the room held for ``send()`` calls woken and not yet resumed (see
+        #: _waiters.TurnWaiters): what a sender that did not wait may fill up to.
+        self.open_limit = limit
         #: Flow-control marks for protocol-mode connections: above ``high`` a sender is told
         #: to pause, at ``low`` the paused ones are told to resume (hysteresis, so that a busy
         #: queue does not flap).
@@ -447,11 +450,22 @@ class TxQueue:
     def __len__(self) -> int:
         return len(self.datagrams)
 
+    def hold_for(self, turns: int) -> None:
+        """Keep room for ``turns`` woken waiters (TurnWaiters' ``on_turns``)."""
+        self.open_limit = self.limit - turns
+
     def full(self) -> bool:
-        return len(self.datagrams) >= self.limit
+        return len(self.datagrams) >= self.open_limit
 
     def space(self) -> int:
-        return self.limit - len(self.datagrams)
+        return self.open_limit - len(self.datagrams)
+
+    def full_message(self) -> str:
+        """Why a datagram does not fit now, for QueueFull."""
+        held = self.limit - self.open_limit
+        return (f"transmit queue full ({self.limit} datagrams"
+                + (f", {held} of them kept for send() calls woken to take them)" if held
+                   else ")"))
 
     def put(self, data: bytes, owner: object) -> None:
         """Append one datagram; the caller has checked ``full()``."""

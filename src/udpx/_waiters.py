@@ -26,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 
-__all__ = ["FifoWaiters"]
+__all__ = ["FifoWaiters", "TurnWaiters"]
 
 
 class FifoWaiters(deque["asyncio.Future[None]"]):
@@ -86,3 +87,64 @@ class FifoWaiters(deque["asyncio.Future[None]"]):
             future = self.popleft()
             if not future.done():
                 future.set_result(None)
+
+
+class TurnWaiters(FifoWaiters):
+    """FifoWaiters for room in a shared queue: a woken waiter holds its turn until it resumes.
+
+    ``turns`` counts the waiters woken and not yet resumed, and ``on_turns(turns)`` is told
+    every change, so that the queue keeps that much of its room for them: a caller that did
+    not wait cannot take a unit a waiter was woken for, and must queue behind anyone still
+    waiting (``UDPConn.send``). Without this a busy sender that never has to wait refills the
+    room freed for the others before their tasks run, every time, and they wait for ever.
+    A waiter that resumes and still finds no room (taken anyway) waits again at the head of
+    the line (``wait(front=True)``), not behind the newcomers.
+    """
+
+    __slots__ = ("_on_turns", "turns")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 on_turns: Callable[[int], None]) -> None:
+        super().__init__(loop)
+        self.turns = 0
+        self._on_turns = on_turns
+
+    async def wait(self, *, front: bool = False) -> None:
+        """Wait for a turn (at the head of the line with ``front``). Cancellation-safe."""
+        future: asyncio.Future[None] = self._loop.create_future()
+        if front:
+            self.appendleft(future)
+        else:
+            self.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            self.abandon(future)
+            raise
+        self._resumed()
+
+    def _resumed(self) -> None:
+        self.turns -= 1
+        self._on_turns(self.turns)
+
+    def abandon(self, future: asyncio.Future[None]) -> None:
+        if future.done() and not future.cancelled():
+            self._resumed()
+            self.wake(1)  # woken, then cancelled before the task could use its turn
+        else:
+            with contextlib.suppress(ValueError):
+                self.remove(future)
+
+    def wake(self, count: int = 1) -> int:
+        woken = super().wake(count)
+        if woken:
+            self.turns += woken
+            self._on_turns(self.turns)
+        return woken
+
+    def wake_all(self) -> None:
+        woken = sum(1 for future in self if not future.done())
+        super().wake_all()
+        if woken:
+            self.turns += woken
+            self._on_turns(self.turns)

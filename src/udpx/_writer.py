@@ -20,7 +20,7 @@ from typing import Protocol
 from ._cmsg import ICMP_ERRNOS, SocketState
 from ._queue import TxAccount, TxQueue
 from ._sockets import address_from_sockaddr
-from ._waiters import FifoWaiters
+from ._waiters import TurnWaiters
 
 __all__ = ["Writer"]
 
@@ -119,8 +119,9 @@ class Writer:
         self._deferred = False
         self._waiting_writable = False
         self._closed = False
-        #: Tasks waiting for room in the queue (``send()``), woken one per freed slot.
-        self.space = FifoWaiters(loop)
+        #: Tasks waiting for room in the queue (``send()``), woken one per freed slot, each
+        #: keeping its slot until it runs (FIFO among all senders: see TurnWaiters).
+        self.space = TurnWaiters(loop, queue.hold_for)
         self._on_empty: list[Callable[[], None]] = []
         #: Accounts of closing connections, with what to call once their own datagrams left.
         self._draining: dict[TxAccount, Callable[[], None]] = {}
@@ -186,10 +187,11 @@ class Writer:
         if self.queue.datagrams:
             self.schedule()
 
-    async def wait_space(self) -> None:
-        """Wait for a turn at a free slot (FIFO among waiters). Cancellation-safe. A caller
-        that is woken and does not queue a datagram must call ``space.wake(1)``."""
-        await self.space.wait()
+    async def wait_space(self, *, front: bool = False) -> None:
+        """Wait for a turn at a free slot (FIFO among waiters; at the head of the line with
+        ``front``). Cancellation-safe. A caller that is woken and does not queue a datagram
+        must call ``space.wake(1)``."""
+        await self.space.wait(front=front)
 
     def when_drained(self, account: TxAccount | None, callback: Callable[[], None]) -> None:
         """Call ``callback`` once every datagram ``account`` queued was handled (sent or
