@@ -322,6 +322,37 @@ async def path_mtu(host: str, port: int) -> Result:
     return result
 
 
+async def local_mtu(listen_host: str, peer_host: str) -> Result:
+    """A listener's connection with dont_fragment sends more than the device's MTU (lo set
+    to 1,500 by the test): the kernel refuses it itself (EMSGSIZE with the MTU on the error
+    queue, with port 0 on IPv4): the connection learns path_mtu, counts one ICMP error, and a
+    second such send raises MessageTooLong."""
+    family = socket.AF_INET6 if ":" in peer_host else socket.AF_INET
+    async with udpx.listen(listen_host, 0, dont_fragment=True, max_datagram=4000) as ln:
+        with socket.socket(family, socket.SOCK_DGRAM) as peer:
+            peer.bind((peer_host, 0))
+            peer.sendto(b"hi", (peer_host, ln.local_addr[1]))
+            conn = await asyncio.wait_for(ln.accept(), 5)
+            await conn.send(bytes(2000))
+            for _ in range(300):  # the writer's next drain; bounded at 3 s
+                if conn.stats.drops["send_error"]:
+                    break
+                await asyncio.sleep(0.01)
+            result: Result = {"path_mtu": conn.path_mtu, "icmp_errors": conn.stats.icmp_errors,
+                              "listener_icmp_errors": ln.stats.icmp_errors,
+                              "send_error": conn.stats.drops["send_error"]}
+            try:
+                await conn.send(bytes(2000))
+            except udpx.MessageTooLong as exc:
+                result["too_long_mtu"] = exc.mtu
+            await conn.send(b"fits")
+            peer.setblocking(False)
+            async with asyncio.timeout(5):
+                received = await asyncio.get_running_loop().sock_recv(peer, 100)
+            result["received"] = received.decode()
+    return result
+
+
 async def echo_on(host: str, seconds: float) -> Result:
     """Echo on ``host`` (port printed first) until stdin closes or ``seconds`` passed."""
     async with udpx.listen(host, 0) as ln:
@@ -365,6 +396,7 @@ async def ecn_marks(listen_host: str, dial_host: str) -> Result:
 SCENARIOS: dict[str, Callable[[list[str]], Coroutine[Any, Any, Result]]] = {
     "ecn_marks": lambda args: ecn_marks(args[0], args[1]),
     "path_mtu": lambda args: path_mtu(args[0], int(args[1])),
+    "local_mtu": lambda args: local_mtu(args[0], args[1]),
     "echo_on": lambda args: echo_on(args[0], float(args[1])),
     "wildcard_echo": lambda args: wildcard_echo(float(args[0])),
     "dial_each": lambda args: dial_each(int(args[0]), *args[1:]),

@@ -228,6 +228,22 @@ def test_dont_fragment_learns_the_path_mtu_from_a_router(
     assert result["echoed"] == 1200, result
 
 
+@pytest.mark.parametrize(("listen_host", "peer_host"), [("127.0.0.1", "127.0.0.1"),
+                                                        ("0.0.0.0", "127.0.0.1"),
+                                                        ("::1", "::1"), ("::", "127.0.0.1")])
+def test_a_listeners_connection_learns_the_local_devices_mtu(
+        netns: NetNS, loop_kind: str, listen_host: str, peer_host: str) -> None:
+    """Over the device's MTU with dont_fragment, the kernel refuses a datagram itself and
+    queues the MTU on the error queue, on an unconnected IPv4 socket with the destination's
+    port as 0: it must still reach the connection that sent it (path_mtu, one ICMP error, not
+    two from a retry), as it does a dialed one's."""
+    netns.ip("-6", "addr", "add", "::1/128", "dev", "lo", "nodad", check=False)
+    netns.ip("link", "set", "lo", "mtu", "1500")
+    result = run_scenario(netns, "local_mtu", loop_kind, listen_host, peer_host)
+    assert result == {"path_mtu": 1500, "icmp_errors": 1, "listener_icmp_errors": 1,
+                      "send_error": 1, "too_long_mtu": 1500, "received": "fits"}, result
+
+
 @pytest.mark.parametrize(("listen_host", "dial_host"), [("127.0.0.1", "127.0.0.1"),
                                                         ("0.0.0.0", "127.0.0.2"),
                                                         ("::", "127.0.0.1"), ("::1", "::1")])

@@ -76,6 +76,8 @@ IPV6_TCLASS = 67
 #: struct sock_extended_err: u32 ee_errno; u8 ee_origin, ee_type, ee_code, ee_pad;
 #: u32 ee_info (the MTU, for "fragmentation needed"), ee_data.
 _EXTENDED_ERR = struct.Struct("=IBBBBII")
+#: ee_origin of an error the local stack raised itself (a datagram over the device's MTU).
+SO_EE_ORIGIN_LOCAL = 1
 
 _SIZE_T = ctypes.sizeof(ctypes.c_size_t)
 #: struct cmsghdr: size_t cmsg_len, int cmsg_level, int cmsg_type, then the data (aligned).
@@ -262,9 +264,9 @@ def set_dont_fragment(sock: socket.socket) -> bool:
                         (IPPROTO_IPV6, IPV6_DONTFRAG, 1)])
 
 
-def read_error(sock: socket.socket) -> tuple[object, int, int, bytes | None] | None:
+def read_error(sock: socket.socket) -> tuple[object, int, int, bytes | None, int] | None:
     """One entry of the socket's error queue: ``(address the failed datagram was sent to,
-    errno, ee_info, local address or None)``; None when the queue is empty.
+    errno, ee_info, local address or None, ee_origin)``; None when the queue is empty.
 
     Raises:
         OSError: reading the queue failed (not EAGAIN).
@@ -273,12 +275,12 @@ def read_error(sock: socket.socket) -> tuple[object, int, int, bytes | None] | N
         _, ancdata, _, address = sock.recvmsg(1, 512, MSG_ERRQUEUE)
     except (BlockingIOError, InterruptedError):
         return None
-    code = info = 0
+    code = info = origin = 0
     for level, kind, data in ancdata:
         if ((level == IPPROTO_IP and kind == IP_RECVERR)
                 or (level == IPPROTO_IPV6 and kind == IPV6_RECVERR)) and len(data) >= 16:
-            code, _, _, _, _, info, _ = _EXTENDED_ERR.unpack_from(data)
-    return address, code, info, local_from_ancillary(ancdata, sock.family)
+            code, origin, _, _, _, info, _ = _EXTENDED_ERR.unpack_from(data)
+    return address, code, info, local_from_ancillary(ancdata, sock.family), origin
 
 
 def local_from_ancillary(ancdata: list[tuple[int, int, bytes]], family: int) -> bytes | None:

@@ -142,7 +142,8 @@ class UDPConn:
             # Only a connected socket reports ICMP errors, so only a dialed connection needs
             # on_error.
             tx = self._tx = TxAccount(sockaddr,
-                                      self._socket_error if sockaddr is None else None)
+                                      self._socket_error if sockaddr is None else None,
+                                      self._key if sockaddr is not None else None)
             if self._source is not None:
                 tx.set_ancillary([self._source])
         return tx

@@ -24,7 +24,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, final
 
-from ._cmsg import SocketState, read_error
+from ._cmsg import SO_EE_ORIGIN_LOCAL, SocketState, read_error
 from ._mmsg import (
     HAVE_MMSG,
     RecvBatch,
@@ -34,7 +34,7 @@ from ._mmsg import (
     message_datagrams,
 )
 from ._options import Options
-from ._queue import TxQueue
+from ._queue import TxAccount, TxQueue
 from ._reader import MAX_DATAGRAMS_PER_WAKEUP, BatchReader
 from ._sockets import (
     Address,
@@ -273,10 +273,17 @@ class SocketEngine(Releasing):
         if not (self.state.recverr and self.drain_errors()):
             self.sink.socket_error(exc)
 
-    def drain_errors(self) -> bool:
+    def drain_errors(self, own: TxAccount | None = None) -> bool:
         """Read the socket's error queue (IP_RECVERR), handing each error to the sink with the
-        key of the peer it concerns; whether there was any. Also clears the socket's pending
-        error, so that it fails no unrelated send."""
+        key of the peer it concerns; whether there was any error other than ``own``'s. Also
+        clears the socket's pending error, so that it fails no unrelated send.
+
+        ``own``: the account whose datagram the writer just failed to send. An error the local
+        stack raised about that very datagram (EMSGSIZE over the device's MTU, with the MTU)
+        is its own failure, not an earlier datagram's: it goes to ``own``'s peer, and the
+        writer does not try again. (On an unconnected IPv4 socket such an entry carries the
+        destination with port 0, so it is matched with the failing datagram, not looked up.)
+        """
         family = self.family
         found = False
         for _ in range(MAX_ERRORS_PER_DRAIN):
@@ -286,8 +293,14 @@ class SocketEngine(Releasing):
                 break
             if entry is None:
                 break
-            found = True
-            address, code, info, local = entry
+            address, code, info, local, origin = entry
+            if (own is not None and origin == SO_EE_ORIGIN_LOCAL and code
+                    and self._concerns(own, address)):
+                if own.key is not None:
+                    self.sink.peer_error(own.key, OSError(code, os.strerror(code)), info)
+                    continue
+            else:
+                found = True
             if not code or not isinstance(address, tuple):
                 continue
             try:
@@ -298,6 +311,18 @@ class SocketEngine(Releasing):
                 key = join_key(family, key, local)
             self.sink.peer_error(key, OSError(code, os.strerror(code)), info)
         return found
+
+    def _concerns(self, own: TxAccount, address: object) -> bool:
+        """Whether an error-queue entry for ``address`` may be about ``own``'s datagram: its
+        destination's address, and its port or 0."""
+        if own.sockaddr is None:  # a connected socket: its one peer
+            return True
+        if not isinstance(address, tuple):
+            return False
+        destination = own.address
+        if destination is None:
+            destination = own.address = address_from_sockaddr(self.family, own.sockaddr)
+        return bool(address[0] == destination[0] and address[1] in (0, destination[1]))
 
     def feed_datagram(self, data: bytes, addr: Address) -> None:
         """One datagram from ``addr``, delivered by someone else than the batch reader."""

@@ -517,13 +517,17 @@ class TxAccount:
     datagrams it refused; ``enqueued - packets - errors`` is what is still queued.
     """
 
-    __slots__ = ("address", "ancillary", "bytes", "control", "enqueued", "errors", "name_address",
-                 "on_error", "packets", "sockaddr")
+    __slots__ = ("address", "ancillary", "bytes", "control", "enqueued", "errors", "key",
+                 "name_address", "on_error", "packets", "sockaddr")
 
     def __init__(self, sockaddr: bytes | None,
-                 on_error: Callable[[OSError], None] | None = None) -> None:
+                 on_error: Callable[[OSError], None] | None = None,
+                 key: int | bytes | None = None) -> None:
         #: Raw destination sockaddr; None on a connected socket.
         self.sockaddr = sockaddr
+        #: The peer key of the connection (a listener's), for errors the error queue reports
+        #: without a usable address (see SocketEngine.drain_errors).
+        self.key = key
         #: Where ``sockaddr``'s bytes are in memory, for a batch sender's message headers: the
         #: bytes object is immutable, never moves, and lives as long as the account, which every
         #: queued datagram refers to (0: no sockaddr).

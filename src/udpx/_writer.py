@@ -69,7 +69,7 @@ class Writer:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, sender: Sender,
                  queue: TxQueue, named: bool, *, state: SocketState | None = None,
-                 pending_error: Callable[[], bool] | None = None,
+                 pending_error: Callable[[TxAccount], bool] | None = None,
                  send_failed: Callable[[OSError], None] | None = None,
                  flushed: Callable[[], None] | None = None, direct: bool = False,
                  retry_later: Callable[[Callable[[], None]], asyncio.Handle] | None = None,
@@ -89,6 +89,8 @@ class Writer:
         #: socket's pending error, which fails its next send whatever the destination: this
         #: drains the error queue (handing each error to its peer's connection) and says
         #: whether there was one, so the send is tried again rather than counted as failed.
+        #: It is given the failed datagram's account: the kernel's own refusal of that very
+        #: datagram (over the device's MTU) is that datagram's failure, not a reason to retry.
         self._pending_error = pending_error
         #: Told of every datagram the kernel refused, after it was counted (a drop-in
         #: endpoint hands it to its protocol's ``error_received``, as asyncio does).
@@ -464,7 +466,7 @@ class Writer:
         - a connected socket: ECONNREFUSED is its peer's, for the connection to raise once.
         """
         if (self._pending_error is not None and exc.errno in ICMP_ERRNOS
-                and self._pending_error()):
+                and self._pending_error(owner)):
             return True
         if exc.errno == errno.ECONNREFUSED and owner.on_error is not None:
             owner.on_error(exc)
