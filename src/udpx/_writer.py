@@ -174,6 +174,8 @@ class Writer:
         """Forget every queued datagram unsent (an aborted endpoint); returns how many."""
         count = len(self.queue)
         self.queue.pop(count)
+        if self.space:
+            self.space.wake(count)  # the room is free: waiting sends may take it
         self._run_drained(everyone=True)
         if self._on_empty:
             self._run_on_empty()
