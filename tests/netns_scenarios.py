@@ -322,6 +322,54 @@ async def path_mtu(host: str, port: int) -> Result:
     return result
 
 
+async def close_while_waiting(engine: str, what: str) -> Result:
+    """A send() waits for room in a listener's full transmit queue (a slow tbf on lo keeps the
+    writer blocked on EAGAIN); its connection (``what``: "conn") or the listener ("listener")
+    is closed: the send raises ConnectionClosed at once, not when the queue has drained."""
+    ln = await udpx.listen("127.0.0.1", 0, tx_queue_size=4, sndbuf=4096, engine=engine)
+    with contextlib.ExitStack() as stack:
+        peers = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+                 for _ in range(2)]
+        conns = {}
+        for peer in peers:
+            peer.bind(("127.0.0.1", 0))
+            peer.sendto(b"hi", ln.local_addr)
+        for _ in peers:
+            conn = await asyncio.wait_for(ln.accept(), 5)
+            conns[conn.remote_addr[1]] = conn
+        busy, closing = (conns[peer.getsockname()[1]] for peer in peers)
+        full = 0
+        for _ in range(10_000):  # until the kernel's buffer and then the queue stay full
+            try:
+                busy.send_nowait(bytes(1400))
+                full = 0
+            except udpx.QueueFull:
+                full += 1
+                if full == 20:  # 20 loop iterations without room: the writer is blocked
+                    break
+            await asyncio.sleep(0)
+        waiting = asyncio.create_task(closing.send(b"waiting"))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        result: Result = {"filled": full == 20, "waited": not waiting.done()}
+        started = time.monotonic()
+        if what == "conn":
+            closing.close()
+        else:
+            ln.close()
+        try:
+            async with asyncio.timeout(5):
+                await waiting
+            result["outcome"] = "sent"
+        except udpx.ConnectionClosed as exc:
+            result["outcome"] = f"ConnectionClosed({exc.reason})"
+        except TimeoutError:
+            result["outcome"] = "still waiting"
+        result["within_a_second"] = time.monotonic() - started < 1
+        ln.close()  # (its queue drains at the link's pace, after this scenario)
+    return result
+
+
 async def local_mtu(listen_host: str, peer_host: str) -> Result:
     """A listener's connection with dont_fragment sends more than the device's MTU (lo set
     to 1,500 by the test): the kernel refuses it itself (EMSGSIZE with the MTU on the error
@@ -333,6 +381,9 @@ async def local_mtu(listen_host: str, peer_host: str) -> Result:
             peer.bind((peer_host, 0))
             peer.sendto(b"hi", (peer_host, ln.local_addr[1]))
             conn = await asyncio.wait_for(ln.accept(), 5)
+            # Behind another datagram, in the same batch: sendmmsg sends that one, stops at
+            # this one (its error queued), and the writer's next call fails on it again.
+            conn.send_nowait(b"first")
             await conn.send(bytes(2000))
             for _ in range(300):  # the writer's next drain; bounded at 3 s
                 if conn.stats.drops["send_error"]:
@@ -347,9 +398,12 @@ async def local_mtu(listen_host: str, peer_host: str) -> Result:
                 result["too_long_mtu"] = exc.mtu
             await conn.send(b"fits")
             peer.setblocking(False)
-            async with asyncio.timeout(5):
-                received = await asyncio.get_running_loop().sock_recv(peer, 100)
-            result["received"] = received.decode()
+            received = []
+            for _ in range(2):
+                async with asyncio.timeout(5):
+                    received.append(
+                        (await asyncio.get_running_loop().sock_recv(peer, 100)).decode())
+            result["received"] = received
     return result
 
 
@@ -397,6 +451,7 @@ SCENARIOS: dict[str, Callable[[list[str]], Coroutine[Any, Any, Result]]] = {
     "ecn_marks": lambda args: ecn_marks(args[0], args[1]),
     "path_mtu": lambda args: path_mtu(args[0], int(args[1])),
     "local_mtu": lambda args: local_mtu(args[0], args[1]),
+    "close_while_waiting": lambda args: close_while_waiting(args[0], args[1]),
     "echo_on": lambda args: echo_on(args[0], float(args[1])),
     "wildcard_echo": lambda args: wildcard_echo(float(args[0])),
     "dial_each": lambda args: dial_each(int(args[0]), *args[1:]),

@@ -228,6 +228,21 @@ def test_dont_fragment_learns_the_path_mtu_from_a_router(
     assert result["echoed"] == 1200, result
 
 
+@pytest.mark.parametrize("engine", ["mmsg", "transport"])
+@pytest.mark.parametrize("what", ["conn", "listener"])
+def test_closing_ends_a_send_waiting_for_room_at_once(netns: NetNS, loop_kind: str,
+                                                       engine: str, what: str) -> None:
+    """A send() waiting for room in a listener's transmit queue, which a slow link keeps full
+    (an 8 kbit/s tbf on lo: one 1,400-byte datagram leaves every 1.4 s): closing its
+    connection, or the listener, makes it raise ConnectionClosed at once, as the README
+    says, rather than at its turn, once the queue has drained."""
+    netns.run("tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "8kbit",
+              "burst", "2000", "limit", "1000000")
+    result = run_scenario(netns, "close_while_waiting", loop_kind, engine, what)
+    assert result == {"filled": True, "waited": True, "outcome": "ConnectionClosed(closed)",
+                      "within_a_second": True}, result
+
+
 @pytest.mark.parametrize(("listen_host", "peer_host"), [("127.0.0.1", "127.0.0.1"),
                                                         ("0.0.0.0", "127.0.0.1"),
                                                         ("::1", "::1"), ("::", "127.0.0.1")])
@@ -236,12 +251,14 @@ def test_a_listeners_connection_learns_the_local_devices_mtu(
     """Over the device's MTU with dont_fragment, the kernel refuses a datagram itself and
     queues the MTU on the error queue, on an unconnected IPv4 socket with the destination's
     port as 0: it must still reach the connection that sent it (path_mtu, one ICMP error, not
-    two from a retry), as it does a dialed one's."""
+    two from a retry, also when another datagram came before it in the same batch), as it
+    does a dialed one's."""
     netns.ip("-6", "addr", "add", "::1/128", "dev", "lo", "nodad", check=False)
     netns.ip("link", "set", "lo", "mtu", "1500")
     result = run_scenario(netns, "local_mtu", loop_kind, listen_host, peer_host)
     assert result == {"path_mtu": 1500, "icmp_errors": 1, "listener_icmp_errors": 1,
-                      "send_error": 1, "too_long_mtu": 1500, "received": "fits"}, result
+                      "send_error": 1, "too_long_mtu": 1500,
+                      "received": ["first", "fits"]}, result
 
 
 @pytest.mark.parametrize(("listen_host", "dial_host"), [("127.0.0.1", "127.0.0.1"),

@@ -621,7 +621,7 @@ class UDPConn:
         writer = self._writer
         front = False
         while True:
-            await writer.wait_space(front=front)
+            await writer.wait_space(self, front=front)
             self._check_turn()
             if len(txq.datagrams) < txq.open_limit:
                 return
@@ -754,6 +754,8 @@ class UDPConn:
         self._closed = True
         self._close_reason = reason
         self._wake_all()
+        if self._writer.space:  # its sends waiting for room raise now, not at their turn
+            self._writer.space.withdraw(self, lambda: ConnectionClosed(reason=reason))
         rx = self._rx
         if isinstance(rx, ProtocolRxQueue):
             # A closed protocol connection delivers nothing more (as an asyncio transport after

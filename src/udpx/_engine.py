@@ -285,7 +285,7 @@ class SocketEngine(Releasing):
         destination with port 0, so it is matched with the failing datagram, not looked up.)
         """
         family = self.family
-        found = False
+        found = own_seen = False
         for _ in range(MAX_ERRORS_PER_DRAIN):
             try:
                 entry = read_error(self.sock)
@@ -296,6 +296,12 @@ class SocketEngine(Releasing):
             address, code, info, local, origin = entry
             if (own is not None and origin == SO_EE_ORIGIN_LOCAL and code
                     and self._concerns(own, address)):
+                # Reported once. A sendmmsg that stopped at this datagram already queued an
+                # entry for it (and returned the count before it); the writer's next call,
+                # starting from it, failed and queued a second one.
+                if own_seen:
+                    continue
+                own_seen = True
                 if own.key is not None:
                     self.sink.peer_error(own.key, OSError(code, os.strerror(code)), info)
                     continue

@@ -101,27 +101,49 @@ class TurnWaiters(FifoWaiters):
     the line (``wait(front=True)``), not behind the newcomers.
     """
 
-    __slots__ = ("_on_turns", "turns")
+    __slots__ = ("_on_turns", "_owners", "turns")
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
                  on_turns: Callable[[int], None]) -> None:
         super().__init__(loop)
         self.turns = 0
         self._on_turns = on_turns
+        #: Who each waiting future waits for (see ``withdraw``).
+        self._owners: dict[asyncio.Future[None], object] = {}
 
-    async def wait(self, *, front: bool = False) -> None:
-        """Wait for a turn (at the head of the line with ``front``). Cancellation-safe."""
+    async def wait(self, owner: object = None, *, front: bool = False) -> None:
+        """Wait for a turn (at the head of the line with ``front``), on behalf of ``owner``.
+        Cancellation-safe.
+
+        Raises:
+            asyncio.CancelledError: cancelled; nothing was taken.
+            Exception: what ``withdraw(owner, ...)`` made for it (its connection closed).
+        """
         future: asyncio.Future[None] = self._loop.create_future()
         if front:
             self.appendleft(future)
         else:
             self.append(future)
+        self._owners[future] = owner
         try:
             await future
         except asyncio.CancelledError:
             self.abandon(future)
             raise
+        finally:
+            del self._owners[future]
         self._resumed()
+
+    def withdraw(self, owner: object, error: Callable[[], Exception]) -> None:
+        """``owner`` will not take a unit (its connection closed): its waiters not yet woken
+        leave the line and raise ``error()``; one already woken hands its turn on when it
+        runs (``UDPConn._check_turn``). O(waiters), only when there are any."""
+        gone = [future for future, waiting_for in self._owners.items()
+                if waiting_for is owner and not future.done()]
+        for future in gone:
+            with contextlib.suppress(ValueError):
+                self.remove(future)
+            future.set_exception(error())
 
     def _resumed(self) -> None:
         self.turns -= 1

@@ -191,11 +191,12 @@ class Writer:
         if self.queue.datagrams:
             self.schedule()
 
-    async def wait_space(self, *, front: bool = False) -> None:
+    async def wait_space(self, owner: object = None, *, front: bool = False) -> None:
         """Wait for a turn at a free slot (FIFO among waiters; at the head of the line with
-        ``front``). Cancellation-safe. A caller that is woken and does not queue a datagram
-        must call ``space.wake(1)``."""
-        await self.space.wait(front=front)
+        ``front``), on behalf of ``owner`` (``space.withdraw(owner, ...)`` ends the wait).
+        Cancellation-safe. A caller that is woken and does not queue a datagram must call
+        ``space.wake(1)``."""
+        await self.space.wait(owner, front=front)
 
     def when_drained(self, account: TxAccount | None, callback: Callable[[], None]) -> None:
         """Call ``callback`` once every datagram ``account`` queued was handled (sent or
