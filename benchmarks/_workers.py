@@ -300,7 +300,8 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
         consume = consume_recv if args.impl == "udpx-recv" else consume_recv_many
         ln = await udpx.listen(args.listen_host, 0, **options)
         tasks: set[asyncio.Task[None]] = set()
-        window.ready = lambda: len(tasks) >= peers
+        window.ready = lambda: len(tasks) >= peers and not (
+            args.connected and ln.describe(max_conns=0)["handover_pending"])
 
         async def accept_all() -> None:
             async for conn in ln:
@@ -317,7 +318,9 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
         conns = Counter()
         ln = await udpx.listen(args.listen_host, 0, protocol_factory=lambda: CountingConnProtocol(
             counter, conns), **options)
-        window.ready = lambda: conns.n >= peers
+        # (Connected mode: and every connection reads its own socket, the handover done.)
+        window.ready = lambda: conns.n >= peers and not (
+            args.connected and ln.describe(max_conns=0)["handover_pending"])
         result, extra = await _measure_listener(ln, window)
     elif args.impl in ("proto", "udpx-dropin"):
         # The same protocol and call; "udpx-dropin" on a loop patched by udpx.patch_loop, so

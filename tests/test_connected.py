@@ -297,6 +297,8 @@ def test_wildcard_listener_binds_the_exact_local_address(run: Runner[None], host
                 assert reply == b"reply"
                 peer.sendto(b"two", (peer_host, port))
                 assert [await conn.recv(), await conn.recv()] == [b"one", b"two"]
+                # "two" came through its own socket: the handover is done.
+                assert ln.describe()["handover_pending"] == 0
 
     run(main())
 

@@ -515,6 +515,9 @@ class Listener(asyncio.DatagramProtocol):
             "closed": self._closed,
             "mode": "task" if self._protocol_factory is None else "protocol",
             "connected": self._connected,
+            # Connected mode: new connections whose own sockets are not read yet (they wait for
+            # the listener's socket to be read empty, so that their peers' order is kept).
+            "handover_pending": len(self._handover),
             "options": options,
             "socket": self._engine.describe(),
             "backlog": len(self._backlog),
