@@ -272,6 +272,12 @@ async def consume_recv_many(conn: udpx.UDPConn, counter: Counter) -> None:
             counter.n += len(batch)
 
 
+def handed_over(ln: udpx.Listener) -> bool:
+    """Whether every connection reads its own socket (always, but in connected mode until its
+    handover is done): the window's steady state starts there."""
+    return not ln.describe(max_conns=0)["handover_pending"]
+
+
 async def _measure_listener(ln: udpx.Listener,
                             window: Window) -> tuple[dict[str, Any], dict[str, Any]]:
     """Announce the listener's port, run the measurement window, then close the listener:
@@ -300,8 +306,7 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
         consume = consume_recv if args.impl == "udpx-recv" else consume_recv_many
         ln = await udpx.listen(args.listen_host, 0, **options)
         tasks: set[asyncio.Task[None]] = set()
-        window.ready = lambda: len(tasks) >= peers and not (
-            args.connected and ln.describe(max_conns=0)["handover_pending"])
+        window.ready = lambda: len(tasks) >= peers and (not args.connected or handed_over(ln))
 
         async def accept_all() -> None:
             async for conn in ln:
@@ -318,9 +323,7 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
         conns = Counter()
         ln = await udpx.listen(args.listen_host, 0, protocol_factory=lambda: CountingConnProtocol(
             counter, conns), **options)
-        # (Connected mode: and every connection reads its own socket, the handover done.)
-        window.ready = lambda: conns.n >= peers and not (
-            args.connected and ln.describe(max_conns=0)["handover_pending"])
+        window.ready = lambda: conns.n >= peers and (not args.connected or handed_over(ln))
         result, extra = await _measure_listener(ln, window)
     elif args.impl in ("proto", "udpx-dropin"):
         # The same protocol and call; "udpx-dropin" on a loop patched by udpx.patch_loop, so

@@ -158,8 +158,7 @@ class Demux:
         self.refusal = "dropped_refused"  # unless create() names another reason
         queue = self.create(key)
         if queue is None:
-            name = self.refusal
-            setattr(self, name, getattr(self, name) + 1)
+            self.feed_batch_refused(1)
             return None
         self.table[key] = queue
         if backlog >= 0:
@@ -402,7 +401,8 @@ class Demux:
         if refused and not self.closed:  # (closed meanwhile: counted as closed from now on)
             reason = refused.get(key)
             if reason is not None:
-                setattr(self, reason, getattr(self, reason) + 1)
+                self.refusal = reason
+                self.feed_batch_refused(1)
                 return None
         queue = self.admit(key)
         if queue is None:

@@ -151,11 +151,8 @@ class TurnWaiters(FifoWaiters):
 
     def abandon(self, future: asyncio.Future[None]) -> None:
         if future.done() and not future.cancelled():
-            self._resumed()
-            self.wake(1)  # woken, then cancelled before the task could use its turn
-        else:
-            with contextlib.suppress(ValueError):
-                self.remove(future)
+            self._resumed()  # its turn ends here; FifoWaiters.abandon hands it on (wake)
+        super().abandon(future)
 
     def wake(self, count: int = 1) -> int:
         woken = super().wake(count)
@@ -165,8 +162,4 @@ class TurnWaiters(FifoWaiters):
         return woken
 
     def wake_all(self) -> None:
-        woken = sum(1 for future in self if not future.done())
-        super().wake_all()
-        if woken:
-            self.turns += woken
-            self._on_turns(self.turns)
+        self.wake(len(self))  # every live waiter, each counted as a turn
