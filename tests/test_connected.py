@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 import udpx
+from udpx._engine import SocketEngine
 
 from .conftest import HAVE_IPV6, Runner, receive_plain
 
@@ -325,6 +326,99 @@ def test_protocol_mode_on_connected_sockets(run: Runner[None]) -> None:
                 info = ln.describe(max_conns=None)
                 assert info["mode"] == "protocol" and info["connected"] is True
                 assert len({conn["socket"]["fd"] for conn in info["conns"]}) == 20
+            finally:
+                for peer in peers:
+                    peer.close()
+
+    run(main())
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("mode", ["task", "protocol"])
+def test_peer_sockets_share_one_receive_arena(run: Runner[None], mode: str) -> None:
+    """Every peer socket of a listener is read through one batch receiver, freed with the last
+    of them. (Each had an arena of its own, a slot of max_datagram bytes per message, so a
+    first batch of 64 faulted in about 256 KiB: 200 such peers grew the resident memory by
+    63 MiB, against 4 MiB shared, and 1,000 new peers under load stalled the loop for half a
+    second.)"""
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, connected=True,
+                               protocol_factory=_Echo if mode == "protocol" else None) as ln:
+            server = asyncio.create_task(echo_all(ln)) if mode == "task" else None
+            peers = [peer_socket("127.0.0.1") for _ in range(200)]
+            try:
+                before = resident_bytes()
+                for index, peer in enumerate(peers):
+                    peer.sendto(b"%d" % index, ln.local_addr)
+                for index, peer in enumerate(peers):
+                    assert await receive(peer, 1) == [b"%d" % index]
+                # Then a batch of 64 through each peer's own socket.
+                for index, peer in enumerate(peers):
+                    for turn in range(64):
+                        peer.sendto(b"%d-%d" % (index, turn), ln.local_addr)
+                for index, peer in enumerate(peers):
+                    assert await receive(peer, 64) == [b"%d-%d" % (index, turn)
+                                                       for turn in range(64)]
+                grown = resident_bytes() - before
+                conns = ln.conns()
+                assert len(conns) == 200
+                engines = [ln._peer_engines[conn] for conn in conns]
+                assert len({id(engine.receiver) for engine in engines}) == 1
+                listener_engine = ln._engine
+                assert isinstance(listener_engine, SocketEngine)
+                assert engines[0].receiver is not listener_engine.receiver
+                assert len(ln._peer_receivers) == 1
+                assert grown < 20 * 2**20, f"{grown / 2**20:.1f} MiB for 200 connections"
+                shared = engines[0].receiver
+                for conn in conns:
+                    conn.close()
+                for conn in conns:
+                    await conn.wait_closed()
+                assert len(ln._peer_receivers) == 0 and shared._closed  # type: ignore[union-attr]
+                # A new peer gets a new one.
+                peers[0].sendto(b"again", ln.local_addr)
+                assert await receive(peers[0], 1) == [b"again"]
+                peers[0].sendto(b"own socket", ln.local_addr)
+                assert await receive(peers[0], 1) == [b"own socket"]
+                assert len(ln._peer_receivers) == 1
+            finally:
+                if server is not None:
+                    server.cancel()
+                for peer in peers:
+                    peer.close()
+
+    run(main())
+
+
+def test_peers_sharing_a_receiver_keep_their_own_ecn_marks(run: Runner[None]) -> None:
+    """The shared receiver's control space is read per batch, before anything is delivered:
+    each connection counts its own peer's ECN codepoints."""
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, connected=True, ecn=True,
+                               protocol_factory=_Echo) as ln:
+            peers = [peer_socket("127.0.0.1") for _ in range(4)]
+            try:
+                marks = [0, 1, 2, 3]  # not-ECT, ECT(1), ECT(0), CE
+                for peer, mark in zip(peers, marks):
+                    peer.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, mark)
+                for turn in range(3):
+                    for index, peer in enumerate(peers):
+                        peer.sendto(b"%d-%d" % (index, turn), ln.local_addr)
+                    for index, peer in enumerate(peers):
+                        assert await receive(peer, 1) == [b"%d-%d" % (index, turn)]
+                by_peer = {conn.remote_addr: conn for conn in ln.conns()}
+                for peer, mark in zip(peers, marks):
+                    ecn = dict(by_peer[peer.getsockname()].stats.ecn)
+                    expected = {"ect0": 0, "ect1": 0, "ce": 0}
+                    if mark:
+                        expected[{1: "ect1", 2: "ect0", 3: "ce"}[mark]] = 3
+                    assert ecn == expected, (mark, ecn)
             finally:
                 for peer in peers:
                     peer.close()

@@ -20,7 +20,7 @@ from ._cmsg import pktinfo_ancillary
 from ._conn import UDPConn
 from ._demux import Demux
 from ._dial import PeerSink
-from ._engine import Engine, SocketEngine
+from ._engine import Engine, SharedReceivers, SocketEngine
 from ._errors import ListenerClosed, UDPXError
 from ._idle import PRESSURE_FLOOR, PRESSURE_THRESHOLD, effective_timeout, sweep, sweep_interval
 from ._opening import Opening
@@ -146,6 +146,8 @@ class Listener(asyncio.DatagramProtocol):
             raise UDPXError("connected=True needs the batch engine, which this loop cannot "
                             "drive")
         self._peer_engines: dict[UDPConn, SocketEngine] = {}
+        # Their sockets' batch receiver: one arena for all of them (see SharedReceivers).
+        self._peer_receivers = SharedReceivers()
         # Each with the datagrams its socket held right after connect() (see _read_early).
         self._handover: list[tuple[UDPConn, SocketEngine, list[tuple[bytes, Address]]]] = []
         self._retired = [0, 0, 0, 0]  # tx packets, tx bytes, send errors, kernel drops
@@ -354,7 +356,8 @@ class Listener(asyncio.DatagramProtocol):
             # socket's reader takes, and the rest waits in each socket's kernel buffer.
             sink = PeerSink()
             engine = SocketEngine(self._loop, sock, options, sink, named=False,
-                                  read_budget=options.batch_size)
+                                  read_budget=options.batch_size,
+                                  receivers=self._peer_receivers)
             engine.reader.overflow = sink
             return engine
         except BaseException:

@@ -113,9 +113,13 @@ class BatchReader:
         self._sock = sock
         self._fd = sock.fileno()
         self.receiver = receiver
+        #: Messages asked for per call. The reader's, set on the receiver before each
+        #: wake-up's first call: sockets of one layout may share a receiver
+        #: (``_engine.SharedReceivers``), each with its own peers.
+        self.vlen = receiver.size
         if receiver.gro:
             # Until the first batch says otherwise, messages may be GSO peers' runs.
-            receiver.vlen = max(1, min(receiver.size, budget // GRO_RUN))
+            self.vlen = receiver.vlen = max(1, min(receiver.size, budget // GRO_RUN))
         self._on_batch = on_batch
         self._on_error = on_error
         # Called when a wake-up finds nothing to read: the socket may be readable for its error
@@ -262,7 +266,7 @@ class BatchReader:
         receiver = self.receiver
         receive = receiver.receive
         size = receiver.size
-        vlen = receiver.vlen
+        vlen = receiver.vlen = self.vlen
         fd = self._fd
         on_batch = self._on_batch
         budget = self.budget
@@ -302,7 +306,8 @@ class BatchReader:
                 # such messages from one peer brings more than its connection's queue holds
                 # (rx_queue_size, 1,024 by default) before its task can run, and the excess
                 # is dropped, though the kernel's buffer had room for it.
-                vlen = receiver.vlen = max(1, min(size, self.budget * count // max(got, 1)))
+                vlen = receiver.vlen = self.vlen = max(
+                    1, min(size, self.budget * count // max(got, 1)))
             if not self._active or (count < asked and not self.drain_to_empty):
                 self._drained = count < asked
                 return read
