@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import socket
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, final
 
@@ -49,7 +50,7 @@ from ._sockets import (
 )
 from ._writer import Writer
 
-__all__ = ["Engine", "Releasing", "SharedReceivers", "Sink", "SocketEngine"]
+__all__ = ["Engine", "Releasing", "SharedReceivers", "Sink", "SocketEngine", "dialed_receivers"]
 
 logger = logging.getLogger("udpx")
 
@@ -67,8 +68,8 @@ def _datagrams_per_message(lengths: list[int], sizes: list[int]) -> list[int]:
 
 
 class SharedReceivers:
-    """Batch receivers shared by many sockets' engines: a connected-mode listener's peer
-    sockets, one per peer, all read by the one loop thread.
+    """Batch receivers shared by many sockets' engines, all read by one loop thread: a
+    connected-mode listener's peer sockets, one per peer; the dialed connections of a loop.
 
     A batch receiver's arena has a slot of ``max_datagram`` bytes per message, so each message
     lands on a page of its own: an engine of its own per peer socket touched (and faulted in)
@@ -113,6 +114,21 @@ class SharedReceivers:
     def __len__(self) -> int:
         """Receivers in use (tests)."""
         return len(self._entries)
+
+
+#: The receivers the dialed sockets of each loop share (one thread reads them all).
+_dialed_receivers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SharedReceivers] = (
+    weakref.WeakKeyDictionary())
+
+
+def dialed_receivers(loop: asyncio.AbstractEventLoop) -> SharedReceivers:
+    """The batch receivers shared by the dialed connections' sockets on ``loop``: a client of
+    many connections (a relay's upstreams, a load generator) reads them all through one arena
+    per layout, not one each."""
+    receivers = _dialed_receivers.get(loop)
+    if receivers is None:
+        receivers = _dialed_receivers[loop] = SharedReceivers()
+    return receivers
 
 
 class Sink(Protocol):

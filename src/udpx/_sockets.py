@@ -252,8 +252,12 @@ def _set_buffer(sock: socket.socket, option: int, name: str, requested: int,
     sock.setsockopt(socket.SOL_SOCKET, option, requested)
     granted = sock.getsockopt(socket.SOL_SOCKET, option)
     # Linux doubles the request (bookkeeping overhead) and caps it at the sysctl, doubled.
+    # Granted in full, or warned about already: no file to read (a connected-mode listener
+    # sets the buffers of every new peer's socket).
+    if granted >= 2 * requested or sysctl in _warned_sysctls:
+        return
     limit = _read_sysctl(sysctl)
-    if limit is not None and requested > limit and sysctl not in _warned_sysctls:
+    if limit is not None and requested > limit:
         _warned_sysctls.add(sysctl)
         logger.warning(
             "udpx: %s of %d bytes requested, the kernel granted %d (capped by %s = %d); "

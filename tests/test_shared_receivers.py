@@ -1,0 +1,151 @@
+"""Dialed connections on one loop read their sockets through one shared batch receiver (its
+arena, headers and control space), as a connected-mode listener's peer sockets do
+(test_connected.py). Real sockets on loopback, both loops."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+import udpx
+from udpx._cmsg import SOL_UDP, UDP_SEGMENT
+from udpx._engine import SocketEngine, dialed_receivers
+
+from .conftest import Runner
+from .test_connected import peer_socket, receive, resident_bytes
+
+CONNS = 100
+
+
+def engine_of(conn: udpx.UDPConn) -> SocketEngine:
+    engine = conn._engine
+    assert isinstance(engine, SocketEngine)
+    return engine
+
+
+def test_dialed_connections_share_one_receiver(run: Runner[None]) -> None:
+    """A client of many connections (a relay's upstreams): each dialed socket had an arena of
+    its own, and its first batch of 64 faulted in about 256 KiB. Now one receiver serves them
+    all, and it is freed with the last."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        peers = [peer_socket("127.0.0.1") for _ in range(CONNS)]
+        conns = [await udpx.dial(*peer.getsockname()) for peer in peers]
+        try:
+            before = resident_bytes()
+            for index, (peer, conn) in enumerate(zip(peers, conns)):
+                for turn in range(64):
+                    peer.sendto(b"%d-%d" % (index, turn), conn.local_addr)
+            for index, conn in enumerate(conns):
+                async with asyncio.timeout(10):
+                    got: list[bytes] = []
+                    while len(got) < 64:
+                        got += await conn.recv_many()
+                assert got == [b"%d-%d" % (index, turn) for turn in range(64)]
+            grown = resident_bytes() - before
+            receivers = {id(engine_of(conn).receiver) for conn in conns}
+            assert len(receivers) == 1 and len(dialed_receivers(loop)) == 1
+            # An arena each: about 21 MiB here (0.6 shared).
+            assert grown < 10 * 2**20, f"{grown / 2**20:.1f} MiB for {CONNS} connections"
+            # Replies still go out from each connection's own socket.
+            for index, conn in enumerate(conns):
+                await conn.send(b"reply %d" % index)
+            for index, peer in enumerate(peers):
+                assert await receive(peer, 1) == [b"reply %d" % index]
+            shared = engine_of(conns[0]).receiver
+        finally:
+            for conn in conns:
+                await conn.aclose()
+            for peer in peers:
+                peer.close()
+        assert len(dialed_receivers(loop)) == 0 and shared._closed  # type: ignore[union-attr]
+
+    run(main())
+
+
+def test_readers_sharing_a_receiver_keep_their_own_batch_sizes(run: Runner[None]) -> None:
+    """How many messages a reader asks for per call is its own socket's business: a peer's GRO
+    runs make its reader ask for fewer, and another reader of the same receiver still asks
+    for whole batches (and the other way round)."""
+    runs, run_length, size = 16, 64, 64
+
+    async def main() -> None:
+        with peer_socket("127.0.0.1") as gso_peer, peer_socket("127.0.0.1") as plain_peer:
+            async with udpx.dial(*gso_peer.getsockname()) as runs_conn, \
+                    udpx.dial(*plain_peer.getsockname()) as plain_conn:
+                runs_reader = engine_of(runs_conn).reader
+                plain_reader = engine_of(plain_conn).reader
+                receiver = runs_reader.receiver
+                assert receiver is plain_reader.receiver
+                if not receiver.gro:
+                    pytest.skip("no UDP GRO on this socket")
+                try:
+                    gso_peer.setsockopt(SOL_UDP, UDP_SEGMENT, size)
+                except OSError as exc:
+                    pytest.skip(f"no UDP GSO here: {exc}")
+                for index in range(runs):
+                    gso_peer.sendto(b"".join((b"%d:%d:" % (index, piece)).ljust(size, b".")
+                                             for piece in range(run_length)),
+                                    runs_conn.local_addr)
+                got: list[bytes] = []
+                async with asyncio.timeout(10):
+                    while len(got) < runs * run_length:
+                        got += await runs_conn.recv_many()
+                assert got == [(b"%d:%d:" % (index, piece)).ljust(size, b".")
+                               for index in range(runs) for piece in range(run_length)]
+                assert runs_reader.vlen < receiver.size
+                for index in range(100):
+                    plain_peer.sendto(b"%d" % index, plain_conn.local_addr)
+                async with asyncio.timeout(10):
+                    assert [await plain_conn.recv() for _ in range(100)] == [
+                        b"%d" % index for index in range(100)]
+                assert plain_reader.vlen == receiver.size
+                assert runs_reader.vlen < receiver.size  # not the other reader's
+
+    run(main())
+
+
+def test_a_socket_closed_with_datagrams_in_it_counts_them(run: Runner[None]) -> None:
+    """A freed socket's leftovers are read out and counted with a receiver of its own (the
+    shared one may be in the middle of another socket's batch)."""
+
+    async def main() -> None:
+        with peer_socket("127.0.0.1") as peer, peer_socket("127.0.0.1") as other_peer:
+            other = await udpx.dial(*other_peer.getsockname())  # keeps the receiver shared
+            conn = await udpx.dial(*peer.getsockname())
+            try:
+                peer.sendto(b"first", conn.local_addr)
+                assert await conn.recv() == b"first"
+                conn._engine.stop_reading()
+                for index in range(40):
+                    peer.sendto(b"%d" % index, conn.local_addr)
+                await conn.aclose()
+                stats = conn.stats
+                assert (stats.rx_packets, stats.drops["closed"]) == (1, 40), stats
+                # The shared receiver is untouched and still serves the other connection.
+                other_peer.sendto(b"still here", other.local_addr)
+                assert await other.recv() == b"still here"
+            finally:
+                await other.aclose()
+
+    run(main())
+
+
+def test_listeners_do_not_share_their_receivers(run: Runner[None]) -> None:
+    """An unconnected socket's receiver carries peer addresses; each listener keeps its own."""
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0) as first, udpx.listen("127.0.0.1", 0) as second:
+            engines = [first._engine, second._engine]
+            assert all(isinstance(engine, SocketEngine) for engine in engines)
+            assert engines[0].receiver is not engines[1].receiver  # type: ignore[attr-defined]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+                peer.sendto(b"one", first.local_addr)
+                peer.sendto(b"two", second.local_addr)
+                assert await (await first.accept()).recv() == b"one"
+                assert await (await second.accept()).recv() == b"two"
+
+    run(main())
