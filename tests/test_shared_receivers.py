@@ -119,7 +119,7 @@ def test_a_socket_closed_with_datagrams_in_it_counts_them(run: Runner[None]) -> 
             try:
                 peer.sendto(b"first", conn.local_addr)
                 assert await conn.recv() == b"first"
-                conn._engine.stop_reading()
+                engine_of(conn).stop_reading()
                 for index in range(40):
                     peer.sendto(b"%d" % index, conn.local_addr)
                 await conn.aclose()
