@@ -114,6 +114,52 @@ _WORD_CONTROLLEN = _MsgHdr.msg_controllen.offset // _SIZE_T
 _WORD_NAME = _MsgHdr.msg_name.offset // _SIZE_T
 
 
+_WORD_IOV = _MsgHdr.msg_iov.offset // _SIZE_T
+_WORD_IOVLEN = _MsgHdr.msg_iovlen.offset // _SIZE_T
+_WORD_CONTROL = _MsgHdr.msg_control.offset // _SIZE_T
+_U32_NAMELEN = _MsgHdr.msg_namelen.offset // 4
+
+
+def _strided(start: int, count: int, step: int) -> array[int]:
+    """``count`` size_t values from ``start`` on, ``step`` apart (addresses of array items)."""
+    return array(_SIZE_T_CODE, range(start, start + count * step, step)) if step else array(
+        _SIZE_T_CODE, [start]) * count
+
+
+def _lay_out(hdrs: ctypes.Array[Any], iovs: ctypes.Array[Any], count: int, *,
+             base: int | None, slot: int, names: int | None, namelen: int,
+             controls: int | None, control_size: int, control_len: bool) -> None:
+    """Point each of ``count`` headers at its iovec (one each), each iovec at ``base +
+    i * slot`` (``base`` None: left for the sender to set), each header at its name
+    (``names`` + i * ``namelen``, or only the length with ``names`` 0, None: none) and its
+    control space: strided slice assignments, not a Python step per header (a connected-mode
+    listener makes a sender for every new peer)."""
+    words = memoryview(hdrs).cast("B").cast(_SIZE_T_CODE)
+    u32 = memoryview(hdrs).cast("B").cast("I")
+    try:
+        end = count * _WORD_STRIDE
+        words[_WORD_IOV:end:_WORD_STRIDE] = _strided(ctypes.addressof(iovs), count, _IOV_SIZE)
+        words[_WORD_IOVLEN:end:_WORD_STRIDE] = _strided(1, count, 0)
+        if names is not None:
+            if names:
+                words[_WORD_NAME:end:_WORD_STRIDE] = _strided(names, count, namelen)
+            u32[_U32_NAMELEN:count * _U32_STRIDE:_U32_STRIDE] = array("I", [namelen]) * count
+        if controls is not None:
+            words[_WORD_CONTROL:end:_WORD_STRIDE] = _strided(controls, count, control_size)
+            if control_len:
+                words[_WORD_CONTROLLEN:end:_WORD_STRIDE] = _strided(control_size, count, 0)
+        if base is not None:
+            iov_words = memoryview(iovs).cast("B").cast(_SIZE_T_CODE)
+            try:
+                iov_words[0:count * _IOV_WORDS:_IOV_WORDS] = _strided(base, count, slot)
+                iov_words[1:count * _IOV_WORDS:_IOV_WORDS] = _strided(slot, count, 0)
+            finally:
+                iov_words.release()
+    finally:
+        words.release()
+        u32.release()
+
+
 def _cmsg_align(length: int) -> int:
     return (length + _SIZE_T - 1) & ~(_SIZE_T - 1)
 
@@ -244,26 +290,15 @@ class RecvBatch:
         self.name_offsets = [index * SOCKADDR_SIZE for index in range(batch_size)]
         self._iovs = (_IOVec * batch_size)()
         self._hdrs = (_MMsgHdr * batch_size)()
-        for index in range(batch_size):
-            iov = self._iovs[index]
-            iov.iov_base = arena_address + index * slot_size
-            iov.iov_len = slot_size
-            hdr = self._hdrs[index].msg_hdr
-            hdr.msg_iov = ctypes.addressof(iov)
-            hdr.msg_iovlen = 1
-            if named:
-                hdr.msg_name = names_address + index * SOCKADDR_SIZE
-                hdr.msg_namelen = SOCKADDR_SIZE
         control_size = _PKTINFO_CONTROL_SIZE if pktinfo or tos else _CONTROL_SIZE
         gro_or_more = gro or pktinfo or tos
         self._control_stride = control_size // 4
         self._controls, controls_address, self._controls_anchor = _anonymous_arena(
             control_size * batch_size if gro_or_more else 1)
-        if gro_or_more:
-            for index in range(batch_size):
-                hdr = self._hdrs[index].msg_hdr
-                hdr.msg_control = controls_address + index * control_size
-                hdr.msg_controllen = control_size
+        _lay_out(self._hdrs, self._iovs, batch_size, base=arena_address, slot=slot_size,
+                 names=names_address if named else None, namelen=SOCKADDR_SIZE,
+                 controls=controls_address if gro_or_more else None,
+                 control_size=control_size, control_len=True)
         self._control_words = memoryview(self._controls).cast("i") if gro_or_more else None
         # Unsigned, for IPv4 addresses read as native ints (as _sockets.join_key makes them).
         self._control_uwords = memoryview(self._controls).cast("I") if pktinfo else None
@@ -610,22 +645,16 @@ class SendBatch:
         self._uniform_bases: dict[int, array[int]] = {}
         self._iovs = (_IOVec * batch_size)()
         self._hdrs = (_MMsgHdr * batch_size)()
-        for index in range(batch_size):
-            iov = self._iovs[index]
-            hdr = self._hdrs[index].msg_hdr
-            hdr.msg_iov = ctypes.addressof(iov)
-            hdr.msg_iovlen = 1
-            if named:
-                # msg_name is set per datagram by fill(): its account's sockaddr.
-                hdr.msg_namelen = namelen
-        self._iov_words = memoryview(self._iovs).cast("B").cast(_SIZE_T_CODE)
         self._controls, controls_address, self._controls_anchor = _anonymous_arena(
             batch_size * control_space)
         self.control_offsets = [index * control_space for index in range(batch_size)]
-        if control_space:
-            for index in range(batch_size):
-                self._hdrs[index].msg_hdr.msg_control = (
-                    controls_address + index * control_space)
+        # The iovecs are pointed by fill(); msg_name is set per datagram by fill() too (its
+        # account's sockaddr), msg_controllen per batch.
+        _lay_out(self._hdrs, self._iovs, batch_size, base=None, slot=0,
+                 names=0 if named else None, namelen=namelen,
+                 controls=controls_address if control_space else None,
+                 control_size=control_space, control_len=False)
+        self._iov_words = memoryview(self._iovs).cast("B").cast(_SIZE_T_CODE)
         self._hdr_words = memoryview(self._hdrs).cast("B").cast(_SIZE_T_CODE)
         self._count = 0
         self._closed = False
