@@ -109,8 +109,9 @@ def test_readers_sharing_a_receiver_keep_their_own_batch_sizes(run: Runner[None]
 
 
 def test_a_socket_closed_with_datagrams_in_it_counts_them(run: Runner[None]) -> None:
-    """A freed socket's leftovers are read out and counted with a receiver of its own (the
-    shared one may be in the middle of another socket's batch)."""
+    """A freed socket's leftovers are read out and counted with the layout's second receiver
+    (the shared one may be in the middle of another socket's batch), which is freed with the
+    layout's last socket."""
 
     async def main() -> None:
         with peer_socket("127.0.0.1") as peer, peer_socket("127.0.0.1") as other_peer:
@@ -128,8 +129,38 @@ def test_a_socket_closed_with_datagrams_in_it_counts_them(run: Runner[None]) -> 
                 # The shared receiver is untouched and still serves the other connection.
                 other_peer.sendto(b"still here", other.local_addr)
                 assert await other.recv() == b"still here"
+                receivers = dialed_receivers(asyncio.get_running_loop())
+                leftovers = receivers.leftovers(engine_of(other).receiver)  # type: ignore[arg-type]
             finally:
                 await other.aclose()
+            assert leftovers._closed and len(receivers) == 0
+
+    run(main())
+
+
+def test_gro_runs_left_in_a_freed_socket_count_as_datagrams(run: Runner[None]) -> None:
+    """The leftovers receiver has the layout's control space: a GSO peer's runs left in a
+    freed socket count one per datagram, not one per message."""
+
+    async def main() -> None:
+        with peer_socket("127.0.0.1") as peer:
+            conn = await udpx.dial(*peer.getsockname())
+            if not engine_of(conn).receiver.gro:
+                await conn.aclose()
+                pytest.skip("no UDP GRO on this socket")
+            try:
+                peer.setsockopt(SOL_UDP, UDP_SEGMENT, 100)
+            except OSError as exc:
+                await conn.aclose()
+                pytest.skip(f"no UDP GSO here: {exc}")
+            peer.sendto(b"x" * 100, conn.local_addr)
+            assert await conn.recv() == b"x" * 100
+            engine_of(conn).stop_reading()
+            for _ in range(5):
+                peer.sendto(b"y" * 1000, conn.local_addr)  # runs of 10 datagrams
+            await conn.aclose()
+            stats = conn.stats
+            assert (stats.rx_packets, stats.drops["closed"]) == (1, 50), stats
 
     run(main())
 

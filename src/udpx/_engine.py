@@ -46,7 +46,6 @@ from ._sockets import (
     join_key,
     kernel_drops,
     key_from_address,
-    receive_memory,
 )
 from ._writer import Writer
 
@@ -76,15 +75,18 @@ class SharedReceivers:
     about 64 pages, 256 KiB, on its first read. With 1,000 new peers under load that was one
     loop iteration of about half a second and over 500 MiB of resident memory. The engine
     decodes every batch into ``bytes`` before its sink sees any of it, and no receive call
-    runs inside another (a freed engine counts what its socket still held with a receiver of
-    its own: ``SocketEngine._count_unread``), so sockets of the same layout can share one
-    receiver. Per-socket read state (how many messages to ask for) stays in each reader.
+    runs inside another, so sockets of the same layout can share one receiver. A freed
+    engine, which may be freed from a callback in the middle of another socket's batch,
+    counts what its socket still held with a second receiver of the layout (``leftovers``):
+    counting runs no callback, so it never runs inside another count. Per-socket read state
+    (how many messages to ask for) stays in each reader.
     """
 
     __slots__ = ("_entries",)
 
     def __init__(self) -> None:
-        # Layout -> [receiver, engines using it]; freed when the last one lets go.
+        # Layout -> [receiver, engines using it, leftovers' receiver or None]; freed when the
+        # last engine lets go.
         self._entries: dict[tuple[object, ...], list[Any]] = {}
 
     def acquire(self, sock: socket.socket, options: Options, state: SocketState) -> Receiver:
@@ -96,11 +98,25 @@ class SharedReceivers:
         if entry is None:
             receiver = make_receiver(sock, options.batch_size, options.max_datagram, False,
                                      None, state=state)
-            entry = self._entries[layout] = [receiver, 0]
+            entry = self._entries[layout] = [receiver, 0, None]
         entry[1] += 1
         receiver = entry[0]
         assert isinstance(receiver, RecvBatch)
         return receiver
+
+    def leftovers(self, receiver: RecvBatch) -> RecvBatch:
+        """The receiver that counts what a freed socket of ``receiver``'s layout still held
+        (made on first use, kept until the layout's last engine is freed: making one per
+        freed socket cost an arena's mapping and its page faults each)."""
+        for entry in self._entries.values():
+            if entry[0] is receiver:
+                if entry[2] is None:
+                    entry[2] = RecvBatch(receiver.size, receiver.slot_size, receiver.family,
+                                         False, gro=receiver.gro, pktinfo=receiver.pktinfo,
+                                         tos=receiver.tos)
+                leftovers: RecvBatch = entry[2]
+                return leftovers
+        raise ValueError("not a shared receiver")
 
     def release(self, receiver: Receiver) -> None:
         for layout, entry in self._entries.items():
@@ -109,6 +125,8 @@ class SharedReceivers:
                 if not entry[1]:
                     del self._entries[layout]
                     receiver.close()
+                    if entry[2] is not None:
+                        entry[2].close()
                 return
 
     def __len__(self) -> int:
@@ -452,20 +470,9 @@ class SocketEngine(Releasing):
         receiver = self.receiver
         if self._receivers is not None:
             # A shared receiver may be in the middle of another socket's batch (this engine
-            # can be freed from a callback of that batch): a receiver of its own, made only
-            # when the socket holds anything.
-            memory = receive_memory(self.sock)
-            if memory is not None and not memory[0]:
-                return 0
-            receiver = make_receiver(self.sock, receiver.size, self._max_datagram, False, None,
-                                     state=self.state)
-            try:
-                return self._count_with(receiver)
-            finally:
-                receiver.close()
-        return self._count_with(receiver)
-
-    def _count_with(self, receiver: Receiver) -> int:
+            # can be freed from a callback of that batch): the layout's leftovers receiver.
+            assert isinstance(receiver, RecvBatch)
+            receiver = self._receivers.leftovers(receiver)
         fd = self.sock.fileno()
         unread = 0
         for _ in range(MAX_UNREAD_CALLS):
