@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import udpx
+from udpx._endpoint import _getaddrinfo
 
 from .conftest import HAVE_IPV6, Runner, receive_plain
 
@@ -760,5 +761,75 @@ def test_what_udpx_cannot_serve_falls_back_to_the_loop(run: Runner[None]) -> Non
             assert transport.get_extra_info("sockname") == path
             transport.close()
             await protocol.lost  # type: ignore[attr-defined]
+
+    run(main())
+
+
+# -- what opening an endpoint costs ---------------------------------------------------------
+
+
+class _NoLookups:
+    """A loop whose getaddrinfo records the names it is asked to look up."""
+
+    def __init__(self) -> None:
+        self.asked: list[Any] = []
+
+    async def getaddrinfo(self, host: Any, port: Any, **kwargs: Any) -> list[Any]:
+        self.asked.append(host)
+        return socket.getaddrinfo(host, port, kwargs.get("family", 0), socket.SOCK_DGRAM,
+                                  kwargs.get("proto", 0), kwargs.get("flags", 0))
+
+
+@pytest.mark.parametrize(("host", "port", "flags"), [
+    ("127.0.0.1", 53, 0), ("::0001", 53, 0), ("::1", "53", 0), (None, 0, socket.AI_PASSIVE),
+    ("0.0.0.0", 0, 0)])
+def test_numeric_addresses_resolve_without_a_lookup(host: Any, port: Any, flags: int) -> None:
+    """An endpoint per query (DNS clients open one each) pays no trip through a resolver
+    thread for a numeric address, and gets what getaddrinfo gives."""
+    loop = _NoLookups()
+    found = asyncio.run(_getaddrinfo(loop, host, port, family=0, proto=0,  # type: ignore[arg-type]
+                                     flags=flags))
+    assert found == socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0, flags)
+    assert loop.asked == []
+
+
+@pytest.mark.parametrize(("host", "port"), [("localhost", 53), ("127.0.0.1", "domain")])
+def test_names_are_looked_up_through_the_loop(host: str, port: Any) -> None:
+    loop = _NoLookups()
+    try:
+        expected = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        pytest.skip(f"{host}:{port} does not resolve here: {exc}")
+    found = asyncio.run(_getaddrinfo(loop, host, port, family=0, proto=0,  # type: ignore[arg-type]
+                                     flags=0))
+    assert found == expected and loop.asked == [host]
+
+
+def test_connected_endpoints_share_the_loops_receiver(run: Runner[None]) -> None:
+    """Connected endpoints read through the receiver the loop's dialed sockets share (an arena
+    each made an endpoint per query cost 6x the loop's own); an unconnected one keeps its own
+    (its datagrams carry their sources)."""
+
+    async def main() -> None:
+        with plain_socket() as peer:
+            remote = peer.getsockname()
+            first, first_protocol = await endpoint("udpx", remote_addr=remote)
+            second, second_protocol = await endpoint("udpx", remote_addr=remote)
+            unconnected, unconnected_protocol = await endpoint(
+                "udpx", local_addr=("127.0.0.1", 0))
+            async with udpx.dial(*remote) as conn:
+                engines = [first._engine, second._engine, conn._engine, unconnected._engine]
+                receivers = [engine.receiver for engine in engines]
+                assert receivers[0] is receivers[1] is receivers[2]
+                assert receivers[3] is not receivers[0]
+                for transport, protocol in ((first, first_protocol),
+                                            (second, second_protocol)):
+                    peer.sendto(b"to %d" % id(transport), transport.get_extra_info("sockname"))
+                    await protocol.until(1)
+                    assert protocol.datagrams == [(b"to %d" % id(transport), remote)]
+            for transport, protocol in ((first, first_protocol), (second, second_protocol),
+                                        (unconnected, unconnected_protocol)):
+                transport.close()
+                await protocol.lost
 
     run(main())

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
 import pytest
 
 import udpx
 from udpx._cmsg import SOL_UDP, UDP_SEGMENT
-from udpx._engine import SocketEngine, dialed_receivers
+from udpx._engine import MAX_IDLE_LAYOUTS, SocketEngine, dialed_receivers
 
 from .conftest import Runner
 from .test_connected import peer_socket, receive, resident_bytes
@@ -28,7 +29,7 @@ def engine_of(conn: udpx.UDPConn) -> SocketEngine:
 def test_dialed_connections_share_one_receiver(run: Runner[None]) -> None:
     """A client of many connections (a relay's upstreams): each dialed socket had an arena of
     its own, and its first batch of 64 faulted in about 256 KiB. Now one receiver serves them
-    all, and it is freed with the last."""
+    all, and it is kept, idle, for the loop's next connection."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -46,8 +47,8 @@ def test_dialed_connections_share_one_receiver(run: Runner[None]) -> None:
                         got += await conn.recv_many()
                 assert got == [b"%d-%d" % (index, turn) for turn in range(64)]
             grown = resident_bytes() - before
-            receivers = {id(engine_of(conn).receiver) for conn in conns}
-            assert len(receivers) == 1 and len(dialed_receivers(loop)) == 1
+            shared_ids = {id(engine_of(conn).receiver) for conn in conns}
+            assert len(shared_ids) == 1 and len(dialed_receivers(loop)) == 1
             # An arena each: about 21 MiB here (0.6 shared).
             assert grown < 10 * 2**20, f"{grown / 2**20:.1f} MiB for {CONNS} connections"
             # Replies still go out from each connection's own socket.
@@ -61,7 +62,39 @@ def test_dialed_connections_share_one_receiver(run: Runner[None]) -> None:
                 await conn.aclose()
             for peer in peers:
                 peer.close()
-        assert len(dialed_receivers(loop)) == 0 and shared._closed  # type: ignore[union-attr]
+        receivers = dialed_receivers(loop)
+        assert receivers.in_use() == 0 and len(receivers) == 1
+        assert not shared._closed  # type: ignore[union-attr]
+        with peer_socket("127.0.0.1") as peer:
+            async with udpx.dial(*peer.getsockname()) as conn:
+                assert engine_of(conn).receiver is shared
+                peer.sendto(b"reused", conn.local_addr)
+                assert await conn.recv() == b"reused"
+
+    run(main())
+
+
+def test_idle_receivers_are_kept_for_a_few_layouts_only(run: Runner[None]) -> None:
+    """A client that opens a socket per query reuses the idle receiver of its layout, and a
+    loop keeps at most MAX_IDLE_LAYOUTS idle ones (the oldest go first)."""
+
+    async def main() -> None:
+        receivers = dialed_receivers(asyncio.get_running_loop())
+        made: list[Any] = []
+        with peer_socket("127.0.0.1") as peer:
+            for size in range(1000, 1000 + MAX_IDLE_LAYOUTS + 2):  # a layout each
+                for _ in range(3):  # one query each: the same receiver every time
+                    async with udpx.dial(*peer.getsockname(), max_datagram=size) as conn:
+                        peer.sendto(b"q", conn.local_addr)
+                        assert await conn.recv() == b"q"
+                        receiver = engine_of(conn).receiver
+                        assert not made or made[-1][0] != size or made[-1][1] is receiver
+                        made.append((size, receiver))
+        assert receivers.in_use() == 0 and len(receivers) == MAX_IDLE_LAYOUTS
+        firsts = [receiver for size, receiver in made[::3]]
+        assert [receiver._closed for receiver in firsts] == [True, True] + [False] * 4
+        receivers.close_idle()
+        assert len(receivers) == 0 and all(receiver._closed for receiver in firsts)
 
     run(main())
 
@@ -110,8 +143,8 @@ def test_readers_sharing_a_receiver_keep_their_own_batch_sizes(run: Runner[None]
 
 def test_a_socket_closed_with_datagrams_in_it_counts_them(run: Runner[None]) -> None:
     """A freed socket's leftovers are read out and counted with the layout's second receiver
-    (the shared one may be in the middle of another socket's batch), which is freed with the
-    layout's last socket."""
+    (the shared one may be in the middle of another socket's batch), freed with the layout's
+    receiver."""
 
     async def main() -> None:
         with peer_socket("127.0.0.1") as peer, peer_socket("127.0.0.1") as other_peer:
@@ -133,6 +166,8 @@ def test_a_socket_closed_with_datagrams_in_it_counts_them(run: Runner[None]) -> 
                 leftovers = receivers.leftovers(engine_of(other).receiver)  # type: ignore[arg-type]
             finally:
                 await other.aclose()
+            assert receivers.in_use() == 0
+            receivers.close_idle()
             assert leftovers._closed and len(receivers) == 0
 
     run(main())

@@ -55,6 +55,8 @@ logger = logging.getLogger("udpx")
 
 #: Error-queue entries read per drain (a flood of ICMP errors cannot hold the loop).
 MAX_ERRORS_PER_DRAIN = 256
+#: Layouts whose shared receivers a loop's dialed sockets keep while no socket uses them.
+MAX_IDLE_LAYOUTS = 4
 #: Receive calls a freed socket's engine makes at most to count what was left in its buffer
 #: (64 messages each: more than a 64 MiB buffer of small datagrams holds).
 MAX_UNREAD_CALLS = 2048
@@ -80,14 +82,19 @@ class SharedReceivers:
     counts what its socket still held with a second receiver of the layout (``leftovers``):
     counting runs no callback, so it never runs inside another count. Per-socket read state
     (how many messages to ask for) stays in each reader.
+
+    A layout's receivers are freed when its last engine is, or, with ``keep_idle`` (a loop's
+    dialed sockets), kept for the next socket of that layout, for up to ``MAX_IDLE_LAYOUTS``
+    layouts: a program that opens a socket per query (DNS clients open an endpoint each)
+    would otherwise make and free a receiver per query.
     """
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_entries", "_keep_idle")
 
-    def __init__(self) -> None:
-        # Layout -> [receiver, engines using it, leftovers' receiver or None]; freed when the
-        # last engine lets go.
+    def __init__(self, *, keep_idle: bool = False) -> None:
+        # Layout -> [receiver, engines using it, leftovers' receiver or None], oldest first.
         self._entries: dict[tuple[object, ...], list[Any]] = {}
+        self._keep_idle = keep_idle
 
     def acquire(self, sock: socket.socket, options: Options, state: SocketState) -> Receiver:
         """A receiver laid out for ``sock`` (connected: no peer addresses) and what ``state``
@@ -123,15 +130,36 @@ class SharedReceivers:
             if entry[0] is receiver:
                 entry[1] -= 1
                 if not entry[1]:
-                    del self._entries[layout]
-                    receiver.close()
-                    if entry[2] is not None:
-                        entry[2].close()
+                    if self._keep_idle:
+                        # The most recently used last: the oldest idle layouts go first.
+                        self._entries[layout] = self._entries.pop(layout)
+                        self._free_idle(MAX_IDLE_LAYOUTS)
+                    else:
+                        self._free(layout)
                 return
 
+    def _free(self, layout: tuple[object, ...]) -> None:
+        receiver, _, leftovers = self._entries.pop(layout)
+        receiver.close()
+        if leftovers is not None:
+            leftovers.close()
+
+    def _free_idle(self, keep: int) -> None:
+        idle = [layout for layout, entry in self._entries.items() if not entry[1]]
+        for layout in idle[:max(0, len(idle) - keep)]:
+            self._free(layout)
+
+    def close_idle(self) -> None:
+        """Free every layout no socket uses now."""
+        self._free_idle(0)
+
     def __len__(self) -> int:
-        """Receivers in use (tests)."""
+        """Receivers in use or kept idle (tests)."""
         return len(self._entries)
+
+    def in_use(self) -> int:
+        """Receivers some socket uses now (tests)."""
+        return sum(1 for entry in self._entries.values() if entry[1])
 
 
 #: The receivers the dialed sockets of each loop share (one thread reads them all).
@@ -140,12 +168,13 @@ _dialed_receivers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SharedRe
 
 
 def dialed_receivers(loop: asyncio.AbstractEventLoop) -> SharedReceivers:
-    """The batch receivers shared by the dialed connections' sockets on ``loop``: a client of
-    many connections (a relay's upstreams, a load generator) reads them all through one arena
-    per layout, not one each."""
+    """The batch receivers shared by the connected sockets a program opens on ``loop`` (dialed
+    connections, connected endpoints): a client of many connections (a relay's upstreams, a
+    load generator) reads them all through one arena per layout, not one each, and a client
+    that opens one per query reuses it. Kept while the loop lives."""
     receivers = _dialed_receivers.get(loop)
     if receivers is None:
-        receivers = _dialed_receivers[loop] = SharedReceivers()
+        receivers = _dialed_receivers[loop] = SharedReceivers(keep_idle=True)
     return receivers
 
 

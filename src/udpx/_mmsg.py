@@ -305,10 +305,11 @@ class RecvBatch:
         self._control_offsets = [index * control_size for index in range(batch_size)]
         # Where PKTINFO's address sits when it is a slot's first message: IPv4's ipi_addr (8
         # bytes into in_pktinfo), IPv6's ipi6_addr (at the start of in6_pktinfo).
+        # (Made only for a packet-info socket, the only one that reads them.)
         self._v4_local_slices = [slice(offset + _CMSG_HEADER + 8, offset + _CMSG_HEADER + 12)
-                                 for offset in self._control_offsets]
+                                 for offset in self._control_offsets] if pktinfo else []
         self._v6_local_slices = [slice(offset + _CMSG_HEADER, offset + _CMSG_HEADER + 16)
-                                 for offset in self._control_offsets]
+                                 for offset in self._control_offsets] if pktinfo else []
         self._hdr_size_words = memoryview(self._hdrs).cast("B").cast(_SIZE_T_CODE)
         # The kernel rewrites msg_namelen, msg_controllen, msg_flags and msg_len; a pristine
         # copy restores the used headers with one memmove per batch.
