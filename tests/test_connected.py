@@ -369,23 +369,24 @@ def test_peer_sockets_share_one_receive_arena(run: Runner[None], mode: str) -> N
                 assert len(conns) == 200
                 engines = [ln._peer_engines[conn] for conn in conns]
                 assert len({id(engine.receiver) for engine in engines}) == 1
+                assert len({id(engine.sender) for engine in engines}) == 1
                 listener_engine = ln._engine
                 assert isinstance(listener_engine, SocketEngine)
                 assert engines[0].receiver is not listener_engine.receiver
-                assert len(ln._peer_receivers) == 1
+                assert len(ln._peer_batches) == 2  # a receiver and a sender
                 assert grown < 20 * 2**20, f"{grown / 2**20:.1f} MiB for 200 connections"
                 shared = engines[0].receiver
                 for conn in conns:
                     conn.close()
                 for conn in conns:
                     await conn.wait_closed()
-                assert len(ln._peer_receivers) == 0 and shared._closed  # type: ignore[union-attr]
+                assert len(ln._peer_batches) == 0 and shared._closed  # type: ignore[union-attr]
                 # A new peer gets a new one.
                 peers[0].sendto(b"again", ln.local_addr)
                 assert await receive(peers[0], 1) == [b"again"]
                 peers[0].sendto(b"own socket", ln.local_addr)
                 assert await receive(peers[0], 1) == [b"own socket"]
-                assert len(ln._peer_receivers) == 1
+                assert len(ln._peer_batches) == 2
             finally:
                 if server is not None:
                     server.cancel()

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import final
 
 from ._conn import UDPConn
-from ._engine import SocketEngine, dialed_receivers
+from ._engine import SocketEngine, loop_batches
 from ._idle import sweep, sweep_interval
 from ._opening import Opening
 from ._options import DEFAULTS, Options
@@ -92,7 +92,7 @@ class _DialedSocket:
                  options: Options, remote: Address, *, protocol_mode: bool = False) -> None:
         sink = PeerSink()
         self._engine = make_engine(loop, sock, options, sink, named=False,
-                                   receivers=dialed_receivers(loop))
+                                   batches=loop_batches(loop))
         self.conn = UDPConn(loop=loop, owner=self, engine=self._engine,
                             writer=self._engine.writer, rx_queue_size=options.rx_queue_size,
                             pool=RxPool(options.rx_memory_limit),

@@ -44,7 +44,7 @@ from itertools import repeat
 from struct import error as struct_error
 from typing import Any, final
 
-from ._engine import SocketEngine, dialed_receivers
+from ._engine import SocketEngine, loop_batches
 from ._options import DEFAULTS, Options
 from ._queue import TxAccount
 from ._sockets import (
@@ -164,10 +164,10 @@ class EndpointTransport(asyncio.DatagramTransport):
         self._peername = peer
         self._connected = peer is not None
         self._max_send = min(options.max_datagram, max_payload(sock.family, self._address))
-        # A connected endpoint reads through the loop's receivers shared by dialed sockets
-        # (an arena each made opening one cost 6x the loop's own endpoint).
+        # A connected endpoint uses the batch arrays the loop's connected sockets share
+        # (arrays of its own made opening one cost 6x the loop's own endpoint).
         self._engine = SocketEngine(loop, sock, options, self, named=not self._connected,
-                                    receivers=dialed_receivers(loop))
+                                    batches=loop_batches(loop))
         self._writer = self._engine.writer
         self._writer._send_failed = self._send_failed
         self._writer._flushed = self._after_flush

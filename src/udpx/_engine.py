@@ -30,6 +30,8 @@ from ._mmsg import (
     HAVE_MMSG,
     Receiver,
     RecvBatch,
+    SendBatch,
+    Sender,
     SingleRecv,
     make_receiver,
     make_sender,
@@ -49,13 +51,14 @@ from ._sockets import (
 )
 from ._writer import Writer
 
-__all__ = ["Engine", "Releasing", "SharedReceivers", "Sink", "SocketEngine", "dialed_receivers"]
+__all__ = ["Engine", "Releasing", "SharedBatches", "Sink", "SocketEngine", "loop_batches"]
 
 logger = logging.getLogger("udpx")
 
 #: Error-queue entries read per drain (a flood of ICMP errors cannot hold the loop).
 MAX_ERRORS_PER_DRAIN = 256
-#: Layouts whose shared receivers a loop's dialed sockets keep while no socket uses them.
+#: Layouts of each kind (receive, send) whose shared arrays a loop keeps while no socket
+#: uses them.
 MAX_IDLE_LAYOUTS = 4
 #: Receive calls a freed socket's engine makes at most to count what was left in its buffer
 #: (64 messages each: more than a 64 MiB buffer of small datagrams holds).
@@ -68,53 +71,69 @@ def _datagrams_per_message(lengths: list[int], sizes: list[int]) -> list[int]:
     return [-(-length // size) if size else 1 for length, size in zip(lengths, sizes)]
 
 
-class SharedReceivers:
-    """Batch receivers shared by many sockets' engines, all read by one loop thread: a
-    connected-mode listener's peer sockets, one per peer; the dialed connections of a loop.
+class SharedBatches:
+    """Batch arrays shared by the connected sockets of one loop thread: a connected-mode
+    listener's peer sockets, one per peer; the dialed connections and connected endpoints of
+    a loop.
 
     A batch receiver's arena has a slot of ``max_datagram`` bytes per message, so each message
     lands on a page of its own: an engine of its own per peer socket touched (and faulted in)
     about 64 pages, 256 KiB, on its first read. With 1,000 new peers under load that was one
-    loop iteration of about half a second and over 500 MiB of resident memory. The engine
-    decodes every batch into ``bytes`` before its sink sees any of it, and no receive call
-    runs inside another, so sockets of the same layout can share one receiver. A freed
-    engine, which may be freed from a callback in the middle of another socket's batch,
-    counts what its socket still held with a second receiver of the layout (``leftovers``):
-    counting runs no callback, so it never runs inside another count. Per-socket read state
-    (how many messages to ask for) stays in each reader.
+    loop iteration of about half a second and over 500 MiB of resident memory, and making the
+    arrays was most of what opening a socket cost. So sockets of the same layout share them:
 
-    A layout's receivers are freed when its last engine is, or, with ``keep_idle`` (a loop's
-    dialed sockets), kept for the next socket of that layout, for up to ``MAX_IDLE_LAYOUTS``
-    layouts: a program that opens a socket per query (DNS clients open an endpoint each)
-    would otherwise make and free a receiver per query.
+    - Receivers: the engine decodes every batch into ``bytes`` before its sink sees any of it,
+      and no receive call runs inside another. A freed engine, which may be freed from a
+      callback in the middle of another socket's batch, counts what its socket still held
+      with a second receiver of the layout (``leftovers``): counting runs no callback, so it
+      never runs inside another count. Per-socket read state (how many messages to ask for)
+      stays in each reader.
+    - Senders: a writer fills the arrays and sends them before it returns, except where a
+      send's error reaches a callback that makes another writer drain at once; a sender says
+      it is ``busy`` meanwhile, and that other writer drains a loop callback later.
+
+    A layout's arrays are freed when its last engine is, or, with ``keep_idle`` (a loop's own
+    sockets), kept for the next socket of that layout, for up to ``MAX_IDLE_LAYOUTS`` layouts
+    of each kind: a program that opens a socket per query (DNS clients open an endpoint each)
+    would otherwise make and free them per query.
     """
 
     __slots__ = ("_entries", "_keep_idle")
 
     def __init__(self, *, keep_idle: bool = False) -> None:
-        # Layout -> [receiver, engines using it, leftovers' receiver or None], oldest first.
+        # Layout -> [arrays, engines using them, leftovers' receiver or None], oldest first.
         self._entries: dict[tuple[object, ...], list[Any]] = {}
         self._keep_idle = keep_idle
 
-    def acquire(self, sock: socket.socket, options: Options, state: SocketState) -> Receiver:
-        """A receiver laid out for ``sock`` (connected: no peer addresses) and what ``state``
-        says the kernel reports; ``release()`` it when the engine is freed."""
-        layout = (sock.family, options.batch_size, options.max_datagram, state.gro,
-                  state.pktinfo, state.ecn)
+    def _acquire(self, layout: tuple[object, ...], make: Callable[[], object]) -> Any:
         entry = self._entries.get(layout)
         if entry is None:
-            receiver = make_receiver(sock, options.batch_size, options.max_datagram, False,
-                                     None, state=state)
-            entry = self._entries[layout] = [receiver, 0, None]
+            entry = self._entries[layout] = [make(), 0, None]
         entry[1] += 1
-        receiver = entry[0]
-        assert isinstance(receiver, RecvBatch)
+        return entry[0]
+
+    def receiver(self, sock: socket.socket, options: Options, state: SocketState) -> RecvBatch:
+        """A receiver laid out for ``sock`` (connected: no peer addresses) and what ``state``
+        says the kernel reports; ``release()`` it when the engine is freed."""
+        layout = ("recv", sock.family, options.batch_size, options.max_datagram, state.gro,
+                  state.pktinfo, state.ecn)
+        receiver: RecvBatch = self._acquire(layout, lambda: make_receiver(
+            sock, options.batch_size, options.max_datagram, False, None, state=state))
         return receiver
+
+    def sender(self, sock: socket.socket, options: Options, state: SocketState) -> SendBatch:
+        """A sender laid out for ``sock`` (connected: no destinations) and the control messages
+        ``state`` says datagrams may carry; ``release()`` it when the engine is freed."""
+        layout = ("send", sock.family, options.batch_size, options.max_datagram,
+                  state.pktinfo, state.ecn)
+        sender: SendBatch = self._acquire(layout, lambda: make_sender(
+            sock, options.batch_size, options.max_datagram, False, None, state=state))
+        return sender
 
     def leftovers(self, receiver: RecvBatch) -> RecvBatch:
         """The receiver that counts what a freed socket of ``receiver``'s layout still held
-        (made on first use, kept until the layout's last engine is freed: making one per
-        freed socket cost an arena's mapping and its page faults each)."""
+        (made on first use, kept with the layout's receiver: making one per freed socket cost
+        an arena's mapping and its page faults each)."""
         for entry in self._entries.values():
             if entry[0] is receiver:
                 if entry[2] is None:
@@ -125,27 +144,31 @@ class SharedReceivers:
                 return leftovers
         raise ValueError("not a shared receiver")
 
-    def release(self, receiver: Receiver) -> None:
+    def release(self, arrays: object) -> None:
+        """An engine is done with ``arrays`` (a receiver or a sender it was given)."""
         for layout, entry in self._entries.items():
-            if entry[0] is receiver:
+            if entry[0] is arrays:
                 entry[1] -= 1
                 if not entry[1]:
-                    if self._keep_idle:
+                    if self._keep_idle or getattr(arrays, "busy", False):
+                        # (Busy: freed from a callback inside its own send; kept idle.)
                         # The most recently used last: the oldest idle layouts go first.
                         self._entries[layout] = self._entries.pop(layout)
-                        self._free_idle(MAX_IDLE_LAYOUTS)
+                        self._free_idle(MAX_IDLE_LAYOUTS, str(layout[0]))
                     else:
                         self._free(layout)
                 return
 
     def _free(self, layout: tuple[object, ...]) -> None:
-        receiver, _, leftovers = self._entries.pop(layout)
-        receiver.close()
+        arrays, _, leftovers = self._entries.pop(layout)
+        arrays.close()
         if leftovers is not None:
             leftovers.close()
 
-    def _free_idle(self, keep: int) -> None:
-        idle = [layout for layout, entry in self._entries.items() if not entry[1]]
+    def _free_idle(self, keep: int, kind: str | None = None) -> None:
+        idle = [layout for layout, entry in self._entries.items()
+                if not entry[1] and (kind is None or layout[0] == kind)
+                and not getattr(entry[0], "busy", False)]
         for layout in idle[:max(0, len(idle) - keep)]:
             self._free(layout)
 
@@ -154,28 +177,28 @@ class SharedReceivers:
         self._free_idle(0)
 
     def __len__(self) -> int:
-        """Receivers in use or kept idle (tests)."""
+        """Arrays in use or kept idle (tests)."""
         return len(self._entries)
 
     def in_use(self) -> int:
-        """Receivers some socket uses now (tests)."""
+        """Arrays some socket uses now (tests)."""
         return sum(1 for entry in self._entries.values() if entry[1])
 
 
-#: The receivers the dialed sockets of each loop share (one thread reads them all).
-_dialed_receivers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SharedReceivers] = (
+#: The arrays the connected sockets of each loop share (one thread uses them all).
+_loop_batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SharedBatches] = (
     weakref.WeakKeyDictionary())
 
 
-def dialed_receivers(loop: asyncio.AbstractEventLoop) -> SharedReceivers:
-    """The batch receivers shared by the connected sockets a program opens on ``loop`` (dialed
+def loop_batches(loop: asyncio.AbstractEventLoop) -> SharedBatches:
+    """The batch arrays shared by the connected sockets a program opens on ``loop`` (dialed
     connections, connected endpoints): a client of many connections (a relay's upstreams, a
-    load generator) reads them all through one arena per layout, not one each, and a client
-    that opens one per query reuses it. Kept while the loop lives."""
-    receivers = _dialed_receivers.get(loop)
-    if receivers is None:
-        receivers = _dialed_receivers[loop] = SharedReceivers(keep_idle=True)
-    return receivers
+    load generator) uses one set per layout, not one each, and a client that opens one per
+    query reuses it. Kept while the loop lives."""
+    batches = _loop_batches.get(loop)
+    if batches is None:
+        batches = _loop_batches[loop] = SharedBatches(keep_idle=True)
+    return batches
 
 
 class Sink(Protocol):
@@ -280,7 +303,7 @@ class SocketEngine(Releasing):
                  sink: Sink, *, named: bool, pktinfo: bool = False,
                  recverr: bool = False, on_empty: Callable[[], None] | None = None,
                  read_budget: int = MAX_DATAGRAMS_PER_WAKEUP,
-                 receivers: SharedReceivers | None = None) -> None:
+                 batches: SharedBatches | None = None) -> None:
         super().__init__()
         self.loop = loop
         self.sock = sock
@@ -294,20 +317,26 @@ class SocketEngine(Releasing):
             slot_size=options.max_datagram, named=named, gso=options.gso, gro=options.gro,
             pktinfo=pktinfo, ecn=options.ecn, recverr=recverr,
             dont_fragment=options.dont_fragment)
-        #: ``receivers``: where this (connected) socket's batch receiver is shared from.
-        self._receivers = (receivers if receivers is not None and not named
-                           and options.batch_size > 1 and HAVE_MMSG else None)
-        self.receiver: Receiver = (
-            self._receivers.acquire(sock, options, state) if self._receivers is not None
-            else make_receiver(sock, options.batch_size, options.max_datagram, named,
-                               lambda address: key_from_address(family, address),
-                               state=state))
-        self.sender = make_sender(sock, options.batch_size, options.max_datagram, named,
-                                  lambda raw: address_from_sockaddr(family, raw), state=state)
+        #: ``batches``: where this (connected) socket's batch arrays are shared from.
+        self._batches = batches = (batches if batches is not None and not named
+                                   and options.batch_size > 1 and HAVE_MMSG else None)
+        self.receiver: Receiver
+        self.sender: Sender
+        if batches is not None:
+            self.receiver = batches.receiver(sock, options, state)
+            self.sender = batches.sender(sock, options, state)
+        else:
+            self.receiver = make_receiver(sock, options.batch_size, options.max_datagram, named,
+                                          lambda address: key_from_address(family, address),
+                                          state=state)
+            self.sender = make_sender(sock, options.batch_size, options.max_datagram, named,
+                                      lambda raw: address_from_sockaddr(family, raw),
+                                      state=state)
         self.writer = Writer(loop, sock, self.sender, TxQueue(options.tx_queue_size), named,
                              state=state,
                              pending_error=self.drain_errors if state.recverr else None,
-                             direct=True)
+                             direct=True,
+                             release_sender=batches.release if batches is not None else None)
         single = isinstance(self.receiver, SingleRecv)
         self.reader = BatchReader(loop, sock, self.receiver,
                                   self._on_single if single else self._on_batch,
@@ -484,8 +513,8 @@ class SocketEngine(Releasing):
         unread = self._count_unread()
         if unread:
             self.sink.closed_unread(unread)
-        if self._receivers is not None:
-            self._receivers.release(self.receiver)
+        if self._batches is not None:
+            self._batches.release(self.receiver)
         else:
             self.receiver.close()
         self._kernel_final = kernel_drops(self.sock)
@@ -497,11 +526,11 @@ class SocketEngine(Releasing):
         stopped, while the queue was flushed): how many datagrams, none delivered. Every
         datagram that reached the socket is delivered or counted, this one too."""
         receiver = self.receiver
-        if self._receivers is not None:
+        if self._batches is not None:
             # A shared receiver may be in the middle of another socket's batch (this engine
             # can be freed from a callback of that batch): the layout's leftovers receiver.
             assert isinstance(receiver, RecvBatch)
-            receiver = self._receivers.leftovers(receiver)
+            receiver = self._batches.leftovers(receiver)
         fd = self.sock.fileno()
         unread = 0
         for _ in range(MAX_UNREAD_CALLS):

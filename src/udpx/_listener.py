@@ -20,7 +20,7 @@ from ._cmsg import pktinfo_ancillary
 from ._conn import UDPConn
 from ._demux import Demux
 from ._dial import PeerSink
-from ._engine import Engine, SharedReceivers, SocketEngine
+from ._engine import Engine, SharedBatches, SocketEngine
 from ._errors import ListenerClosed, UDPXError
 from ._idle import PRESSURE_FLOOR, PRESSURE_THRESHOLD, effective_timeout, sweep, sweep_interval
 from ._opening import Opening
@@ -146,8 +146,8 @@ class Listener(asyncio.DatagramProtocol):
             raise UDPXError("connected=True needs the batch engine, which this loop cannot "
                             "drive")
         self._peer_engines: dict[UDPConn, SocketEngine] = {}
-        # Their sockets' batch receiver: one arena for all of them (see SharedReceivers).
-        self._peer_receivers = SharedReceivers()
+        # Their sockets' batch arrays: one set for all of them (see SharedBatches).
+        self._peer_batches = SharedBatches()
         # Each with the datagrams its socket held right after connect() (see _read_early).
         self._handover: list[tuple[UDPConn, SocketEngine, list[tuple[bytes, Address]]]] = []
         self._retired = [0, 0, 0, 0]  # tx packets, tx bytes, send errors, kernel drops
@@ -357,7 +357,7 @@ class Listener(asyncio.DatagramProtocol):
             sink = PeerSink()
             engine = SocketEngine(self._loop, sock, options, sink, named=False,
                                   read_budget=options.batch_size,
-                                  receivers=self._peer_receivers)
+                                  batches=self._peer_batches)
             engine.reader.overflow = sink
             return engine
         except BaseException:

@@ -634,6 +634,8 @@ class SendBatch:
         if _libc is None:  # pragma: no cover - checked by make_sender
             raise OSError(errno.ENOSYS, "sendmmsg is not available")
         self.size = batch_size
+        #: A writer is between its fill and the end of its sends (see ``_writer.Sender``).
+        self.busy = False
         #: Control bytes per slot (a packet-info socket's source address), 0: none.
         self.control_space = control_space
         self.calls = 0
@@ -754,6 +756,7 @@ class SingleSend:
         self._sock = sock
         self.size = size
         self.calls = 0
+        self.busy = False
         self._datagrams: Sequence[bytes] = ()
         self._owners: Sequence[TxAccount] | None = None
         self._controls: Sequence[bytes] | None = None

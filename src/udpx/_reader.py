@@ -115,7 +115,7 @@ class BatchReader:
         self.receiver = receiver
         #: Messages asked for per call. The reader's, set on the receiver before each
         #: wake-up's first call: sockets of one layout may share a receiver
-        #: (``_engine.SharedReceivers``), each with its own peers.
+        #: (``_engine.SharedBatches``), each with its own peers.
         self.vlen = receiver.size
         if receiver.gro:
             # Until the first batch says otherwise, messages may be GSO peers' runs.

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, final
 
 from ._cmsg import SocketState
-from ._engine import Engine, Releasing, SharedReceivers, Sink, SocketEngine
+from ._engine import Engine, Releasing, SharedBatches, Sink, SocketEngine
 from ._options import Options
 from ._queue import TxAccount, TxQueue
 from ._sockets import (
@@ -55,6 +55,7 @@ class TransportSender:
         self.sock = sock
         self.size = size
         self.calls = 0
+        self.busy = False
         self.transport: asyncio.DatagramTransport | None = None
         self._family = sock.family
         self._datagrams: Sequence[bytes] = ()
@@ -246,17 +247,17 @@ def _has_add_reader(loop: asyncio.AbstractEventLoop) -> bool:
 def make_engine(loop: asyncio.AbstractEventLoop, sock: socket.socket, options: Options,
                 sink: Sink, *, named: bool, pktinfo: bool = False,
                 recverr: bool = False, on_empty: Callable[[], None] | None = None,
-                receivers: SharedReceivers | None = None) -> Engine:
+                batches: SharedBatches | None = None) -> Engine:
     """The engine ``options.engine`` asks for: ``"mmsg"`` (the batch engine: add_reader and
     recvmmsg/sendmmsg, one datagram per syscall where those do not exist), ``"transport"``
     (the loop's own datagram transport), or ``"auto"`` (the batch engine wherever the loop can
     watch a socket). ``pktinfo`` (wildcard listeners): per-datagram local addresses, which
-    only the batch engine has; ``receivers``: where the batch engine of a connected socket
-    takes its receiver from."""
+    only the batch engine has; ``batches``: where the batch engine of a connected socket
+    takes its batch arrays from."""
     kind = options.engine
     if kind == "auto":
         kind = "mmsg" if _has_add_reader(loop) else "transport"
     if kind == "transport":
         return TransportEngine(loop, sock, options, sink, named=named)
     return SocketEngine(loop, sock, options, sink, named=named, pktinfo=pktinfo,
-                        recverr=recverr, on_empty=on_empty, receivers=receivers)
+                        recverr=recverr, on_empty=on_empty, batches=batches)

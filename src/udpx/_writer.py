@@ -45,6 +45,9 @@ class Sender(Protocol):
 
     size: int
     calls: int
+    #: Between a writer's fill and the end of its sends (arrays shared by several sockets
+    #: are not filled again meanwhile: see ``_engine.SharedBatches``).
+    busy: bool
 
     def fill(self, datagrams: Sequence[bytes], owners: Sequence[TxAccount] | None,
              controls: Sequence[bytes] | None = None) -> int: ...
@@ -73,8 +76,10 @@ class Writer:
                  send_failed: Callable[[OSError], None] | None = None,
                  flushed: Callable[[], None] | None = None, direct: bool = False,
                  retry_later: Callable[[Callable[[], None]], asyncio.Handle] | None = None,
-                 ) -> None:
+                 release_sender: Callable[[Sender], None] | None = None) -> None:
         self._loop = loop
+        #: Hands a shared sender back as the writer closes (None: the sender is its own).
+        self._release_sender = release_sender
         self._sock = sock
         self._fd = sock.fileno()
         self.sender = sender
@@ -234,7 +239,10 @@ class Writer:
         self._run_on_empty()
         self._run_drained(everyone=True)
         self.space.wake_all()
-        self.sender.close()
+        if self._release_sender is not None:
+            self._release_sender(self.sender)
+        else:
+            self.sender.close()
 
     # -- the loop side --------------------------------------------------------------------
 
@@ -318,13 +326,24 @@ class Writer:
                             self._wait_writable()
                             break
                         continue
+            if sender.busy:
+                # Shared arrays that another socket's writer is sending from: a send's error
+                # reached a callback that made this writer drain at once. A loop callback
+                # later.
+                self.scheduled = True
+                self._handle = self._loop.call_soon(self._flush)
+                break
             count = min(len(datagrams), sender.size)
             chunk = list(islice(datagrams, count))
             chunk_owners: list[TxAccount] = list(islice(owners, count))
             controls = ([owner.control for owner in chunk_owners] if self._controls
                         else None)
-            sender.fill(chunk, chunk_owners if self._named else None, controls)
-            handled = self._send_chunk(chunk, chunk_owners)
+            sender.busy = True
+            try:
+                sender.fill(chunk, chunk_owners if self._named else None, controls)
+                handled = self._send_chunk(chunk, chunk_owners)
+            finally:
+                sender.busy = False
             queue.pop(handled)
             if space:
                 space.wake(handled)

@@ -1,10 +1,12 @@
-"""Dialed connections on one loop read their sockets through one shared batch receiver (its
-arena, headers and control space), as a connected-mode listener's peer sockets do
-(test_connected.py). Real sockets on loopback, both loops."""
+"""The connected sockets of one loop (dialed connections, connected endpoints) share their
+batch arrays: one receiver (arena, headers, control space) and one sender per layout, as a
+connected-mode listener's peer sockets do (test_connected.py). Real sockets on loopback, both
+loops."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 
 import udpx
 from udpx._cmsg import SOL_UDP, UDP_SEGMENT
-from udpx._engine import MAX_IDLE_LAYOUTS, SocketEngine, dialed_receivers
+from udpx._engine import MAX_IDLE_LAYOUTS, SocketEngine, loop_batches
 
 from .conftest import Runner
 from .test_connected import peer_socket, receive, resident_bytes
@@ -48,7 +50,9 @@ def test_dialed_connections_share_one_receiver(run: Runner[None]) -> None:
                 assert got == [b"%d-%d" % (index, turn) for turn in range(64)]
             grown = resident_bytes() - before
             shared_ids = {id(engine_of(conn).receiver) for conn in conns}
-            assert len(shared_ids) == 1 and len(dialed_receivers(loop)) == 1
+            sender_ids = {id(engine_of(conn).sender) for conn in conns}
+            assert len(shared_ids) == len(sender_ids) == 1
+            assert len(loop_batches(loop)) == 2  # a receiver and a sender
             # An arena each: about 21 MiB here (0.6 shared).
             assert grown < 10 * 2**20, f"{grown / 2**20:.1f} MiB for {CONNS} connections"
             # Replies still go out from each connection's own socket.
@@ -62,8 +66,8 @@ def test_dialed_connections_share_one_receiver(run: Runner[None]) -> None:
                 await conn.aclose()
             for peer in peers:
                 peer.close()
-        receivers = dialed_receivers(loop)
-        assert receivers.in_use() == 0 and len(receivers) == 1
+        receivers = loop_batches(loop)
+        assert receivers.in_use() == 0 and len(receivers) == 2
         assert not shared._closed  # type: ignore[union-attr]
         with peer_socket("127.0.0.1") as peer:
             async with udpx.dial(*peer.getsockname()) as conn:
@@ -75,11 +79,12 @@ def test_dialed_connections_share_one_receiver(run: Runner[None]) -> None:
 
 
 def test_idle_receivers_are_kept_for_a_few_layouts_only(run: Runner[None]) -> None:
-    """A client that opens a socket per query reuses the idle receiver of its layout, and a
-    loop keeps at most MAX_IDLE_LAYOUTS idle ones (the oldest go first)."""
+    """A client that opens a socket per query reuses the idle arrays of its layout, and a
+    loop keeps at most MAX_IDLE_LAYOUTS idle receivers and as many senders (the oldest go
+    first)."""
 
     async def main() -> None:
-        receivers = dialed_receivers(asyncio.get_running_loop())
+        receivers = loop_batches(asyncio.get_running_loop())
         made: list[Any] = []
         with peer_socket("127.0.0.1") as peer:
             for size in range(1000, 1000 + MAX_IDLE_LAYOUTS + 2):  # a layout each
@@ -90,7 +95,7 @@ def test_idle_receivers_are_kept_for_a_few_layouts_only(run: Runner[None]) -> No
                         receiver = engine_of(conn).receiver
                         assert not made or made[-1][0] != size or made[-1][1] is receiver
                         made.append((size, receiver))
-        assert receivers.in_use() == 0 and len(receivers) == MAX_IDLE_LAYOUTS
+        assert receivers.in_use() == 0 and len(receivers) == 2 * MAX_IDLE_LAYOUTS
         firsts = [receiver for size, receiver in made[::3]]
         assert [receiver._closed for receiver in firsts] == [True, True] + [False] * 4
         receivers.close_idle()
@@ -162,7 +167,7 @@ def test_a_socket_closed_with_datagrams_in_it_counts_them(run: Runner[None]) -> 
                 # The shared receiver is untouched and still serves the other connection.
                 other_peer.sendto(b"still here", other.local_addr)
                 assert await other.recv() == b"still here"
-                receivers = dialed_receivers(asyncio.get_running_loop())
+                receivers = loop_batches(asyncio.get_running_loop())
                 leftovers = receivers.leftovers(engine_of(other).receiver)  # type: ignore[arg-type]
             finally:
                 await other.aclose()
@@ -213,5 +218,82 @@ def test_listeners_do_not_share_their_receivers(run: Runner[None]) -> None:
                 peer.sendto(b"two", second.local_addr)
                 assert await (await first.accept()).recv() == b"one"
                 assert await (await second.accept()).recv() == b"two"
+
+    run(main())
+
+
+class _Errors(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.errors: list[OSError] = []
+        self.error: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def error_received(self, exc: Exception) -> None:
+        assert isinstance(exc, OSError)
+        self.errors.append(exc)
+        if not self.error.done():
+            self.error.set_result(None)
+
+
+class _SendsElsewhereOnError(udpx.ConnProtocol):
+    """On its ICMP error, fills another endpoint's small queue: that endpoint drains at once,
+    from inside this connection's send."""
+
+    def __init__(self, other: asyncio.DatagramTransport, payloads: list[bytes]) -> None:
+        self.other = other
+        self.payloads = payloads
+        self.errors: list[OSError] = []
+
+    def error_received(self, exc: OSError) -> None:
+        self.errors.append(exc)
+        for data in self.payloads:
+            self.other.sendto(data)
+
+
+def peer_socket_on(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
+def test_a_writer_that_drains_inside_another_writers_send_waits_its_turn(
+        run: Runner[None]) -> None:
+    """A connected socket's send fails with an earlier ICMP error and its callback makes
+    another connected socket of the loop drain at once (a drop-in endpoint whose queue is
+    full): that drain must not refill the shared sender under the first one's retry, which
+    would send the second socket's datagrams from the first's."""
+
+    async def main() -> None:
+        with peer_socket("127.0.0.1") as gone, peer_socket("127.0.0.1") as b_peer:
+            port = gone.getsockname()[1]
+            endpoint, endpoint_protocol = await udpx.create_datagram_endpoint(
+                _Errors, remote_addr=b_peer.getsockname(), tx_queue_size=4)
+            assert isinstance(endpoint, udpx.EndpointTransport)
+            assert isinstance(endpoint_protocol, _Errors)
+            # The fifth finds the queue full: the endpoint drains at once, inside the
+            # connection's send, or (its turn not come) refuses it as full.
+            # Sizes differ (no GSO run: the batch arrays are used).
+            payloads = [b"b" * (index + 1) for index in range(5)]
+            protocol = _SendsElsewhereOnError(endpoint, payloads)
+            conn = await udpx.dial("127.0.0.1", port, protocol_factory=lambda: protocol)
+            try:
+                assert engine_of(conn).sender is endpoint._engine.sender  # shared (the loop's)
+                engine_of(conn).stop_reading()  # the ICMP error stays pending on the socket
+                gone.close()
+                conn.send_nowait(b"probe")  # -> port unreachable, pending
+                async with asyncio.timeout(10):
+                    while conn.stats.tx_packets < 1:  # (it leaves at the iteration's end)
+                        await asyncio.sleep(0)
+                with peer_socket_on(port) as a_peer:
+                    conn.send_many_nowait([b"a", b"aa", b"aaa"])
+                    # (Without the turn: the endpoint's datagrams, sent from this socket.)
+                    assert await receive(a_peer, 3) == [b"a", b"aa", b"aaa"]
+                    assert await receive(b_peer, 4) == payloads[:4]
+                assert [exc.errno for exc in protocol.errors] == [errno.ECONNREFUSED]
+                await endpoint_protocol.error
+                assert [exc.errno for exc in endpoint_protocol.errors] == [errno.ENOBUFS]
+            finally:
+                await conn.aclose()
+                endpoint.close()
 
     run(main())
