@@ -425,3 +425,33 @@ def test_peers_sharing_a_receiver_keep_their_own_ecn_marks(run: Runner[None]) ->
                     peer.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("total", [1008, 1024, 1040])
+def test_the_handover_does_not_wait_for_more_traffic(run: Runner[None], total: int) -> None:
+    """The handover waits for a read of the listener's socket that finds it empty. When the
+    wake-up that emptied it ended at its read budget (1,024 datagrams), no read found it
+    empty, and an empty socket wakes no one: the new connections' own sockets were never read
+    until more traffic reached the listener's socket, perhaps never."""
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, connected=True, rcvbuf=1 << 22,
+                               protocol_factory=_Echo) as ln:
+            peers = [peer_socket("127.0.0.1") for _ in range(16)]
+            per = total // len(peers)
+            try:
+                for peer in peers:  # all of it in the socket before the loop reads
+                    for turn in range(per):
+                        peer.sendto(b"%d" % turn, ln.local_addr)
+                for peer in peers:
+                    assert await receive(peer, per) == [b"%d" % turn for turn in range(per)]
+                for peer in peers:  # through each peer's own socket
+                    peer.sendto(b"own", ln.local_addr)
+                for peer in peers:
+                    assert await receive(peer, 1) == [b"own"]
+                assert ln.describe()["handover_pending"] == 0
+            finally:
+                for peer in peers:
+                    peer.close()
+
+    run(main())

@@ -136,6 +136,8 @@ class BatchReader:
         # until a call returns nothing (one more syscall), so that ``on_empty`` comes soon.
         self.on_empty = on_empty
         self.drain_to_empty = False
+        # A look at the socket is due next iteration (see the end of ``_read``).
+        self._recheck_due = False
         # Set by a task-mode listener. What the loop does after a wake-up is mostly one task
         # wake-up per connection that got datagrams (a few µs each), far more than a datagram
         # costs to read: with hundreds of peers sending one datagram each per turn, a budget of
@@ -317,7 +319,19 @@ class BatchReader:
                 if (read < extended and woken < wakes and read < EXTENDED_MAX_DEPTH * woken
                         and spread.overflowed == overflowed and spread.urgent == urgent):
                     budget = read + 1
+        if self.drain_to_empty and not self._recheck_due:
+            # The budget ended the wake-up, but someone waits for a read that finds the socket
+            # empty (``on_empty``). If this one emptied it, nothing wakes the reader again (an
+            # empty socket is not readable) and the handover would wait for the next datagram
+            # to arrive, perhaps for ever: look again next iteration.
+            self._recheck_due = True
+            self._loop.call_soon(self._recheck)
         return read
+
+    def _recheck(self) -> None:
+        self._recheck_due = False
+        if self._active and self._pause is None and self.drain_to_empty:
+            self._on_readable()
 
     def _handle_error(self, exc: OSError) -> None:
         try:
