@@ -383,22 +383,22 @@ class SocketEngine(Releasing):
             split_keys, datagrams, lengths = receiver.split(keys, lengths, sizes)
             sink.feed_batch(split_keys, datagrams, lengths)
             return len(lengths)
-        # Rare: some message did not fit its slot. One message at a time.
+        # Rare: some message did not fit its slot. One message at a time, every message
+        # decoded before any is fed: a callback may close what owns the receiver (or the
+        # last socket sharing it), which frees its arena.
         arena = receiver.arena
-        feed_one = sink.feed_one
-        delivered = 0
+        messages: list[tuple[PeerKey | None, Sequence[bytes | None]]] = []
         for index, (offset, length, cut) in enumerate(zip(receiver.offsets, lengths,
                                                           truncated)):
             key = keys[index] if keys is not None else None
-            if cut:
-                feed_one(key, None)
-                delivered += 1
-                continue
-            datagrams = message_datagrams(arena, offset, length,
-                                          sizes[index] if sizes is not None else 0)
-            for data in datagrams:
+            messages.append((key, (None,) if cut else message_datagrams(
+                arena, offset, length, sizes[index] if sizes is not None else 0)))
+        feed_one = sink.feed_one
+        delivered = 0
+        for key, pieces in messages:
+            for data in pieces:
                 feed_one(key, data)
-            delivered += len(datagrams)
+            delivered += len(pieces)
         return delivered
 
     def _count_ecn(self, codes: list[int], keys: Sequence[PeerKey] | None,
