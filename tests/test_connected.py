@@ -399,7 +399,7 @@ def test_peer_sockets_share_one_receive_arena(run: Runner[None], mode: str) -> N
 
 def test_peers_sharing_a_receiver_keep_their_own_ecn_marks(run: Runner[None]) -> None:
     """The shared receiver's control space is read per batch, before anything is delivered:
-    each connection counts its own peer's ECN codepoints."""
+    each connection counts its own peer's ECN codepoints, and the listener all of them."""
 
     async def main() -> None:
         async with udpx.listen("127.0.0.1", 0, connected=True, ecn=True,
@@ -421,6 +421,9 @@ def test_peers_sharing_a_receiver_keep_their_own_ecn_marks(run: Runner[None]) ->
                     if mark:
                         expected[{1: "ect1", 2: "ect0", 3: "ce"}[mark]] = 3
                     assert ecn == expected, (mark, ecn)
+                # The listener's totals count what the peers' own sockets read too (they
+                # counted only its own socket's: the first datagram of each peer).
+                assert dict(ln.stats.ecn) == {"ect0": 3, "ect1": 3, "ce": 3}
             finally:
                 for peer in peers:
                     peer.close()

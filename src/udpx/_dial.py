@@ -28,11 +28,14 @@ class PeerSink:
     """The one-peer sink of a connected socket: every datagram is the peer's (the kernel
     delivers no other), so batches go straight into the connection's queue."""
 
-    __slots__ = ("conn", "rx")
+    __slots__ = ("conn", "ecn_totals", "rx")
 
     def __init__(self) -> None:
         self.conn: UDPConn | None = None
         self.rx: RxQueue | None = None
+        #: A connected-mode listener's per-codepoint totals, which count its peer sockets'
+        #: marked datagrams too (None: a dialed connection's, counted on it alone).
+        self.ecn_totals: list[int] | None = None
 
     def attach(self, conn: UDPConn) -> None:
         self.conn = conn
@@ -62,8 +65,11 @@ class PeerSink:
                   pieces: Sequence[int]) -> None:
         assert self.conn is not None
         counts = self.conn._ecn_counts()
+        totals = self.ecn_totals
         for code, count in zip(codes, pieces):
             counts[code] += count
+            if totals is not None:
+                totals[code] += count
 
     def closed_unread(self, count: int) -> None:
         rx = self.rx

@@ -279,6 +279,7 @@ class Listener(asyncio.DatagramProtocol):
             sink = engine.sink
             assert isinstance(sink, PeerSink)
             sink.attach(conn)
+            sink.ecn_totals = self._ecn  # the listener's totals count every socket's
             self._peer_engines[conn] = engine
             self._handover.append((conn, engine, self._read_early(engine)))
             self._engine.reader.drain_to_empty = True  # type: ignore[attr-defined]
