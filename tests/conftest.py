@@ -257,3 +257,15 @@ async def receive_plain(sock: socket.socket, count: int,
     finally:
         loop.remove_reader(sock.fileno())
     return got
+
+
+def send_gso_runs(sender: socket.socket, address: Any, runs: int, run_length: int,
+                  size: int) -> list[bytes]:
+    """Send ``runs`` GSO runs of ``run_length`` datagrams of ``size`` bytes (the sender has
+    UDP_SEGMENT set to ``size``) to ``address``; returns the datagrams, in order."""
+    datagrams = [(b"%d:%d:" % (index, piece)).ljust(size, b".")
+                 for index in range(runs) for piece in range(run_length)]
+    for index in range(runs):
+        sender.sendto(b"".join(datagrams[index * run_length:(index + 1) * run_length]),
+                      address)
+    return datagrams

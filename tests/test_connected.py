@@ -37,6 +37,16 @@ async def receive(sock: socket.socket, count: int) -> list[bytes]:
     return [data for data, _ in await receive_plain(sock, count)]
 
 
+async def echoed_bursts(peers: list[socket.socket], address: tuple[Any, ...], count: int) -> None:
+    """Each peer sends ``count`` datagrams (all of them before the loop reads) and gets them
+    all back, in order."""
+    for index, peer in enumerate(peers):
+        for turn in range(count):
+            peer.sendto(b"%d-%d" % (index, turn), address)
+    for index, peer in enumerate(peers):
+        assert await receive(peer, count) == [b"%d-%d" % (index, turn) for turn in range(count)]
+
+
 async def echo_all(ln: udpx.Listener) -> None:
     async with asyncio.TaskGroup() as tasks:
         async for conn in ln:
@@ -318,12 +328,7 @@ def test_protocol_mode_on_connected_sockets(run: Runner[None]) -> None:
         async with udpx.listen("127.0.0.1", 0, connected=True, protocol_factory=_Echo) as ln:
             peers = [peer_socket("127.0.0.1") for _ in range(20)]
             try:
-                for index, peer in enumerate(peers):
-                    for turn in range(5):
-                        peer.sendto(b"%d-%d" % (index, turn), ln.local_addr)
-                for index, peer in enumerate(peers):
-                    assert await receive(peer, 5) == [b"%d-%d" % (index, turn)
-                                                      for turn in range(5)]
+                await echoed_bursts(peers, ln.local_addr, 5)
                 info = ln.describe(max_conns=None)
                 assert info["mode"] == "protocol" and info["connected"] is True
                 assert len({conn["socket"]["fd"] for conn in info["conns"]}) == 20
@@ -359,12 +364,7 @@ def test_peer_sockets_share_one_receive_arena(run: Runner[None], mode: str) -> N
                 for index, peer in enumerate(peers):
                     assert await receive(peer, 1) == [b"%d" % index]
                 # Then a batch of 64 through each peer's own socket.
-                for index, peer in enumerate(peers):
-                    for turn in range(64):
-                        peer.sendto(b"%d-%d" % (index, turn), ln.local_addr)
-                for index, peer in enumerate(peers):
-                    assert await receive(peer, 64) == [b"%d-%d" % (index, turn)
-                                                       for turn in range(64)]
+                await echoed_bursts(peers, ln.local_addr, 64)
                 grown = resident_bytes() - before
                 conns = ln.conns()
                 assert len(conns) == 200

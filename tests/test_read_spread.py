@@ -18,7 +18,7 @@ from udpx._engine import SocketEngine
 from udpx._listener import Listener
 from udpx._reader import EXTENDED_BUDGET_FACTOR, MAX_DATAGRAMS_PER_WAKEUP
 
-from .conftest import Runner
+from .conftest import Runner, send_gso_runs
 
 BUDGET = 64
 BATCH = 16
@@ -202,12 +202,8 @@ def test_gro_runs_of_one_peer_do_not_overflow_its_queue(run: Runner[Any]) -> Non
                     pytest.skip(f"no UDP GSO here: {exc}")
                 # All of it in the listener's buffer before the loop reads (loopback delivers
                 # as it sends, and this task does not yield meanwhile).
-                for index in range(runs):
-                    sender.sendto(b"".join((b"%d:%d:" % (index, piece)).ljust(size, b".")
-                                           for piece in range(run_length)), ln.local_addr)
+                expected = send_gso_runs(sender, ln.local_addr, runs, run_length, size)
             conn = await ln.accept()
-            expected = [(b"%d:%d:" % (index, piece)).ljust(size, b".")
-                        for index in range(runs) for piece in range(run_length)]
             got: list[bytes] = []
             # (One deadline for the whole loop: wait_for would run each recv_many() in a task
             # of its own, a loop iteration late.)

@@ -16,7 +16,7 @@ import udpx
 from udpx._cmsg import SOL_UDP, UDP_SEGMENT
 from udpx._engine import MAX_IDLE_LAYOUTS, SocketEngine, loop_batches
 
-from .conftest import Runner
+from .conftest import Runner, send_gso_runs
 from .test_connected import peer_socket, receive, resident_bytes
 
 CONNS = 100
@@ -124,16 +124,13 @@ def test_readers_sharing_a_receiver_keep_their_own_batch_sizes(run: Runner[None]
                     gso_peer.setsockopt(SOL_UDP, UDP_SEGMENT, size)
                 except OSError as exc:
                     pytest.skip(f"no UDP GSO here: {exc}")
-                for index in range(runs):
-                    gso_peer.sendto(b"".join((b"%d:%d:" % (index, piece)).ljust(size, b".")
-                                             for piece in range(run_length)),
-                                    runs_conn.local_addr)
+                expected = send_gso_runs(gso_peer, runs_conn.local_addr, runs, run_length,
+                                         size)
                 got: list[bytes] = []
                 async with asyncio.timeout(10):
-                    while len(got) < runs * run_length:
+                    while len(got) < len(expected):
                         got += await runs_conn.recv_many()
-                assert got == [(b"%d:%d:" % (index, piece)).ljust(size, b".")
-                               for index in range(runs) for piece in range(run_length)]
+                assert got == expected
                 assert runs_reader.vlen < receiver.size
                 for index in range(100):
                     plain_peer.sendto(b"%d" % index, plain_conn.local_addr)
