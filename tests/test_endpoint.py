@@ -833,3 +833,27 @@ def test_connected_endpoints_share_the_loops_receiver(run: Runner[None]) -> None
                 await protocol.lost
 
     run(main())
+
+
+@pytest.mark.parametrize("which", ["local_addr", "remote_addr"])
+def test_a_port_out_of_range_is_refused(run: Runner[None], which: str) -> None:
+    """getaddrinfo wraps an int port round (65536 + p is p); asyncio's own method lets the
+    socket refuse it with OverflowError, and so does udpx (uvloop's own endpoint wraps it)."""
+
+    async def main() -> None:
+        with plain_socket() as peer:
+            port = peer.getsockname()[1]
+
+            def address(number: int) -> dict[str, Any]:
+                return {which: ("127.0.0.1", number)}
+
+            with pytest.raises(OverflowError, match="port must be 0-65535"):
+                await udpx.create_datagram_endpoint(Recorder, **address(65536 + port))
+            with pytest.raises(OverflowError, match="port must be 0-65535"):
+                await udpx.create_datagram_endpoint(Recorder, **address(-1))
+            loop = asyncio.get_running_loop()
+            if type(loop).__module__.startswith("asyncio"):
+                with pytest.raises(OverflowError, match="port must be 0-65535"):
+                    await loop.create_datagram_endpoint(Recorder, **address(65536 + port))
+
+    run(main())

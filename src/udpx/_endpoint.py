@@ -672,6 +672,12 @@ async def _open_socket(loop: asyncio.AbstractEventLoop, local_addr: Any, remote_
                 continue
             if not (isinstance(address, tuple) and len(address) == 2):
                 raise TypeError("2-tuple is expected")
+            port = address[1]
+            if isinstance(port, int) and not 0 <= port <= 65535:
+                # (getaddrinfo would wrap it round; asyncio's own method leaves it to the
+                # socket, which refuses it so.)
+                raise OverflowError(f"{'bind' if index == 0 else 'connect'}(): port must be "
+                                    f"0-65535.")
             found = await _getaddrinfo(loop, address[0], address[1], family=family,
                                        proto=proto, flags=flags)
             if not found:

@@ -336,7 +336,10 @@ class SocketEngine(Releasing):
                              state=state,
                              pending_error=self.drain_errors if state.recverr else None,
                              direct=True,
-                             release_sender=batches.release if batches is not None else None)
+                             release_sender=batches.release if batches is not None else None,
+                             make_spare=(lambda: make_sender(
+                                 sock, options.batch_size, options.max_datagram, False, None,
+                                 state=state)) if batches is not None else None)
         single = isinstance(self.receiver, SingleRecv)
         self.reader = BatchReader(loop, sock, self.receiver,
                                   self._on_single if single else self._on_batch,

@@ -76,10 +76,17 @@ class Writer:
                  send_failed: Callable[[OSError], None] | None = None,
                  flushed: Callable[[], None] | None = None, direct: bool = False,
                  retry_later: Callable[[Callable[[], None]], asyncio.Handle] | None = None,
-                 release_sender: Callable[[Sender], None] | None = None) -> None:
+                 release_sender: Callable[[Sender], None] | None = None,
+                 make_spare: Callable[[], Sender] | None = None) -> None:
         self._loop = loop
         #: Hands a shared sender back as the writer closes (None: the sender is its own).
         self._release_sender = release_sender
+        #: Makes arrays of the writer's own, for a drain that comes while another writer
+        #: sends from the shared ones (``_spare``, made then and kept).
+        self._make_spare = make_spare
+        self._spare: Sender | None = None
+        #: Between this writer's fill and the end of its sends.
+        self._sending = False
         self._sock = sock
         self._fd = sock.fileno()
         self.sender = sender
@@ -243,6 +250,8 @@ class Writer:
             self._release_sender(self.sender)
         else:
             self.sender.close()
+        if self._spare is not None:
+            self._spare.close()
 
     # -- the loop side --------------------------------------------------------------------
 
@@ -327,23 +336,29 @@ class Writer:
                             break
                         continue
             if sender.busy:
-                # Shared arrays that another socket's writer is sending from: a send's error
-                # reached a callback that made this writer drain at once. A loop callback
-                # later.
-                self.scheduled = True
-                self._handle = self._loop.call_soon(self._flush)
-                break
+                # Inside a send from these arrays: a send's error reached a callback that made
+                # this writer drain at once.
+                if self._sending or self._make_spare is None:
+                    # Its own send, its queue in the middle of a chunk: a loop callback later.
+                    self.scheduled = True
+                    self._handle = self._loop.call_soon(self._flush)
+                    break
+                # Another socket's writer sending from the shared arrays: arrays of its own
+                # for this drain (made the first time it happens).
+                if self._spare is None:
+                    self._spare = self._make_spare()
+                sender = self._spare
             count = min(len(datagrams), sender.size)
             chunk = list(islice(datagrams, count))
             chunk_owners: list[TxAccount] = list(islice(owners, count))
             controls = ([owner.control for owner in chunk_owners] if self._controls
                         else None)
-            sender.busy = True
+            sender.busy = self._sending = True
             try:
                 sender.fill(chunk, chunk_owners if self._named else None, controls)
-                handled = self._send_chunk(chunk, chunk_owners)
+                handled = self._send_chunk(chunk, chunk_owners, sender)
             finally:
-                sender.busy = False
+                sender.busy = self._sending = False
             queue.pop(handled)
             if space:
                 space.wake(handled)
