@@ -1005,7 +1005,7 @@ def connected_case(size: int, settings: Settings, programs: Programs) -> Case:
             "fds open: /proc/PID/fd of the receiver process counted at the end of the window "
             "(all N connections open): the interpreter's own, the listener's socket and, in "
             "connected mode, one socket per peer; RSS: the receiver's resident memory then "
-            "(the peer sockets share one receive arena; each has its own send arrays). s "
+            "(the peer sockets share their batch arrays, receive arena and send arrays). s "
             "until N connections: from the receiver's ready to all N connections existing, "
             "under the flood, so not the admission cost itself: see the next table.",
             "Ratios: connected ÷ shared (the shared-socket rows are the baselines). Fewer "
