@@ -320,6 +320,10 @@ class SocketEngine(Releasing):
         #: ``batches``: where this (connected) socket's batch arrays are shared from.
         self._batches = batches = (batches if batches is not None and not named
                                    and options.batch_size > 1 and HAVE_MMSG else None)
+        def own_sender() -> Sender:
+            return make_sender(sock, options.batch_size, options.max_datagram, named,
+                               lambda raw: address_from_sockaddr(family, raw), state=state)
+
         self.receiver: Receiver
         self.sender: Sender
         if batches is not None:
@@ -329,17 +333,15 @@ class SocketEngine(Releasing):
             self.receiver = make_receiver(sock, options.batch_size, options.max_datagram, named,
                                           lambda address: key_from_address(family, address),
                                           state=state)
-            self.sender = make_sender(sock, options.batch_size, options.max_datagram, named,
-                                      lambda raw: address_from_sockaddr(family, raw),
-                                      state=state)
+            self.sender = own_sender()
+        # A writer of shared arrays makes arrays of its own when it must drain while another
+        # writer sends from them (see Writer._flush).
         self.writer = Writer(loop, sock, self.sender, TxQueue(options.tx_queue_size), named,
                              state=state,
                              pending_error=self.drain_errors if state.recverr else None,
                              direct=True,
                              release_sender=batches.release if batches is not None else None,
-                             make_spare=(lambda: make_sender(
-                                 sock, options.batch_size, options.max_datagram, False, None,
-                                 state=state)) if batches is not None else None)
+                             make_spare=own_sender if batches is not None else None)
         single = isinstance(self.receiver, SingleRecv)
         self.reader = BatchReader(loop, sock, self.receiver,
                                   self._on_single if single else self._on_batch,

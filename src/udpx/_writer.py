@@ -338,14 +338,16 @@ class Writer:
             if sender.busy:
                 # Inside a send from these arrays: a send's error reached a callback that made
                 # this writer drain at once.
-                if self._sending or self._make_spare is None:
+                if self._sending:
                     # Its own send, its queue in the middle of a chunk: a loop callback later.
                     self.scheduled = True
                     self._handle = self._loop.call_soon(self._flush)
                     break
-                # Another socket's writer sending from the shared arrays: arrays of its own
-                # for this drain (made the first time it happens).
+                # Another socket's writer sending from the shared arrays (only shared arrays
+                # are busy outside their own writer's send): arrays of its own for this drain,
+                # made the first time it happens.
                 if self._spare is None:
+                    assert self._make_spare is not None
                     self._spare = self._make_spare()
                 sender = self._spare
             count = min(len(datagrams), sender.size)
