@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import socket
 import tempfile
@@ -782,15 +783,62 @@ class _NoLookups:
 
 @pytest.mark.parametrize(("host", "port", "flags"), [
     ("127.0.0.1", 53, 0), ("::0001", 53, 0), ("::1", "53", 0), (None, 0, socket.AI_PASSIVE),
-    ("0.0.0.0", 0, 0)])
+    ("0.0.0.0", 0, 0), (b"127.0.0.1", b"53", 0), ("fe80::1%lo", 53, 0), ("127.0.0.1", None, 0)])
 def test_numeric_addresses_resolve_without_a_lookup(host: Any, port: Any, flags: int) -> None:
     """An endpoint per query (DNS clients open one each) pays no trip through a resolver
-    thread for a numeric address, and gets what getaddrinfo gives."""
+    thread for a numeric address, and gets the address getaddrinfo gives."""
     loop = _NoLookups()
     found = asyncio.run(_getaddrinfo(loop, host, port, family=0, proto=0,  # type: ignore[arg-type]
                                      flags=flags))
-    assert found == socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0, flags)
+    expected = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0, flags)
     assert loop.asked == []
+    assert [(info[0], info[1], info[2]) for info in found] == [
+        (info[0], info[1], info[2]) for info in expected[:len(found)]]
+    for (family, *_, address), (*_, wanted) in zip(found, expected):
+        # The same address, as written or as getaddrinfo normalises it ("::0001" is "::1").
+        assert socket.inet_pton(family, address[0].split("%")[0]) == socket.inet_pton(
+            family, wanted[0].split("%")[0])
+        assert address[1:] == wanted[1:]
+
+
+#: Addresses read as asyncio's own method reads them (its _ipaddr_info): a numeric host
+#: takes any port int() takes, a NUL in the host is refused, a name with a float port goes
+#: to getaddrinfo, which refuses it. Each entry: (host, port), and the port it connects to
+#: or the exception.
+_ASYNCIO_ADDRESSES: list[tuple[tuple[Any, Any], int | type[BaseException]]] = [
+    (("127.0.0.1", 53.0), 53), (("127.0.0.1", True), 1), (("127.0.0.1", 53.9), 53),
+    (("127.0.0.1", "53"), 53), (("127.0.0.1", b"53"), 53), ((b"127.0.0.1", 53), 53),
+    (("::1", "53"), 53), (("127.0.0.1", "70000"), OverflowError),
+    (("127.0.0.1", -1.0), OverflowError), (("127.0.0.1\x00", 53), ValueError),
+    (("localhost", 53.0), OSError), (("127.0.0.1", object()), OSError)]
+
+
+@pytest.mark.parametrize(("address", "outcome"), _ASYNCIO_ADDRESSES,
+                         ids=[repr(address) for address, _ in _ASYNCIO_ADDRESSES])
+def test_remote_addresses_read_as_asyncio_reads_them(run: Runner[None], address: Any,
+                                                     outcome: Any) -> None:
+    """Where uvloop's own method differs from asyncio's (it refuses a float port, and reads a
+    host only up to a NUL), udpx's endpoint is asyncio's, on either loop; on asyncio's loop
+    the loop's own method is checked to agree."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        makers = [udpx.create_datagram_endpoint]
+        if type(loop).__module__.startswith("asyncio"):
+            makers.append(functools.partial(asyncio.BaseEventLoop.create_datagram_endpoint,
+                                            loop))
+        for make in makers:
+            if isinstance(outcome, int):
+                transport, _ = await make(Recorder, remote_addr=address)
+                try:
+                    assert transport.get_extra_info("peername")[1] == outcome
+                finally:
+                    transport.close()
+            else:
+                with pytest.raises(outcome):
+                    await make(Recorder, remote_addr=address)
+
+    run(main())
 
 
 @pytest.mark.parametrize(("host", "port"), [("localhost", 53), ("127.0.0.1", "domain")])

@@ -641,12 +641,57 @@ def fallback_reason(loop: asyncio.AbstractEventLoop, local_addr: object, remote_
     return None
 
 
+def _numeric_info(host: Any, port: Any, *, family: int, proto: int,
+                  verb: str) -> list[Any] | None:
+    """The one address a numeric host and port stand for, read as asyncio's own method reads
+    them (no ``getaddrinfo`` call), or None where a lookup must decide: a name, a service
+    name, a scope (``%``), no host.
+
+    As asyncio's: a port is anything ``int()`` takes (``None`` and ``""`` are 0), an IPv4
+    address is tried before an IPv6 one, and a host with a NUL in it raises ValueError
+    (getaddrinfo would read up to the NUL).
+
+    Raises:
+        OverflowError: the port is outside 0-65535 (getaddrinfo would wrap it round).
+        ValueError: the host has a NUL character in it.
+    """
+    if host is None or proto not in (0, socket.IPPROTO_UDP):
+        return None
+    if port is None or (isinstance(port, (str, bytes)) and not port):
+        number = 0
+    else:
+        try:
+            number = int(port)
+        except (TypeError, ValueError):
+            return None  # a service name ("domain")
+    if isinstance(host, bytes):
+        host = host.decode("idna")
+    if not isinstance(host, str) or "%" in host:
+        return None
+    for candidate in _NUMERIC_FAMILIES if family == 0 else (family,):
+        try:
+            socket.inet_pton(candidate, host)
+        except OSError:
+            continue
+        if not 0 <= number <= 65535:
+            raise OverflowError(f"{verb}(): port must be 0-65535.")
+        address = (host, number) if candidate == socket.AF_INET else (host, number, 0, 0)
+        return [(candidate, socket.SOCK_DGRAM, socket.IPPROTO_UDP, "", address)]
+    return None
+
+
+_NUMERIC_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
 async def _getaddrinfo(loop: asyncio.AbstractEventLoop, host: Any, port: Any, *, family: int,
-                       proto: int, flags: int) -> list[Any]:
+                       proto: int, flags: int, verb: str = "connect") -> list[Any]:
     """``getaddrinfo`` for a datagram socket: at once for a numeric host and port, whose
     answer needs no lookup (as asyncio's own method does: a program that opens an endpoint
     per query, as DNS clients do, paid a round trip through the executor's thread for
     each), and in the loop's executor otherwise."""
+    numeric = _numeric_info(host, port, family=family, proto=proto, verb=verb)
+    if numeric is not None:
+        return numeric
     try:
         return socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM, proto,
                                   flags | socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
@@ -673,13 +718,13 @@ async def _open_socket(loop: asyncio.AbstractEventLoop, local_addr: Any, remote_
             if not (isinstance(address, tuple) and len(address) == 2):
                 raise TypeError("2-tuple is expected")
             port = address[1]
+            verb = "bind" if index == 0 else "connect"
             if isinstance(port, int) and not 0 <= port <= 65535:
                 # (getaddrinfo would wrap it round; asyncio's own method leaves it to the
                 # socket, which refuses it so.)
-                raise OverflowError(f"{'bind' if index == 0 else 'connect'}(): port must be "
-                                    f"0-65535.")
-            found = await _getaddrinfo(loop, address[0], address[1], family=family,
-                                       proto=proto, flags=flags)
+                raise OverflowError(f"{verb}(): port must be 0-65535.")
+            found = await _getaddrinfo(loop, address[0], port, family=family, proto=proto,
+                                       flags=flags, verb=verb)
             if not found:
                 raise OSError("getaddrinfo() returned empty list")
             for info_family, _, info_proto, _, resolved in found:
