@@ -328,3 +328,34 @@ def test_setting_tos_keeps_the_connection_counters(run: Runner[Any]) -> None:
                 server.tos = 2
 
     run(main())
+
+
+def test_ecn_marks_are_counted_on_arrival(run: Runner[Any]) -> None:
+    """stats.ecn counts what the network marked as it arrived: datagrams the connection then
+    dropped (its rx queue full) count, and the listener's totals count a refused peer's."""
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, ecn=True, rx_queue_size=4,
+                               max_conns=1) as ln:
+            first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            second = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                first.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 3)  # CE
+                second.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 2)  # ECT(0)
+                for index in range(10):
+                    first.sendto(b"%d" % index, ln.local_addr)
+                await settle(ln, 10)
+                for index in range(2):
+                    second.sendto(b"%d" % index, ln.local_addr)
+                await settle(ln, 12)
+                conn = await ln.accept()
+                assert [await conn.recv() for _ in range(4)] == [b"0", b"1", b"2", b"3"]
+                assert conn.stats.drops["rx_queue_full"] == 6
+                assert dict(conn.stats.ecn) == {"ect0": 0, "ect1": 0, "ce": 10}
+                assert ln.stats.drops["conn_limit"] == 2
+                assert dict(ln.stats.ecn) == {"ect0": 2, "ect1": 0, "ce": 10}
+            finally:
+                first.close()
+                second.close()
+
+    run(main())

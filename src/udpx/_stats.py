@@ -43,7 +43,9 @@ class ConnStats:
     drops: Mapping[str, int] = field(default_factory=drops_mapping)
     #: ICMP errors the network reported about this peer (port unreachable...).
     icmp_errors: int = 0
-    #: Datagrams received per ECN codepoint (``ecn`` on): ``ect0``, ``ect1``, ``ce``.
+    #: Datagrams received per ECN codepoint (``ecn`` on): ``ect0``, ``ect1``, ``ce``. Counted
+    #: as they arrive, before the rx queue: one this connection then dropped (``drops``)
+    #: counts too, as the network marked it.
     ecn: Mapping[str, int] = field(default_factory=lambda: ecn_mapping([0, 0, 0, 0]))
 
     def as_dict(self) -> dict[str, Any]:
@@ -72,7 +74,8 @@ class ListenerStats:
     accepted: int = 0
     #: ICMP errors read from the socket's error queue (about any peer, open or gone).
     icmp_errors: int = 0
-    #: Datagrams received per ECN codepoint (``ecn`` on), over all connections.
+    #: Datagrams received per ECN codepoint (``ecn`` on), on arrival: every connection's,
+    #: and those of peers refused a connection.
     ecn: Mapping[str, int] = field(default_factory=lambda: ecn_mapping([0, 0, 0, 0]))
 
     def as_dict(self) -> dict[str, Any]:
