@@ -796,8 +796,8 @@ def test_numeric_addresses_resolve_without_a_lookup(host: Any, port: Any, flags:
         (info[0], info[1], info[2]) for info in expected[:len(found)]]
     for (family, *_, address), (*_, wanted) in zip(found, expected):
         # The same address, as written or as getaddrinfo normalises it ("::0001" is "::1").
-        assert socket.inet_pton(family, address[0].split("%")[0]) == socket.inet_pton(
-            family, wanted[0].split("%")[0])
+        assert socket.inet_pton(family, str(address[0]).split("%")[0]) == socket.inet_pton(
+            family, str(wanted[0]).split("%")[0])
         assert address[1:] == wanted[1:]
 
 
@@ -823,8 +823,8 @@ def test_remote_addresses_read_as_asyncio_reads_them(run: Runner[None], address:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        makers = [udpx.create_datagram_endpoint]
-        if type(loop).__module__.startswith("asyncio"):
+        makers: list[Callable[..., Any]] = [udpx.create_datagram_endpoint]
+        if isinstance(loop, asyncio.BaseEventLoop):
             makers.append(functools.partial(asyncio.BaseEventLoop.create_datagram_endpoint,
                                             loop))
         for make in makers:
