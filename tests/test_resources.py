@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -52,3 +54,59 @@ def test_no_warning_when_closed() -> None:
 
     asyncio.run(tidy())
     gc.collect()  # filterwarnings=error turns any ResourceWarning into a failure
+
+
+_GRO_SWITCH_PROGRAM = r"""
+import asyncio, os, socket, subprocess, sys
+import udpx
+
+def fds():
+    return set(os.listdir("/proc/self/fd"))
+
+async def query(port):
+    async with udpx.dial("127.0.0.1", port) as conn:
+        await conn.send(b"q")
+
+async def main():
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    before = fds()
+    await query(port)
+    added = fds() - before
+    assert len(added) == 1, added  # the switch's socket, made with the first GRO socket
+    after_first = fds()
+    for _ in range(3):
+        await query(port)
+    transport, _ = await udpx.create_datagram_endpoint(
+        asyncio.DatagramProtocol, remote_addr=("127.0.0.1", port))
+    transport.close()
+    await asyncio.sleep(0)
+    assert fds() == after_first, (fds(), after_first)  # and only one
+    anchor = socket.fromfd(int(added.pop()), socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        assert anchor.getsockopt(socket.SOL_UDP, 104) == 1  # UDP_GRO
+        assert anchor.getsockname()[1] == 0  # unbound: it receives nothing
+    finally:
+        anchor.close()
+    # Not inherited by a program the process runs.
+    count = "import os; print(len(os.listdir('/proc/self/fd')))"
+    child = subprocess.run([sys.executable, "-c", count], capture_output=True, text=True,
+                           check=True)
+    assert int(child.stdout) <= 4, child.stdout
+    server.close()
+
+asyncio.run(main())
+print("ok")
+"""
+
+
+def test_one_socket_holds_the_kernels_gro_switch() -> None:
+    """The kernel turns its UDP GRO receive hook on with the first GRO socket and off with the
+    last, each turn costing about 60 us: the first GRO socket also makes one unbound socket
+    with UDP_GRO, kept for the process's life (one, however many sockets come and go), not
+    inherited, and never warned about at exit (-X dev -W error)."""
+    result = subprocess.run([sys.executable, "-X", "dev", "-W", "error", "-c",
+                             _GRO_SWITCH_PROGRAM], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert (result.returncode, result.stdout.strip(), result.stderr) == (0, "ok", "")
