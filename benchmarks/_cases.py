@@ -693,6 +693,66 @@ def quic_case(size: int, settings: Settings, programs: Programs) -> Case:
         ])
 
 
+# -- an endpoint per query -------------------------------------------------------------------
+
+#: Queries per run (quick: ``QUERIES_QUICK``), after a tenth as many of warm-up.
+QUERIES = 2000
+QUERIES_QUICK = 300
+
+
+def _queries_once(label: str, args: list[str], *, count: int, programs: Programs,
+                  raw: list[dict[str, object]]) -> Metrics:
+    """One run: the C echo server (stopped by closing its stdin), and the worker making
+    ``count`` queries to it, one endpoint each."""
+    budget = 30.0 + count / 100
+    with Proc([str(programs["echo"]), "server"], name="C echo server", stdin=True) as server:
+        port = server.event("ready", SLACK)["port"]
+        with Proc([*args, "--port", str(port), "--deadline", f"{budget}"], name=label) as proc:
+            got = proc.event("result", budget + SLACK)
+            proc.finish(SLACK)
+        server.close_stdin()
+        server.finish(SLACK)
+    raw.append(got)
+    if got["fds_after"] != got["fds_before"]:
+        raise BenchError(f"{label}: {got['fds_after'] - got['fds_before']} file descriptors "
+                         f"left open ({got})")
+    return {"wall_us": got["wall_us"], "cpu_us": got["cpu_us"], "failed": float(got["failed"])}
+
+
+def queries_case(size: int, settings: Settings, programs: Programs) -> Case:
+    count = QUERIES_QUICK if settings.quick else QUERIES
+    configs: list[Config] = []
+    for loop in ("asyncio", "uvloop"):
+        for impl, name, role in (("udpx-dropin", "udpx drop-in endpoint", "udpx"),
+                                 ("udpx-dial", "udpx.dial() per query", "udpx"),
+                                 ("stock", "the loop's own endpoint", "baseline")):
+            config = Config(name=name, loop=loop, role="udpx" if role == "udpx" else "baseline",
+                            run=lambda: {}, group=loop, skip=_loop_skip(loop))
+            args = worker("queries", impl, "--loop", loop, "--count", str(count), "--size",
+                          str(size))
+            config.run = partial(_queries_once, f"{name} ({loop})", args, count=count,
+                                 programs=programs, raw=config.raw)
+            configs.append(config)
+    return Case(
+        case="queries", title="An endpoint per query (open, one request and its reply, close)",
+        size=size,
+        metrics=[Metric("wall_us", "µs/query", "us", False, ratio=True),
+                 Metric("cpu_us", "client CPU µs/query", "us", False, ratio=True),
+                 Metric("failed", "no reply in 1 s", "count", False)],
+        configs=configs,
+        notes=[
+            f"As a DNS client makes its queries: {count:,} of them one after another (after "
+            f"{max(1, count // 10):,} of warm-up), each on a new connected endpoint "
+            "(loop.create_datagram_endpoint(remote_addr=...)) or a new udpx.dial(): one "
+            "request, its reply, closed. Server: the C echo server, its own process. CPU: "
+            "the client process's (user + system) ÷ queries; µs/query: wall time ÷ queries. "
+            "The worker checks that no file descriptor is left open.",
+            "udpx drop-in endpoint: the stock code on a loop patched by udpx.patch_loop. "
+            "Ratios: udpx ÷ "
+            "the loop's own endpoint, on the same loop.",
+        ])
+
+
 # -- memory ----------------------------------------------------------------------------------
 
 
@@ -1059,6 +1119,7 @@ CASES: dict[str, Callable[[int, Settings, Programs], Case]] = {
     "many": many_case,
     "many_gso": many_gso_case,
     "quic": quic_case,
+    "queries": queries_case,
     "memory": memory_case,
     "scale": scale_case,
     "scale_echo": scale_echo_case,

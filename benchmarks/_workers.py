@@ -1100,6 +1100,72 @@ async def memory(args: argparse.Namespace) -> dict[str, Any]:
             "fds_before": fds_before, "fds_after": fds_after, "stalls": stalls, **extra}
 
 
+# -- an endpoint per query --------------------------------------------------------------------
+
+
+class ReplyProtocol(asyncio.DatagramProtocol):
+    """Resolves ``reply`` with the first datagram the endpoint receives."""
+
+    def __init__(self, reply: asyncio.Future[bytes]) -> None:
+        self.reply = reply
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if not self.reply.done():
+            self.reply.set_result(data)
+
+
+async def query_once(impl: str, loop: asyncio.AbstractEventLoop, server: tuple[str, int],
+                     request: bytes) -> bool:
+    """One query as a DNS client makes it: a new endpoint (or dialed connection), one request,
+    its reply, closed; False when no reply came within a second."""
+    if impl == "udpx-dial":
+        async with udpx.dial(*server) as conn:
+            await conn.send(request)
+            try:
+                async with asyncio.timeout(1.0):
+                    reply = await conn.recv()
+            except TimeoutError:
+                return False
+            return reply == request
+    future: asyncio.Future[bytes] = loop.create_future()
+    transport, _ = await loop.create_datagram_endpoint(lambda: ReplyProtocol(future),
+                                                       remote_addr=server)
+    try:
+        endpoint_extra(impl, transport)
+        transport.sendto(request)
+        try:
+            async with asyncio.timeout(1.0):
+                return await future == request
+        except TimeoutError:
+            return False
+    finally:
+        transport.close()
+
+
+async def queries(args: argparse.Namespace) -> dict[str, Any]:
+    """``count`` queries one after another to the echo server at ``port``, each on an
+    endpoint (or dialed connection) of its own; CPU and wall time per query, after a warm-up
+    of a tenth of them."""
+    loop = dropin_loop(args.impl, args)
+    server = (HOST, args.port)
+    request = b"q" * args.size
+    warm = max(1, args.count // 10)
+    for _ in range(warm):
+        await query_once(args.impl, loop, server, request)
+    fds_before = open_fds()
+    failed = 0
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    for _ in range(args.count):
+        if not await query_once(args.impl, loop, server, request):
+            failed += 1
+        if time.perf_counter() - started > args.deadline:
+            raise SystemExit(f"queries: {args.count} queries took over {args.deadline} s")
+    wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    return {"queries": args.count, "failed": failed, "wall_us": wall / args.count * 1e6,
+            "cpu_us": cpu / args.count * 1e6, "fds_before": fds_before,
+            "fds_after": open_fds()}
+
+
 # -- command line ----------------------------------------------------------------------------
 
 
@@ -1150,7 +1216,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     mem.add_argument("--peers-bin", required=True)
     mem.add_argument("--connected", action="store_true",
                      help="listen(connected=True): a socket per peer")
-    for sub in (recv, send, flood_sender, echo_server, scaled, quic_srv, quic_cli, mem):
+    query = kinds.add_parser("queries", help="an endpoint per query (a DNS client's way)")
+    query.add_argument("impl", choices=["udpx-dropin", "udpx-dial", "stock"])
+    query.add_argument("--port", type=int, required=True, help="the echo server's")
+    query.add_argument("--count", type=int, required=True)
+    query.add_argument("--size", type=int, required=True)
+    for sub in (recv, send, flood_sender, echo_server, scaled, quic_srv, quic_cli, mem, query):
         sub.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
         sub.add_argument("--warmup", type=float, default=0.2)
         sub.add_argument("--window", type=float, default=1.0)
@@ -1171,7 +1242,7 @@ def main(argv: list[str]) -> None:
     else:
         job = {"recv": receive, "send": send_async, "flood": flood, "echo": echo,
                "quic-server": quic_server, "quic-client": quic_client,
-               "memory": memory}[args.kind]
+               "memory": memory, "queries": queries}[args.kind]
         result = run_on(args.loop, lambda: job(args))
     emit("result", **result)
 

@@ -82,6 +82,11 @@ def test_quic(settings: Settings) -> None:
     run("quic", QUIC_DATAGRAM, settings, {})
 
 
+def test_queries(settings: Settings, programs: dict[str, Path]) -> None:
+    # A query's size (a DNS question): the cost is the endpoint's, not the bytes'.
+    run("queries", SIZES[0], settings, programs)
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_memory(size: int, settings: Settings, programs: dict[str, Path]) -> None:
     run("memory", size, settings, programs)
