@@ -33,9 +33,10 @@ HEADLINE = {
     "many_gso": ("cpu_us", "CPU µs/datagram"),
     "memory": ("bytes_per_conn", "RSS bytes/connection"),
     "quic": ("rate", "MB/s"),
+    "queries": ("cpu_us", "client CPU µs/query"),
 }
 #: Cases measured at one datagram size of their own (shown whatever ``size`` is asked for).
-OWN_SIZE = ("quic",)
+OWN_SIZE = ("quic", "queries")
 #: Cases whose rows are grouped by peer count.
 PEER_GROUPS = ("many", "many_gso", "echo_many")
 
