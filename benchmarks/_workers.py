@@ -1131,7 +1131,8 @@ async def query_once(impl: str, loop: asyncio.AbstractEventLoop, server: tuple[s
     transport, _ = await loop.create_datagram_endpoint(lambda: ReplyProtocol(future),
                                                        remote_addr=server)
     try:
-        endpoint_extra(impl, transport)
+        if isinstance(transport, udpx.EndpointTransport) != (impl == "udpx-dropin"):
+            raise SystemExit(f"{impl}: served by {type(transport).__name__}")
         transport.sendto(request)
         try:
             async with asyncio.timeout(1.0):
