@@ -8,6 +8,8 @@
         --listen-host 0.0.0.0
     python -m benchmarks.pyspy_profile send udpx-send --loop uvloop --size 64 [--no-gso]
     python -m benchmarks.pyspy_profile echo udpx-proto --peers 10000
+    python -m benchmarks.pyspy_profile recv udpx-proto --peers 1000 --burst 1 --sender raw \
+        --connected
 
 The process under test is the suite's own worker (``_workers.py``): a udpx receiver fed by the
 saturating C sender, a udpx sender draining into the C receiver, or an echo server answering
@@ -77,6 +79,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="recv: the listener's")
     parser.add_argument("--listen-host", default="127.0.0.1",
                         help="recv: the listener's address (0.0.0.0: wildcard, packet info)")
+    parser.add_argument("--connected", action="store_true",
+                        help="recv: listen(connected=True), a socket per peer")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=20)
@@ -97,7 +101,8 @@ def main(argv: list[str]) -> None:
                 worker("recv", args.impl, "--loop", args.loop, "--warmup", "0.3", "--window",
                        f"{window}", "--peers", str(args.peers), "--batch-size",
                        str(args.batch_size), "--deadline", f"{window + 30}",
-                       "--listen-host", args.listen_host),
+                       "--listen-host", args.listen_host,
+                       *(["--connected"] if args.connected else [])),
                 stdout=subprocess.PIPE, text=True)
             assert target.stdout is not None
             port = json.loads(target.stdout.readline())["port"]
