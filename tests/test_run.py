@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import logging
 import os
+import re
 import select
 import selectors
 import signal
@@ -20,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -139,6 +142,41 @@ def test_one_worker_propagates_what_main_raises(loop_factory: LoopFactory) -> No
     with pytest.raises(LookupError, match="from main"):
         udpx.run(main, loop_factory=loop_factory)
     assert udpx.worker_id() is None
+
+
+def _raising_factory() -> asyncio.AbstractEventLoop:
+    raise LookupError("no loop here")
+
+
+def _not_a_loop() -> asyncio.AbstractEventLoop:
+    return 42  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(("factory", "error", "match"), [
+    (_raising_factory, LookupError, "no loop here"),
+    (_not_a_loop, TypeError, "returned 42, not an event loop")])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_loop_factory_raises_and_leaves_nothing_unawaited(
+        factory: LoopFactory, error: type[Exception], match: str, workers: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop is made before udpx's own coroutine: a factory that raises, or returns no
+    loop, left that coroutine never awaited (a RuntimeWarning, an error under -W error), and
+    a non-loop was only found by asyncio's runner failing to close it."""
+    monkeypatch.setattr(_run, "BACKOFF_FIRST", 0.01)
+
+    async def main() -> None:
+        raise AssertionError("main ran without a loop")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            udpx.run(main, workers=workers, loop_factory=factory)
+        except error as exc:
+            assert re.search(match, str(exc)), exc
+        else:
+            raise AssertionError("udpx.run returned")
+        gc.collect()  # an unawaited coroutine warns as it is collected (its traceback gone)
+    assert [str(warning.message) for warning in caught] == []
 
 
 def test_nested_run_is_refused(loop_factory: LoopFactory) -> None:

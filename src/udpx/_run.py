@@ -270,12 +270,34 @@ async def _until_stopped(main: MainFunction, stop: _Stop) -> None:
         stop.finished = True
 
 
+def _checked(loop_factory: LoopFactory | None) -> LoopFactory | None:
+    """``loop_factory``, refusing what is not an event loop before asyncio's runner keeps it
+    (its close() would then fail on it and hide why).
+
+    Raises (when called):
+        TypeError: ``loop_factory`` returned something else than an event loop.
+    """
+    if loop_factory is None:
+        return None
+    factory = loop_factory
+
+    def make() -> asyncio.AbstractEventLoop:
+        loop = factory()
+        if not isinstance(loop, asyncio.AbstractEventLoop):
+            raise TypeError(f"loop_factory {factory!r} returned {loop!r}, not an event loop")
+        return loop
+
+    return make
+
+
 def _run_in_process(main: MainFunction, loop_factory: LoopFactory | None) -> None:
     global _worker_id, _worker_count  # this process's place in a run
     stop = _Stop(force_on_repeat=True)
     _worker_id, _worker_count = 0, 1
     try:
-        with _stop_signals_to(stop.on_signal), asyncio.Runner(loop_factory=loop_factory) as runner:
+        with _stop_signals_to(stop.on_signal), \
+                asyncio.Runner(loop_factory=_checked(loop_factory)) as runner:
+            runner.get_loop()  # first: a factory that fails leaves no coroutine unawaited
             runner.run(_until_stopped(main, stop))
     finally:
         _worker_id, _worker_count = None, 0
@@ -532,7 +554,8 @@ class _Supervisor:
 
     def _run_worker(self, index: int, status: Connection, stop: _Stop) -> int:
         try:
-            with asyncio.Runner(loop_factory=self._loop_factory) as runner:
+            with asyncio.Runner(loop_factory=_checked(self._loop_factory)) as runner:
+                runner.get_loop()  # first: a factory that fails leaves no coroutine unawaited
                 runner.run(_until_stopped(self._main, stop))
         except SystemExit as exc:  # sys.exit() in main: its status, as for a process
             if exc.code is None:
