@@ -359,3 +359,16 @@ def test_ecn_marks_are_counted_on_arrival(run: Runner[Any]) -> None:
                 second.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("options", [{"batch_size": 1}, {"engine": "transport"}],
+                         ids=["batch_size=1", "transport"])
+def test_ecn_needs_the_batch_engine(options: dict[str, Any]) -> None:
+    """A one-datagram receiver reads no codepoints: ecn=True there counted nothing while
+    describe() said it was on (black-box pass 3). Refused, naming what is missing."""
+    for opener in (udpx.listen, udpx.dial):
+        with pytest.raises(ValueError, match="ecn=True needs the batch engine with batch_size "
+                                             "above 1"):
+            opener("127.0.0.1", 9, ecn=True, **options)
+    with pytest.raises(ValueError, match="ecn=True needs"):
+        udpx.Options(ecn=True, **options)

@@ -103,7 +103,8 @@ class Options:
     ecn: bool = False
     """Read each received datagram's ECN codepoint (IP_RECVTOS / IPV6_RECVTCLASS) and count it
     per connection (``stats.ecn``), and let ``conn.tos`` mark what a listener's connections
-    send. Batch engine, ``batch_size`` above 1. Costs a control-message walk per datagram."""
+    send. Needs the batch engine with ``batch_size`` above 1 (ValueError otherwise). Costs a
+    control-message walk per datagram."""
 
     rx_coalesce: float = 0.001
     """Read coalescing, in seconds (0: off): the longest the reader waits between reads of a
@@ -151,6 +152,12 @@ class Options:
         if self.connected and self.engine == "transport":
             raise ValueError("connected=True needs the batch engine (engine 'auto' or 'mmsg'), "
                              "got engine='transport'")
+        if self.ecn and (self.batch_size == 1 or self.engine == "transport"):
+            # (The codepoints come from the batch receiver's control space; a one-datagram
+            # receiver reads none, and ECN counts that stayed at 0 would say nothing arrived
+            # marked.)
+            raise ValueError(f"ecn=True needs the batch engine with batch_size above 1, got "
+                             f"batch_size={self.batch_size!r}, engine={self.engine!r}")
         if self.engine not in ("auto", "mmsg", "transport"):
             raise ValueError(f"engine must be 'auto', 'mmsg' or 'transport', got "
                              f"{self.engine!r}")
