@@ -831,13 +831,22 @@ def test_dialed_protocol_connection(run: Runner[Any], host: str, engine: str) ->
 
 def test_dial_raises_what_connection_made_raised_and_closes_the_socket(
         run: Runner[Any]) -> None:
+    """dial() raises what connection_made raised, and (as a listener's connection does) the
+    protocol gets connection_lost(that exception) once, from the loop, to undo what
+    connection_made set up (it got none: black-box pass 3)."""
+
     class Fails(udpx.ConnProtocol):
+        def __init__(self) -> None:
+            self.lost: list[Exception | None] = []
+            self.dial_returned = False
+
         def connection_made(self, conn: udpx.UDPConn) -> None:
             self.conn = conn
             raise RuntimeError("not today")
 
         def connection_lost(self, exc: Exception | None) -> None:
-            raise AssertionError("connection_lost after a failed connection_made")
+            assert self.dial_returned  # from the loop, not inside dial()
+            self.lost.append(exc)
 
     async def main() -> None:
         made: list[Fails] = []
@@ -846,11 +855,16 @@ def test_dial_raises_what_connection_made_raised_and_closes_the_socket(
             made.append(Fails())
             return made[-1]
 
-        with pytest.raises(RuntimeError, match="not today"):
+        with pytest.raises(RuntimeError, match="not today") as raised:
             await udpx.dial("127.0.0.1", 9, protocol_factory=factory)
-        conn = made[0].conn
-        assert conn.closed
+        protocol = made[0]
+        protocol.dial_returned = True
+        conn = protocol.conn
+        assert conn.closed and conn.close_reason == "error"
         await asyncio.wait_for(conn.wait_closed(), 5)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert protocol.lost == [raised.value]
         with pytest.raises(TypeError, match=r"udpx\.ConnProtocol"):
             await udpx.dial("127.0.0.1", 9, protocol_factory=object)  # type: ignore[arg-type]
         await asyncio.sleep(0)

@@ -158,7 +158,8 @@ def dial(host: str, port: int, *,
         OSError: the host cannot be resolved or the socket cannot be created, bound or
             connected (raised when awaited).
         Exception: what ``protocol_factory()`` or ``connection_made()`` raised (when awaited;
-            the socket is closed).
+            the socket is closed, and a protocol whose ``connection_made`` raised gets
+            ``connection_lost`` with that exception, from the loop).
     """
     options = Options(batch_size=batch_size, max_datagram=max_datagram,
                       rx_queue_size=rx_queue_size, tx_queue_size=tx_queue_size,
@@ -202,12 +203,16 @@ def dial(host: str, port: int, *,
         if protocol is not None:
             # Nothing was received yet (the reader runs from the loop, after this step). What
             # connection_made raises is dial()'s to raise, with the socket closed, rather than
-            # the exception handler's: the application is right here, awaiting.
+            # the exception handler's: the application is right here, awaiting. As on a
+            # listener, the protocol whose connection_made ran gets connection_lost(exc), from
+            # the loop, to undo what it set up.
             try:
                 conn._start_protocol(protocol, propagate=True)
+            except Exception as exc:
+                conn._close("error", exc)
+                raise
             except BaseException:
-                conn._forget_protocol()
-                conn.close()
+                conn._close("error")
                 raise
         return conn
 
