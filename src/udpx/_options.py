@@ -98,7 +98,7 @@ class Options:
     """Send every datagram with don't-fragment (IP_PMTUDISC_PROBE / IPV6_DONTFRAG), as QUIC
     requires: a router that cannot forward one drops it and reports the path MTU, which sets
     ``conn.path_mtu``; from then on a larger send raises ``MessageTooLong`` with ``.mtu``.
-    Batch engine only."""
+    Batch engine only (ValueError with ``engine="transport"``)."""
 
     ecn: bool = False
     """Read each received datagram's ECN codepoint (IP_RECVTOS / IPV6_RECVTCLASS) and count it
@@ -158,6 +158,11 @@ class Options:
             # marked.)
             raise ValueError(f"ecn=True needs the batch engine with batch_size above 1, got "
                              f"batch_size={self.batch_size!r}, engine={self.engine!r}")
+        if self.dont_fragment and self.engine == "transport":
+            # (The loop's transport neither sets it nor reads the error queue that reports
+            # path MTUs: without it MessageTooLong would never come.)
+            raise ValueError("dont_fragment=True needs the batch engine (engine 'auto' or "
+                             "'mmsg'), got engine='transport'")
         if self.engine not in ("auto", "mmsg", "transport"):
             raise ValueError(f"engine must be 'auto', 'mmsg' or 'transport', got "
                              f"{self.engine!r}")
