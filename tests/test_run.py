@@ -321,6 +321,29 @@ def test_run_gives_up_after_quick_deaths_and_raises_mains_error(
     assert "Traceback" in notes  # the worker's own traceback comes along
 
 
+@pytest.mark.parametrize("code", ["config missing", 1])
+def test_a_worker_calling_sys_exit_is_reported_as_it_exited(
+        code: str | int, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """sys.exit("message") in main is reported with its message, and raised when run gives up
+    (as run with one worker raises it); sys.exit(1) is an exit status. Both were reported as
+    "main raised an exception that could not be passed on" (black-box pass 3)."""
+    monkeypatch.setattr(_run, "BACKOFF_FIRST", 0.01)
+
+    async def main() -> None:
+        sys.exit(code)
+
+    if isinstance(code, str):
+        with pytest.raises(SystemExit) as raised:
+            udpx.run(main, workers=2)
+        assert raised.value.code == code
+        assert "main raised SystemExit: config missing" in caplog.text
+    else:
+        with pytest.raises(udpx.UDPXError, match="exited with status 1 5 times in a row"):
+            udpx.run(main, workers=2)
+    assert "could not be passed on" not in caplog.text
+
+
 def test_run_gives_up_on_a_worker_that_keeps_dying_without_an_exception(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_run, "BACKOFF_FIRST", 0.01)

@@ -560,7 +560,12 @@ class _Supervisor:
         except SystemExit as exc:  # sys.exit() in main: its status, as for a process
             if exc.code is None:
                 return EXIT_RETURNED
-            return exc.code if isinstance(exc.code, int) else EXIT_RAISED
+            if isinstance(exc.code, int):
+                return exc.code
+            # sys.exit("message"): the message is what the parent reports (and raises, if it
+            # gives up), as run() with one worker would raise it.
+            _send_exception(status, exc)
+            return EXIT_RAISED
         except BaseException as exc:
             logger.exception("udpx: worker %d (pid %d): main raised", index, os.getpid())
             exc.add_note(f"(raised by main in udpx worker {index}, pid {os.getpid()}:)\n"
@@ -605,6 +610,8 @@ def _read_exception(status: Connection) -> BaseException | None:
         if not status.poll():
             return None
         exc = pickle.loads(status.recv_bytes())
+    except EOFError:  # nothing was sent: sys.exit(1), not an exception
+        return None
     except Exception as error:  # an exception class that cannot be rebuilt here
         return UDPXError(f"main raised an exception that could not be passed on: {error}")
     return exc if isinstance(exc, BaseException) else None
