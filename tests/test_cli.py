@@ -390,6 +390,20 @@ def test_echo_workers_share_the_port_and_stop_on_sigterm(loop: str) -> None:
                 client.sendto(b"client %d" % index, ("127.0.0.1", port))
             for index, client in enumerate(clients):
                 assert client.recv(100) == b"client %d" % index
+            # SIGUSR1 to the supervisor's pid reaches every worker: one describe() line each
+            # (it killed the supervisor, and the server with it: black-box pass 3).
+            process.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + ECHO_TIMEOUT
+            described: list[str] = []
+            while len(described) < 2:
+                described += read_line(process.stdout.fileno(), deadline - time.monotonic(),
+                                       all_lines=True)
+            snapshots = [json.loads(line) for line in described]
+            assert [snapshot["local_addr"][1] for snapshot in snapshots] == [port, port]
+            assert sum(len(snapshot["conns"]) for snapshot in snapshots) == len(clients)
+            for index, client in enumerate(clients):  # and it still serves
+                client.sendto(b"again %d" % index, ("127.0.0.1", port))
+                assert client.recv(100) == b"again %d" % index
         finally:
             for client in clients:
                 client.close()

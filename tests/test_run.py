@@ -554,3 +554,39 @@ def test_a_second_signal_kills_the_workers(loop_kind: str) -> None:
                 os.kill(pid, 0)
     finally:
         server.kill()
+
+
+_PASS_ON_PROGRAM = r"""
+import asyncio, os, signal, sys
+import udpx
+
+async def main():
+    got = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, got.set)
+    print("ready", udpx.worker_id(), os.getpid(), flush=True)
+    await asyncio.wait_for(got.wait(), 30)
+    print("usr1", udpx.worker_id(), flush=True)
+
+udpx.run(main, workers=2)
+print("handler after run:", signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, flush=True)
+"""
+
+
+def test_sigusr1_to_the_supervisor_is_passed_on_to_every_worker() -> None:
+    """SIGUSR1 to the process that runs several workers (the pid a service manager knows) ends
+    it by its default action, and the workers with it (black-box pass 3: the command line's
+    echo server went down on the signal its help says prints describe()). It is passed on to
+    every worker instead, and the handler is restored after run()."""
+    child = subprocess.Popen([sys.executable, "-c", _PASS_ON_PROGRAM], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    try:
+        lines = Lines(child.stdout)
+        assert sorted(lines.ready(2)) == [0, 1]
+        child.send_signal(signal.SIGUSR1)
+        assert sorted(lines.next() for _ in range(2)) == ["usr1 0", "usr1 1"]
+        assert lines.next() == "handler after run: True"
+        assert child.wait(WAIT) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.communicate()

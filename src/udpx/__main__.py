@@ -198,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--describe", action="store_true",
                       help="at exit, print the listener's describe() snapshot (address, options, "
                            "socket buffers, every connection) as one JSON line on stdout; SIGUSR1 "
-                           "prints one at any time (with --workers: SIGUSR1 to a worker's pid)")
+                           "prints one at any time (with --workers, each worker prints its "
+                           "own: SIGUSR1 to the main pid reaches them all, or to one worker's "
+                           "pid)")
     _workers_option(echo, "serve in N worker processes sharing the port (udpx.run: "
                           "SO_REUSEPORT; PORT must not be 0); each prints its 'listening on' "
                           "line with '(worker K)'; starts, restarts and stops are logged to "

@@ -436,7 +436,11 @@ def _describe_on_sigusr1(listener: Listener | None, stream: TextIO) -> None:
         return
 
     def describe() -> None:
-        print(json.dumps(listener.describe()), file=stream, flush=True)
+        # One write of the line with its newline: the workers of a udpx.run share the stream,
+        # and print() writes the newline separately, which let another worker's line in
+        # between (two JSON objects on one line).
+        stream.write(json.dumps(listener.describe()) + "\n")
+        stream.flush()
 
     loop.add_signal_handler(signum, describe)
 
@@ -993,6 +997,23 @@ async def _receive_as_worker(job: WorkersJob) -> None:
         await receiver.close()
 
 
+def _pass_sigusr1_to(process: multiprocessing.process.BaseProcess) -> bool:
+    """SIGUSR1 to this process (the pid the user knows) goes to ``process``, whose udpx.run
+    passes it on to every worker, each printing its describe(); its default action would end
+    this process. Whether the handler was installed (main thread only)."""
+    signum = getattr(signal, "SIGUSR1", None)
+    if signum is None or threading.current_thread() is not threading.main_thread():
+        return False
+
+    def pass_on() -> None:
+        if process.pid is not None and process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
+
+    asyncio.get_running_loop().add_signal_handler(signum, pass_on)
+    return True
+
+
 def _measure_workers(config: PerfConfig, params: SenderParams) -> Measurement:
     """One measurement of udpx receiving in ``config.workers`` workers of ``udpx.run()``."""
     # A free port, found as the tests find one: several sockets must bind it, so it cannot be
@@ -1018,6 +1039,7 @@ async def _coordinate_workers(config: PerfConfig, params: SenderParams) -> Measu
                              name="udpx-perf-sender", daemon=True)
     who = "a receiving worker"
     completed = False
+    passing = _pass_sigusr1_to(receivers)
     try:
         receivers.start()
         for _, child_end in ends:
@@ -1057,6 +1079,8 @@ async def _coordinate_workers(config: PerfConfig, params: SenderParams) -> Measu
         if not completed and receivers.pid is not None and receivers.is_alive():
             receivers.terminate()  # SIGTERM: udpx.run stops its workers gracefully
         await _reap(receivers, graceful=True)
+        if passing:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
     drops: dict[str, int] = {}
     for worker in reports:
         for reason, count in worker.drops.items():

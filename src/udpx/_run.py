@@ -49,6 +49,10 @@ logger = logging.getLogger("udpx")
 
 #: The signals that stop a run: Ctrl-C and what service managers send.
 STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+#: Signals the supervisor of several workers passes on to every worker (their default action
+#: would end the supervisor alone; the command line's workers print describe() on SIGUSR1).
+PASSED_SIGNALS: Final = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2")
+                              if hasattr(signal, name))
 
 #: A worker that dies within this many seconds of starting died "quickly": it is restarted
 #: after a growing delay, and after MAX_QUICK_DEATHS quick deaths in a row run() gives up.
@@ -127,6 +131,9 @@ def run(main: MainFunction, *, workers: int = 1,
     signal while they stop kills the workers (SIGKILL) and raises ``KeyboardInterrupt``
     (SIGINT) or ``SystemExit(128 + signal)`` (SIGTERM). With one worker the same holds in
     this process. Signals are handled only when ``run`` is called from the main thread.
+    With several workers, SIGUSR1 and SIGUSR2 sent to this process are passed on to every
+    worker (a worker's ``main`` handles them, e.g. with ``loop.add_signal_handler``; one
+    that does not dies of it and is restarted, as if it had been sent the signal itself).
 
     Outcomes, with several workers:
 
@@ -345,11 +352,20 @@ class _Supervisor:
         self._failure: BaseException | None = None  # why run() gave up
         self._stop_errors: list[BaseException] = []  # raised by main while stopping
         self._parent_pid = os.getpid()
+        #: The handlers of PASSED_SIGNALS before run(): a worker gets them back.
+        self._passed_before: dict[int, Any] = {}
 
     # -- signals ------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signals.append(signum)
+
+    def _pass_on(self, signum: int, frame: object) -> None:
+        for slot in self._slots:
+            process = slot.process
+            if process is not None and process.pid is not None and process.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signum)
 
     @contextlib.contextmanager
     def _handling_signals(self) -> Iterator[None]:
@@ -363,10 +379,14 @@ class _Supervisor:
         writer.setblocking(False)
         self._wakeup = (reader, writer)
         old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._passed_before = {signum: signal.signal(signum, self._pass_on)
+                               for signum in PASSED_SIGNALS}
         try:
             with _stop_signals_to(self._on_signal):
                 yield
         finally:
+            for signum, old in self._passed_before.items():
+                signal.signal(signum, old if old is not None else signal.SIG_DFL)
             signal.set_wakeup_fd(old_fd)
             self._wakeup = None
             reader.close()
@@ -426,7 +446,7 @@ class _Supervisor:
         # Blocked across the fork, so that the child cannot take a stop signal with the
         # parent's handler (which would only record it in the child's copy of this object)
         # before it installs its own; it unblocks them once it has.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS + PASSED_SIGNALS)
         try:
             process.start()
         finally:
@@ -545,8 +565,11 @@ class _Supervisor:
                 slot.status.close()
         for signum in STOP_SIGNALS:
             signal.signal(signum, stop.on_signal)
+        for passed, old in self._passed_before.items():
+            # (What main installs, e.g. loop.add_signal_handler, replaces it.)
+            signal.signal(passed, old if old is not None else signal.SIG_DFL)
         die_with_parent(self._parent_pid)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS + PASSED_SIGNALS)
         code = self._run_worker(index, status, stop)
         status.close()
         # multiprocessing turns this into the process's exit status (after flushing stdout).
