@@ -318,9 +318,11 @@ class Listener(asyncio.DatagramProtocol):
         conn = self._new_conn(key)
         if conn is None:
             return None
-        self._accepted += 1
         conn._start_protocol(protocol)
-        return None if conn.closed else conn._rx
+        if conn.closed:  # connection_made raised or closed it: the peer was refused
+            return None
+        self._accepted += 1
+        return conn._rx
 
     # -- connections -------------------------------------------------------------------------
 

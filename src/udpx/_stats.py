@@ -62,7 +62,8 @@ class ListenerStats:
     (protocol mode: the protocol refused a new peer) and ``kernel`` (the kernel's own drop
     count for the socket, which counts a dropped GRO run as one) to the connection reasons.
     ``conns`` is the number open now, ``accepted`` the number ``accept()`` returned since the
-    start (in protocol mode: connections handed to protocols).
+    start (in protocol mode: connections handed to protocols that kept them, i.e. whose
+    ``connection_made`` neither raised nor closed the connection).
     """
 
     rx_packets: int = 0
