@@ -156,12 +156,13 @@ def _not_a_loop() -> asyncio.AbstractEventLoop:
     (_raising_factory, LookupError, "no loop here"),
     (_not_a_loop, TypeError, "returned 42, not an event loop")])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_failing_loop_factory_raises_and_leaves_nothing_unawaited(
+def test_a_failing_loop_factory_raises_and_leaves_nothing_unawaited(  # noqa: PLR0917
         factory: LoopFactory, error: type[Exception], match: str, workers: int,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The loop is made before udpx's own coroutine: a factory that raises, or returns no
-    loop, left that coroutine never awaited (a RuntimeWarning, an error under -W error), and
-    a non-loop was only found by asyncio's runner failing to close it."""
+    loop, left that coroutine never awaited (a RuntimeWarning, an error under -W error; in
+    this process, where it can be seen), and a non-loop was only found by asyncio's runner
+    failing to close it. Workers report it as loop_factory's failure, not main's."""
     monkeypatch.setattr(_run, "BACKOFF_FIRST", 0.01)
 
     async def main() -> None:
@@ -173,10 +174,14 @@ def test_a_failing_loop_factory_raises_and_leaves_nothing_unawaited(
             udpx.run(main, workers=workers, loop_factory=factory)
         except error as exc:
             assert re.search(match, str(exc)), exc
+            notes = "\n".join(getattr(exc, "__notes__", []))
         else:
             raise AssertionError("udpx.run returned")
         gc.collect()  # an unawaited coroutine warns as it is collected (its traceback gone)
     assert [str(warning.message) for warning in caught] == []
+    if workers > 1:
+        assert "raised by loop_factory in udpx worker" in notes
+        assert "failed (loop_factory raised" in caplog.text
 
 
 def test_nested_run_is_refused(loop_factory: LoopFactory) -> None:

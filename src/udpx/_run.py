@@ -162,7 +162,10 @@ def run(main: MainFunction, *, workers: int = 1,
         ValueError: ``workers`` is less than 1.
         RuntimeError: called from a running event loop or inside a worker of a run, or
             ``workers > 1`` where ``os.fork`` does not exist.
-        BaseException: what ``main`` raises (one worker), or as described above.
+        BaseException: what ``main`` raises (one worker), or as described above. What
+            ``loop_factory`` raises, and ``TypeError`` when it returns something else than
+            an event loop, are raised as ``main``'s would be (with several workers, once
+            the worker failed 5 times; the log and the note say ``loop_factory``).
     """
     _check_arguments(main, workers, loop_factory)
     try:
@@ -354,6 +357,8 @@ class _Supervisor:
         self._parent_pid = os.getpid()
         #: The handlers of PASSED_SIGNALS before run(): a worker gets them back.
         self._passed_before: dict[int, Any] = {}
+        #: The signal mask before the last fork blocked the stop and passed signals.
+        self._mask: set[int | signal.Signals] = set()
 
     # -- signals ------------------------------------------------------------------------
 
@@ -361,10 +366,17 @@ class _Supervisor:
         self._signals.append(signum)
 
     def _pass_on(self, signum: int, frame: object) -> None:
+        # Runs between any two bytecodes of the supervisor: a slot's process may be closed
+        # (ValueError) before the slot lets go of it. A process whose exit status is not yet
+        # collected still holds its pid, so the signal cannot reach another process.
+        if self._signals:
+            # Stopping: the workers are closing their listeners, and one whose main already
+            # took its handler away would die of the signal in the middle of its flush.
+            return
         for slot in self._slots:
             process = slot.process
-            if process is not None and process.pid is not None and process.exitcode is None:
-                with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                if process is not None and process.pid is not None and process.exitcode is None:
                     os.kill(process.pid, signum)
 
     @contextlib.contextmanager
@@ -447,6 +459,7 @@ class _Supervisor:
         # parent's handler (which would only record it in the child's copy of this object)
         # before it installs its own; it unblocks them once it has.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS + PASSED_SIGNALS)
+        self._mask = old_mask  # what the child sets back (signals the application blocked)
         try:
             process.start()
         finally:
@@ -569,17 +582,34 @@ class _Supervisor:
             # (What main installs, e.g. loop.add_signal_handler, replaces it.)
             signal.signal(passed, old if old is not None else signal.SIG_DFL)
         die_with_parent(self._parent_pid)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS + PASSED_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
         code = self._run_worker(index, status, stop)
         status.close()
         # multiprocessing turns this into the process's exit status (after flushing stdout).
         raise SystemExit(code)
 
     def _run_worker(self, index: int, status: Connection, stop: _Stop) -> int:
+        runner = asyncio.Runner(loop_factory=_checked(self._loop_factory))
         try:
-            with asyncio.Runner(loop_factory=_checked(self._loop_factory)) as runner:
-                runner.get_loop()  # first: a factory that fails leaves no coroutine unawaited
-                runner.run(_until_stopped(self._main, stop))
+            # The loop first, on its own: a factory that fails is reported as such, and leaves
+            # no coroutine unawaited.
+            runner.get_loop()
+        except BaseException as exc:
+            logger.exception("udpx: worker %d (pid %d): loop_factory raised", index,
+                             os.getpid())
+            exc.add_note(f"{_FACTORY_NOTE} in udpx worker {index}, pid {os.getpid()}; main "
+                         f"did not run)")
+            _send_exception(status, exc)
+            return EXIT_RAISED
+        try:
+            with runner:
+                try:
+                    runner.run(_until_stopped(self._main, stop))
+                finally:
+                    # main is over: closing the loop gives the passed-on signals their default
+                    # action back (the end of the process), and one passed on now would kill
+                    # this worker as it exits (a returned main then looked like a crash).
+                    signal.pthread_sigmask(signal.SIG_BLOCK, PASSED_SIGNALS)
         except SystemExit as exc:  # sys.exit() in main: its status, as for a process
             if exc.code is None:
                 return EXIT_RETURNED
@@ -640,9 +670,15 @@ def _read_exception(status: Connection) -> BaseException | None:
     return exc if isinstance(exc, BaseException) else None
 
 
+#: How a worker's note on an exception says that its loop_factory raised it.
+_FACTORY_NOTE: Final = "(raised by loop_factory"
+
+
 def _describe_exit(code: int, raised: BaseException | None) -> str:
     if code == EXIT_RAISED and raised is not None:
-        return f"failed (main raised {type(raised).__name__}: {raised})"
+        culprit = ("loop_factory" if any(note.startswith(_FACTORY_NOTE) for note in
+                                         getattr(raised, "__notes__", ())) else "main")
+        return f"failed ({culprit} raised {type(raised).__name__}: {raised})"
     if code < 0:
         try:
             name = signal.Signals(-code).name
