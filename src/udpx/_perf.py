@@ -436,11 +436,7 @@ def _describe_on_sigusr1(listener: Listener | None, stream: TextIO) -> None:
         return
 
     def describe() -> None:
-        # One write of the line with its newline: the workers of a udpx.run share the stream,
-        # and print() writes the newline separately, which let another worker's line in
-        # between (two JSON objects on one line).
-        stream.write(json.dumps(listener.describe()) + "\n")
-        stream.flush()
+        _write_line(stream, json.dumps(listener.describe()))
 
     loop.add_signal_handler(signum, describe)
 
@@ -497,7 +493,7 @@ class _UdpxReceiver:
             return
         _describe_on_sigusr1(None, sys.stderr)
         if self._describe_at_exit:
-            print(json.dumps(listener.describe()), file=sys.stderr, flush=True)
+            _write_line(sys.stderr, json.dumps(listener.describe()))
         listener.close()
         # Closing ends the accept loop and, once their queues are drained, the drain tasks.
         tasks = set(self._tasks)
@@ -997,21 +993,33 @@ async def _receive_as_worker(job: WorkersJob) -> None:
         await receiver.close()
 
 
-def _pass_sigusr1_to(process: multiprocessing.process.BaseProcess) -> bool:
-    """SIGUSR1 to this process (the pid the user knows) goes to ``process``, whose udpx.run
-    passes it on to every worker, each printing its describe(); its default action would end
-    this process. Whether the handler was installed (main thread only)."""
-    signum = getattr(signal, "SIGUSR1", None)
-    if signum is None or threading.current_thread() is not threading.main_thread():
-        return False
+class _PassSigusr1:
+    """SIGUSR1 to this process (the pid the user knows) goes to the receivers' process, whose
+    udpx.run passes it on to every worker, each printing its describe(), but only while
+    ``on``: before its workers' receivers are open, one would die of it, and after "stop"
+    they are closing. Meanwhile it is ignored here (its default action would end this
+    process). Main thread only."""
 
-    def pass_on() -> None:
-        if process.pid is not None and process.exitcode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signum)
+    def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
+        self.process = process
+        self.on = False
+        signum = getattr(signal, "SIGUSR1", None)
+        self.signum = (signum if signum is not None
+                       and threading.current_thread() is threading.main_thread() else None)
+        if self.signum is not None:
+            asyncio.get_running_loop().add_signal_handler(self.signum, self._pass_on)
 
-    asyncio.get_running_loop().add_signal_handler(signum, pass_on)
-    return True
+    def _pass_on(self) -> None:
+        process = self.process
+        # (ValueError: the process object was closed meanwhile.)
+        with contextlib.suppress(ValueError, ProcessLookupError):
+            if self.on and process.pid is not None and process.exitcode is None:
+                os.kill(process.pid, signal.SIGUSR1)
+
+    def remove(self) -> None:
+        if self.signum is not None:
+            asyncio.get_running_loop().remove_signal_handler(self.signum)
+            self.signum = None
 
 
 def _measure_workers(config: PerfConfig, params: SenderParams) -> Measurement:
@@ -1039,13 +1047,14 @@ async def _coordinate_workers(config: PerfConfig, params: SenderParams) -> Measu
                              name="udpx-perf-sender", daemon=True)
     who = "a receiving worker"
     completed = False
-    passing = _pass_sigusr1_to(receivers)
+    passing = _PassSigusr1(receivers)
     try:
         receivers.start()
         for _, child_end in ends:
             child_end.close()
         pids = [(await _receive_message(pipe, receivers, _READY_TIMEOUT, "'ready'", who))[1]
                 for pipe in pipes]
+        passing.on = True
         sender.start()
         sender_child_end.close()
         await _receive_message(sender_end, sender, _READY_TIMEOUT, "'ready'")
@@ -1057,6 +1066,7 @@ async def _coordinate_workers(config: PerfConfig, params: SenderParams) -> Measu
                                            params.duration + _RESULT_MARGIN, "result")
         if not isinstance(report, SenderReport):
             raise PerfError(f"unexpected result from the sender process: {report!r}")
+        passing.on = False
         for pipe in pipes:
             pipe.send(("stop", None))
         reports: list[WorkerReport] = []
@@ -1079,8 +1089,7 @@ async def _coordinate_workers(config: PerfConfig, params: SenderParams) -> Measu
         if not completed and receivers.pid is not None and receivers.is_alive():
             receivers.terminate()  # SIGTERM: udpx.run stops its workers gracefully
         await _reap(receivers, graceful=True)
-        if passing:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
+        passing.remove()
     drops: dict[str, int] = {}
     for worker in reports:
         for reason, count in worker.drops.items():
@@ -1259,7 +1268,8 @@ async def _try_listen(config: EchoConfig) -> None:
 
 def _write_line(stream: TextIO, line: str) -> None:
     # One write per line: the workers of a run share the stream, and print() may write the
-    # text and the newline separately.
+    # text and the newline separately (two describe() lines came out as one). A pipe keeps a
+    # write whole only up to 4 KiB.
     stream.write(line + "\n")
     stream.flush()
 
