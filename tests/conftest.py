@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 import udpx
-from udpx._cmsg import _hold_gro_switch as hold_gro_switch
+from udpx._cmsg import hold_gro_switch
 from udpx._engine import SocketEngine
 
 T = TypeVar("T")
@@ -50,10 +50,11 @@ HAVE_IPV6 = _ipv6_loopback()
 
 @pytest.fixture(scope="session", autouse=True)
 def _gro_switch_held() -> None:
-    """The socket that holds the kernel's GRO switch (made once per process, with its first
-    GRO socket) exists before any test counts this process's file descriptors, whatever the
-    order the tests run in."""
-    hold_gro_switch()
+    """The sockets that hold the kernel's GRO switch (one per family, made once per process
+    with its first GRO socket of that family) exist before any test counts this process's
+    file descriptors, whatever the order the tests run in."""
+    hold_gro_switch(socket.AF_INET)
+    hold_gro_switch(socket.AF_INET6)
 
 
 @pytest.fixture(params=LOOP_KINDS)

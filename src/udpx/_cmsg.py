@@ -124,8 +124,9 @@ def gso_ancillary(segment_size: int) -> tuple[int, int, bytes]:
 
 def enable_gro(sock: socket.socket) -> bool:
     """Have the kernel hand coalesced runs as one message with their segment size."""
-    if _gro_anchor is None:
-        _hold_gro_switch()
+    family = sock.family
+    if family not in _gro_anchors:
+        hold_gro_switch(family)
     try:
         sock.setsockopt(SOL_UDP, UDP_GRO, 1)
     except OSError:
@@ -134,38 +135,35 @@ def enable_gro(sock: socket.socket) -> bool:
 
 
 # While any socket has UDP_GRO, the kernel keeps its UDP encapsulation receive hook on (a
-# static key, one per family); it turns it on with the first such socket and off when the last
+# static key per family); it turns it on with the first such socket and off when the last
 # one closes, and each turn patches the kernel's code. Measured: making and closing a GRO
 # socket costs 122 us (IPv6: 236 us) when no other GRO socket is open, 6.5 us when one is: a
 # program that opens an endpoint or a dial per query paid that on each. So the first GRO
-# socket also makes this one, unbound (it receives nothing), kept for the process's life: an
-# IPv6 socket holds both families' switches on. It costs the process one file descriptor,
-# kept as a bare number (a socket object left to the interpreter's exit would warn that it was
-# never closed); it is not inherited by programs the process runs.
-_gro_anchor: int | None = None
-
-
-def _hold_gro_switch() -> None:
-    global _gro_anchor  # noqa: PLW0603 - one per process, made on first use
-    with _gro_anchor_lock:  # (loops in several threads)
-        if _gro_anchor is not None:
-            return
-        for family in (socket.AF_INET6, socket.AF_INET):
-            try:
-                anchor = socket.socket(family, socket.SOCK_DGRAM)
-            except OSError:
-                continue  # no IPv6 here, or no descriptor left (the next GRO socket retries)
-            try:
-                anchor.setsockopt(SOL_UDP, UDP_GRO, 1)
-            except OSError:
-                anchor.close()
-                _gro_anchor = -1  # no UDP_GRO in this kernel: nothing to hold
-                return
-            _gro_anchor = anchor.detach()
-            return
-
-
+# socket of each family also makes one of that family, unbound (it receives nothing), kept for
+# the process's life. (Recent kernels turn both families' hooks on for an IPv6 socket, older
+# ones only the IPv6 one: one per family holds them everywhere.) Each costs the process one
+# file descriptor, kept as a bare number (a socket object left to the interpreter's exit
+# would warn that it was never closed), not inherited by programs the process runs.
+_gro_anchors: dict[int, int] = {}  # family: descriptor (-1: the kernel has no UDP_GRO)
 _gro_anchor_lock = threading.Lock()
+
+
+def hold_gro_switch(family: int) -> None:
+    """Make the process's GRO switch socket of ``family``, if it has none yet."""
+    with _gro_anchor_lock:  # (loops in several threads)
+        if family in _gro_anchors:
+            return
+        try:
+            anchor = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError:
+            return  # no such family here, or no descriptor left: the next GRO socket retries
+        try:
+            anchor.setsockopt(SOL_UDP, UDP_GRO, 1)
+        except OSError:
+            anchor.close()
+            _gro_anchors[family] = -1  # no UDP_GRO in this kernel: nothing to hold
+            return
+        _gro_anchors[family] = anchor.detach()
 
 
 def _set_option(sock: socket.socket, ipv4: tuple[int, int, int],
