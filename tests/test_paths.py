@@ -4,6 +4,7 @@ both loops, over loopback's many addresses (all of 127/8 is local)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from typing import Any
 
@@ -12,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import udpx
+from udpx import _transport
 from udpx._cmsg import ancillaries_of, local_raw, parse_local, pktinfo_ancillary, pktinfo_cmsg
 from udpx._sockets import join_key, key_from_address, local_address, split_key
 
@@ -381,3 +383,26 @@ def test_dont_fragment_needs_the_batch_engine() -> None:
     for opener in (udpx.listen, udpx.dial):
         with pytest.raises(ValueError, match="dont_fragment=True needs the batch engine"):
             opener("127.0.0.1", 9, dont_fragment=True, engine="transport")
+
+
+@pytest.mark.parametrize("option", ["ecn", "dont_fragment"])
+def test_batch_only_options_on_a_loop_that_cannot_watch_sockets(
+        run: Runner[Any], option: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where engine "auto" would fall back to the loop's own transport (a loop without
+    add_reader, as Windows' Proactor), ecn and dont_fragment would do nothing: refused when
+    the socket opens, naming the loop, and the socket is closed."""
+    monkeypatch.setattr(_transport, "_has_add_reader", lambda loop: False)
+
+    async def main() -> None:
+        before = len(os.listdir("/proc/self/fd"))
+        wanted: dict[str, Any] = {option: True}
+        with pytest.raises(ValueError, match=f"{option}=True needs the batch engine, and this "
+                                             f"loop .* cannot watch a socket"):
+            await udpx.listen("127.0.0.1", 0, **wanted)
+        with pytest.raises(ValueError, match=f"{option}=True needs the batch engine"):
+            await udpx.dial("127.0.0.1", 9, **wanted)
+        assert len(os.listdir("/proc/self/fd")) == before
+        async with udpx.listen("127.0.0.1", 0) as ln:  # the rest is served by the transport
+            assert ln.describe()["socket"]["engine"] == "transport"
+
+    run(main())

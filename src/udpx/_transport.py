@@ -257,6 +257,13 @@ def make_engine(loop: asyncio.AbstractEventLoop, sock: socket.socket, options: O
     kind = options.engine
     if kind == "auto":
         kind = "mmsg" if _has_add_reader(loop) else "transport"
+        batch_only = [name for name in ("ecn", "dont_fragment") if getattr(options, name)]
+        if kind == "transport" and batch_only:
+            # (Options refuses engine="transport" with these; "auto" is decided only here.)
+            raise ValueError(f"{batch_only[0]}=True needs the batch engine, and this loop "
+                             f"({type(loop).__name__}) cannot watch a socket: engine 'auto' "
+                             f"would use the loop's own transport, which has no "
+                             f"{batch_only[0]}")
     if kind == "transport":
         return TransportEngine(loop, sock, options, sink, named=named)
     return SocketEngine(loop, sock, options, sink, named=named, pktinfo=pktinfo,
