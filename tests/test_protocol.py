@@ -842,6 +842,7 @@ def test_dial_raises_what_connection_made_raised_and_closes_the_socket(
     class Fails(udpx.ConnProtocol):
         def __init__(self) -> None:
             self.lost: list[Exception | None] = []
+            self.gone = asyncio.Event()
             self.dial_returned = False
 
         def connection_made(self, conn: udpx.UDPConn) -> None:
@@ -851,6 +852,7 @@ def test_dial_raises_what_connection_made_raised_and_closes_the_socket(
         def connection_lost(self, exc: Exception | None) -> None:
             assert self.dial_returned  # from the loop, not inside dial()
             self.lost.append(exc)
+            self.gone.set()
 
     async def main() -> None:
         made: list[Fails] = []
@@ -866,8 +868,8 @@ def test_dial_raises_what_connection_made_raised_and_closes_the_socket(
         conn = protocol.conn
         assert conn.closed and conn.close_reason == "error"
         await asyncio.wait_for(conn.wait_closed(), 5)
-        for _ in range(3):
-            await asyncio.sleep(0)
+        await asyncio.wait_for(protocol.gone.wait(), 5)
+        await asyncio.sleep(0)  # (a second call would come in the same iteration)
         assert protocol.lost == [raised.value]
         with pytest.raises(TypeError, match=r"udpx\.ConnProtocol"):
             await udpx.dial("127.0.0.1", 9, protocol_factory=object)  # type: ignore[arg-type]
