@@ -152,9 +152,16 @@ def _not_a_loop() -> asyncio.AbstractEventLoop:
     return 42  # type: ignore[return-value]
 
 
+def _closed_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    loop.close()
+    return loop
+
+
 @pytest.mark.parametrize(("factory", "error", "match"), [
     (_raising_factory, LookupError, "no loop here"),
-    (_not_a_loop, TypeError, "returned 42, not an event loop")])
+    (_not_a_loop, TypeError, "returned 42, not an event loop"),
+    (_closed_loop, RuntimeError, "returned a closed loop")])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_failing_loop_factory_raises_and_leaves_nothing_unawaited(  # noqa: PLR0917
         factory: LoopFactory, error: type[Exception], match: str, workers: int,

@@ -295,6 +295,10 @@ def _checked(loop_factory: LoopFactory | None) -> LoopFactory | None:
         loop = factory()
         if not isinstance(loop, asyncio.AbstractEventLoop):
             raise TypeError(f"loop_factory {factory!r} returned {loop!r}, not an event loop")
+        if loop.is_closed() or loop.is_running():
+            raise RuntimeError(f"loop_factory {factory!r} returned a "
+                               f"{'closed' if loop.is_closed() else 'running'} loop, {loop!r}; "
+                               f"it must make a new one")
         return loop
 
     return make
@@ -355,6 +359,7 @@ class _Supervisor:
         self._failure: BaseException | None = None  # why run() gave up
         self._stop_errors: list[BaseException] = []  # raised by main while stopping
         self._parent_pid = os.getpid()
+        self._stopping = False  # _stop() has begun: nothing is passed on any more
         #: The handlers of PASSED_SIGNALS before run(): a worker gets them back.
         self._passed_before: dict[int, Any] = {}
         #: The signal mask before the last fork blocked the stop and passed signals.
@@ -369,9 +374,10 @@ class _Supervisor:
         # Runs between any two bytecodes of the supervisor: a slot's process may be closed
         # (ValueError) before the slot lets go of it. A process whose exit status is not yet
         # collected still holds its pid, so the signal cannot reach another process.
-        if self._signals:
-            # Stopping: the workers are closing their listeners, and one whose main already
-            # took its handler away would die of the signal in the middle of its flush.
+        if self._signals or self._stopping:
+            # Stopping (a signal, or run giving up): the workers are closing their listeners,
+            # and one whose main already took its handler away would die of the signal in
+            # the middle of its flush.
             return
         for slot in self._slots:
             process = slot.process
@@ -525,6 +531,7 @@ class _Supervisor:
 
     def _stop(self) -> None:
         """Stop every worker gracefully; a further signal meanwhile kills them."""
+        self._stopping = True
         signum = self._stop_signal()
         # The first signal stops; any further one, however soon, forces (two quick Ctrl-C).
         signals_seen = min(len(self._signals), 1)
