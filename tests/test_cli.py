@@ -451,3 +451,37 @@ def test_perf_describe_at_exit() -> None:
     assert len(snapshots) == 1
     assert snapshots[0]["stats"]["rx_packets"] > 0
     assert len(snapshots[0]["conns"]) == 1
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_echo_workers_survive_sigusr1_while_starting_and_stopping(loop: str) -> None:
+    """SIGUSR1 to the main pid while a worker is still starting (no handler yet), and right
+    after SIGTERM (the workers are closing, then run() has returned): nothing dies of it, and
+    the server stops with status 0 (black-box pass 4: workers killed and restarted, and the
+    main process ending with -10)."""
+    port = free_udp_port()
+    process = subprocess.Popen([PYTHON, "-m", "udpx", "echo", "127.0.0.1", str(port),
+                                "--workers", "2", "--loop", loop],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        first = read_line(process.stdout.fileno(), ECHO_TIMEOUT)
+        assert first.startswith("listening on"), first
+        for _ in range(3):  # the other worker may still be starting
+            process.send_signal(signal.SIGUSR1)
+        lines = [first]
+        deadline = time.monotonic() + ECHO_TIMEOUT
+        while sum(line.startswith("listening on") for line in lines) < 2:
+            lines += read_line(process.stdout.fileno(), deadline - time.monotonic(),
+                               all_lines=True)
+        process.send_signal(signal.SIGTERM)
+        for _ in range(5):
+            process.send_signal(signal.SIGUSR1)
+        _, stderr = process.communicate(timeout=ECHO_TIMEOUT)
+        text = stderr.decode()
+        assert process.returncode == 0, text
+        assert "killed by SIGUSR1" not in text and "Traceback" not in text, text
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=ECHO_TIMEOUT)

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -281,4 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGUSR1 asks perf and echo for describe(). Until a receiver has installed its handler
+    # (and after it took it away, while closing), the signal's default action would end the
+    # process, or a worker that udpx.run starts, which inherits this; ignored meanwhile.
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     sys.exit(main())

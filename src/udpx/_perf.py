@@ -430,15 +430,32 @@ def _describe_on_sigusr1(listener: Listener | None, stream: TextIO) -> None:
     signum = getattr(signal, "SIGUSR1", None)
     if signum is None or threading.current_thread() is not threading.main_thread():
         return
-    loop = asyncio.get_running_loop()
     if listener is None:
-        loop.remove_signal_handler(signum)
+        _remove_handler(signum)
         return
 
     def describe() -> None:
         _write_line(stream, json.dumps(listener.describe()))
 
-    loop.add_signal_handler(signum, describe)
+    _add_handler(signum, describe)
+
+
+#: The handlers the loop's signal handlers replaced (the command line ignores SIGUSR1 until a
+#: receiver handles it), put back when they are removed: asyncio and uvloop set the default
+#: action back, which for SIGUSR1 ends the process.
+_replaced: dict[int, Any] = {}
+
+
+def _add_handler(signum: int, callback: Callable[[], None]) -> None:
+    _replaced.setdefault(signum, signal.getsignal(signum))
+    asyncio.get_running_loop().add_signal_handler(signum, callback)
+
+
+def _remove_handler(signum: int) -> None:
+    asyncio.get_running_loop().remove_signal_handler(signum)
+    previous = _replaced.pop(signum, None)
+    if previous is not None:
+        signal.signal(signum, previous)
 
 
 class _UdpxReceiver:
@@ -1007,7 +1024,7 @@ class _PassSigusr1:
         self.signum = (signum if signum is not None
                        and threading.current_thread() is threading.main_thread() else None)
         if self.signum is not None:
-            asyncio.get_running_loop().add_signal_handler(self.signum, self._pass_on)
+            _add_handler(self.signum, self._pass_on)
 
     def _pass_on(self) -> None:
         process = self.process
@@ -1018,7 +1035,7 @@ class _PassSigusr1:
 
     def remove(self) -> None:
         if self.signum is not None:
-            asyncio.get_running_loop().remove_signal_handler(self.signum)
+            _remove_handler(self.signum)
             self.signum = None
 
 
