@@ -368,12 +368,17 @@ def test_echo_on_a_free_port_given_explicitly() -> None:
             process.communicate(timeout=ECHO_TIMEOUT)
 
 
+def echo_workers(port: int, loop: str) -> subprocess.Popen[bytes]:
+    """``python -m udpx echo`` on 127.0.0.1:``port`` with two workers."""
+    return subprocess.Popen([PYTHON, "-m", "udpx", "echo", "127.0.0.1", str(port),
+                             "--workers", "2", "--loop", loop],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_echo_workers_share_the_port_and_stop_on_sigterm(loop: str) -> None:
     port = free_udp_port()
-    process = subprocess.Popen([PYTHON, "-m", "udpx", "echo", "127.0.0.1", str(port),
-                                "--workers", "2", "--loop", loop],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = echo_workers(port, loop)
     try:
         assert process.stdout is not None
         lines: list[str] = []
@@ -459,10 +464,7 @@ def test_echo_workers_survive_sigusr1_while_starting_and_stopping(loop: str) -> 
     after SIGTERM (the workers are closing, then run() has returned): nothing dies of it, and
     the server stops with status 0 (black-box pass 4: workers killed and restarted, and the
     main process ending with -10)."""
-    port = free_udp_port()
-    process = subprocess.Popen([PYTHON, "-m", "udpx", "echo", "127.0.0.1", str(port),
-                                "--workers", "2", "--loop", loop],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = echo_workers(free_udp_port(), loop)
     try:
         assert process.stdout is not None
         first = read_line(process.stdout.fileno(), ECHO_TIMEOUT)
