@@ -572,12 +572,16 @@ _PASS_ON_PROGRAM = r"""
 import asyncio, os, signal, sys
 import udpx
 
+def say(*words):
+    # One write per line: the two workers share the pipe (print writes the newline apart).
+    os.write(1, (" ".join(map(str, words)) + "\n").encode())
+
 async def main():
     got = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, got.set)
-    print("ready", udpx.worker_id(), os.getpid(), flush=True)
+    say("ready", udpx.worker_id(), os.getpid())
     await asyncio.wait_for(got.wait(), 30)
-    print("usr1", udpx.worker_id(), flush=True)
+    say("usr1", udpx.worker_id())
 
 udpx.run(main, workers=2)
 print("handler after run:", signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, flush=True)
