@@ -132,8 +132,11 @@ def run(main: MainFunction, *, workers: int = 1,
     (SIGINT) or ``SystemExit(128 + signal)`` (SIGTERM). With one worker the same holds in
     this process. Signals are handled only when ``run`` is called from the main thread.
     With several workers, SIGUSR1 and SIGUSR2 sent to this process are passed on to every
-    worker (a worker's ``main`` handles them, e.g. with ``loop.add_signal_handler``; one
-    that does not dies of it and is restarted, as if it had been sent the signal itself).
+    worker, except while the workers stop (a worker's ``main`` handles them, e.g. with
+    ``loop.add_signal_handler``; one that does not dies of it and is restarted, as if it had
+    been sent the signal itself). A worker starts with the handler this process had before
+    ``run``: set them to ``signal.SIG_IGN`` first for workers to ignore them until ``main``
+    handles them.
 
     Outcomes, with several workers:
 
@@ -163,9 +166,10 @@ def run(main: MainFunction, *, workers: int = 1,
         RuntimeError: called from a running event loop or inside a worker of a run, or
             ``workers > 1`` where ``os.fork`` does not exist.
         BaseException: what ``main`` raises (one worker), or as described above. What
-            ``loop_factory`` raises, and ``TypeError`` when it returns something else than
-            an event loop, are raised as ``main``'s would be (with several workers, once
-            the worker failed 5 times; the log and the note say ``loop_factory``).
+            ``loop_factory`` raises, ``TypeError`` when it returns something else than an
+            event loop, and ``RuntimeError`` when it returns a closed or running one, are
+            raised as ``main``'s would be (with several workers, once the worker failed 5
+            times; the log and the note say ``loop_factory``).
     """
     _check_arguments(main, workers, loop_factory)
     try:
@@ -286,6 +290,7 @@ def _checked(loop_factory: LoopFactory | None) -> LoopFactory | None:
 
     Raises (when called):
         TypeError: ``loop_factory`` returned something else than an event loop.
+        RuntimeError: it returned a closed loop, or one already running.
     """
     if loop_factory is None:
         return None
@@ -461,9 +466,9 @@ class _Supervisor:
         reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(target=self._worker, args=(slot.index, writer),
                                         name=f"udpx-worker-{slot.index}")
-        # Blocked across the fork, so that the child cannot take a stop signal with the
-        # parent's handler (which would only record it in the child's copy of this object)
-        # before it installs its own; it unblocks them once it has.
+        # Blocked across the fork, so that the child cannot take a stop or passed signal with
+        # the parent's handler (which would act on the child's copy of this object) before it
+        # installs its own; it then sets back the mask the application had.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS + PASSED_SIGNALS)
         self._mask = old_mask  # what the child sets back (signals the application blocked)
         try:
