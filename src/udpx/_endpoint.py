@@ -673,14 +673,23 @@ def _numeric_info(host: Any, port: Any, *, family: int, proto: int,
             socket.inet_pton(candidate, host)
         except OSError:
             continue
-        if not 0 <= number <= 65535:
-            raise OverflowError(f"{verb}(): port must be 0-65535.")
+        _check_port(number, verb)
         address = (host, number) if candidate == socket.AF_INET else (host, number, 0, 0)
         return [(candidate, socket.SOCK_DGRAM, socket.IPPROTO_UDP, "", address)]
     return None
 
 
 _NUMERIC_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+def _check_port(number: int, verb: str) -> None:
+    """Refuse a port outside 0-65535 as the socket would (getaddrinfo would wrap it round).
+
+    Raises:
+        OverflowError: it is.
+    """
+    if not 0 <= number <= 65535:
+        raise OverflowError(f"{verb}(): port must be 0-65535.")
 
 
 async def _getaddrinfo(loop: asyncio.AbstractEventLoop, host: Any, port: Any, *, family: int,
@@ -719,10 +728,8 @@ async def _open_socket(loop: asyncio.AbstractEventLoop, local_addr: Any, remote_
                 raise TypeError("2-tuple is expected")
             port = address[1]
             verb = "bind" if index == 0 else "connect"
-            if isinstance(port, int) and not 0 <= port <= 65535:
-                # (getaddrinfo would wrap it round; asyncio's own method leaves it to the
-                # socket, which refuses it so.)
-                raise OverflowError(f"{verb}(): port must be 0-65535.")
+            if isinstance(port, int):
+                _check_port(port, verb)
             found = await _getaddrinfo(loop, address[0], port, family=family, proto=proto,
                                        flags=flags, verb=verb)
             if not found:

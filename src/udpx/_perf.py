@@ -427,8 +427,8 @@ def _describe_on_sigusr1(listener: Listener | None, stream: TextIO) -> None:
 
     Only where the platform has SIGUSR1 and this is the main thread (signal handlers can be
     installed nowhere else)."""
-    signum = getattr(signal, "SIGUSR1", None)
-    if signum is None or threading.current_thread() is not threading.main_thread():
+    signum = _sigusr1_here()
+    if signum is None:
         return
     if listener is None:
         _remove_handler(signum)
@@ -438,6 +438,15 @@ def _describe_on_sigusr1(listener: Listener | None, stream: TextIO) -> None:
         _write_line(stream, json.dumps(listener.describe()))
 
     _add_handler(signum, describe)
+
+
+def _sigusr1_here() -> int | None:
+    """SIGUSR1, where the platform has it and this is the main thread (signal handlers can be
+    installed nowhere else); else None."""
+    signum = getattr(signal, "SIGUSR1", None)
+    if signum is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return int(signum)
 
 
 #: The handlers the loop's signal handlers replaced (the command line ignores SIGUSR1 until a
@@ -1020,9 +1029,7 @@ class _PassSigusr1:
     def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
         self.process = process
         self.on = False
-        signum = getattr(signal, "SIGUSR1", None)
-        self.signum = (signum if signum is not None
-                       and threading.current_thread() is threading.main_thread() else None)
+        self.signum = _sigusr1_here()
         if self.signum is not None:
             _add_handler(self.signum, self._pass_on)
 

@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from ._errors import UDPXError
@@ -252,18 +252,25 @@ def _force_exit(signum: int) -> NoReturn:
     raise SystemExit(128 + signum)
 
 
+def _set_handlers(handlers: Mapping[int, Any]) -> None:
+    """Install these signal handlers back (None, a handler not set from Python: the
+    default)."""
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def _stop_signals_to(handler: Callable[[int, Any], None]) -> Iterator[None]:
     """Route SIGINT and SIGTERM to ``handler`` (main thread only), restoring afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    previous: dict[int, Any] = {signum: signal.signal(signum, handler)
+                                for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+        _set_handlers(previous)
 
 
 async def _until_stopped(main: MainFunction, stop: _Stop) -> None:
@@ -408,8 +415,7 @@ class _Supervisor:
             with _stop_signals_to(self._on_signal):
                 yield
         finally:
-            for signum, old in self._passed_before.items():
-                signal.signal(signum, old if old is not None else signal.SIG_DFL)
+            _set_handlers(self._passed_before)
             signal.set_wakeup_fd(old_fd)
             self._wakeup = None
             reader.close()
@@ -590,9 +596,8 @@ class _Supervisor:
                 slot.status.close()
         for signum in STOP_SIGNALS:
             signal.signal(signum, stop.on_signal)
-        for passed, old in self._passed_before.items():
-            # (What main installs, e.g. loop.add_signal_handler, replaces it.)
-            signal.signal(passed, old if old is not None else signal.SIG_DFL)
+        # (What main installs, e.g. loop.add_signal_handler, replaces these.)
+        _set_handlers(self._passed_before)
         die_with_parent(self._parent_pid)
         signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
         code = self._run_worker(index, status, stop)
