@@ -142,14 +142,68 @@ def test_a_fast_stream_makes_the_reader_pause_and_nothing_is_lost_or_reordered(
     run(main())
 
 
-def test_a_pause_that_brings_too_little_stops_pausing_for_a_while(
+def _end_pause_now(reader: BatchReader) -> None:
+    """End the reader's pause now, as its timer would (the tests below pause for 0.5 s, so
+    that what they send lands within the pause, and end it themselves)."""
+    pause = reader._pause
+    assert pause is not None
+    pause.cancel()
+    reader._end_pause()
+
+
+def test_while_pauses_pay_the_reader_pauses_again_at_once(run: Runner[Any],
+                                                           clock: Clock) -> None:
+    # A network card's interrupt moderation: under a steady stream, the wake-up that ends a
+    # pause reads what the pause gathered and pauses again, with no wake-up for a handful of
+    # datagrams in between.
+    async def main() -> None:
+        async with _listening(rx_coalesce=0.5) as (ln, reader, proto, sock, port):
+            sent = await _stream_until_paused(reader, proto, sock, port, 0)
+            for pauses in range(2, 6):
+                _send(sock, port, sent, 100)
+                sent += 100
+                _end_pause_now(reader)
+                assert len(proto.got) == sent  # read as the pause ended ...
+                assert reader.paused  # ... and paused again at once
+                assert reader.pauses == pauses
+            assert reader.pauses_failed == 0
+            # The stream stops: the pause brings nothing, and the reader watches the socket.
+            _end_pause_now(reader)
+            assert not reader.paused
+            _send(sock, port, sent, 7)
+            sent += 7
+            await proto.until(sent)
+            assert not reader.paused
+            assert proto.got == [b"%d" % number for number in range(sent)]
+            assert ln.stats.drops["kernel"] == 0
+
+    run(main())
+
+
+def test_two_pauses_in_a_row_that_bring_too_little_stop_pausing_for_a_while(
         run: Runner[Any], clock: Clock) -> None:
     # Peers that wait for replies (a request/response client, an echo window) send nothing
-    # more during a pause: it only delays them, so the reader backs off.
+    # more during a pause: it only delays them, so the reader backs off. One such pause may
+    # be a sender's hiccup (a stream's sender descheduled for a millisecond): the reader backs
+    # off at the second in a row, with no paid pause between them.
     async def main() -> None:
-        async with _listening() as (_, reader, proto, sock, port):
+        async with _listening(rx_coalesce=0.5) as (_, reader, proto, sock, port):
             sent = await _stream_until_paused(reader, proto, sock, port, 0)
-            await _until(lambda: reader.pauses_failed == 1)
+            _end_pause_now(reader)  # nothing came: one short pause
+            assert not reader.paused
+            assert reader.pauses_failed == 0
+            sent = await _stream_until_paused(reader, proto, sock, port, sent)
+            _send(sock, port, sent, 100)
+            sent += 100
+            _end_pause_now(reader)  # a pause that paid: the short one is forgiven
+            assert reader.paused
+            _end_pause_now(reader)  # short again, but not twice in a row
+            assert not reader.paused
+            assert reader.pauses_failed == 0
+            sent = await _stream_until_paused(reader, proto, sock, port, sent)
+            pauses = reader.pauses
+            _end_pause_now(reader)  # twice in a row: back off
+            assert reader.pauses_failed == 1
             assert not reader.paused
             # Backing off: the same fast stream (ten bursts: twice what it took to pause) does
             # not pause ...
@@ -158,15 +212,17 @@ def test_a_pause_that_brings_too_little_stops_pausing_for_a_while(
                 sent += BURST
                 await proto.until(sent)
                 assert not reader.paused
-            assert reader.pauses == 1
+            assert reader.pauses == pauses
             # ... until the back-off has passed.
             clock.now += COALESCE_BACKOFF
             sent = await _stream_until_paused(reader, proto, sock, port, sent)
-            assert reader.pauses == 2
+            assert reader.pauses == pauses + 1
             _send(sock, port, sent, 200)
             sent += 200
+            _end_pause_now(reader)
             await proto.until(sent)
             assert proto.got == [b"%d" % number for number in range(sent)]
+            assert reader.pauses_failed == 1
 
     run(main())
 

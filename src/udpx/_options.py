@@ -112,8 +112,9 @@ class Options:
     moderation does. Only when the socket was emptied and datagrams arrive fast enough to
     fill a batch of 64 in that time (64,000 datagrams/s at the default), and only while that
     pays: the reader stops pausing for a while when a pause let the kernel drop, filled more
-    than a quarter of the receive buffer (give a busy socket a larger ``rcvbuf``), or brought
-    less than half the datagrams the rate promised (peers waiting for replies). Light
+    than a quarter of the receive buffer (give a busy socket a larger ``rcvbuf``), or when
+    two in a row brought less than half the datagrams the rate promised (peers waiting for
+    replies). While pauses pay, one follows the other at once. Light
     traffic is never delayed; a steady stream may wait up to this long plus the loop's timer
     granularity (about 1 ms). Halves the CPU per datagram of a reader that keeps up with
     a steady stream from peers without GSO. Batch engine only."""

@@ -44,8 +44,9 @@ COALESCE_MIN_BATCH = 64
 COALESCE_SPAN = 0.0005
 
 #: A pause that did not pay (the kernel dropped, the queue filled past a quarter of the
-#: buffer, or less than half the expected datagrams came) stops pausing for this long, doubled
-#: at each further failure up to COALESCE_MAX_BACKOFF; a pause that paid resets it.
+#: buffer, or less than half the expected datagrams came, twice in a row) stops pausing for
+#: this long, doubled at each further failure up to COALESCE_MAX_BACKOFF; a pause that paid
+#: resets it.
 COALESCE_BACKOFF = 0.05
 COALESCE_MAX_BACKOFF = 2.0
 
@@ -91,13 +92,15 @@ class BatchReader:
     arrive fast enough to fill a batch within ``coalesce``, the reader stops watching the
     socket for that long and then reads what came in fewer, fuller calls. Each pause is
     checked when it ends: if the kernel dropped, if the queue filled past a quarter of the
-    socket's buffer, if fewer than half the datagrams the rate promised came (the peers
-    were waiting for replies: a pause then only adds delay), or if the wake-up after it
-    overflowed a connection's queue (``overflow``), the reader stops pausing for a while
-    (COALESCE_BACKOFF, doubling). Nor does it pause while queues overflow: the consumers
-    are then the bottleneck, and bigger bursts would only overflow them more. Light traffic
-    is never delayed; a steady stream waits at most ``coalesce`` (plus the loop's timer
-    granularity) longer.
+    socket's buffer, if the wake-up after it overflowed a connection's queue (``overflow``),
+    or if fewer than half the datagrams the rate promised came for the second pause in a
+    row (the peers were waiting for replies: a pause then only adds delay; one such pause
+    may be a sender's hiccup), the reader stops pausing for a while (COALESCE_BACKOFF,
+    doubling). A pause that paid is followed at once by the next while the wake-up that
+    ended it read the socket empty at a rate still high enough. Nor does it pause while
+    queues overflow: the consumers are then the bottleneck, and bigger bursts would only
+    overflow them more. Light traffic is never delayed; a steady stream waits at most
+    ``coalesce`` (plus the loop's timer granularity) longer.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, receiver: Receiver,
@@ -171,6 +174,7 @@ class BatchReader:
         self._pause_rate = 0.0
         self._pause_drops = 0
         self._expected = 0.0  # datagrams the wake-up after a pause should find, at least
+        self._short = False  # the last pause brought too little (one more backs off)
 
     def start(self) -> None:
         if not self._active:
@@ -210,12 +214,29 @@ class BatchReader:
         if self._expected:  # the wake-up right after a pause: did it pay?
             dropped = self._overflowed()
             # (A wake-up that spent its budget left more behind than it read: it did.)
-            if (read < self._expected and self._drained) or dropped != self._dropped:
-                self._back_off(now)
-            else:
-                self._backoff = COALESCE_BACKOFF
+            short = read < self._expected and self._drained
+            overflowed = dropped != self._dropped
             self._expected = 0.0
             self._since, self._count, self._dropped = now, 0, dropped
+            if overflowed or (short and self._short):
+                self._back_off(now)
+            elif short:
+                # One short pause is no proof that the peers wait for replies: a sender that
+                # stalled for a millisecond (descheduled, a shared host) does it too, a few
+                # times a second. Two in a row, with no paid pause between them, are.
+                self._short = True
+            else:
+                self._short = False
+                self._backoff = COALESCE_BACKOFF
+                # It paid, and the wake-up read the socket empty: while the stream stays fast
+                # enough, pause again at once, as a network card moderates interrupts. (Else
+                # the next pause waited for a new COALESCE_SPAN of measuring, during which the
+                # reader was woken for every few datagrams again: a third of a flood's
+                # datagrams were read that way, at twice the cost.)
+                elapsed = now - self._pause_began
+                if (self._drained and elapsed > 0 and self._active and not self.drain_to_empty
+                        and read * self.coalesce >= COALESCE_MIN_BATCH * elapsed):
+                    self._start_pause(now, read / elapsed)
             return
         count = self._count + read
         span = now - self._since
@@ -229,13 +250,18 @@ class BatchReader:
                 or not self._drained or not self._active or self.drain_to_empty
                 or now < self._no_pause_until):
             return
+        self._start_pause(now, count / span)
+
+    def _start_pause(self, now: float, rate: float) -> None:
+        """Stop watching the socket for ``coalesce`` seconds; ``rate``: the datagrams per
+        second the pause is expected to gather."""
         memory = receive_memory(self._sock)
         if memory is None:  # the kernel cannot say whether the buffer would hold: never
             self.coalesce = 0.0
             return
         self.pauses += 1
         self._pause_began = now
-        self._pause_rate = count / span
+        self._pause_rate = rate
         self._pause_drops = memory[2]
         self._loop.remove_reader(self._fd)
         self._pause = self._loop.call_later(self.coalesce, self._end_pause)
@@ -258,6 +284,7 @@ class BatchReader:
 
     def _back_off(self, now: float) -> None:
         self.pauses_failed += 1
+        self._short = False
         self._no_pause_until = now + self._backoff
         self._backoff = min(2 * self._backoff, COALESCE_MAX_BACKOFF)
 
