@@ -373,3 +373,88 @@ def test_no_pause_while_connection_queues_overflow(run: Runner[Any], clock: Cloc
             assert ln.stats.drops["rx_queue_full"] == 20 * BURST - 16
 
     run(main())
+
+
+class Answer(Collect):
+    """Collects, and answers every ``every``-th datagram of its connection."""
+
+    every = 1
+
+    def connection_made(self, conn: udpx.UDPConn) -> None:
+        self.conn = conn
+
+    def datagrams_received(self, datagrams: list[bytes]) -> None:
+        start = len(self.got)
+        super().datagrams_received(datagrams)
+        answers = [data for number, data in enumerate(datagrams, start)
+                   if number % self.every == self.every - 1]
+        self.conn.send_many_nowait(answers)
+
+
+@pytest.mark.parametrize("every", [1, 2, 3, 8])
+def test_a_socket_that_answers_what_it_reads_is_not_paused(run: Runner[Any], clock: Clock,
+                                                           every: int) -> None:
+    # Peers with requests in flight each send the next on its reply: a pause is then a wait
+    # for all of them, while the server idles. A socket that sent at least half as many
+    # datagrams as it read does not pause; one that answers less keeps coalescing.
+    async def main() -> None:
+        proto = Answer()
+        proto.every = every
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=lambda: proto,
+                               rcvbuf=1 << 20) as ln:
+            reader = _reader_of(ln)
+            with _sender() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                port = ln.local_addr[1]
+                sent = 0
+                for _ in range(20):  # four times what it takes a silent socket to pause
+                    _send(sock, port, sent, BURST)
+                    sent += BURST
+                    await proto.until(sent)
+                    if reader.paused:
+                        _end_pause_now(reader)
+                answered = ln.stats.tx_packets
+                assert answered == sent // every
+                sock.setblocking(False)
+                replies = 0
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        sock.recv(64)
+                        replies += 1
+                assert replies == answered
+            assert proto.got == [b"%d" % number for number in range(sent)]
+            if every <= 2:
+                assert reader.pauses == 0
+            else:
+                assert reader.pauses > 0
+
+    run(main())
+
+
+def test_a_task_mode_server_that_answers_is_not_paused(run: Runner[Any], clock: Clock) -> None:
+    # Its answers leave after the wake-up that read the requests (its task runs later): the
+    # count covers the window before too.
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, rcvbuf=1 << 20) as ln:
+            reader = _reader_of(ln)
+            with _sender() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                port = ln.local_addr[1]
+                _send(sock, port, 0, 1)
+                conn = await ln.accept()
+                got = [await conn.recv()]
+                await conn.send(got[0])
+                sent = 1
+                for _ in range(20):
+                    _send(sock, port, sent, BURST)
+                    sent += BURST
+                    while len(got) < sent:
+                        batch = await conn.recv_many()
+                        got += batch
+                        await conn.send_many(batch)
+                    assert not reader.paused
+                assert reader.pauses == 0
+                assert got == [b"%d" % number for number in range(sent)]
+                await _until(lambda: ln.stats.tx_packets == sent)
+
+    run(main())

@@ -349,7 +349,7 @@ class SocketEngine(Releasing):
                                   on_nothing=self.drain_errors if state.recverr else None,
                                   before=self.writer.defer, after=self.writer.flush_scheduled,
                                   on_empty=on_empty, budget=read_budget,
-                                  coalesce=options.rx_coalesce)
+                                  coalesce=options.rx_coalesce, sent=self._tx_packets)
         self._named = named
         self._max_datagram = options.max_datagram
         self.rcvbuf, self.sndbuf = buffer_sizes(sock)
@@ -357,6 +357,11 @@ class SocketEngine(Releasing):
     async def open(self) -> None:
         """Start reading (the loop watches the socket from now on)."""
         self.reader.start()
+
+    def _tx_packets(self) -> int:
+        """Datagrams this socket sent (a running total: read coalescing's hint that the
+        peers wait for answers)."""
+        return self.writer.tx_packets
 
     # -- receiving: decode once, feed the sink ------------------------------------------------
 

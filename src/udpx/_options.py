@@ -114,7 +114,8 @@ class Options:
     pays: the reader stops pausing for a while when a pause let the kernel drop, filled more
     than a quarter of the receive buffer (give a busy socket a larger ``rcvbuf``), or when
     two in a row brought less than half the datagrams the rate promised (peers waiting for
-    replies). While pauses pay, one follows the other at once. Light
+    replies). While pauses pay, one follows the other at once. A socket that sends at least
+    half as many datagrams as it reads (a server answering requests) does not pause. Light
     traffic is never delayed; a steady stream may wait up to this long plus the loop's timer
     granularity (about 1 ms). Halves the CPU per datagram of a reader that keeps up with
     a steady stream from peers without GSO. Batch engine only."""

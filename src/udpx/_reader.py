@@ -99,8 +99,9 @@ class BatchReader:
     doubling). A pause that paid is followed at once by the next while the wake-up that
     ended it read the socket empty at a rate still high enough. Nor does it pause while
     queues overflow: the consumers are then the bottleneck, and bigger bursts would only
-    overflow them more. Light traffic is never delayed; a steady stream waits at most
-    ``coalesce`` (plus the loop's timer granularity) longer.
+    overflow them more; nor while the socket answers as much as it reads (``sent``, a running
+    total of the datagrams it sent: see ``_answering``). Light traffic is never delayed; a
+    steady stream waits at most ``coalesce`` (plus the loop's timer granularity) longer.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, receiver: Receiver,
@@ -109,7 +110,8 @@ class BatchReader:
                  after: Callable[[], None] | None = None,
                  before: Callable[[], None] | None = None,
                  on_empty: Callable[[], None] | None = None,
-                 budget: int = MAX_DATAGRAMS_PER_WAKEUP, coalesce: float = 0.0) -> None:
+                 budget: int = MAX_DATAGRAMS_PER_WAKEUP, coalesce: float = 0.0,
+                 sent: Callable[[], int] | None = None) -> None:
         self._loop = loop
         #: Datagrams read at most per wake-up (then the loop runs other callbacks first).
         self.budget = budget
@@ -173,6 +175,12 @@ class BatchReader:
         self._pause_began = 0.0
         self._pause_rate = 0.0
         self._pause_drops = 0
+        # Datagrams read while coalescing, and ``sent()`` (the datagrams the socket sent, a
+        # running total), as the current window (a span of measuring, or a pause and the
+        # wake-up after it) and the one before it began (see ``_answering``).
+        self._sent = sent
+        self._read_total = 0
+        self._mark = self._mark_before = (0, 0)
         self._expected = 0.0  # datagrams the wake-up after a pause should find, at least
         self._short = False  # the last pause brought too little (one more backs off)
 
@@ -204,6 +212,7 @@ class BatchReader:
             if self._after is not None:
                 self._after()
         if self.coalesce:
+            self._read_total += read
             self._coalesce(read)
 
     # -- read coalescing --------------------------------------------------------------------
@@ -216,8 +225,9 @@ class BatchReader:
             # (A wake-up that spent its budget left more behind than it read: it did.)
             short = read < self._expected and self._drained
             overflowed = dropped != self._dropped
+            answering = self._answering()
             self._expected = 0.0
-            self._since, self._count, self._dropped = now, 0, dropped
+            self._new_window(now, dropped)
             if overflowed or (short and self._short):
                 self._back_off(now)
             elif short:
@@ -235,7 +245,8 @@ class BatchReader:
                 # datagrams were read that way, at twice the cost.)
                 elapsed = now - self._pause_began
                 if (self._drained and elapsed > 0 and self._active and not self.drain_to_empty
-                        and read * self.coalesce >= COALESCE_MIN_BATCH * elapsed):
+                        and read * self.coalesce >= COALESCE_MIN_BATCH * elapsed
+                        and not answering):
                     self._start_pause(now, read / elapsed)
             return
         count = self._count + read
@@ -245,12 +256,32 @@ class BatchReader:
             return
         dropped = self._overflowed()
         overflowed = dropped != self._dropped
-        self._since, self._count, self._dropped = now, 0, dropped
+        answering = self._answering()
+        self._new_window(now, dropped)
         if (overflowed or count < COALESCE_MIN_BATCH * span / self.coalesce
                 or not self._drained or not self._active or self.drain_to_empty
-                or now < self._no_pause_until):
+                or now < self._no_pause_until or answering):
             return
         self._start_pause(now, count / span)
+
+    def _new_window(self, now: float, dropped: int) -> None:
+        """A new span of measuring, or a pause, begins now."""
+        self._since, self._count, self._dropped = now, 0, dropped
+        self._mark_before = self._mark
+        self._mark = (self._read_total, self._sent() if self._sent is not None else 0)
+
+    def _answering(self) -> bool:
+        """Whether the socket sent at least half as many datagrams as it read, over this
+        span or pause cycle and the one before it: its peers are then likely to wait for
+        those answers (requests in flight, each peer's next request sent on its reply). Such
+        a closed loop's every pause is a wait for all of them, and its server idles meanwhile:
+        a pause then costs round trips (measured: 10-18 % of an echo server's, 100 and 1,000
+        peers each with a request in flight, on loopback) and saves no CPU. (Two windows: a
+        task-mode server answers after the wake-up that read, in the window after it.)"""
+        if self._sent is None:
+            return False
+        read, sent = self._mark_before
+        return 2 * (self._sent() - sent) >= self._read_total - read
 
     def _start_pause(self, now: float, rate: float) -> None:
         """Stop watching the socket for ``coalesce`` seconds; ``rate``: the datagrams per
