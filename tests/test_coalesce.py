@@ -186,7 +186,7 @@ def test_two_pauses_in_a_row_that_bring_too_little_stop_pausing_for_a_while(
     # Peers that wait for replies (a request/response client, an echo window) send nothing
     # more during a pause: it only delays them, so the reader backs off. One such pause may
     # be a sender's hiccup (a stream's sender descheduled for a millisecond): the reader backs
-    # off at the second in a row, with no paid pause between them.
+    # off at the second in a row, with no paid pause between them and within COALESCE_BACKOFF.
     async def main() -> None:
         async with _listening(rx_coalesce=0.5) as (_, reader, proto, sock, port):
             sent = await _stream_until_paused(reader, proto, sock, port, 0)
@@ -199,6 +199,12 @@ def test_two_pauses_in_a_row_that_bring_too_little_stop_pausing_for_a_while(
             _end_pause_now(reader)  # a pause that paid: the short one is forgiven
             assert reader.paused
             _end_pause_now(reader)  # short again, but not twice in a row
+            assert not reader.paused
+            assert reader.pauses_failed == 0
+            # Nor is a short pause long after the last one (another hiccup).
+            clock.now += COALESCE_BACKOFF
+            sent = await _stream_until_paused(reader, proto, sock, port, sent)
+            _end_pause_now(reader)
             assert not reader.paused
             assert reader.pauses_failed == 0
             sent = await _stream_until_paused(reader, proto, sock, port, sent)
@@ -432,8 +438,8 @@ def test_a_socket_that_answers_what_it_reads_is_not_paused(run: Runner[Any], clo
 
 
 def test_a_task_mode_server_that_answers_is_not_paused(run: Runner[Any], clock: Clock) -> None:
-    # Its answers leave after the wake-up that read the requests (its task runs later): the
-    # count covers the window before too.
+    # Its answers leave after the wake-up that read the requests (its task runs later): they
+    # count in the window they leave in.
     async def main() -> None:
         async with udpx.listen("127.0.0.1", 0, rcvbuf=1 << 20) as ln:
             reader = _reader_of(ln)

@@ -177,12 +177,13 @@ class BatchReader:
         self._pause_drops = 0
         # Datagrams read while coalescing, and ``sent()`` (the datagrams the socket sent, a
         # running total), as the current window (a span of measuring, or a pause and the
-        # wake-up after it) and the one before it began (see ``_answering``).
+        # wake-up after it) began (see ``_answering``).
         self._sent = sent
         self._read_total = 0
-        self._mark = self._mark_before = (0, 0)
+        self._mark = (0, 0)
         self._expected = 0.0  # datagrams the wake-up after a pause should find, at least
-        self._short = False  # the last pause brought too little (one more backs off)
+        # Until when a pause that brings too little backs off: the last one did (0.0: none).
+        self._short_until = 0.0
 
     def start(self) -> None:
         if not self._active:
@@ -228,15 +229,17 @@ class BatchReader:
             answering = self._answering()
             self._expected = 0.0
             self._new_window(now, dropped)
-            if overflowed or (short and self._short):
+            if overflowed or (short and now < self._short_until):
                 self._back_off(now)
             elif short:
                 # One short pause is no proof that the peers wait for replies: a sender that
                 # stalled for a millisecond (descheduled, a shared host) does it too, a few
-                # times a second. Two in a row, with no paid pause between them, are.
-                self._short = True
+                # times a second. Two in a row are: with no paid pause between them, and
+                # within COALESCE_BACKOFF (a closed loop's next pause comes a COALESCE_SPAN
+                # of measuring later).
+                self._short_until = now + COALESCE_BACKOFF
             else:
-                self._short = False
+                self._short_until = 0.0
                 self._backoff = COALESCE_BACKOFF
                 # It paid, and the wake-up read the socket empty: while the stream stays fast
                 # enough, pause again at once, as a network card moderates interrupts. (Else
@@ -267,20 +270,20 @@ class BatchReader:
     def _new_window(self, now: float, dropped: int) -> None:
         """A new span of measuring, or a pause, begins now."""
         self._since, self._count, self._dropped = now, 0, dropped
-        self._mark_before = self._mark
         self._mark = (self._read_total, self._sent() if self._sent is not None else 0)
 
     def _answering(self) -> bool:
         """Whether the socket sent at least half as many datagrams as it read, over this
-        span or pause cycle and the one before it: its peers are then likely to wait for
-        those answers (requests in flight, each peer's next request sent on its reply). Such
-        a closed loop's every pause is a wait for all of them, and its server idles meanwhile:
-        a pause then costs round trips (measured: 10-18 % of an echo server's, 100 and 1,000
-        peers each with a request in flight, on loopback) and saves no CPU. (Two windows: a
-        task-mode server answers after the wake-up that read, in the window after it.)"""
+        span of measuring or pause cycle: its peers are then likely to wait for those answers
+        (requests in flight, each peer's next request sent on its reply). Such a closed loop's
+        every pause is a wait for all of them, and its server idles meanwhile: a pause then
+        costs round trips (measured: 10-18 % of an echo server's, 100 and 1,000 peers each
+        with a request in flight, on loopback) and saves no CPU. (A task-mode server answers
+        after the wake-up that read: in steady traffic, the answers to the window's last
+        wake-up are made up for by those to the wake-up before it.)"""
         if self._sent is None:
             return False
-        read, sent = self._mark_before
+        read, sent = self._mark
         return 2 * (self._sent() - sent) >= self._read_total - read
 
     def _start_pause(self, now: float, rate: float) -> None:
@@ -315,7 +318,7 @@ class BatchReader:
 
     def _back_off(self, now: float) -> None:
         self.pauses_failed += 1
-        self._short = False
+        self._short_until = 0.0
         self._no_pause_until = now + self._backoff
         self._backoff = min(2 * self._backoff, COALESCE_MAX_BACKOFF)
 
