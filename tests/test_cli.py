@@ -467,11 +467,11 @@ def test_echo_workers_survive_sigusr1_while_starting_and_stopping(loop: str) -> 
     process = echo_workers(free_udp_port(), loop)
     try:
         assert process.stdout is not None
-        first = read_line(process.stdout.fileno(), ECHO_TIMEOUT)
-        assert first.startswith("listening on"), first
+        # (Every line read so far: both workers' may come in one read.)
+        lines = read_line(process.stdout.fileno(), ECHO_TIMEOUT, all_lines=True)
+        assert lines[0].startswith("listening on"), lines
         for _ in range(3):  # the other worker may still be starting
             process.send_signal(signal.SIGUSR1)
-        lines = [first]
         deadline = time.monotonic() + ECHO_TIMEOUT
         while sum(line.startswith("listening on") for line in lines) < 2:
             lines += read_line(process.stdout.fileno(), deadline - time.monotonic(),
@@ -487,3 +487,71 @@ def test_echo_workers_survive_sigusr1_while_starting_and_stopping(loop: str) -> 
         if process.poll() is None:
             process.kill()
             process.communicate(timeout=ECHO_TIMEOUT)
+
+
+def descendants(pid: int) -> set[int]:
+    """The live processes below ``pid`` (from /proc: each process's parent)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(entry)] = int(fields[1])
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent]
+        found.update(children)
+        todo += children
+    return found
+
+
+@pytest.mark.parametrize("mode", [["--workers", "2", "--clients", "4"], ["--isolate"], []],
+                         ids=["workers", "isolate", "in-process"])
+def test_perf_stops_on_sigterm_as_on_ctrl_c(mode: list[str]) -> None:
+    """SIGTERM to perf's pid stops the measurement and every process it started, reports
+    "interrupted" and exits 130, as Ctrl-C does (black-box: it ended perf alone, its workers
+    then printed EOFError tracebacks)."""
+    process = subprocess.Popen([PYTHON, "-m", "udpx", "perf", "--duration", "30", *mode],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # Measuring: a progress line on stderr, or with workers (no progress line) the
+        # describe() line a worker prints on the SIGUSR1 that perf passes on once they all
+        # measure.
+        workers = "--workers" in mode
+        assert process.stderr is not None
+        early = b""
+        deadline = time.monotonic() + PERF_TIMEOUT
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stderr.fileno(), selectors.EVENT_READ)
+            while b"{" not in early if workers else b"datagrams/s" not in early:
+                assert time.monotonic() < deadline, early
+                if workers and descendants(process.pid):
+                    # (Not before perf runs: SIGUSR1 ends a Python that is still starting.)
+                    process.send_signal(signal.SIGUSR1)
+                if selector.select(0.2):
+                    chunk = os.read(process.stderr.fileno(), 65536)
+                    assert chunk, early
+                    early += chunk
+        started = descendants(process.pid)
+        assert len(started) >= (4 if workers else 2 if mode else 1), started
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=PERF_TIMEOUT)
+        text = (early + stderr).decode()
+        assert process.returncode == 130, text
+        assert "udpx perf: interrupted" in text
+        assert "Traceback" not in text, text
+        deadline = time.monotonic() + ECHO_TIMEOUT
+        while descendants(1) & started:  # (orphans would have been adopted by init)
+            assert time.monotonic() < deadline, f"left running: {descendants(1) & started}"
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=PERF_TIMEOUT)

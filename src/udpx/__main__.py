@@ -211,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """A signal handler: the signal is taken as SIGINT (Ctrl-C), whoever handles that now."""
+    signal.raise_signal(signal.SIGINT)
+
+
 def _perf(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     limit = _MAX_PAYLOAD[args.host]
     if args.size > limit:
@@ -227,11 +232,17 @@ def _perf(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                         rx_queue_size=args.rx_queue_size, rx_coalesce=args.rx_coalesce,
                         isolate=args.compare if args.isolate is None else args.isolate,
                         describe=args.describe, workers=args.workers)
+    # SIGTERM stops a measurement as Ctrl-C does: the children it started are stopped and
+    # the command reports "interrupted" (its default action ended this process alone, and
+    # left its workers to find their pipes closed).
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = run_perf(config, progress=None if args.quiet else sys.stderr)
     except PerfError as exc:
         print(f"udpx perf: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     text = format_summary(summary)
     if args.json:
         print(text, file=sys.stderr, flush=True)

@@ -978,10 +978,17 @@ def workers_main(job: WorkersJob) -> None:
         loop_factory=_loop_factory(job.config.loop))
 
 
+class _ParentGone(Exception):
+    """The parent closed its end of a worker's pipe: it stopped, and waits for nothing."""
+
+
 async def _next_message(pipe: Connection, timeout: float, expected: str) -> Any:
     if not pipe.poll() and not await _wait_readable(pipe.fileno(), timeout):
         raise PerfError(f"no {expected!r} from the parent within {timeout:.0f} s")
-    kind, payload = pipe.recv()
+    try:
+        kind, payload = pipe.recv()
+    except EOFError:
+        raise _ParentGone from None
     if kind != expected:
         raise PerfError(f"expected {expected!r} from the parent, got {kind!r}")
     return payload
@@ -999,24 +1006,34 @@ async def _receive_as_worker(job: WorkersJob) -> None:
                              describe=config.describe)
     try:
         await receiver.open(config.host, job.port)
-        pipe.send(("ready", os.getpid()))
-        start = await _next_message(pipe, _READY_TIMEOUT + _GO_TIMEOUT, "go")
-        cpu_start = time.thread_time()
-        monitor = _Monitor(receiver, _Progress(None, ""))
-        monitor.run(start)
         try:
-            await _next_message(pipe, config.duration + _RESULT_MARGIN + _READY_TIMEOUT, "stop")
-            await monitor.wait_quiet()
-            report = WorkerReport(worker=index, pid=os.getpid(), received=receiver.packets,
-                                  received_bytes=receiver.bytes, last_change=monitor.last_change,
-                                  cpu_seconds=time.thread_time() - cpu_start,
-                                  cpu_span=time.monotonic() - start, drops=receiver.drops(),
-                                  connections=receiver.connections() or 0)
-        finally:
-            await monitor.stop()
-        pipe.send(("result", report))
+            pipe.send(("ready", os.getpid()))
+            report = await _measure_as_worker(pipe, receiver, config, index)
+            pipe.send(("result", report))
+        except (_ParentGone, BrokenPipeError):
+            return  # the parent stopped (Ctrl-C, SIGTERM): nobody waits for a report
     finally:
         await receiver.close()
+
+
+async def _measure_as_worker(pipe: Connection, receiver: _UdpxReceiver, config: PerfConfig,
+                             index: int) -> WorkerReport:
+    """A worker's measurement, from the parent's "go" to its "stop"."""
+    start = await _next_message(pipe, _READY_TIMEOUT + _GO_TIMEOUT, "go")
+    cpu_start = time.thread_time()
+    monitor = _Monitor(receiver, _Progress(None, ""))
+    monitor.run(start)
+    try:
+        await _next_message(pipe, config.duration + _RESULT_MARGIN + _READY_TIMEOUT, "stop")
+        await monitor.wait_quiet()
+        report = WorkerReport(worker=index, pid=os.getpid(), received=receiver.packets,
+                              received_bytes=receiver.bytes, last_change=monitor.last_change,
+                              cpu_seconds=time.thread_time() - cpu_start,
+                              cpu_span=time.monotonic() - start, drops=receiver.drops(),
+                              connections=receiver.connections() or 0)
+    finally:
+        await monitor.stop()
+    return report
 
 
 class _PassSigusr1:
