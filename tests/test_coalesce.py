@@ -36,9 +36,10 @@ class Clock:
 
     def __init__(self) -> None:
         self.now = 1000.0
+        self.step = STEP
 
     def __call__(self) -> float:
-        self.now += STEP
+        self.now += self.step
         return self.now
 
 
@@ -462,5 +463,43 @@ def test_a_task_mode_server_that_answers_is_not_paused(run: Runner[Any], clock: 
                 assert reader.pauses == 0
                 assert got == [b"%d" % number for number in range(sent)]
                 await _until(lambda: ln.stats.tx_packets == sent)
+
+    run(main())
+
+
+def test_a_server_that_answers_a_window_late_is_not_paused(run: Runner[Any],
+                                                           clock: Clock) -> None:
+    # Answers may leave in the window after their requests: a task-mode server sends once
+    # its tasks ran, and this one answers every second batch, two at once. Each wake-up is a
+    # window of its own here (the clock's step is a span): one window in two sends nothing,
+    # and only a count over two windows sees that the server answers all it reads.
+    async def main() -> None:
+        clock.step = 2 * _reader.COALESCE_SPAN
+        async with udpx.listen("127.0.0.1", 0, rcvbuf=1 << 20) as ln:
+            reader = _reader_of(ln)
+            with _sender() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                port = ln.local_addr[1]
+                _send(sock, port, 0, 1)
+                conn = await ln.accept()
+                got = [await conn.recv()]
+                await conn.send(got[0])
+                sent = 1
+                held: list[bytes] = []
+                for burst in range(20):
+                    _send(sock, port, sent, BURST)
+                    sent += BURST
+                    while len(got) < sent:
+                        batch = await conn.recv_many()
+                        got += batch
+                        held += batch
+                    # The first burst answered at once, then two by two: the windows' answers
+                    # go 64, 0, 128, 0, 128, ... against 64 requests each.
+                    if burst == 0 or len(held) >= 2 * BURST:
+                        await conn.send_many(held)
+                        held = []
+                    assert not reader.paused
+                assert reader.pauses == 0
+                assert got == [b"%d" % number for number in range(sent)]
 
     run(main())

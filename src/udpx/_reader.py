@@ -84,24 +84,24 @@ class BatchReader:
     ``on_error(exc)`` handles an error the socket reported (ICMP errors on a connected socket
     arrive this way). Neither stops the reader.
 
-    ``coalesce`` (seconds, 0: never) is read coalescing, what a NIC's interrupt moderation
-    does. A reader that keeps up with a steady stream is woken again as soon as the next few
-    datagrams arrive: on this path most of the cost of a datagram is then the wake-up, the
-    poll and the receive call it shares with only a handful of others (measured here: 2.6 µs
-    per datagram at 5 per call, 1.2 µs at 60). So when the socket was drained and datagrams
-    arrive fast enough to fill a batch within ``coalesce``, the reader stops watching the
-    socket for that long and then reads what came in fewer, fuller calls. Each pause is
-    checked when it ends: if the kernel dropped, if the queue filled past a quarter of the
-    socket's buffer, if the wake-up after it overflowed a connection's queue (``overflow``),
-    or if fewer than half the datagrams the rate promised came for the second pause in a
-    row (the peers were waiting for replies: a pause then only adds delay; one such pause
-    may be a sender's hiccup), the reader stops pausing for a while (COALESCE_BACKOFF,
-    doubling). A pause that paid is followed at once by the next while the wake-up that
-    ended it read the socket empty at a rate still high enough. Nor does it pause while
-    queues overflow: the consumers are then the bottleneck, and bigger bursts would only
-    overflow them more; nor while the socket answers as much as it reads (``sent``, a running
-    total of the datagrams it sent: see ``_answering``). Light traffic is never delayed; a
-    steady stream waits at most ``coalesce`` (plus the loop's timer granularity) longer.
+    ``coalesce`` (seconds, 0: never) is read coalescing, what a NIC's interrupt moderation does.
+    A reader that keeps up with a steady stream is woken again as soon as the next few datagrams
+    arrive: on this path most of the cost of a datagram is then the wake-up, the poll and the
+    receive call it shares with only a handful of others (measured here: 2.6 µs per datagram at
+    5 per call, 1.2 µs at 60). So when the socket was drained and datagrams arrive fast enough
+    to fill a batch within ``coalesce`` (over two spans of measuring in a row), the reader stops
+    watching the socket for that long and then reads what came in fewer, fuller calls. Each
+    pause is checked when it ends: if the kernel dropped, if the queue filled past a quarter of
+    the socket's buffer, if the wake-up after it overflowed a connection's queue (``overflow``),
+    or if fewer than half the datagrams the rate promised came for the second pause in a row
+    (the peers were waiting for replies: a pause then only adds delay; one such pause may be a
+    sender's hiccup), the reader stops pausing for a while (COALESCE_BACKOFF, doubling). A pause
+    that paid is followed at once by the next while the wake-up that ended it read the socket
+    empty at a rate still high enough. Nor does it pause while queues overflow: the consumers
+    are then the bottleneck, and bigger bursts would only overflow them more; nor while the
+    socket answers as much as it reads (``sent``, a running total of the datagrams it sent: see
+    ``_answering``). Light traffic is never delayed; a steady stream waits at most ``coalesce``
+    (plus the loop's timer granularity) longer.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, receiver: Receiver,
@@ -177,13 +177,17 @@ class BatchReader:
         self._pause_drops = 0
         # Datagrams read while coalescing, and ``sent()`` (the datagrams the socket sent, a
         # running total), as the current window (a span of measuring, or a pause and the
-        # wake-up after it) began (see ``_answering``).
+        # wake-up after it) began, and as the one before it began (None: no window has ended
+        # yet), see ``_answering``.
         self._sent = sent
         self._read_total = 0
         self._mark = (0, 0)
+        self._mark_before: tuple[int, int] | None = None
         self._expected = 0.0  # datagrams the wake-up after a pause should find, at least
         # Until when a pause that brings too little backs off: the last one did (0.0: none).
         self._short_until = 0.0
+        # The last span of measuring was fast enough to pause (one more is needed).
+        self._fast = False
 
     def start(self) -> None:
         if not self._active:
@@ -264,26 +268,38 @@ class BatchReader:
         if (overflowed or count < COALESCE_MIN_BATCH * span / self.coalesce
                 or not self._drained or not self._active or self.drain_to_empty
                 or now < self._no_pause_until or answering):
+            self._fast = False
+            return
+        if not self._fast:
+            # The first span fast enough: the next must be too. A burst, or a backlog read
+            # after the loop was busy elsewhere, is fast for one span; and a task-mode
+            # server's answers to a span's requests leave after it (``_answering``).
+            self._fast = True
             return
         self._start_pause(now, count / span)
 
     def _new_window(self, now: float, dropped: int) -> None:
         """A new span of measuring, or a pause, begins now."""
         self._since, self._count, self._dropped = now, 0, dropped
+        self._mark_before = self._mark
         self._mark = (self._read_total, self._sent() if self._sent is not None else 0)
 
     def _answering(self) -> bool:
         """Whether the socket sent at least half as many datagrams as it read, over this
-        span of measuring or pause cycle: its peers are then likely to wait for those answers
-        (requests in flight, each peer's next request sent on its reply). Such a closed loop's
-        every pause is a wait for all of them, and its server idles meanwhile: a pause then
-        costs round trips (measured: 10-18 % of an echo server's, 100 and 1,000 peers each
-        with a request in flight, on loopback) and saves no CPU. (A task-mode server answers
-        after the wake-up that read: in steady traffic, the answers to the window's last
-        wake-up are made up for by those to the wake-up before it.)"""
+        span of measuring or pause cycle and the one before it: its peers are then likely to
+        wait for those answers (requests in flight, each peer's next request sent on its
+        reply). Such a closed loop's every pause is a wait for all of them, and its server
+        idles meanwhile: a pause then costs round trips (measured: 10-18 % of an echo
+        server's, 100 and 1,000 peers each with a request in flight, on loopback) and saves
+        no CPU. Two windows, because answers may leave a window after their requests came
+        (a task-mode server's, sent once its tasks ran; a server that answers in batches):
+        over one window of a single wake-up, a task-mode echo server was paused. Until a
+        first window has ended, it is not known: no pause."""
         if self._sent is None:
             return False
-        read, sent = self._mark
+        if self._mark_before is None:
+            return True
+        read, sent = self._mark_before
         return 2 * (self._sent() - sent) >= self._read_total - read
 
     def _start_pause(self, now: float, rate: float) -> None:
@@ -294,6 +310,7 @@ class BatchReader:
             self.coalesce = 0.0
             return
         self.pauses += 1
+        self._fast = False
         self._pause_began = now
         self._pause_rate = rate
         self._pause_drops = memory[2]
