@@ -110,8 +110,9 @@ class Options:
     """Read coalescing, in seconds (0: off): the longest the reader waits between reads of a
     busy socket so that each read returns a fuller batch, as a network card's interrupt
     moderation does. Only when the socket was emptied and datagrams arrive fast enough to
-    fill a batch of 64 in that time (64,000 datagrams/s at the default), and only while that
-    pays: the reader stops pausing for a while when a pause let the kernel drop, filled more
+    fill a batch of 64 in that time (64,000 datagrams/s at the default, over two spans of
+    measuring in a row), and only while that pays (with small datagrams, not within the
+    kernel's default receive buffer): the reader stops pausing for a while when a pause let the kernel drop, filled more
     than a quarter of the receive buffer (give a busy socket a larger ``rcvbuf``), or when
     two in a row brought less than half the datagrams the rate promised (peers waiting for
     replies). While pauses pay, one follows the other at once. A socket that sends at least
