@@ -109,18 +109,18 @@ class Options:
     rx_coalesce: float = 0.001
     """Read coalescing, in seconds (0: off): the longest the reader waits between reads of a
     busy socket so that each read returns a fuller batch, as a network card's interrupt
-    moderation does. Only when the socket was emptied and datagrams arrive fast enough to
-    fill a batch of 64 in that time (64,000 datagrams/s at the default, over two spans of
-    measuring in a row), and only while that pays (with small datagrams, not within the
-    kernel's default receive buffer): the reader stops pausing for a while when a pause let the kernel drop, filled more
-    than a quarter of the receive buffer (give a busy socket a larger ``rcvbuf``), or when
-    two in a row brought less than half the datagrams the rate promised (peers waiting for
-    replies). While pauses pay, one follows the other at once. A socket that sends at least
+    moderation does. Only when the socket was emptied and datagrams arrive fast enough to fill a
+    batch of 64 in that time (64,000 datagrams/s at the default, over two spans of measuring in
+    a row), and only while that pays (with small datagrams, not within the kernel's default
+    receive buffer): the reader stops pausing for a while when a pause let the kernel drop,
+    filled more than a quarter of the receive buffer (give a busy socket a larger ``rcvbuf``),
+    or when two in a row brought less than half the datagrams the rate promised (peers waiting
+    for replies). While pauses pay, one follows the other at once. A socket that sends at least
     half as many datagrams as it reads (a server answering requests) does not pause. Light
     traffic is never delayed; a steady stream may wait up to this long plus the loop's timer
-    granularity (about 1 ms). Cuts the CPU per datagram of a reader that keeps up with a
-    steady stream from peers without GSO by half (10,000 peers) to two thirds (one peer).
-    Batch engine only."""
+    granularity (about 1 ms). Cuts the CPU per datagram of a reader that keeps up with a steady
+    stream from peers without GSO by half (10,000 peers) to two thirds (one peer). Batch engine
+    only."""
 
     engine: str = "auto"
     """How the socket is driven: ``"mmsg"`` (udpx's batch engine: the loop watches the socket
