@@ -438,15 +438,17 @@ def test_a_socket_that_answers_what_it_reads_is_not_paused(run: Runner[Any], clo
     run(main())
 
 
-@pytest.mark.parametrize("together", [1, 2], ids=["each-batch", "two-batches-at-once"])
+@pytest.mark.parametrize("together", [1, 2, 3],
+                         ids=["each-batch", "two-batches-at-once", "three-batches-at-once"])
 def test_a_task_mode_server_that_answers_is_not_paused(run: Runner[Any], clock: Clock,
                                                        together: int) -> None:
     # Its answers leave after the wake-up that read the requests (its task runs later), in the
-    # next window. With ``together`` = 2 it answers every second batch, two at once, and each
-    # wake-up is a window of its own (the clock's step is a span): one window in two sends
-    # nothing. A first pause needs two fast spans in a row, and answers count over two
-    # windows: not paused either way (without the first, black-box pass 5 saw an echo server
-    # paused).
+    # next window. With ``together`` > 1 it answers every second (third) batch, two (three)
+    # at once, and each wake-up is a window of its own (the clock's step is a span): one
+    # window in two (two in three) sends nothing. A first pause needs two fast spans in a row
+    # (without it, black-box pass 5 saw an echo server paused: every case here fails), and
+    # answers count over two windows (without it, the case of three fails: two silent
+    # windows in a row).
     async def main() -> None:
         if together > 1:
             clock.step = 2 * _reader.COALESCE_SPAN
@@ -469,7 +471,7 @@ def test_a_task_mode_server_that_answers_is_not_paused(run: Runner[Any], clock: 
                         got += batch
                         held += batch
                     # (The first burst answered at once: the windows' answers then go 64, 0,
-                    # 128, 0, 128, ... against 64 requests each.)
+                    # 128, 0, 128, ... against 64 requests each, or 64, 0, 0, 192, ...)
                     if burst == 0 or len(held) >= together * BURST:
                         await conn.send_many(held)
                         held = []

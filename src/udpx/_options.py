@@ -119,8 +119,7 @@ class Options:
     half as many datagrams as it reads (a server answering requests) does not pause. Light
     traffic is never delayed; a steady stream may wait up to this long plus the loop's timer
     granularity (about 1 ms). Cuts the CPU per datagram of a reader that keeps up with a steady
-    stream from peers without GSO by half (10,000 peers) to two thirds (one peer). Batch engine
-    only."""
+    stream from peers without GSO by more than half. Batch engine only."""
 
     engine: str = "auto"
     """How the socket is driven: ``"mmsg"`` (udpx's batch engine: the loop watches the socket

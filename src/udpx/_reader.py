@@ -99,9 +99,9 @@ class BatchReader:
     that paid is followed at once by the next while the wake-up that ended it read the socket
     empty at a rate still high enough. Nor does it pause while queues overflow: the consumers
     are then the bottleneck, and bigger bursts would only overflow them more; nor while the
-    socket answers as much as it reads (``sent``, a running total of the datagrams it sent: see
-    ``_answering``). Light traffic is never delayed; a steady stream waits at most ``coalesce``
-    (plus the loop's timer granularity) longer.
+    socket sends at least half as many datagrams as it reads (``sent``, a running total of the
+    datagrams it sent: see ``_answering``). Light traffic is never delayed; a steady stream
+    waits at most ``coalesce`` (plus the loop's timer granularity) longer.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, receiver: Receiver,
@@ -239,8 +239,8 @@ class BatchReader:
                 # One short pause is no proof that the peers wait for replies: a sender that
                 # stalled for a millisecond (descheduled, a shared host) does it too, a few
                 # times a second. Two in a row are: with no paid pause between them, and
-                # within COALESCE_BACKOFF (a closed loop's next pause comes a COALESCE_SPAN
-                # of measuring later).
+                # within COALESCE_BACKOFF (a closed loop's next pause comes two spans of
+                # measuring later).
                 self._short_until = now + COALESCE_BACKOFF
             else:
                 self._short_until = 0.0
