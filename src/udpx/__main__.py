@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    """A signal handler: the signal is taken as SIGINT (Ctrl-C), whoever handles that now."""
+    """A signal handler: the signal is taken as SIGINT (Ctrl-C), by whoever handles that now."""
     signal.raise_signal(signal.SIGINT)
 
 
@@ -234,15 +234,18 @@ def _perf(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                         describe=args.describe, workers=args.workers)
     # SIGTERM stops a measurement as Ctrl-C does: the children it started are stopped and
     # the command reports "interrupted" (its default action ended this process alone, and
-    # left its workers to find their pipes closed).
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # left its workers to find their pipes closed). Not where SIGINT is ignored (a shell
+    # script's background job): SIGTERM then keeps its default action.
+    previous = (signal.signal(signal.SIGTERM, _interrupt)
+                if callable(signal.getsignal(signal.SIGINT)) else None)
     try:
         summary = run_perf(config, progress=None if args.quiet else sys.stderr)
     except PerfError as exc:
         print(f"udpx perf: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     text = format_summary(summary)
     if args.json:
         print(text, file=sys.stderr, flush=True)
