@@ -51,6 +51,10 @@ COALESCE_BACKOFF = 0.05
 COALESCE_MAX_BACKOFF = 2.0
 
 
+def _no_sends() -> int:
+    return 0
+
+
 class Overflow(Protocol):
     """Where the reader's datagrams go, as far as the reader needs to know."""
 
@@ -111,7 +115,7 @@ class BatchReader:
                  before: Callable[[], None] | None = None,
                  on_empty: Callable[[], None] | None = None,
                  budget: int = MAX_DATAGRAMS_PER_WAKEUP, coalesce: float = 0.0,
-                 sent: Callable[[], int] | None = None) -> None:
+                 sent: Callable[[], int] = _no_sends) -> None:
         self._loop = loop
         #: Datagrams read at most per wake-up (then the loop runs other callbacks first).
         self.budget = budget
@@ -226,13 +230,10 @@ class BatchReader:
         """After a wake-up that read ``read`` datagrams: pause, or go on measuring the rate."""
         now = perf_counter()
         if self._expected:  # the wake-up right after a pause: did it pay?
-            dropped = self._overflowed()
             # (A wake-up that spent its budget left more behind than it read: it did.)
             short = read < self._expected and self._drained
-            overflowed = dropped != self._dropped
-            answering = self._answering()
+            overflowed, answering = self._end_window(now)
             self._expected = 0.0
-            self._new_window(now, dropped)
             if overflowed or (short and now < self._short_until):
                 self._back_off(now)
             elif short:
@@ -251,9 +252,8 @@ class BatchReader:
                 # reader was woken for every few datagrams again: a third of a flood's
                 # datagrams were read that way, at twice the cost.)
                 elapsed = now - self._pause_began
-                if (self._drained and elapsed > 0 and self._active and not self.drain_to_empty
-                        and read * self.coalesce >= COALESCE_MIN_BATCH * elapsed
-                        and not answering):
+                if (elapsed > 0 and read * self.coalesce >= COALESCE_MIN_BATCH * elapsed
+                        and self._may_pause(answering)):
                     self._start_pause(now, read / elapsed)
             return
         count = self._count + read
@@ -261,13 +261,9 @@ class BatchReader:
         if span < COALESCE_SPAN:
             self._count = count
             return
-        dropped = self._overflowed()
-        overflowed = dropped != self._dropped
-        answering = self._answering()
-        self._new_window(now, dropped)
+        overflowed, answering = self._end_window(now)
         if (overflowed or count < COALESCE_MIN_BATCH * span / self.coalesce
-                or not self._drained or not self._active or self.drain_to_empty
-                or now < self._no_pause_until or answering):
+                or now < self._no_pause_until or not self._may_pause(answering)):
             self._fast = False
             return
         if not self._fast:
@@ -278,11 +274,21 @@ class BatchReader:
             return
         self._start_pause(now, count / span)
 
-    def _new_window(self, now: float, dropped: int) -> None:
-        """A new span of measuring, or a pause, begins now."""
+    def _end_window(self, now: float) -> tuple[bool, bool]:
+        """The current span of measuring, or pause cycle, ends now and the next begins:
+        whether a connection's queue overflowed during it, and whether the socket answered
+        (``_answering``) over it and the one before."""
+        dropped = self._overflowed()
+        overflowed = dropped != self._dropped
+        answering = self._answering()
         self._since, self._count, self._dropped = now, 0, dropped
         self._mark_before = self._mark
-        self._mark = (self._read_total, self._sent() if self._sent is not None else 0)
+        self._mark = (self._read_total, self._sent())
+        return overflowed, answering
+
+    def _may_pause(self, answering: bool) -> bool:
+        """Whether a pause may start after this wake-up, the rate aside."""
+        return self._drained and self._active and not self.drain_to_empty and not answering
 
     def _answering(self) -> bool:
         """Whether the socket sent at least half as many datagrams as it read, over this
@@ -295,8 +301,6 @@ class BatchReader:
         (a task-mode server's, sent once its tasks ran; a server that answers in batches):
         over one window of a single wake-up, a task-mode echo server was paused. Until a
         first window has ended, it is not known: no pause."""
-        if self._sent is None:
-            return False
         if self._mark_before is None:
             return True
         read, sent = self._mark_before
