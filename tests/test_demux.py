@@ -6,7 +6,7 @@ from __future__ import annotations
 import mmap
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -121,8 +121,13 @@ class DemuxMachine(RuleBasedStateMachine):
         self.dropped_backlog = 0
         self.dropped_conn_limit = 0
         self.dropped_truncated = 0
-        #: Connections the model expects ``create`` to be called for, in order.
-        self.creations: deque[Conn] = deque()
+        #: Connections ``create`` made that the model has not yet routed a datagram to.
+        self.made: deque[Conn] = deque()
+        #: The model's share of the memory budget taken by held datagrams (see
+        #: DeferringDemuxMachine), and whether the owner closed.
+        self.held_cost = 0
+        self.closed = False
+        self.dropped_closed = 0
 
     @initialize(max_conns=st.integers(1, 4), backlog=st.integers(1, 4),
                 queue_limit=st.integers(1, 4),
@@ -142,11 +147,10 @@ class DemuxMachine(RuleBasedStateMachine):
         assert key not in demux.table
         assert len(demux.table) < demux.max_conns
         assert demux.pending < demux.backlog
-        assert self.creations, f"unexpected create({key!r})"
-        conn = self.creations.popleft()
-        assert peer_of_key(key) == conn.peer
+        conn = Conn(peer_of_key(key))
         conn.queue = RxQueue(self.queue_limit, wake=lambda: conn.wakes.append(len(conn.rx)),
                              pool=demux.pool)
+        self.made.append(conn)
         return conn.queue
 
     # -- the model --------------------------------------------------------------------------
@@ -162,22 +166,27 @@ class DemuxMachine(RuleBasedStateMachine):
                 conn.truncated += 1
             return
         if conn is None:
+            if self.closed:
+                self.dropped_closed += 1
+                return
             if len(self.open) >= self.max_conns:
                 self.dropped_conn_limit += 1
                 return
             if len(self.pending) >= self.backlog:
                 self.dropped_backlog += 1
                 return
-            conn = Conn(peer)
+            assert self.made, f"create was not called for peer {peer}"
+            conn = self.made.popleft()
+            assert conn.peer == peer, (conn.peer, peer)
             self.open[peer] = conn
             self.conns.append(conn)
             self.pending.append(conn)
-            self.creations.append(conn)
         if len(conn.expected) >= self.queue_limit:
             conn.dropped_full += 1
             return
         cost = len(data) + DATAGRAM_OVERHEAD
-        if self.memory_limit is not None and self.buffered + cost > self.memory_limit:
+        if (self.memory_limit is not None
+                and self.buffered + self.held_cost + cost > self.memory_limit):
             self.dropped_memory += 1
             return
         self.buffered += cost
@@ -189,12 +198,16 @@ class DemuxMachine(RuleBasedStateMachine):
         self.serial += 1
         return payload(peer, self.serial, size)
 
-    def _check_wakes(self, was_empty: dict[int, bool]) -> None:
+    def _check_wakes(self, was_empty: dict[int, bool], *, batches: int = 1) -> None:
         """Each queue that went from empty to non-empty is woken exactly once, after the whole
-        call; no other queue is woken."""
+        call (``batches``: after the batch that made it non-empty, the call routed several);
+        no other queue is woken."""
         for conn in self.conns:
             became_non_empty = was_empty.get(id(conn), True) and bool(conn.expected)
-            assert conn.wakes == ([len(conn.expected)] if became_non_empty else []), conn
+            if batches == 1:
+                assert conn.wakes == ([len(conn.expected)] if became_non_empty else []), conn
+            else:
+                assert len(conn.wakes) == became_non_empty, conn
             conn.wakes.clear()
 
     def _emptiness(self) -> dict[int, bool]:
@@ -218,8 +231,6 @@ class DemuxMachine(RuleBasedStateMachine):
         # A receive batch has one offset per slot, more than the datagrams received.
         offsets += [len(blob)] * surplus
         keys = [fresh_key(peer) for peer, _ in datagrams]
-        for peer, data in datagrams:
-            self._route(peer, data)
         if use_mmap:
             arena = mmap.mmap(-1, max(len(blob), 1))
             try:
@@ -230,17 +241,25 @@ class DemuxMachine(RuleBasedStateMachine):
                 arena.close()
         else:
             self.demux.feed_batch(keys, slice_all(bytes(blob), offsets, lengths), lengths)
-        assert not self.creations, "create was not called for an admitted peer"
-        self._check_wakes(was_empty)
+        routed = self._fed(datagrams)
+        assert not self.made, "create was called for a peer that was not admitted"
+        self._check_wakes(was_empty, batches=routed)
 
     @rule(peer=st.sampled_from(PEERS), size=st.none() | st.integers(0, 12))
     def feed_one(self, peer: int, size: int | None) -> None:
         was_empty = self._emptiness()
         data = None if size is None else self._make(peer, size)
-        self._route(peer, data)
         self.demux.feed_one(fresh_key(peer), data)
-        assert not self.creations, "create was not called for an admitted peer"
-        self._check_wakes(was_empty)
+        routed = self._fed([(peer, data)])
+        assert not self.made, "create was called for a peer that was not admitted"
+        self._check_wakes(was_empty, batches=routed)
+
+    def _fed(self, batch: Sequence[tuple[int, bytes | None]]) -> int:
+        """The demultiplexer was fed ``batch``: what it must have done, applied to the model;
+        the batches it routed."""
+        for peer, data in batch:
+            self._route(peer, data)
+        return 1
 
     @precondition(lambda self: bool(self.pending))
     @rule()
@@ -298,7 +317,8 @@ class DemuxMachine(RuleBasedStateMachine):
         assert pool.dropped_truncated == self.dropped_truncated + sum(
             conn.truncated for conn in self.conns)
         assert pool.dropped_memory == self.dropped_memory
-        assert pool.buffered == self.buffered
+        assert pool.buffered == self.buffered + self.held_cost
+        assert demux.dropped_closed == self.dropped_closed
         assert pool.rx_packets == sum(conn.delivered for conn in self.conns)
         assert pool.rx_bytes == sum(conn.delivered_bytes for conn in self.conns)
         assert pool.dropped_full == sum(conn.dropped_full for conn in self.conns)
@@ -315,9 +335,10 @@ class DemuxMachine(RuleBasedStateMachine):
         pool = demux.pool
         # The pool's totals alone account for every datagram (what ln.stats reports).
         assert (demux.dropped_backlog + demux.dropped_conn_limit + demux.dropped_bad_source
-                + pool.rx_packets + pool.dropped_full + pool.dropped_truncated
-                + pool.dropped_memory) == self.received
-        total = (demux.dropped_backlog + demux.dropped_conn_limit + pool.dropped_memory
+                + demux.dropped_closed + pool.rx_packets + pool.dropped_full
+                + pool.dropped_truncated + pool.dropped_memory) == self.received
+        total = (demux.dropped_backlog + demux.dropped_conn_limit + demux.dropped_closed
+                 + pool.dropped_memory
                  + pool.dropped_truncated - sum(conn.rx.dropped_truncated for conn in self.conns))
         for conn in self.conns:
             queue = conn.rx
@@ -334,6 +355,104 @@ def test_demux_machine() -> None:
     run_state_machine_as_test(
         DemuxMachine,
         settings=settings(max_examples=200, stateful_step_count=30, deadline=None))
+
+
+class DeferringDemuxMachine(DemuxMachine):
+    """The same with deferred opening, as a listener's demultiplexer runs: at most
+    ``open_per_turn`` connections per loop iteration (a ``turn``: the callbacks it scheduled),
+    the batches past that held in arrival order and routed in later turns. The model does not
+    know when a held batch is routed, only that held batches are routed whole, oldest first,
+    and are counted in the memory budget while held: it routes, in order, every batch the
+    demultiplexer no longer holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scheduled: list[Callable[[], None]] = []
+        #: Batches fed and held, oldest first, each with its cost in the memory budget.
+        self.waiting: deque[tuple[Sequence[tuple[int, bytes | None]], int]] = deque()
+        self.waiting_count = 0
+        self.fed = 0
+
+    @initialize(max_conns=st.integers(1, 4), backlog=st.integers(1, 4),
+                queue_limit=st.integers(1, 4),
+                memory_limit=st.none() | st.integers(DATAGRAM_OVERHEAD, 6 * DATAGRAM_OVERHEAD),
+                open_per_turn=st.integers(1, 3), route_per_turn=st.integers(1, 6))
+    def setup_deferring(self, *, max_conns: int, backlog: int, queue_limit: int,
+                        memory_limit: int | None, open_per_turn: int,
+                        route_per_turn: int) -> None:
+        self.max_conns, self.backlog, self.queue_limit = max_conns, backlog, queue_limit
+        self.memory_limit = memory_limit
+        self.demux = Demux(max_conns=max_conns, backlog=backlog, create=self._create,
+                           pool=RxPool(memory_limit), defer=self.scheduled.append,
+                           open_per_turn=open_per_turn, route_per_turn=route_per_turn)
+
+    def setup(self, max_conns: int, backlog: int, queue_limit: int,
+              memory_limit: int | None) -> None:
+        raise AssertionError("replaced by setup_deferring")
+
+    def _fed(self, batch: Sequence[tuple[int, bytes | None]]) -> int:
+        self.fed += len(batch)
+        held = self.demux.held_count
+        if batch and held == self.waiting_count + len(batch):
+            # Held, behind the batches held before it.
+            cost = sum(DATAGRAM_OVERHEAD + len(data or b"") for _, data in batch)
+            self.waiting.append((batch, cost))
+            self.waiting_count += len(batch)
+            self.held_cost += cost
+            return 0
+        # Routed at once: nothing was held, or holding it would have passed the memory budget
+        # (then everything held was routed first).
+        assert held == (self.waiting_count if not batch else 0), (held, self.waiting_count)
+        return self._catch_up() + super()._fed(batch)
+
+    def _catch_up(self) -> int:
+        """Route, oldest first, the batches the demultiplexer no longer holds; how many."""
+        routed = 0
+        while self.waiting_count > self.demux.held_count:
+            batch, cost = self.waiting.popleft()
+            self.waiting_count -= len(batch)
+            self.held_cost -= cost  # (out of the budget before it is routed)
+            super()._fed(batch)
+            routed += 1
+        assert self.waiting_count == self.demux.held_count
+        return routed
+
+    @rule()
+    def turn(self) -> None:
+        """One loop iteration: the callbacks the demultiplexer scheduled run."""
+        was_empty = self._emptiness()
+        callbacks = list(self.scheduled)
+        self.scheduled.clear()
+        for callback in callbacks:
+            callback()
+        routed = self._catch_up()
+        assert not self.made, "create was called for a peer that was not admitted"
+        self._check_wakes(was_empty, batches=routed)
+        if self.waiting:
+            assert self.scheduled, "held batches with no turn to come"
+
+    @precondition(lambda self: not self.closed)
+    @rule()
+    def shut(self) -> None:
+        """The owner closes: held datagrams are dropped (``closed``), new peers refused."""
+        self.demux.closed = True
+        self.demux.discard_held()
+        self.closed = True
+        for batch, _ in self.waiting:
+            self.received += len(batch)
+            self.dropped_closed += len(batch)
+        self.waiting.clear()
+        self.waiting_count = self.held_cost = 0
+
+    @invariant()
+    def every_datagram_routed_or_held(self) -> None:
+        assert self.fed == self.received + self.demux.held_count
+
+
+def test_deferring_demux_machine() -> None:
+    run_state_machine_as_test(
+        DeferringDemuxMachine,
+        settings=settings(max_examples=300, stateful_step_count=40, deadline=None))
 
 
 # -- examples -------------------------------------------------------------------------------
@@ -522,3 +641,160 @@ def test_a_queue_half_full_in_line_is_woken_at_once() -> None:
     del woken[:]
     scheduled.pop()()
     assert woken == list(range(WAKES_PER_TURN, 299))  # no wake for the emptied queue
+
+
+def test_deferred_opening_holds_past_the_turns_share_and_keeps_order() -> None:
+    """With ``defer``: once a turn opened its share of connections, a batch with a new peer is
+    held, and so is every batch after it, even one from known peers only (their order is
+    kept); later turns open their share each, and route at most ``route_per_turn`` datagrams
+    of held batches."""
+    scheduled: list[Callable[[], None]] = []
+    queues: dict[PeerKey, RxQueue] = {}
+
+    def create(key: PeerKey) -> RxQueue:
+        queue = queues[key] = RxQueue(100)
+        return queue
+
+    def turn() -> None:
+        callbacks = list(scheduled)
+        scheduled.clear()
+        for callback in callbacks:
+            callback()
+
+    demux = Demux(max_conns=100, backlog=None, create=create, defer=scheduled.append,
+                  open_per_turn=3, route_per_turn=4)
+    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(14)]
+
+    def feed(peers: list[int], tag: bytes) -> None:
+        demux.feed_batch([keys[i] for i in peers], [tag] * len(peers), [len(tag)] * len(peers))
+
+    feed([0, 1], b"a")  # opens 2
+    feed([2, 3], b"a")  # one left as the batch began: opens both (one past the share)
+    assert len(queues) == 4 and demux.held_count == 0
+    feed([0, 1], b"b")  # known peers only: routed
+    assert list(queues[keys[0]].items) == [b"a", b"b"]
+    feed([4, 0], b"c")  # a new peer past the share: held, with the known peer's datagram
+    feed([1], b"c")  # held behind it
+    assert demux.held_count == 3 and len(queues) == 4
+    assert list(queues[keys[1]].items) == [b"a", b"b"]
+    # (The pool counts what its queues hold, here what was routed, and what is held.)
+    assert demux.pool.buffered == 6 * (1 + DATAGRAM_OVERHEAD) + 3 * (1 + DATAGRAM_OVERHEAD)
+    feed([5, 6, 7, 8, 9], b"d")
+    feed([5], b"e")
+    assert demux.held_count == 9
+    # A turn: [4, 0] opens one (two left), [1], then [5..9] (routed whole: it opens five),
+    # and the datagrams routed reached route_per_turn: [5] waits for the next turn.
+    turn()
+    assert list(queues[keys[0]].items) == [b"a", b"b", b"c"]
+    assert list(queues[keys[1]].items) == [b"a", b"b", b"c"]
+    assert all(key in queues for key in keys[:10])
+    assert list(queues[keys[5]].items) == [b"d"]
+    assert demux.held_count == 1 and scheduled
+    turn()
+    assert list(queues[keys[5]].items) == [b"d", b"e"]
+    assert demux.held_count == 0
+    assert demux.pool.rx_packets == 15 and demux.pool.buffered == 15 * (1 + DATAGRAM_OVERHEAD)
+    # A new turn's share: three new peers, one batch each; the fourth is held, and so is what
+    # follows it. The next turn opens it.
+    for peer in (10, 11, 12, 13):
+        feed([peer], b"f")
+    feed([10], b"g")
+    assert keys[13] not in queues and demux.held_count == 2
+    assert list(queues[keys[10]].items) == [b"f"]
+    turn()
+    assert list(queues[keys[13]].items) == [b"f"]
+    assert list(queues[keys[10]].items) == [b"f", b"g"]
+    assert demux.held_count == 0
+    turn()
+    assert not scheduled
+
+
+def test_deferred_opening_routes_what_is_held_when_holding_passes_the_memory_budget() -> None:
+    scheduled: list[Callable[[], None]] = []
+    queues: dict[PeerKey, RxQueue] = {}
+
+    def create(key: PeerKey) -> RxQueue:
+        queue = queues[key] = RxQueue(100, pool=pool)
+        return queue
+
+    cost = 10 + DATAGRAM_OVERHEAD
+    pool = RxPool(4 * cost)
+    demux = Demux(max_conns=100, backlog=None, create=create, pool=pool,
+                  defer=scheduled.append, open_per_turn=1)
+    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(6)]
+    for key in keys[:4]:
+        demux.feed_batch([key], [b"x" * 10], [10])
+    assert len(queues) == 1 and demux.held_count == 3 and pool.buffered == 4 * cost
+    # Held, the next would pass the budget: the held batches are routed first (their
+    # connections opened), then it, which the full budget drops as a queue would.
+    demux.feed_batch([keys[4]], [b"y" * 10], [10])
+    assert demux.held_count == 0 and len(queues) == 5 and pool.buffered == 4 * cost
+    assert [len(queues[key]) for key in keys[:5]] == [1, 1, 1, 1, 0]
+    assert pool.dropped_memory == 1 and pool.rx_packets == 4
+    queues[keys[0]].get_many(None)
+    # Room for one again: held (no new connection this turn), not dropped.
+    demux.feed_batch([keys[5]], [b"z" * 10], [10])
+    assert demux.held_count == 1 and pool.dropped_memory == 1
+
+
+def test_deferred_opening_one_datagram_at_a_time_and_closing() -> None:
+    """``feed_one`` (the loop's own transport, truncated datagrams) is held the same way; the
+    owner's close drops what is held, counted as ``closed``."""
+    scheduled: list[Callable[[], None]] = []
+    queues: dict[PeerKey, RxQueue] = {}
+
+    def create(key: PeerKey) -> RxQueue:
+        queue = queues[key] = RxQueue(100, pool=pool)
+        return queue
+
+    pool = RxPool()
+    demux = Demux(max_conns=100, backlog=None, create=create, pool=pool,
+                  defer=scheduled.append, open_per_turn=1)
+    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(3)]
+    demux.feed_one(keys[0], b"a")
+    demux.feed_one(keys[1], b"b")  # past the share: held
+    demux.feed_one(keys[0], None)  # truncated, from a known peer: held behind it
+    demux.feed_one(keys[0], b"c")
+    assert demux.held_count == 3 and list(queues[keys[0]].items) == [b"a"]
+    for callback in list(scheduled):
+        callback()
+    assert demux.held_count == 0
+    assert list(queues[keys[0]].items) == [b"a", b"c"] and queues[keys[0]].dropped_truncated == 1
+    assert list(queues[keys[1]].items) == [b"b"]
+    demux.feed_one(keys[2], b"d")
+    demux.feed_batch([keys[0], keys[1]], [b"e", b"f"], [1, 1])
+    assert demux.held_count == 3
+    demux.closed = True
+    demux.discard_held()
+    assert demux.held_count == 0 and demux.dropped_closed == 3
+    assert pool.buffered == 3 * (1 + DATAGRAM_OVERHEAD)
+
+
+def test_deferred_opening_routes_known_peers_past_the_share_and_stops_at_a_new_one() -> None:
+    """Within a turn whose share of connections is spent, held batches from known peers are
+    still routed; the first held batch with a new peer waits for the next turn, and so does
+    everything behind it."""
+    scheduled: list[Callable[[], None]] = []
+    queues: dict[PeerKey, RxQueue] = {}
+
+    def create(key: PeerKey) -> RxQueue:
+        queue = queues[key] = RxQueue(100)
+        return queue
+
+    demux = Demux(max_conns=100, backlog=None, create=create, defer=scheduled.append,
+                  open_per_turn=2)
+    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(5)]
+    for peer, tag in ((0, b"a"), (1, b"a"), (2, b"a"), (3, b"a"), (0, b"b"), (4, b"a"),
+                      (1, b"b")):
+        demux.feed_batch([keys[peer]], [tag], [1])
+    assert set(queues) == {keys[0], keys[1]} and demux.held_count == 5
+    for callback in list(scheduled):
+        callback()
+    # Opened 2 and 3 (the share), routed 0's, and stopped at 4: 1's waits behind it.
+    assert keys[3] in queues and keys[4] not in queues
+    assert list(queues[keys[0]].items) == [b"a", b"b"]
+    assert list(queues[keys[1]].items) == [b"a"]
+    assert demux.held_count == 2
+    for callback in list(scheduled):
+        callback()
+    assert list(queues[keys[4]].items) == [b"a"] and list(queues[keys[1]].items) == [b"a", b"b"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ._queue import DATAGRAM_OVERHEAD, ProtocolRxQueue, RxPool, RxQueue
 
@@ -43,6 +44,19 @@ WAKES_PER_TURN = 256
 #: A turn's size when wakes are not paced: more than any batch touches.
 _UNPACED = 1 << 62
 
+#: Connections a listener opens at most per loop iteration. Opening one costs several µs
+#: (its protocol or task side, its queue, ``connection_made``), twenty times what reading and
+#: routing a datagram costs. A flood of new peers (10,000 at once) took the reader 50-70 ms
+#: of opening, a wake-up of 1,024 new peers at a time, while the kernel's buffer (which
+#: charges 832 bytes for a 64-byte datagram) filled and overflowed. Past this many in one
+#: iteration, what arrives next is held (``Demux.held``) in arrival order, at the cost of a
+#: reference per batch, and opened in later iterations, this many each; the reader meanwhile
+#: keeps the kernel's buffer drained.
+OPEN_PER_TURN = 256
+
+#: Datagrams of held batches routed at most per loop iteration, whatever they open.
+ROUTE_PER_TURN = 1024
+
 
 def _always_valid(key: PeerKey) -> bool:
     return True
@@ -50,6 +64,13 @@ def _always_valid(key: PeerKey) -> bool:
 
 def _do_nothing() -> None:
     return None
+
+
+def _held_cost(datagrams: Sequence[bytes | None], lengths: Sequence[int] | None) -> int:
+    """What held datagrams take of the memory budget, as queued ones do."""
+    if lengths is None:  # one, fed alone (None: truncated)
+        return DATAGRAM_OVERHEAD + len(datagrams[0] or b"")
+    return sum(lengths) + len(lengths) * DATAGRAM_OVERHEAD
 
 
 def _no_schedule(callback: Callable[[], None]) -> None:
@@ -75,20 +96,32 @@ class Demux:
     refused ones count as ``dropped_bad_source``. ``on_pressure()`` is called when the table
     reaches ``pressure_mark`` entries, so the owner can reap idle connections sooner.
     All receive queues share ``pool``, which counts every datagram they are fed.
+
+    ``defer(callback)`` (``loop.call_soon``) lets it open at most ``open_per_turn``
+    connections per loop iteration (OPEN_PER_TURN): once that many were opened, a batch with
+    a new peer in it, and every batch after it, is held (``held``, in arrival order, its bytes
+    counted in ``pool``'s budget) and routed in later iterations (``route_per_turn``
+    datagrams at most each), by ``defer``'s callbacks. Without it, every new peer's
+    connection is opened as its first datagram is routed.
     """
 
-    __slots__ = ("_feed_mixed", "_paced_scheduled", "_schedule", "_turn", "backlog", "closed",
-                 "create", "dropped_backlog", "dropped_bad_source", "dropped_closed",
-                 "dropped_conn_limit", "dropped_fd_limit", "dropped_refused", "max_conns",
-                 "on_pressure", "paced", "pending", "pool", "pressure_mark", "refusal", "table",
-                 "urgent", "valid", "wakes_left", "woken")
+    __slots__ = ("_defer", "_feed_mixed", "_held_cost", "_open_per_turn", "_open_turn_due",
+                 "_paced_scheduled", "_route_per_turn", "_schedule", "_turn", "_work_due",
+                 "backlog", "closed", "create", "dropped_backlog", "dropped_bad_source",
+                 "dropped_closed", "dropped_conn_limit", "dropped_fd_limit", "dropped_refused",
+                 "held", "held_count", "max_conns", "on_pressure", "open_left", "paced",
+                 "pending", "pool", "pressure_mark", "refusal", "table", "urgent", "valid",
+                 "wakes_left", "woken")
 
     def __init__(self, *, max_conns: int, backlog: int | None,
                  create: Callable[[PeerKey], RxQueue | None], pool: RxPool | None = None,
                  valid: Callable[[PeerKey], bool] = _always_valid,
                  pressure_mark: int | None = None,
                  on_pressure: Callable[[], None] = _do_nothing, protocol: bool = False,
-                 schedule: Callable[[Callable[[], None]], object] | None = None) -> None:
+                 schedule: Callable[[Callable[[], None]], object] | None = None,
+                 defer: Callable[[Callable[[], None]], object] | None = None,
+                 open_per_turn: int = OPEN_PER_TURN,
+                 route_per_turn: int = ROUTE_PER_TURN) -> None:
         self.table: dict[PeerKey, RxQueue] = {}
         # ``protocol``: every queue is a ProtocolRxQueue, delivered to as the batch ends.
         self._feed_mixed = self._feed_mixed_protocol if protocol else self._feed_mixed_tasks
@@ -129,6 +162,24 @@ class Demux:
             self.pace(schedule)
         #: Task mode: queues woken out of turn, half full (a running total, for the reader).
         self.urgent = 0
+        #: Batches held until their new peers' connections may be opened (see ``defer``):
+        #: (keys, datagrams, lengths), or ([key], [datagram or None], None) for one fed alone.
+        self.held: deque[tuple[Sequence[PeerKey], Sequence[Any], Sequence[int] | None]] = (
+            deque())
+        #: Datagrams held, and their cost in the pool's budget.
+        self.held_count = 0
+        self._held_cost = 0
+        #: Connections this loop iteration may still open before batches with new peers are
+        #: held (without ``defer``: an unreachable bound).
+        self._open_per_turn = open_per_turn
+        self._route_per_turn = route_per_turn
+        self.open_left = open_per_turn if defer is not None else _UNPACED
+        self._defer: Callable[[Callable[[], None]], object] = (
+            defer if defer is not None else _no_schedule)
+        # A callback is scheduled that starts the next iteration's count of openings (never,
+        # without ``defer``: the count never runs out); one that routes held batches.
+        self._open_turn_due = defer is None
+        self._work_due = False
 
     @property
     def overflowed(self) -> int:
@@ -161,6 +212,10 @@ class Demux:
             self.feed_batch_refused(1)
             return None
         self.table[key] = queue
+        self.open_left -= 1
+        if not self._open_turn_due:
+            self._open_turn_due = True
+            self._defer(self._new_open_turn)
         if backlog >= 0:
             self.pending += 1
         if len(self.table) == self.pressure_mark:
@@ -185,6 +240,15 @@ class Demux:
         """
         # Hot path, run for every datagram a listener receives.
         assert keys is not None  # a listener's socket is unconnected: every datagram has one
+        if self.held_count or (self.open_left <= 0 and None in map(self.table.get, keys)):
+            # Held batches wait (their order is kept), or this one has a new peer and the
+            # iteration opened its share of connections.
+            self._hold(keys, datagrams, lengths)
+            return
+        self._route(keys, datagrams, lengths)
+
+    def _route(self, keys: Sequence[PeerKey], datagrams: Sequence[bytes],
+               lengths: Sequence[int]) -> None:
         count = len(lengths)
         if count > 1 and keys[-1] == keys[0] and keys.count(keys[0]) == count:
             # A whole batch from one peer (a bulk sender, a dialed client): one lookup and one
@@ -419,6 +483,12 @@ class Demux:
     def feed_one(self, key: PeerKey | None, data: bytes | None) -> None:
         """Route one datagram (``None``: it was truncated and is dropped, counted)."""
         assert key is not None
+        if self.held_count or (self.open_left <= 0 and key not in self.table):
+            self._hold([key], [data], None)
+            return
+        self._route_one(key, data)
+
+    def _route_one(self, key: PeerKey, data: bytes | None) -> None:
         queue = self.table.get(key)
         if data is None:
             if queue is None:
@@ -431,3 +501,74 @@ class Demux:
             if queue is None:
                 return
         queue.put(data)
+
+    # -- deferred opening (see ``defer``) ----------------------------------------------------
+
+    def _new_open_turn(self) -> None:
+        self._open_turn_due = False
+        self.open_left = self._open_per_turn
+
+    def _hold(self, keys: Sequence[PeerKey], datagrams: Sequence[Any],
+              lengths: Sequence[int] | None) -> None:
+        """Hold a batch (or one datagram fed alone: ``lengths`` None) until its turn comes."""
+        cost = _held_cost(datagrams, lengths)
+        pool = self.pool
+        if pool.buffered + cost > pool.limit:
+            # Held, it would pass the memory budget: open what is held now, whatever that
+            # costs (the kernel's buffer holds what arrives meanwhile), then route this batch.
+            self.work_held(all_of_it=True)
+            self._route_held(keys, datagrams, lengths)
+            return
+        pool.buffered += cost
+        self._held_cost += cost
+        self.held_count += len(datagrams)
+        self.held.append((keys, datagrams, lengths))
+        if not self._work_due:
+            self._work_due = True
+            self._defer(self._work_turn)
+
+    def _route_held(self, keys: Sequence[PeerKey], datagrams: Sequence[Any],
+                    lengths: Sequence[int] | None) -> None:
+        if lengths is None:
+            self._route_one(keys[0], datagrams[0])
+        else:
+            self._route(keys, datagrams, lengths)
+
+    def _work_turn(self) -> None:
+        self._work_due = False
+        self.open_left = self._open_per_turn
+        try:
+            self.work_held()
+        finally:
+            # Whatever a callback raised, the rest keeps its turn.
+            if self.held and not self._work_due:
+                self._work_due = True
+                self._defer(self._work_turn)
+
+    def work_held(self, *, all_of_it: bool = False) -> None:
+        """Route held batches, oldest first, until ``route_per_turn`` datagrams were routed or
+        the next batch has a new peer and the iteration's share of connections
+        (``open_per_turn``) was opened; or (``all_of_it``) every one."""
+        held = self.held
+        pool = self.pool
+        table = self.table
+        routed = 0
+        most = self._route_per_turn
+        while held and (all_of_it or routed < most):
+            keys, datagrams, lengths = held[0]
+            if not all_of_it and self.open_left <= 0 and None in map(table.get, keys):
+                break  # it has a new peer: its turn is the next iteration
+            held.popleft()
+            cost = _held_cost(datagrams, lengths)
+            self.held_count -= len(datagrams)
+            self._held_cost -= cost
+            pool.buffered -= cost
+            routed += len(datagrams)
+            self._route_held(keys, datagrams, lengths)
+
+    def discard_held(self) -> None:
+        """The owner closed: what is held is dropped, counted as ``closed``."""
+        self.dropped_closed += self.held_count
+        self.pool.buffered -= self._held_cost
+        self.held_count = self._held_cost = 0
+        self.held.clear()

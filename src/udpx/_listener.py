@@ -122,7 +122,13 @@ class Listener(asyncio.DatagramProtocol):
                             # so it opens no connection.
                             pool=self._pool, valid=key_has_port,
                             pressure_mark=math.ceil(PRESSURE_THRESHOLD * options.max_conns),
-                            on_pressure=self._pressure, protocol=protocol_factory is not None)
+                            on_pressure=self._pressure, protocol=protocol_factory is not None,
+                            # A flood of new peers: connections opened a few hundred per loop
+                            # iteration, the rest of the flood held meanwhile (see
+                            # OPEN_PER_TURN). Not in connected mode, whose handover needs every
+                            # earlier datagram routed once the socket reads empty, nor with
+                            # ``ecn``, whose counts go to connections as datagrams arrive.
+                            defer=None if options.connected or options.ecn else loop.call_soon)
         # The sink interface, bound straight to the demultiplexer: no call layer per batch.
         self.feed_batch = self._demux.feed_batch
         self.feed_one = self._demux.feed_one
@@ -524,6 +530,9 @@ class Listener(asyncio.DatagramProtocol):
             # Connected mode: new connections whose own sockets are not read yet (they wait for
             # the listener's socket to be read empty, so that their peers' order is kept).
             "handover_pending": len(self._handover),
+            # Datagrams read and held while their new peers' connections wait to be opened
+            # (a flood of new peers: a few hundred are opened per loop iteration).
+            "opening_held": self._demux.held_count,
             "options": options,
             "socket": self._engine.describe(),
             "backlog": len(self._backlog),
@@ -635,6 +644,7 @@ class Listener(asyncio.DatagramProtocol):
         # No new connection either, not even for the rest of a batch whose callback closed
         # the listener.
         self._demux.closed = True
+        self._demux.discard_held()
         self._engine.stop_reading()
         if self._sweeper is not None:
             self._sweeper.cancel()

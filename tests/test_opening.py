@@ -1,0 +1,170 @@
+"""A flood of new peers: a listener opens at most ``OPEN_PER_TURN`` connections per loop
+iteration and holds what arrives meanwhile, in order (``udpx._demux``). Real sockets on
+loopback: every client socket's datagrams are in the listener's socket before its loop runs,
+so that one reader wake-up meets far more new peers than one iteration may open."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import udpx
+from udpx._demux import OPEN_PER_TURN
+
+from .conftest import Runner
+
+#: New peers: over two iterations' share, so that some wait two iterations.
+PEERS = 2 * OPEN_PER_TURN + 50
+#: Peers that send more after their first datagram (seen by the reader before their
+#: connection is open).
+CHATTY = 20
+#: Datagrams each chatty peer sends in all.
+CHATTY_COUNT = 3
+TOTAL = PEERS + CHATTY * (CHATTY_COUNT - 1)
+
+
+@pytest.fixture
+def clients() -> Iterator[list[socket.socket]]:
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < PEERS + 200:
+        pytest.skip(f"needs {PEERS + 200} file descriptors (RLIMIT_NOFILE)")
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(PEERS):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def flood(clients: list[socket.socket], address: Any) -> dict[tuple[str, int], list[bytes]]:
+    """Every client sends its first datagram, then the first CHATTY send more: all of it is
+    queued in the listener's socket when this returns. What each peer sent, in order."""
+    sent: dict[tuple[str, int], list[bytes]] = {}
+    for index, sock in enumerate(clients):
+        data = b"%d:0" % index
+        sock.sendto(data, address)
+        sent[sock.getsockname()] = [data]
+    for serial in range(1, CHATTY_COUNT):
+        for index, sock in enumerate(clients[:CHATTY]):
+            data = b"%d:%d" % (index, serial)
+            sock.sendto(data, address)
+            sent[sock.getsockname()].append(data)
+    return sent
+
+
+class Recorder(udpx.ConnProtocol):
+    """Keeps what its connection received; the listener's opening state as connections open."""
+
+    got: dict[tuple[str, int], list[bytes]]
+    held_seen: list[int]
+    listener: udpx.Listener | None
+    done: asyncio.Event
+
+    def connection_made(self, conn: udpx.UDPConn) -> None:
+        self.remote = conn.remote_addr
+        self.got[self.remote] = []
+        if len(self.got) % 50 == 0 and self.listener is not None:
+            self.held_seen.append(self.listener.describe(max_conns=0)["opening_held"])
+
+    def datagrams_received(self, datagrams: list[bytes]) -> None:
+        self.got[self.remote].extend(datagrams)
+        if sum(map(len, self.got.values())) == TOTAL:
+            self.done.set()
+
+
+@pytest.mark.parametrize("engine", ["mmsg", "transport"])
+def test_protocol_mode_flood_of_new_peers_opens_all_in_order(
+        run: Runner[Any], clients: list[socket.socket], engine: str) -> None:
+    got: dict[tuple[str, int], list[bytes]] = {}
+    held_seen: list[int] = []
+    done = asyncio.Event()
+    holder: list[udpx.Listener] = []
+
+    def factory() -> Recorder:
+        protocol = Recorder()
+        protocol.got, protocol.held_seen, protocol.done = got, held_seen, done
+        protocol.listener = holder[0] if holder else None
+        return protocol
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory, rcvbuf=8 * 2**20,
+                               engine=engine) as ln:
+            holder.append(ln)
+            sent = flood(clients, ln.local_addr)
+            await asyncio.wait_for(done.wait(), 10)
+            assert got == sent  # every peer's datagrams, in its order, to its connection
+            if engine == "mmsg":
+                # One wake-up read the whole flood: connections past the iteration's share
+                # were opened later, while their datagrams (and the chatty peers') were held.
+                assert max(held_seen) > 0, held_seen
+            description = ln.describe(max_conns=0)
+            assert description["opening_held"] == 0
+            stats = ln.stats
+            assert stats.rx_packets == TOTAL and stats.conns == stats.accepted == PEERS
+            assert not any(stats.drops.values()), stats.drops
+
+    run(main())
+
+
+def test_task_mode_flood_of_new_peers_opens_all_in_order(
+        run: Runner[Any], clients: list[socket.socket]) -> None:
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, rcvbuf=8 * 2**20, backlog=2 * PEERS) as ln:
+            sent = flood(clients, ln.local_addr)
+            got: dict[tuple[str, int], list[bytes]] = {}
+            conns: list[udpx.UDPConn] = []
+            held_seen: list[int] = []
+            while len(conns) < PEERS:
+                # (The run is bounded in time as a whole: no wait_for here, whose task would
+                # return a loop iteration later, when nothing may be held any more.)
+                conns.append(await ln.accept())
+                held_seen.append(ln.describe(max_conns=0)["opening_held"])
+            assert max(held_seen) > 0, held_seen
+            for conn in conns:
+                count = len(sent[conn.remote_addr])
+                got[conn.remote_addr] = [await asyncio.wait_for(conn.recv(), 10)
+                                         for _ in range(count)]
+            assert got == sent
+            stats = ln.stats
+            assert stats.rx_packets == TOTAL and not any(stats.drops.values()), stats
+
+    run(main())
+
+
+def test_closing_while_datagrams_are_held_counts_them(
+        run: Runner[Any], clients: list[socket.socket]) -> None:
+    """A callback closes the listener while datagrams wait for their connections: they are
+    counted as ``closed``, with every other datagram delivered or counted; nothing raises."""
+    opened: list[udpx.UDPConn] = []
+    holder: list[udpx.Listener] = []
+
+    class Closer(udpx.ConnProtocol):
+        def connection_made(self, conn: udpx.UDPConn) -> None:
+            opened.append(conn)
+            if len(opened) == OPEN_PER_TURN + 10:  # opened in a later iteration
+                holder[0].close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: errors.append(context))
+        ln = await udpx.listen("127.0.0.1", 0, protocol_factory=Closer, rcvbuf=8 * 2**20)
+        holder.append(ln)
+        flood(clients, ln.local_addr)
+        await asyncio.wait_for(ln.wait_closed(), 10)
+        stats = ln.stats
+        assert len(opened) == OPEN_PER_TURN + 10
+        assert stats.drops["closed"] > 0
+        assert stats.rx_packets + sum(stats.drops.values()) == TOTAL, stats
+        assert ln.describe(max_conns=0)["opening_held"] == 0
+        assert not errors, errors
+
+    run(main())
