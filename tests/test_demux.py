@@ -231,6 +231,7 @@ class DemuxMachine(RuleBasedStateMachine):
         # A receive batch has one offset per slot, more than the datagrams received.
         offsets += [len(blob)] * surplus
         keys = [fresh_key(peer) for peer, _ in datagrams]
+        self._before_feed(datagrams)
         if use_mmap:
             arena = mmap.mmap(-1, max(len(blob), 1))
             try:
@@ -249,10 +250,14 @@ class DemuxMachine(RuleBasedStateMachine):
     def feed_one(self, peer: int, size: int | None) -> None:
         was_empty = self._emptiness()
         data = None if size is None else self._make(peer, size)
+        self._before_feed([(peer, data)])
         self.demux.feed_one(fresh_key(peer), data)
         routed = self._fed([(peer, data)])
         assert not self.made, "create was called for a peer that was not admitted"
         self._check_wakes(was_empty, batches=routed)
+
+    def _before_feed(self, batch: Sequence[tuple[int, bytes | None]]) -> None:
+        """The demultiplexer is about to be fed ``batch``."""
 
     def _fed(self, batch: Sequence[tuple[int, bytes | None]]) -> int:
         """The demultiplexer was fed ``batch``: what it must have done, applied to the model;
@@ -363,7 +368,8 @@ class DeferringDemuxMachine(DemuxMachine):
     the batches past that held in arrival order and routed in later turns. The model does not
     know when a held batch is routed, only that held batches are routed whole, oldest first,
     and are counted in the memory budget while held: it routes, in order, every batch the
-    demultiplexer no longer holds."""
+    demultiplexer no longer holds. It checks when the owner is asked to stop reading and to
+    go on, and that reading never stays stopped with nothing to come."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -372,38 +378,64 @@ class DeferringDemuxMachine(DemuxMachine):
         self.waiting: deque[tuple[Sequence[tuple[int, bytes | None]], int]] = deque()
         self.waiting_count = 0
         self.fed = 0
+        self.held_max = 0
+        self.will_hold = False
+        #: The owner was asked to stop reading (and not yet to go on).
+        self.stopped = False
 
     @initialize(max_conns=st.integers(1, 4), backlog=st.integers(1, 4),
                 queue_limit=st.integers(1, 4),
                 memory_limit=st.none() | st.integers(DATAGRAM_OVERHEAD, 6 * DATAGRAM_OVERHEAD),
-                open_per_turn=st.integers(1, 3), route_per_turn=st.integers(1, 6))
+                open_per_turn=st.integers(1, 3), route_per_turn=st.integers(1, 6),
+                held_max=st.integers(1, 6))
     def setup_deferring(self, *, max_conns: int, backlog: int, queue_limit: int,
-                        memory_limit: int | None, open_per_turn: int,
-                        route_per_turn: int) -> None:
+                        memory_limit: int | None, open_per_turn: int, route_per_turn: int,
+                        held_max: int) -> None:
         self.max_conns, self.backlog, self.queue_limit = max_conns, backlog, queue_limit
         self.memory_limit = memory_limit
+        self.held_max = held_max
         self.demux = Demux(max_conns=max_conns, backlog=backlog, create=self._create,
-                           pool=RxPool(memory_limit), defer=self.scheduled.append,
-                           open_per_turn=open_per_turn, route_per_turn=route_per_turn)
+                           pool=RxPool(memory_limit))
+        self.demux.defer_opening(self.scheduled.append, on_held_full=self._held_full,
+                                 on_held_room=self._held_room, open_per_turn=open_per_turn,
+                                 route_per_turn=route_per_turn, held_max=held_max)
 
     def setup(self, max_conns: int, backlog: int, queue_limit: int,
               memory_limit: int | None) -> None:
         raise AssertionError("replaced by setup_deferring")
 
+    def _held_full(self) -> None:
+        assert not self.stopped, "asked to stop reading twice"
+        self.stopped = True
+
+    def _held_room(self) -> None:
+        assert self.stopped, "asked to read again, never asked to stop"
+        self.stopped = False
+
+    def _before_feed(self, batch: Sequence[tuple[int, bytes | None]]) -> None:
+        # Held: behind held datagrams, or past the turn's share of openings with a new peer.
+        self.will_hold = self.waiting_count > 0 or (
+            self.demux.open_left <= 0 and any(peer not in self.open for peer, _ in batch))
+
     def _fed(self, batch: Sequence[tuple[int, bytes | None]]) -> int:
         self.fed += len(batch)
-        held = self.demux.held_count
-        if batch and held == self.waiting_count + len(batch):
-            # Held, behind the batches held before it.
-            cost = sum(DATAGRAM_OVERHEAD + len(data or b"") for _, data in batch)
+        if not self.will_hold:
+            assert self.demux.held_count == 0
+            return super()._fed(batch)
+        cost = sum(DATAGRAM_OVERHEAD + len(data or b"") for _, data in batch)
+        limit = self.memory_limit if self.memory_limit is not None else 2**63
+        if self.buffered + self.held_cost + cost > limit:
+            # No room in the budget: dropped, not held.
+            self.received += len(batch)
+            self.dropped_memory += len(batch)
+        elif batch:
             self.waiting.append((batch, cost))
             self.waiting_count += len(batch)
             self.held_cost += cost
-            return 0
-        # Routed at once: nothing was held, or holding it would have passed the memory budget
-        # (then everything held was routed first).
-        assert held == (self.waiting_count if not batch else 0), (held, self.waiting_count)
-        return self._catch_up() + super()._fed(batch)
+            if self.waiting_count >= self.held_max or 2 * self.held_cost > limit:
+                assert self.stopped, "held past the bound, reading not stopped"
+        assert self.waiting_count == self.demux.held_count
+        return 0
 
     def _catch_up(self) -> int:
         """Route, oldest first, the batches the demultiplexer no longer holds; how many."""
@@ -421,6 +453,7 @@ class DeferringDemuxMachine(DemuxMachine):
     def turn(self) -> None:
         """One loop iteration: the callbacks the demultiplexer scheduled run."""
         was_empty = self._emptiness()
+        was_stopped = self.stopped
         callbacks = list(self.scheduled)
         self.scheduled.clear()
         for callback in callbacks:
@@ -430,6 +463,11 @@ class DeferringDemuxMachine(DemuxMachine):
         self._check_wakes(was_empty, batches=routed)
         if self.waiting:
             assert self.scheduled, "held batches with no turn to come"
+        limit = self.memory_limit if self.memory_limit is not None else 2**63
+        if was_stopped:
+            # Asked to go on once half of the bound was routed.
+            assert self.stopped == (2 * self.waiting_count > self.held_max
+                                    or 4 * self.held_cost > limit)
 
     @precondition(lambda self: not self.closed)
     @rule()
@@ -438,6 +476,7 @@ class DeferringDemuxMachine(DemuxMachine):
         self.demux.closed = True
         self.demux.discard_held()
         self.closed = True
+        self.stopped = False  # (the owner reads no more)
         for batch, _ in self.waiting:
             self.received += len(batch)
             self.dropped_closed += len(batch)
@@ -447,6 +486,10 @@ class DeferringDemuxMachine(DemuxMachine):
     @invariant()
     def every_datagram_routed_or_held(self) -> None:
         assert self.fed == self.received + self.demux.held_count
+
+    @invariant()
+    def reading_stops_only_while_something_is_to_come(self) -> None:
+        assert not self.stopped or self.scheduled
 
 
 def test_deferring_demux_machine() -> None:
@@ -644,9 +687,9 @@ def test_a_queue_half_full_in_line_is_woken_at_once() -> None:
 
 
 def test_deferred_opening_holds_past_the_turns_share_and_keeps_order() -> None:
-    """With ``defer``: once a turn opened its share of connections, a batch with a new peer is
-    held, and so is every batch after it, even one from known peers only (their order is
-    kept); later turns open their share each, and route at most ``route_per_turn`` datagrams
+    """With deferred opening: once a turn opened its share of connections, a batch with a new
+    peer is held, and so is every batch after it, even one from known peers only (their order
+    is kept); later turns open their share each, and route at most ``route_per_turn`` datagrams
     of held batches."""
     scheduled: list[Callable[[], None]] = []
     queues: dict[PeerKey, RxQueue] = {}
@@ -661,8 +704,8 @@ def test_deferred_opening_holds_past_the_turns_share_and_keeps_order() -> None:
         for callback in callbacks:
             callback()
 
-    demux = Demux(max_conns=100, backlog=None, create=create, defer=scheduled.append,
-                  open_per_turn=3, route_per_turn=4)
+    demux = Demux(max_conns=100, backlog=None, create=create)
+    demux.defer_opening(scheduled.append, open_per_turn=3, route_per_turn=4)
     keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(14)]
 
     def feed(peers: list[int], tag: bytes) -> None:
@@ -709,32 +752,65 @@ def test_deferred_opening_holds_past_the_turns_share_and_keeps_order() -> None:
     assert not scheduled
 
 
-def test_deferred_opening_routes_what_is_held_when_holding_passes_the_memory_budget() -> None:
+def test_deferred_opening_bounds_what_it_holds() -> None:
+    """Past ``held_max`` datagrams, or half the memory budget, held, the owner is asked to stop
+    reading, and to go on once half of that was routed; a batch the budget has no room for is
+    dropped (``memory_limit``), not held."""
     scheduled: list[Callable[[], None]] = []
     queues: dict[PeerKey, RxQueue] = {}
+    calls: list[str] = []
 
     def create(key: PeerKey) -> RxQueue:
         queue = queues[key] = RxQueue(100, pool=pool)
         return queue
 
+    def turn() -> None:
+        callbacks = list(scheduled)
+        scheduled.clear()
+        for callback in callbacks:
+            callback()
+
     cost = 10 + DATAGRAM_OVERHEAD
-    pool = RxPool(4 * cost)
-    demux = Demux(max_conns=100, backlog=None, create=create, pool=pool,
-                  defer=scheduled.append, open_per_turn=1)
-    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(6)]
+    pool = RxPool(20 * cost)
+    demux = Demux(max_conns=100, backlog=None, create=create, pool=pool)
+    demux.defer_opening(scheduled.append, on_held_full=lambda: calls.append("full"),
+                        on_held_room=lambda: calls.append("room"), open_per_turn=1,
+                        held_max=4)
+    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(30)]
     for key in keys[:4]:
         demux.feed_batch([key], [b"x" * 10], [10])
-    assert len(queues) == 1 and demux.held_count == 3 and pool.buffered == 4 * cost
-    # Held, the next would pass the budget: the held batches are routed first (their
-    # connections opened), then it, which the full budget drops as a queue would.
-    demux.feed_batch([keys[4]], [b"y" * 10], [10])
-    assert demux.held_count == 0 and len(queues) == 5 and pool.buffered == 4 * cost
-    assert [len(queues[key]) for key in keys[:5]] == [1, 1, 1, 1, 0]
-    assert pool.dropped_memory == 1 and pool.rx_packets == 4
-    queues[keys[0]].get_many(None)
-    # Room for one again: held (no new connection this turn), not dropped.
-    demux.feed_batch([keys[5]], [b"z" * 10], [10])
-    assert demux.held_count == 1 and pool.dropped_memory == 1
+    assert demux.held_count == 3 and not calls
+    demux.feed_batch([keys[4]], [b"x" * 10], [10])
+    assert demux.held_count == 4 and calls == ["full"]
+    turn()  # one new connection per turn: 3 held, more than half of 4
+    assert demux.held_count == 3 and calls == ["full"]
+    turn()
+    assert demux.held_count == 2 and calls == ["full", "room"]
+    turn()
+    turn()
+    assert demux.held_count == 0 and len(queues) == 5
+    turn()  # (the next turn's count of openings)
+    assert not scheduled
+    # Half the memory budget held (10 of 20 datagrams' worth): stop.
+    del calls[:]
+    demux.defer_opening(scheduled.append, on_held_full=lambda: calls.append("full"),
+                        on_held_room=lambda: calls.append("room"), open_per_turn=1,
+                        held_max=1000)
+    demux.feed_batch([keys[5]], [b"x" * 10], [10])
+    demux.feed_batch(keys[6:16], [b"x" * 10] * 10, [10] * 10)
+    assert demux.held_count == 10 and calls == [] and pool.buffered == 16 * cost
+    demux.feed_batch([keys[16]], [b"x" * 10], [10])
+    assert demux.held_count == 11 and calls == ["full"]
+    # The budget's room: three more; a batch of four has none and is dropped whole.
+    demux.feed_batch(keys[17:21], [b"x" * 10] * 4, [10] * 4)
+    assert demux.held_count == 11 and pool.dropped_memory == 4
+    demux.feed_batch(keys[17:20], [b"x" * 10] * 3, [10] * 3)
+    assert demux.held_count == 14 and pool.buffered == 20 * cost
+    # Routed as their connections open: once a quarter of the budget or less is held, go on.
+    for _ in range(20):
+        turn()
+    assert calls == ["full", "room"] and demux.held_count == 0 and not scheduled
+    assert pool.rx_packets == 20 and pool.dropped_memory == 4
 
 
 def test_deferred_opening_one_datagram_at_a_time_and_closing() -> None:
@@ -748,8 +824,8 @@ def test_deferred_opening_one_datagram_at_a_time_and_closing() -> None:
         return queue
 
     pool = RxPool()
-    demux = Demux(max_conns=100, backlog=None, create=create, pool=pool,
-                  defer=scheduled.append, open_per_turn=1)
+    demux = Demux(max_conns=100, backlog=None, create=create, pool=pool)
+    demux.defer_opening(scheduled.append, open_per_turn=1)
     keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(3)]
     demux.feed_one(keys[0], b"a")
     demux.feed_one(keys[1], b"b")  # past the share: held
@@ -781,8 +857,8 @@ def test_deferred_opening_routes_known_peers_past_the_share_and_stops_at_a_new_o
         queue = queues[key] = RxQueue(100)
         return queue
 
-    demux = Demux(max_conns=100, backlog=None, create=create, defer=scheduled.append,
-                  open_per_turn=2)
+    demux = Demux(max_conns=100, backlog=None, create=create)
+    demux.defer_opening(scheduled.append, open_per_turn=2)
     keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(5)]
     for peer, tag in ((0, b"a"), (1, b"a"), (2, b"a"), (3, b"a"), (0, b"b"), (4, b"a"),
                       (1, b"b")):

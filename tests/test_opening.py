@@ -1,7 +1,8 @@
 """A flood of new peers: a listener opens at most ``OPEN_PER_TURN`` connections per loop
-iteration and holds what arrives meanwhile, in order (``udpx._demux``). Real sockets on
-loopback: every client socket's datagrams are in the listener's socket before its loop runs,
-so that one reader wake-up meets far more new peers than one iteration may open."""
+iteration and holds what arrives meanwhile, in order, up to a bound (``udpx._demux``). Real
+sockets on loopback: every client socket's datagrams are in the listener's socket before its
+loop runs, so that one reader wake-up meets far more new peers than one iteration may open.
+The loop's own transport (``engine="transport"``) opens every connection at once."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 import udpx
 from udpx._demux import OPEN_PER_TURN
+from udpx._queue import DATAGRAM_OVERHEAD
 
 from .conftest import Runner
 
@@ -105,6 +107,8 @@ def test_protocol_mode_flood_of_new_peers_opens_all_in_order(
                 # One wake-up read the whole flood: connections past the iteration's share
                 # were opened later, while their datagrams (and the chatty peers') were held.
                 assert max(held_seen) > 0, held_seen
+            else:
+                assert max(held_seen) == 0, held_seen  # opened as the loop hands them over
             description = ln.describe(max_conns=0)
             assert description["opening_held"] == 0
             stats = ln.stats
@@ -166,5 +170,37 @@ def test_closing_while_datagrams_are_held_counts_them(
         assert stats.rx_packets + sum(stats.drops.values()) == TOTAL, stats
         assert ln.describe(max_conns=0)["opening_held"] == 0
         assert not errors, errors
+
+    run(main())
+
+
+def test_what_is_held_is_bounded_by_half_the_memory_budget(
+        run: Runner[Any], clients: list[socket.socket]) -> None:
+    """Once half of ``rx_memory_limit`` is held, the listener stops reading until a quarter is
+    left: the kernel's buffer holds what arrives meanwhile. Nothing is lost or reordered."""
+    budget = 8 * 1024
+    got: dict[tuple[str, int], list[bytes]] = {}
+    held_seen: list[int] = []
+    done = asyncio.Event()
+    holder: list[udpx.Listener] = []
+
+    def factory() -> Recorder:
+        protocol = Recorder()
+        protocol.got, protocol.held_seen, protocol.done = got, held_seen, done
+        protocol.listener = holder[0] if holder else None
+        return protocol
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory, rcvbuf=8 * 2**20,
+                               rx_memory_limit=budget) as ln:
+            holder.append(ln)
+            sent = flood(clients, ln.local_addr)
+            await asyncio.wait_for(done.wait(), 10)
+            assert got == sent
+            # Each held datagram costs its payload (3-5 bytes) plus 48: reading stops past
+            # half the budget, once the batch being read is held (64 datagrams at most).
+            assert 0 < max(held_seen) <= budget // 2 // DATAGRAM_OVERHEAD + 64, held_seen
+            stats = ln.stats
+            assert stats.rx_packets == TOTAL and not any(stats.drops.values()), stats.drops
 
     run(main())

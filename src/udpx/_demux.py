@@ -54,8 +54,18 @@ _UNPACED = 1 << 62
 #: keeps the kernel's buffer drained.
 OPEN_PER_TURN = 256
 
-#: Datagrams of held batches routed at most per loop iteration, whatever they open.
-ROUTE_PER_TURN = 1024
+#: Datagrams of held batches routed at most per loop iteration, whatever they open: more than
+#: a reader's wake-up reads (MAX_DATAGRAMS_PER_WAKEUP), so that what is held shrinks once the
+#: connections are open.
+ROUTE_PER_TURN = 4096
+
+#: Datagrams held at most before the owner is asked to stop reading (``on_held_full``) until
+#: half of them were routed: what arrives meanwhile waits in the kernel's buffer, or is
+#: dropped there. A bound on the delay of a known peer's datagram behind held ones (each
+#: OPEN_PER_TURN of new peers takes a loop iteration of about 1.5 ms), where a spoofed flood
+#: of new peers would otherwise fill the memory budget (``rx_memory_limit``) with them. Half
+#: the memory budget is the other bound.
+HELD_MAX = 32768
 
 
 def _always_valid(key: PeerKey) -> bool:
@@ -97,19 +107,23 @@ class Demux:
     reaches ``pressure_mark`` entries, so the owner can reap idle connections sooner.
     All receive queues share ``pool``, which counts every datagram they are fed.
 
-    ``defer(callback)`` (``loop.call_soon``) lets it open at most ``open_per_turn``
-    connections per loop iteration (OPEN_PER_TURN): once that many were opened, a batch with
-    a new peer in it, and every batch after it, is held (``held``, in arrival order, its bytes
-    counted in ``pool``'s budget) and routed in later iterations (``route_per_turn``
-    datagrams at most each), by ``defer``'s callbacks. Without it, every new peer's
-    connection is opened as its first datagram is routed.
+    After ``defer_opening(loop.call_soon)`` it opens at most ``open_per_turn`` connections per
+    loop iteration (OPEN_PER_TURN): once that many were opened, a batch with a new peer in it,
+    and every batch after it, is held (``held``, in arrival order, its bytes counted in
+    ``pool``'s budget) and routed in later iterations (``route_per_turn`` datagrams at most
+    each). Before, every new peer's connection is opened as its first datagram is routed.
+    Once ``held_max`` datagrams, or half the budget, are held, ``on_held_full()`` asks the
+    owner to stop reading, and ``on_held_room()`` to go on once half of that was routed. A
+    batch that the budget has no room left for is dropped (``dropped_memory``), as a queue
+    would drop it.
     """
 
-    __slots__ = ("_defer", "_feed_mixed", "_held_cost", "_open_per_turn", "_open_turn_due",
-                 "_paced_scheduled", "_route_per_turn", "_schedule", "_turn", "_work_due",
-                 "backlog", "closed", "create", "dropped_backlog", "dropped_bad_source",
-                 "dropped_closed", "dropped_conn_limit", "dropped_fd_limit", "dropped_refused",
-                 "held", "held_count", "max_conns", "on_pressure", "open_left", "paced",
+    __slots__ = ("_defer", "_feed_mixed", "_held_cost", "_held_max", "_on_held_full",
+                 "_on_held_room", "_open_per_turn", "_open_turn_due", "_paced_scheduled",
+                 "_route_per_turn", "_schedule", "_turn", "_work_due", "backlog", "closed",
+                 "create", "dropped_backlog", "dropped_bad_source", "dropped_closed",
+                 "dropped_conn_limit", "dropped_fd_limit", "dropped_refused", "held",
+                 "held_count", "held_full", "max_conns", "on_pressure", "open_left", "paced",
                  "pending", "pool", "pressure_mark", "refusal", "table", "urgent", "valid",
                  "wakes_left", "woken")
 
@@ -118,10 +132,7 @@ class Demux:
                  valid: Callable[[PeerKey], bool] = _always_valid,
                  pressure_mark: int | None = None,
                  on_pressure: Callable[[], None] = _do_nothing, protocol: bool = False,
-                 schedule: Callable[[Callable[[], None]], object] | None = None,
-                 defer: Callable[[Callable[[], None]], object] | None = None,
-                 open_per_turn: int = OPEN_PER_TURN,
-                 route_per_turn: int = ROUTE_PER_TURN) -> None:
+                 schedule: Callable[[Callable[[], None]], object] | None = None) -> None:
         self.table: dict[PeerKey, RxQueue] = {}
         # ``protocol``: every queue is a ProtocolRxQueue, delivered to as the batch ends.
         self._feed_mixed = self._feed_mixed_protocol if protocol else self._feed_mixed_tasks
@@ -162,23 +173,26 @@ class Demux:
             self.pace(schedule)
         #: Task mode: queues woken out of turn, half full (a running total, for the reader).
         self.urgent = 0
-        #: Batches held until their new peers' connections may be opened (see ``defer``):
-        #: (keys, datagrams, lengths), or ([key], [datagram or None], None) for one fed alone.
+        #: Batches held until their new peers' connections may be opened (see
+        #: ``defer_opening``): (keys, datagrams, lengths), or ([key], [datagram or None],
+        #: None) for one fed alone.
         self.held: deque[tuple[Sequence[PeerKey], Sequence[Any], Sequence[int] | None]] = (
             deque())
         #: Datagrams held, and their cost in the pool's budget.
         self.held_count = 0
         self._held_cost = 0
         #: Connections this loop iteration may still open before batches with new peers are
-        #: held (without ``defer``: an unreachable bound).
-        self._open_per_turn = open_per_turn
-        self._route_per_turn = route_per_turn
-        self.open_left = open_per_turn if defer is not None else _UNPACED
-        self._defer: Callable[[Callable[[], None]], object] = (
-            defer if defer is not None else _no_schedule)
-        # A callback is scheduled that starts the next iteration's count of openings (never,
-        # without ``defer``: the count never runs out); one that routes held batches.
-        self._open_turn_due = defer is None
+        #: held (until ``defer_opening``: an unreachable bound).
+        self.open_left = _UNPACED
+        self._open_per_turn = self._route_per_turn = self._held_max = _UNPACED
+        self._defer: Callable[[Callable[[], None]], object] = _no_schedule
+        self._on_held_full = self._on_held_room = _do_nothing
+        #: The owner was asked to stop reading (``on_held_full``), and not yet to go on.
+        self.held_full = False
+        # A callback is scheduled that starts the next iteration's count of openings (for
+        # ever, until ``defer_opening``: the count never runs out); one that routes held
+        # batches.
+        self._open_turn_due = True
         self._work_due = False
 
     @property
@@ -221,6 +235,22 @@ class Demux:
         if len(self.table) == self.pressure_mark:
             self.on_pressure()
         return queue
+
+    def defer_opening(self, schedule: Callable[[Callable[[], None]], object], *,
+                      on_held_full: Callable[[], None] = _do_nothing,
+                      on_held_room: Callable[[], None] = _do_nothing,
+                      open_per_turn: int = OPEN_PER_TURN, route_per_turn: int = ROUTE_PER_TURN,
+                      held_max: int = HELD_MAX) -> None:
+        """Open at most ``open_per_turn`` connections per loop iteration from now on, holding
+        what arrives past that (see the class's docstring); ``schedule(callback)`` runs
+        ``callback`` in the loop's next iteration (``loop.call_soon``)."""
+        self._defer = schedule
+        self._on_held_full = on_held_full
+        self._on_held_room = on_held_room
+        self._open_per_turn = self.open_left = open_per_turn
+        self._route_per_turn = route_per_turn
+        self._held_max = held_max
+        self._open_turn_due = False
 
     def accepted(self) -> None:
         """One connection left the backlog."""
@@ -502,7 +532,7 @@ class Demux:
                 return
         queue.put(data)
 
-    # -- deferred opening (see ``defer``) ----------------------------------------------------
+    # -- deferred opening (see ``defer_opening``) ----------------------------------------
 
     def _new_open_turn(self) -> None:
         self._open_turn_due = False
@@ -514,10 +544,8 @@ class Demux:
         cost = _held_cost(datagrams, lengths)
         pool = self.pool
         if pool.buffered + cost > pool.limit:
-            # Held, it would pass the memory budget: open what is held now, whatever that
-            # costs (the kernel's buffer holds what arrives meanwhile), then route this batch.
-            self.work_held(all_of_it=True)
-            self._route_held(keys, datagrams, lengths)
+            # No room in the memory budget: dropped, as a queue drops what does not fit.
+            pool.dropped_memory += len(datagrams)
             return
         pool.buffered += cost
         self._held_cost += cost
@@ -526,6 +554,11 @@ class Demux:
         if not self._work_due:
             self._work_due = True
             self._defer(self._work_turn)
+        if not self.held_full and (self.held_count >= self._held_max
+                                   or 2 * self._held_cost > pool.limit):
+            # Enough is held: what arrives next waits in the kernel's buffer.
+            self.held_full = True
+            self._on_held_full()
 
     def _route_held(self, keys: Sequence[PeerKey], datagrams: Sequence[Any],
                     lengths: Sequence[int] | None) -> None:
@@ -538,25 +571,29 @@ class Demux:
         self._work_due = False
         self.open_left = self._open_per_turn
         try:
-            self.work_held()
+            self._work_held()
         finally:
             # Whatever a callback raised, the rest keeps its turn.
             if self.held and not self._work_due:
                 self._work_due = True
                 self._defer(self._work_turn)
+            if (self.held_full and 2 * self.held_count <= self._held_max
+                    and 4 * self._held_cost <= self.pool.limit):
+                self.held_full = False
+                self._on_held_room()
 
-    def work_held(self, *, all_of_it: bool = False) -> None:
+    def _work_held(self) -> None:
         """Route held batches, oldest first, until ``route_per_turn`` datagrams were routed or
         the next batch has a new peer and the iteration's share of connections
-        (``open_per_turn``) was opened; or (``all_of_it``) every one."""
+        (``open_per_turn``) was opened."""
         held = self.held
         pool = self.pool
         table = self.table
         routed = 0
         most = self._route_per_turn
-        while held and (all_of_it or routed < most):
+        while held and routed < most:
             keys, datagrams, lengths = held[0]
-            if not all_of_it and self.open_left <= 0 and None in map(table.get, keys):
+            if self.open_left <= 0 and None in map(table.get, keys):
                 break  # it has a new peer: its turn is the next iteration
             held.popleft()
             cost = _held_cost(datagrams, lengths)
@@ -572,3 +609,4 @@ class Demux:
         self.pool.buffered -= self._held_cost
         self.held_count = self._held_cost = 0
         self.held.clear()
+        self.held_full = False

@@ -122,13 +122,7 @@ class Listener(asyncio.DatagramProtocol):
                             # so it opens no connection.
                             pool=self._pool, valid=key_has_port,
                             pressure_mark=math.ceil(PRESSURE_THRESHOLD * options.max_conns),
-                            on_pressure=self._pressure, protocol=protocol_factory is not None,
-                            # A flood of new peers: connections opened a few hundred per loop
-                            # iteration, the rest of the flood held meanwhile (see
-                            # OPEN_PER_TURN). Not in connected mode, whose handover needs every
-                            # earlier datagram routed once the socket reads empty, nor with
-                            # ``ecn``, whose counts go to connections as datagrams arrive.
-                            defer=None if options.connected or options.ecn else loop.call_soon)
+                            on_pressure=self._pressure, protocol=protocol_factory is not None)
         # The sink interface, bound straight to the demultiplexer: no call layer per batch.
         self.feed_batch = self._demux.feed_batch
         self.feed_one = self._demux.feed_one
@@ -145,6 +139,16 @@ class Listener(asyncio.DatagramProtocol):
                 # its wake-ups wake a bounded number of tasks each (see WAKES_PER_TURN).
                 self._engine.reader.spread = self._demux
                 self._demux.pace(loop.call_soon)
+            if not options.connected and not options.ecn:
+                # A flood of new peers: connections are opened a few hundred per loop
+                # iteration, while the reader goes on emptying the socket into held batches
+                # (see OPEN_PER_TURN), up to a bound past which it stops reading for a while.
+                # Not in connected mode, whose handover needs every earlier datagram routed
+                # once the socket reads empty, nor with ``ecn``, whose counts go to the
+                # connections as the datagrams are read.
+                reader = self._engine.reader
+                self._demux.defer_opening(loop.call_soon, on_held_full=reader.stop,
+                                          on_held_room=self._read_again)
         # Connected mode (see _peer_engine): each connection's own socket, the ones whose
         # reader waits for the listener's socket to be drained, totals of the closed ones.
         self._connected = options.connected
@@ -191,6 +195,11 @@ class Listener(asyncio.DatagramProtocol):
         return f"<udpx.Listener {state} {self._local!r} conns={len(self._conns)}>"
 
     # -- the receive side --------------------------------------------------------------------
+
+    def _read_again(self) -> None:
+        """What was held while connections opened is down to half its bound: read again."""
+        if not self._closed and isinstance(self._engine, SocketEngine):
+            self._engine.reader.start()
 
     def socket_error(self, exc: OSError) -> None:
         # An error the error queue did not attribute to a peer: log and go on.
