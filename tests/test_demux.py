@@ -379,7 +379,8 @@ class DeferringDemuxMachine(DemuxMachine):
         self.waiting_count = 0
         self.fed = 0
         self.held_max = 0
-        self.will_hold = False
+        #: For each datagram of the batch about to be fed: whether it is to be held.
+        self.will_hold: list[bool] = []
         #: The owner was asked to stop reading (and not yet to go on).
         self.stopped = False
 
@@ -413,29 +414,41 @@ class DeferringDemuxMachine(DemuxMachine):
         self.stopped = False
 
     def _before_feed(self, batch: Sequence[tuple[int, bytes | None]]) -> None:
-        # Held: behind held datagrams, or past the turn's share of openings with a new peer.
-        self.will_hold = self.waiting_count > 0 or (
+        # Holding: datagrams are held, or the turn's share of openings is spent and the batch
+        # has a new peer. Then a datagram is held if its peer is new or has datagrams held
+        # (its order is kept); the others, from open connections, are routed at once.
+        holding = self.waiting_count > 0 or (
             self.demux.open_left <= 0 and any(peer not in self.open for peer, _ in batch))
+        waiting_peers = {peer for held, _ in self.waiting for peer, _ in held}
+        self.will_hold = [holding and (peer in waiting_peers or peer not in self.open)
+                          for peer, _ in batch]
 
     def _fed(self, batch: Sequence[tuple[int, bytes | None]]) -> int:
         self.fed += len(batch)
-        if not self.will_hold:
-            assert self.demux.held_count == 0
-            return super()._fed(batch)
-        cost = sum(DATAGRAM_OVERHEAD + len(data or b"") for _, data in batch)
+        now = [item for item, held in zip(batch, self.will_hold) if not held]
+        later = [item for item, held in zip(batch, self.will_hold) if held]
+        routed = 0
+        if not later:
+            routed = super()._fed(batch)  # (an empty batch is routed too: nothing happens)
+        elif now:
+            routed = super()._fed(now)
+        if not later:
+            assert self.waiting_count == self.demux.held_count
+            return routed
+        cost = sum(DATAGRAM_OVERHEAD + len(data or b"") for _, data in later)
         limit = self.memory_limit if self.memory_limit is not None else 2**63
         if self.buffered + self.held_cost + cost > limit:
             # No room in the budget: dropped, not held.
-            self.received += len(batch)
-            self.dropped_memory += len(batch)
-        elif batch:
-            self.waiting.append((batch, cost))
-            self.waiting_count += len(batch)
+            self.received += len(later)
+            self.dropped_memory += len(later)
+        else:
+            self.waiting.append((later, cost))
+            self.waiting_count += len(later)
             self.held_cost += cost
             if self.waiting_count >= self.held_max or 2 * self.held_cost > limit:
                 assert self.stopped, "held past the bound, reading not stopped"
         assert self.waiting_count == self.demux.held_count
-        return 0
+        return routed
 
     def _catch_up(self) -> int:
         """Route, oldest first, the batches the demultiplexer no longer holds; how many."""
@@ -468,6 +481,11 @@ class DeferringDemuxMachine(DemuxMachine):
             # Asked to go on once half of the bound was routed.
             assert self.stopped == (2 * self.waiting_count > self.held_max
                                     or 4 * self.held_cost > limit)
+
+    @rule()
+    def reader_wakes(self) -> None:
+        """A wake-up of the owner's reader: a new iteration's share of openings."""
+        self.demux.new_open_turn()
 
     @precondition(lambda self: not self.closed)
     @rule()
@@ -687,9 +705,10 @@ def test_a_queue_half_full_in_line_is_woken_at_once() -> None:
 
 
 def test_deferred_opening_holds_past_the_turns_share_and_keeps_order() -> None:
-    """With deferred opening: once a turn opened its share of connections, a batch with a new
-    peer is held, and so is every batch after it, even one from known peers only (their order
-    is kept); later turns open their share each, and route at most ``route_per_turn`` datagrams
+    """With deferred opening: once a turn opened its share of connections, a new peer's
+    datagrams are held, and so are the later datagrams of every peer with datagrams held
+    (their order is kept), while those of peers whose connections are open are routed at
+    once; later turns open their share each, and route at most ``route_per_turn`` datagrams
     of held batches."""
     scheduled: list[Callable[[], None]] = []
     queues: dict[PeerKey, RxQueue] = {}
@@ -711,42 +730,43 @@ def test_deferred_opening_holds_past_the_turns_share_and_keeps_order() -> None:
     def feed(peers: list[int], tag: bytes) -> None:
         demux.feed_batch([keys[i] for i in peers], [tag] * len(peers), [len(tag)] * len(peers))
 
+    def items(peer: int) -> list[bytes]:
+        return list(queues[keys[peer]].items)
+
     feed([0, 1], b"a")  # opens 2
     feed([2, 3], b"a")  # one left as the batch began: opens both (one past the share)
     assert len(queues) == 4 and demux.held_count == 0
     feed([0, 1], b"b")  # known peers only: routed
-    assert list(queues[keys[0]].items) == [b"a", b"b"]
-    feed([4, 0], b"c")  # a new peer past the share: held, with the known peer's datagram
-    feed([1], b"c")  # held behind it
-    assert demux.held_count == 3 and len(queues) == 4
-    assert list(queues[keys[1]].items) == [b"a", b"b"]
+    feed([4, 0], b"c")  # a new peer past the share: held; the known peer's datagram is not
+    feed([1], b"c")
+    assert demux.held_count == 1 and len(queues) == 4
+    assert items(0) == items(1) == [b"a", b"b", b"c"]
     # (The pool counts what its queues hold, here what was routed, and what is held.)
-    assert demux.pool.buffered == 6 * (1 + DATAGRAM_OVERHEAD) + 3 * (1 + DATAGRAM_OVERHEAD)
+    assert demux.pool.buffered == 9 * (1 + DATAGRAM_OVERHEAD)
     feed([5, 6, 7, 8, 9], b"d")
-    feed([5], b"e")
-    assert demux.held_count == 9
-    # A turn: [4, 0] opens one (two left), [1], then [5..9] (routed whole: it opens five),
-    # and the datagrams routed reached route_per_turn: [5] waits for the next turn.
+    feed([5], b"e")  # behind its held datagram
+    assert demux.held_count == 7
+    # A turn: [4] opens one (two left), then [5..9] (routed whole: it opens five), and the
+    # datagrams routed reached route_per_turn: [5] waits for the next turn.
     turn()
-    assert list(queues[keys[0]].items) == [b"a", b"b", b"c"]
-    assert list(queues[keys[1]].items) == [b"a", b"b", b"c"]
     assert all(key in queues for key in keys[:10])
-    assert list(queues[keys[5]].items) == [b"d"]
+    assert items(4) == [b"c"] and items(5) == [b"d"]
     assert demux.held_count == 1 and scheduled
+    feed([5, 0], b"x")  # 5 has a datagram held: held behind it; 0 is routed
+    assert items(5) == [b"d"] and items(0) == [b"a", b"b", b"c", b"x"]
     turn()
-    assert list(queues[keys[5]].items) == [b"d", b"e"]
+    assert items(5) == [b"d", b"e", b"x"]
     assert demux.held_count == 0
-    assert demux.pool.rx_packets == 15 and demux.pool.buffered == 15 * (1 + DATAGRAM_OVERHEAD)
-    # A new turn's share: three new peers, one batch each; the fourth is held, and so is what
-    # follows it. The next turn opens it.
+    assert demux.pool.rx_packets == 17 and demux.pool.buffered == 17 * (1 + DATAGRAM_OVERHEAD)
+    # A new turn's share: three new peers, one batch each; the fourth is held, the next
+    # datagram of an open peer is not. The next turn opens it.
     for peer in (10, 11, 12, 13):
         feed([peer], b"f")
     feed([10], b"g")
-    assert keys[13] not in queues and demux.held_count == 2
-    assert list(queues[keys[10]].items) == [b"f"]
+    assert keys[13] not in queues and demux.held_count == 1
+    assert items(10) == [b"f", b"g"]
     turn()
-    assert list(queues[keys[13]].items) == [b"f"]
-    assert list(queues[keys[10]].items) == [b"f", b"g"]
+    assert items(13) == [b"f"]
     assert demux.held_count == 0
     turn()
     assert not scheduled
@@ -797,7 +817,8 @@ def test_deferred_opening_bounds_what_it_holds() -> None:
                         on_held_room=lambda: calls.append("room"), open_per_turn=1,
                         held_max=1000)
     demux.feed_batch([keys[5]], [b"x" * 10], [10])
-    demux.feed_batch(keys[6:16], [b"x" * 10] * 10, [10] * 10)
+    for key in keys[6:16]:
+        demux.feed_batch([key], [b"x" * 10], [10])
     assert demux.held_count == 10 and calls == [] and pool.buffered == 16 * cost
     demux.feed_batch([keys[16]], [b"x" * 10], [10])
     assert demux.held_count == 11 and calls == ["full"]
@@ -806,8 +827,14 @@ def test_deferred_opening_bounds_what_it_holds() -> None:
     assert demux.held_count == 11 and pool.dropped_memory == 4
     demux.feed_batch(keys[17:20], [b"x" * 10] * 3, [10] * 3)
     assert demux.held_count == 14 and pool.buffered == 20 * cost
-    # Routed as their connections open: once a quarter of the budget or less is held, go on.
-    for _ in range(20):
+    # Routed as their connections open, one per turn: once a quarter of the budget or less
+    # is held (5 datagrams' worth, after 9 turns), go on.
+    for _ in range(8):
+        turn()
+    assert demux.held_count == 6 and calls == ["full"]
+    turn()
+    assert demux.held_count == 5 and calls == ["full", "room"]
+    for _ in range(5):
         turn()
     assert calls == ["full", "room"] and demux.held_count == 0 and not scheduled
     assert pool.rx_packets == 20 and pool.dropped_memory == 4
@@ -829,21 +856,49 @@ def test_deferred_opening_one_datagram_at_a_time_and_closing() -> None:
     keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(3)]
     demux.feed_one(keys[0], b"a")
     demux.feed_one(keys[1], b"b")  # past the share: held
-    demux.feed_one(keys[0], None)  # truncated, from a known peer: held behind it
-    demux.feed_one(keys[0], b"c")
-    assert demux.held_count == 3 and list(queues[keys[0]].items) == [b"a"]
+    demux.feed_one(keys[1], None)  # truncated, from a peer with a datagram held: held too
+    demux.feed_one(keys[1], b"c")
+    demux.feed_one(keys[0], b"d")  # an open connection's: routed at once
+    assert demux.held_count == 3 and list(queues[keys[0]].items) == [b"a", b"d"]
     for callback in list(scheduled):
         callback()
     assert demux.held_count == 0
-    assert list(queues[keys[0]].items) == [b"a", b"c"] and queues[keys[0]].dropped_truncated == 1
-    assert list(queues[keys[1]].items) == [b"b"]
-    demux.feed_one(keys[2], b"d")
-    demux.feed_batch([keys[0], keys[1]], [b"e", b"f"], [1, 1])
-    assert demux.held_count == 3
+    assert list(queues[keys[1]].items) == [b"b", b"c"] and queues[keys[1]].dropped_truncated == 1
+    demux.feed_one(keys[2], b"e")  # the turn's share was spent opening 1: held
+    demux.feed_batch([keys[2], keys[1]], [b"f", b"g"], [1, 1])
+    assert demux.held_count == 2 and list(queues[keys[1]].items) == [b"b", b"c", b"g"]
     demux.closed = True
     demux.discard_held()
-    assert demux.held_count == 0 and demux.dropped_closed == 3
-    assert pool.buffered == 3 * (1 + DATAGRAM_OVERHEAD)
+    assert demux.held_count == 0 and demux.dropped_closed == 2
+    assert pool.buffered == 5 * (1 + DATAGRAM_OVERHEAD)
+
+
+def test_deferred_opening_one_datagram_keeps_an_opened_peers_order() -> None:
+    """A peer whose connection was opened from held datagrams, with more of them still held:
+    its next datagram fed alone waits behind them."""
+    scheduled: list[Callable[[], None]] = []
+    queues: dict[PeerKey, RxQueue] = {}
+
+    def create(key: PeerKey) -> RxQueue:
+        queue = queues[key] = RxQueue(100)
+        return queue
+
+    demux = Demux(max_conns=100, backlog=None, create=create)
+    demux.defer_opening(scheduled.append, open_per_turn=1, route_per_turn=1)
+    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(2)]
+    demux.feed_one(keys[0], b"a")
+    demux.feed_one(keys[1], b"b")  # past the share: held
+    demux.feed_one(keys[1], b"c")
+    for callback in list(scheduled):
+        callback()  # one datagram per turn: 1 is open, its "c" still held
+    assert list(queues[keys[1]].items) == [b"b"] and demux.held_count == 1
+    demux.feed_one(keys[1], b"d")
+    demux.feed_batch([keys[1]], [b"e"], [1])
+    assert list(queues[keys[1]].items) == [b"b"] and demux.held_count == 3
+    for _ in range(4):
+        for callback in list(scheduled):
+            callback()
+    assert list(queues[keys[1]].items) == [b"b", b"c", b"d", b"e"] and demux.held_count == 0
 
 
 def test_deferred_opening_routes_known_peers_past_the_share_and_stops_at_a_new_one() -> None:
@@ -860,17 +915,39 @@ def test_deferred_opening_routes_known_peers_past_the_share_and_stops_at_a_new_o
     demux = Demux(max_conns=100, backlog=None, create=create)
     demux.defer_opening(scheduled.append, open_per_turn=2)
     keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(5)]
-    for peer, tag in ((0, b"a"), (1, b"a"), (2, b"a"), (3, b"a"), (0, b"b"), (4, b"a"),
-                      (1, b"b")):
+    for peer, tag in ((0, b"a"), (1, b"a"), (2, b"a"), (3, b"a"), (2, b"b"), (4, b"a"),
+                      (3, b"b")):
         demux.feed_batch([keys[peer]], [tag], [1])
     assert set(queues) == {keys[0], keys[1]} and demux.held_count == 5
     for callback in list(scheduled):
         callback()
-    # Opened 2 and 3 (the share), routed 0's, and stopped at 4: 1's waits behind it.
+    # Opened 2 and 3 (the share), routed 2's second datagram, and stopped at 4: 3's second
+    # waits behind it.
     assert keys[3] in queues and keys[4] not in queues
-    assert list(queues[keys[0]].items) == [b"a", b"b"]
-    assert list(queues[keys[1]].items) == [b"a"]
+    assert list(queues[keys[2]].items) == [b"a", b"b"]
+    assert list(queues[keys[3]].items) == [b"a"]
     assert demux.held_count == 2
     for callback in list(scheduled):
         callback()
-    assert list(queues[keys[4]].items) == [b"a"] and list(queues[keys[1]].items) == [b"a", b"b"]
+    assert list(queues[keys[4]].items) == [b"a"] and list(queues[keys[3]].items) == [b"a", b"b"]
+
+
+def test_deferred_opening_counts_refused_peers_and_schedules_nothing_to_open() -> None:
+    """A peer refused as its connection is made (a protocol closing it in connection_made, a
+    failing factory) cost as much to make: it counts against the turn's share. Opening within
+    the share schedules no callback (a loop iteration each, for a server that sees a new peer
+    per request); the share starts again at the owner's next reader wake-up."""
+    scheduled: list[Callable[[], None]] = []
+    demux = Demux(max_conns=100, backlog=None, create=lambda key: None)
+    demux.defer_opening(scheduled.append, open_per_turn=2)
+    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(4)]
+    demux.feed_batch(keys[:1], [b"a"], [1])
+    assert demux.dropped_refused == 1 and not scheduled
+    demux.feed_batch(keys[1:2], [b"a"], [1])
+    demux.feed_batch(keys[2:3], [b"a"], [1])
+    assert demux.dropped_refused == 2 and demux.held_count == 1
+    demux.new_open_turn()  # the reader's next wake-up
+    demux.feed_batch(keys[3:4], [b"a"], [1])  # behind the held one
+    assert demux.held_count == 2 and len(scheduled) == 1
+    scheduled.pop()()
+    assert demux.dropped_refused == 4 and demux.held_count == 0 and not scheduled

@@ -149,12 +149,17 @@ def test_closing_while_datagrams_are_held_counts_them(
     counted as ``closed``, with every other datagram delivered or counted; nothing raises."""
     opened: list[udpx.UDPConn] = []
     holder: list[udpx.Listener] = []
+    at_close: list[Any] = []
 
     class Closer(udpx.ConnProtocol):
         def connection_made(self, conn: udpx.UDPConn) -> None:
             opened.append(conn)
             if len(opened) == OPEN_PER_TURN + 10:  # opened in a later iteration
-                holder[0].close()
+                ln = holder[0]
+                ln.close()
+                # What was held is dropped at once, counted.
+                at_close.append((ln.describe(max_conns=0)["opening_held"],
+                                 ln.stats.drops["closed"]))
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -166,6 +171,7 @@ def test_closing_while_datagrams_are_held_counts_them(
         await asyncio.wait_for(ln.wait_closed(), 10)
         stats = ln.stats
         assert len(opened) == OPEN_PER_TURN + 10
+        assert at_close[0][0] == 0 and at_close[0][1] > 0, at_close
         assert stats.drops["closed"] > 0
         assert stats.rx_packets + sum(stats.drops.values()) == TOTAL, stats
         assert ln.describe(max_conns=0)["opening_held"] == 0

@@ -49,9 +49,9 @@ _UNPACED = 1 << 62
 #: routing a datagram costs. A flood of new peers (10,000 at once) took the reader 50-70 ms
 #: of opening, a wake-up of 1,024 new peers at a time, while the kernel's buffer (which
 #: charges 832 bytes for a 64-byte datagram) filled and overflowed. Past this many in one
-#: iteration, what arrives next is held (``Demux.held``) in arrival order, at the cost of a
-#: reference per batch, and opened in later iterations, this many each; the reader meanwhile
-#: keeps the kernel's buffer drained.
+#: iteration, new peers' datagrams are held (``Demux.held``) in arrival order, and opened in
+#: later iterations, this many each; the reader meanwhile keeps the kernel's buffer drained,
+#: and the datagrams of peers whose connections are open go on being routed at once.
 OPEN_PER_TURN = 256
 
 #: Datagrams of held batches routed at most per loop iteration, whatever they open: more than
@@ -108,24 +108,25 @@ class Demux:
     All receive queues share ``pool``, which counts every datagram they are fed.
 
     After ``defer_opening(loop.call_soon)`` it opens at most ``open_per_turn`` connections per
-    loop iteration (OPEN_PER_TURN): once that many were opened, a batch with a new peer in it,
-    and every batch after it, is held (``held``, in arrival order, its bytes counted in
-    ``pool``'s budget) and routed in later iterations (``route_per_turn`` datagrams at most
-    each). Before, every new peer's connection is opened as its first datagram is routed.
+    loop iteration (OPEN_PER_TURN): once that many were opened, the datagrams of new peers,
+    and the later datagrams of every peer with datagrams held, are held (``held``, in arrival
+    order, their bytes counted in ``pool``'s budget) and routed in later iterations
+    (``route_per_turn`` datagrams at most each); those of peers whose connections are open
+    are routed at once. Before, every new peer's connection is opened as its first datagram
+    is routed.
     Once ``held_max`` datagrams, or half the budget, are held, ``on_held_full()`` asks the
     owner to stop reading, and ``on_held_room()`` to go on once half of that was routed. A
     batch that the budget has no room left for is dropped (``dropped_memory``), as a queue
     would drop it.
     """
 
-    __slots__ = ("_defer", "_feed_mixed", "_held_cost", "_held_max", "_on_held_full",
-                 "_on_held_room", "_open_per_turn", "_open_turn_due", "_paced_scheduled",
+    __slots__ = ("_defer", "_feed_mixed", "_held_cost", "_held_max", "_held_per_peer",
+                 "_on_held_full", "_on_held_room", "_open_per_turn", "_paced_scheduled",
                  "_route_per_turn", "_schedule", "_turn", "_work_due", "backlog", "closed",
                  "create", "dropped_backlog", "dropped_bad_source", "dropped_closed",
-                 "dropped_conn_limit", "dropped_fd_limit", "dropped_refused", "held",
-                 "held_count", "held_full", "max_conns", "on_pressure", "open_left", "paced",
-                 "pending", "pool", "pressure_mark", "refusal", "table", "urgent", "valid",
-                 "wakes_left", "woken")
+                 "dropped_conn_limit", "dropped_fd_limit", "dropped_refused", "held", "held_count",
+                 "held_full", "max_conns", "on_pressure", "open_left", "paced", "pending", "pool",
+                 "pressure_mark", "refusal", "table", "urgent", "valid", "wakes_left", "woken")
 
     def __init__(self, *, max_conns: int, backlog: int | None,
                  create: Callable[[PeerKey], RxQueue | None], pool: RxPool | None = None,
@@ -181,6 +182,8 @@ class Demux:
         #: Datagrams held, and their cost in the pool's budget.
         self.held_count = 0
         self._held_cost = 0
+        #: How many datagrams each peer has held: its next ones are held behind them.
+        self._held_per_peer: dict[PeerKey, int] = {}
         #: Connections this loop iteration may still open before batches with new peers are
         #: held (until ``defer_opening``: an unreachable bound).
         self.open_left = _UNPACED
@@ -189,10 +192,7 @@ class Demux:
         self._on_held_full = self._on_held_room = _do_nothing
         #: The owner was asked to stop reading (``on_held_full``), and not yet to go on.
         self.held_full = False
-        # A callback is scheduled that starts the next iteration's count of openings (for
-        # ever, until ``defer_opening``: the count never runs out); one that routes held
-        # batches.
-        self._open_turn_due = True
+        # A callback that routes held batches is scheduled.
         self._work_due = False
 
     @property
@@ -221,15 +221,13 @@ class Demux:
             self.refusal = "dropped_backlog"
             return None
         self.refusal = "dropped_refused"  # unless create() names another reason
+        # (Counted before: a connection refused as it is made cost as much to make.)
+        self.open_left -= 1
         queue = self.create(key)
         if queue is None:
             self.feed_batch_refused(1)
             return None
         self.table[key] = queue
-        self.open_left -= 1
-        if not self._open_turn_due:
-            self._open_turn_due = True
-            self._defer(self._new_open_turn)
         if backlog >= 0:
             self.pending += 1
         if len(self.table) == self.pressure_mark:
@@ -250,7 +248,6 @@ class Demux:
         self._open_per_turn = self.open_left = open_per_turn
         self._route_per_turn = route_per_turn
         self._held_max = held_max
-        self._open_turn_due = False
 
     def accepted(self) -> None:
         """One connection left the backlog."""
@@ -271,11 +268,38 @@ class Demux:
         # Hot path, run for every datagram a listener receives.
         assert keys is not None  # a listener's socket is unconnected: every datagram has one
         if self.held_count or (self.open_left <= 0 and None in map(self.table.get, keys)):
-            # Held batches wait (their order is kept), or this one has a new peer and the
-            # iteration opened its share of connections.
-            self._hold(keys, datagrams, lengths)
+            # Datagrams are held, or this batch has a new peer and the iteration opened its
+            # share of connections.
+            self._split(keys, datagrams, lengths)
             return
         self._route(keys, datagrams, lengths)
+
+    def _split(self, keys: Sequence[PeerKey], datagrams: Sequence[bytes],
+               lengths: Sequence[int]) -> None:
+        """While new peers wait for their connections: hold the batch's datagrams from new
+        peers and from peers with datagrams held (their order is kept), and route the others,
+        from peers whose connections are open, now."""
+        table = self.table
+        waiting = self._held_per_peer
+        held_keys: list[PeerKey] = []
+        held_data: list[bytes] = []
+        held_lengths: list[int] = []
+        keys_now: list[PeerKey] = []
+        data_now: list[bytes] = []
+        lengths_now: list[int] = []
+        for key, data, length in zip(keys, datagrams, lengths):
+            if key in waiting or key not in table:
+                held_keys.append(key)
+                held_data.append(data)
+                held_lengths.append(length)
+            else:
+                keys_now.append(key)
+                data_now.append(data)
+                lengths_now.append(length)
+        if keys_now:
+            self._route(keys_now, data_now, lengths_now)
+        if held_keys:
+            self._hold(held_keys, held_data, held_lengths)
 
     def _route(self, keys: Sequence[PeerKey], datagrams: Sequence[bytes],
                lengths: Sequence[int]) -> None:
@@ -301,7 +325,7 @@ class Demux:
         # call except the slice; the pool's totals are added once, after the batch.
         table_get = self.table.get
         pool = self.pool
-        buffered = pool.buffered
+        buffered = start = pool.buffered
         memory_limit = pool.limit - DATAGRAM_OVERHEAD  # compared with buffered + length
         delivered = dropped_full = dropped_memory = 0
         touched: list[RxQueue] = []
@@ -342,8 +366,10 @@ class Demux:
             current.rx_bytes += length
             delivered += 1
         # Bytes delivered, from the budget's growth: one addition less per datagram.
-        pool.rx_bytes += buffered - pool.buffered - delivered * DATAGRAM_OVERHEAD
-        pool.buffered = buffered
+        pool.rx_bytes += buffered - start - delivered * DATAGRAM_OVERHEAD
+        # (Added, not assigned: the budget may have changed meanwhile, if a connection's
+        # creation closed the owner, which drops what is held.)
+        pool.buffered += buffered - start
         pool.rx_packets += delivered
         pool.dropped_full += dropped_full
         pool.dropped_memory += dropped_memory
@@ -513,7 +539,9 @@ class Demux:
     def feed_one(self, key: PeerKey | None, data: bytes | None) -> None:
         """Route one datagram (``None``: it was truncated and is dropped, counted)."""
         assert key is not None
-        if self.held_count or (self.open_left <= 0 and key not in self.table):
+        # (As feed_batch and _split do for a batch.)
+        if key in self._held_per_peer or (key not in self.table
+                                          and (self.held_count or self.open_left <= 0)):
             self._hold([key], [data], None)
             return
         self._route_one(key, data)
@@ -534,8 +562,9 @@ class Demux:
 
     # -- deferred opening (see ``defer_opening``) ----------------------------------------
 
-    def _new_open_turn(self) -> None:
-        self._open_turn_due = False
+    def new_open_turn(self) -> None:
+        """A loop iteration's share of openings begins: the reader's wake-up (see
+        ``BatchReader.on_wake``), or a turn of the held batches."""
         self.open_left = self._open_per_turn
 
     def _hold(self, keys: Sequence[PeerKey], datagrams: Sequence[Any],
@@ -551,6 +580,9 @@ class Demux:
         self._held_cost += cost
         self.held_count += len(datagrams)
         self.held.append((keys, datagrams, lengths))
+        waiting = self._held_per_peer
+        for key in keys:
+            waiting[key] = waiting.get(key, 0) + 1
         if not self._work_due:
             self._work_due = True
             self._defer(self._work_turn)
@@ -589,6 +621,7 @@ class Demux:
         held = self.held
         pool = self.pool
         table = self.table
+        waiting = self._held_per_peer
         routed = 0
         most = self._route_per_turn
         while held and routed < most:
@@ -596,6 +629,12 @@ class Demux:
             if self.open_left <= 0 and None in map(table.get, keys):
                 break  # it has a new peer: its turn is the next iteration
             held.popleft()
+            for key in keys:
+                left = waiting[key] - 1
+                if left:
+                    waiting[key] = left
+                else:
+                    del waiting[key]
             cost = _held_cost(datagrams, lengths)
             self.held_count -= len(datagrams)
             self._held_cost -= cost
@@ -609,4 +648,5 @@ class Demux:
         self.pool.buffered -= self._held_cost
         self.held_count = self._held_cost = 0
         self.held.clear()
+        self._held_per_peer.clear()
         self.held_full = False

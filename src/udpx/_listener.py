@@ -149,6 +149,7 @@ class Listener(asyncio.DatagramProtocol):
                 reader = self._engine.reader
                 self._demux.defer_opening(loop.call_soon, on_held_full=reader.stop,
                                           on_held_room=self._read_again)
+                reader.on_wake = self._demux.new_open_turn
         # Connected mode (see _peer_engine): each connection's own socket, the ones whose
         # reader waits for the listener's socket to be drained, totals of the closed ones.
         self._connected = options.connected

@@ -145,6 +145,9 @@ class BatchReader:
         # until a call returns nothing (one more syscall), so that ``on_empty`` comes soon.
         self.on_empty = on_empty
         self.drain_to_empty = False
+        #: Called as each wake-up begins (a listener's demultiplexer: a new iteration's share
+        #: of connections to open).
+        self.on_wake: Callable[[], None] | None = None
         # A look at the socket is due next iteration (see the end of ``_read``).
         self._recheck_due = False
         # Set by a task-mode listener. What the loop does after a wake-up is mostly one task
@@ -215,6 +218,8 @@ class BatchReader:
     def _on_readable(self) -> None:
         if self._before is not None:
             self._before()
+        if self.on_wake is not None:
+            self.on_wake()
         try:
             read = self._read()
         finally:
