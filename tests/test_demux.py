@@ -704,34 +704,59 @@ def test_a_queue_half_full_in_line_is_woken_at_once() -> None:
     assert woken == list(range(WAKES_PER_TURN, 299))  # no wake for the emptied queue
 
 
+@dataclass
+class Deferring:
+    """A demultiplexer with deferred opening and the loop played by hand: ``turn()`` runs the
+    callbacks it scheduled (one loop iteration). Its peers are ``keys``, its connections'
+    queues (limit 100, sharing the demultiplexer's pool) ``queues``."""
+
+    demux: Demux
+    queues: dict[PeerKey, RxQueue]
+    scheduled: list[Callable[[], None]]
+    keys: list[PeerKey]
+
+    def turn(self) -> None:
+        callbacks = list(self.scheduled)
+        self.scheduled.clear()
+        for callback in callbacks:
+            callback()
+
+    def items(self, peer: int) -> list[bytes]:
+        return list(self.queues[self.keys[peer]].items)
+
+
+def deferring(*, pool: RxPool | None = None, peers: int = 30,
+              create: Callable[[PeerKey], RxQueue | None] | None = None,
+              on_held_full: Callable[[], None] = lambda: None,
+              on_held_room: Callable[[], None] = lambda: None, open_per_turn: int = 1,
+              route_per_turn: int = 4096, held_max: int = 32768) -> Deferring:
+    scheduled: list[Callable[[], None]] = []
+    queues: dict[PeerKey, RxQueue] = {}
+    shared = pool if pool is not None else RxPool()
+
+    def make(key: PeerKey) -> RxQueue:
+        queue = queues[key] = RxQueue(100, pool=shared)
+        return queue
+
+    demux = Demux(max_conns=100, backlog=None, create=create or make, pool=shared)
+    demux.defer_opening(scheduled.append, on_held_full=on_held_full, on_held_room=on_held_room,
+                        open_per_turn=open_per_turn, route_per_turn=route_per_turn,
+                        held_max=held_max)
+    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(peers)]
+    return Deferring(demux, queues, scheduled, keys)
+
+
 def test_deferred_opening_holds_past_the_turns_share_and_keeps_order() -> None:
     """With deferred opening: once a turn opened its share of connections, a new peer's
     datagrams are held, and so are the later datagrams of every peer with datagrams held
     (their order is kept), while those of peers whose connections are open are routed at
     once; later turns open their share each, and route at most ``route_per_turn`` datagrams
     of held batches."""
-    scheduled: list[Callable[[], None]] = []
-    queues: dict[PeerKey, RxQueue] = {}
-
-    def create(key: PeerKey) -> RxQueue:
-        queue = queues[key] = RxQueue(100)
-        return queue
-
-    def turn() -> None:
-        callbacks = list(scheduled)
-        scheduled.clear()
-        for callback in callbacks:
-            callback()
-
-    demux = Demux(max_conns=100, backlog=None, create=create)
-    demux.defer_opening(scheduled.append, open_per_turn=3, route_per_turn=4)
-    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(14)]
+    d = deferring(open_per_turn=3, route_per_turn=4)
+    demux, queues, keys, turn, items = d.demux, d.queues, d.keys, d.turn, d.items
 
     def feed(peers: list[int], tag: bytes) -> None:
         demux.feed_batch([keys[i] for i in peers], [tag] * len(peers), [len(tag)] * len(peers))
-
-    def items(peer: int) -> list[bytes]:
-        return list(queues[keys[peer]].items)
 
     feed([0, 1], b"a")  # opens 2
     feed([2, 3], b"a")  # one left as the batch began: opens both (one past the share)
@@ -741,7 +766,7 @@ def test_deferred_opening_holds_past_the_turns_share_and_keeps_order() -> None:
     feed([1], b"c")
     assert demux.held_count == 1 and len(queues) == 4
     assert items(0) == items(1) == [b"a", b"b", b"c"]
-    # (The pool counts what its queues hold, here what was routed, and what is held.)
+    # (The pool counts what the queues hold and what is held.)
     assert demux.pool.buffered == 9 * (1 + DATAGRAM_OVERHEAD)
     feed([5, 6, 7, 8, 9], b"d")
     feed([5], b"e")  # behind its held datagram
@@ -751,7 +776,7 @@ def test_deferred_opening_holds_past_the_turns_share_and_keeps_order() -> None:
     turn()
     assert all(key in queues for key in keys[:10])
     assert items(4) == [b"c"] and items(5) == [b"d"]
-    assert demux.held_count == 1 and scheduled
+    assert demux.held_count == 1 and d.scheduled
     feed([5, 0], b"x")  # 5 has a datagram held: held behind it; 0 is routed
     assert items(5) == [b"d"] and items(0) == [b"a", b"b", b"c", b"x"]
     turn()
@@ -769,34 +794,19 @@ def test_deferred_opening_holds_past_the_turns_share_and_keeps_order() -> None:
     assert items(13) == [b"f"]
     assert demux.held_count == 0
     turn()
-    assert not scheduled
+    assert not d.scheduled
 
 
 def test_deferred_opening_bounds_what_it_holds() -> None:
     """Past ``held_max`` datagrams, or half the memory budget, held, the owner is asked to stop
     reading, and to go on once half of that was routed; a batch the budget has no room for is
     dropped (``memory_limit``), not held."""
-    scheduled: list[Callable[[], None]] = []
-    queues: dict[PeerKey, RxQueue] = {}
     calls: list[str] = []
-
-    def create(key: PeerKey) -> RxQueue:
-        queue = queues[key] = RxQueue(100, pool=pool)
-        return queue
-
-    def turn() -> None:
-        callbacks = list(scheduled)
-        scheduled.clear()
-        for callback in callbacks:
-            callback()
-
     cost = 10 + DATAGRAM_OVERHEAD
     pool = RxPool(20 * cost)
-    demux = Demux(max_conns=100, backlog=None, create=create, pool=pool)
-    demux.defer_opening(scheduled.append, on_held_full=lambda: calls.append("full"),
-                        on_held_room=lambda: calls.append("room"), open_per_turn=1,
-                        held_max=4)
-    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(30)]
+    d = deferring(pool=pool, on_held_full=lambda: calls.append("full"),
+                  on_held_room=lambda: calls.append("room"), held_max=4)
+    demux, queues, keys, turn = d.demux, d.queues, d.keys, d.turn
     for key in keys[:4]:
         demux.feed_batch([key], [b"x" * 10], [10])
     assert demux.held_count == 3 and not calls
@@ -809,11 +819,10 @@ def test_deferred_opening_bounds_what_it_holds() -> None:
     turn()
     turn()
     assert demux.held_count == 0 and len(queues) == 5
-    turn()  # (the next turn's count of openings)
-    assert not scheduled
+    assert not d.scheduled
     # Half the memory budget held (10 of 20 datagrams' worth): stop.
     del calls[:]
-    demux.defer_opening(scheduled.append, on_held_full=lambda: calls.append("full"),
+    demux.defer_opening(d.scheduled.append, on_held_full=lambda: calls.append("full"),
                         on_held_room=lambda: calls.append("room"), open_per_turn=1,
                         held_max=1000)
     demux.feed_batch([keys[5]], [b"x" * 10], [10])
@@ -836,100 +845,69 @@ def test_deferred_opening_bounds_what_it_holds() -> None:
     assert demux.held_count == 5 and calls == ["full", "room"]
     for _ in range(5):
         turn()
-    assert calls == ["full", "room"] and demux.held_count == 0 and not scheduled
+    assert calls == ["full", "room"] and demux.held_count == 0 and not d.scheduled
     assert pool.rx_packets == 20 and pool.dropped_memory == 4
 
 
 def test_deferred_opening_one_datagram_at_a_time_and_closing() -> None:
     """``feed_one`` (the loop's own transport, truncated datagrams) is held the same way; the
     owner's close drops what is held, counted as ``closed``."""
-    scheduled: list[Callable[[], None]] = []
-    queues: dict[PeerKey, RxQueue] = {}
-
-    def create(key: PeerKey) -> RxQueue:
-        queue = queues[key] = RxQueue(100, pool=pool)
-        return queue
-
-    pool = RxPool()
-    demux = Demux(max_conns=100, backlog=None, create=create, pool=pool)
-    demux.defer_opening(scheduled.append, open_per_turn=1)
-    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(3)]
+    d = deferring()
+    demux, queues, keys = d.demux, d.queues, d.keys
     demux.feed_one(keys[0], b"a")
     demux.feed_one(keys[1], b"b")  # past the share: held
     demux.feed_one(keys[1], None)  # truncated, from a peer with a datagram held: held too
     demux.feed_one(keys[1], b"c")
     demux.feed_one(keys[0], b"d")  # an open connection's: routed at once
-    assert demux.held_count == 3 and list(queues[keys[0]].items) == [b"a", b"d"]
-    for callback in list(scheduled):
-        callback()
+    assert demux.held_count == 3 and d.items(0) == [b"a", b"d"]
+    d.turn()
     assert demux.held_count == 0
-    assert list(queues[keys[1]].items) == [b"b", b"c"] and queues[keys[1]].dropped_truncated == 1
+    assert d.items(1) == [b"b", b"c"] and queues[keys[1]].dropped_truncated == 1
     demux.feed_one(keys[2], b"e")  # the turn's share was spent opening 1: held
     demux.feed_batch([keys[2], keys[1]], [b"f", b"g"], [1, 1])
-    assert demux.held_count == 2 and list(queues[keys[1]].items) == [b"b", b"c", b"g"]
+    assert demux.held_count == 2 and d.items(1) == [b"b", b"c", b"g"]
     demux.closed = True
     demux.discard_held()
     assert demux.held_count == 0 and demux.dropped_closed == 2
-    assert pool.buffered == 5 * (1 + DATAGRAM_OVERHEAD)
+    assert demux.pool.buffered == 5 * (1 + DATAGRAM_OVERHEAD)
 
 
 def test_deferred_opening_one_datagram_keeps_an_opened_peers_order() -> None:
     """A peer whose connection was opened from held datagrams, with more of them still held:
     its next datagram fed alone waits behind them."""
-    scheduled: list[Callable[[], None]] = []
-    queues: dict[PeerKey, RxQueue] = {}
-
-    def create(key: PeerKey) -> RxQueue:
-        queue = queues[key] = RxQueue(100)
-        return queue
-
-    demux = Demux(max_conns=100, backlog=None, create=create)
-    demux.defer_opening(scheduled.append, open_per_turn=1, route_per_turn=1)
-    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(2)]
+    d = deferring(route_per_turn=1)
+    demux, keys = d.demux, d.keys
     demux.feed_one(keys[0], b"a")
     demux.feed_one(keys[1], b"b")  # past the share: held
     demux.feed_one(keys[1], b"c")
-    for callback in list(scheduled):
-        callback()  # one datagram per turn: 1 is open, its "c" still held
-    assert list(queues[keys[1]].items) == [b"b"] and demux.held_count == 1
+    d.turn()  # one datagram per turn: 1 is open, its "c" still held
+    assert d.items(1) == [b"b"] and demux.held_count == 1
     demux.feed_one(keys[1], b"d")
     demux.feed_batch([keys[1]], [b"e"], [1])
-    assert list(queues[keys[1]].items) == [b"b"] and demux.held_count == 3
+    assert d.items(1) == [b"b"] and demux.held_count == 3
     for _ in range(4):
-        for callback in list(scheduled):
-            callback()
-    assert list(queues[keys[1]].items) == [b"b", b"c", b"d", b"e"] and demux.held_count == 0
+        d.turn()
+    assert d.items(1) == [b"b", b"c", b"d", b"e"] and demux.held_count == 0
 
 
 def test_deferred_opening_routes_known_peers_past_the_share_and_stops_at_a_new_one() -> None:
     """Within a turn whose share of connections is spent, held batches from known peers are
     still routed; the first held batch with a new peer waits for the next turn, and so does
     everything behind it."""
-    scheduled: list[Callable[[], None]] = []
-    queues: dict[PeerKey, RxQueue] = {}
-
-    def create(key: PeerKey) -> RxQueue:
-        queue = queues[key] = RxQueue(100)
-        return queue
-
-    demux = Demux(max_conns=100, backlog=None, create=create)
-    demux.defer_opening(scheduled.append, open_per_turn=2)
-    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(5)]
+    d = deferring(open_per_turn=2)
+    demux, queues, keys = d.demux, d.queues, d.keys
     for peer, tag in ((0, b"a"), (1, b"a"), (2, b"a"), (3, b"a"), (2, b"b"), (4, b"a"),
                       (3, b"b")):
         demux.feed_batch([keys[peer]], [tag], [1])
     assert set(queues) == {keys[0], keys[1]} and demux.held_count == 5
-    for callback in list(scheduled):
-        callback()
+    d.turn()
     # Opened 2 and 3 (the share), routed 2's second datagram, and stopped at 4: 3's second
     # waits behind it.
     assert keys[3] in queues and keys[4] not in queues
-    assert list(queues[keys[2]].items) == [b"a", b"b"]
-    assert list(queues[keys[3]].items) == [b"a"]
+    assert d.items(2) == [b"a", b"b"] and d.items(3) == [b"a"]
     assert demux.held_count == 2
-    for callback in list(scheduled):
-        callback()
-    assert list(queues[keys[4]].items) == [b"a"] and list(queues[keys[3]].items) == [b"a", b"b"]
+    d.turn()
+    assert d.items(4) == [b"a"] and d.items(3) == [b"a", b"b"]
 
 
 def test_deferred_opening_counts_refused_peers_and_schedules_nothing_to_open() -> None:
@@ -937,17 +915,15 @@ def test_deferred_opening_counts_refused_peers_and_schedules_nothing_to_open() -
     failing factory) cost as much to make: it counts against the turn's share. Opening within
     the share schedules no callback (a loop iteration each, for a server that sees a new peer
     per request); the share starts again at the owner's next reader wake-up."""
-    scheduled: list[Callable[[], None]] = []
-    demux = Demux(max_conns=100, backlog=None, create=lambda key: None)
-    demux.defer_opening(scheduled.append, open_per_turn=2)
-    keys = [key_from_address(socket.AF_INET, ("10.0.0.1", 1000 + i)) for i in range(4)]
+    d = deferring(create=lambda key: None, open_per_turn=2)
+    demux, keys = d.demux, d.keys
     demux.feed_batch(keys[:1], [b"a"], [1])
-    assert demux.dropped_refused == 1 and not scheduled
+    assert demux.dropped_refused == 1 and not d.scheduled
     demux.feed_batch(keys[1:2], [b"a"], [1])
     demux.feed_batch(keys[2:3], [b"a"], [1])
     assert demux.dropped_refused == 2 and demux.held_count == 1
     demux.new_open_turn()  # the reader's next wake-up
     demux.feed_batch(keys[3:4], [b"a"], [1])  # behind the held one
-    assert demux.held_count == 2 and len(scheduled) == 1
-    scheduled.pop()()
-    assert demux.dropped_refused == 4 and demux.held_count == 0 and not scheduled
+    assert demux.held_count == 2 and len(d.scheduled) == 1
+    d.turn()
+    assert demux.dropped_refused == 4 and demux.held_count == 0 and not d.scheduled

@@ -10,6 +10,7 @@ import asyncio
 import resource
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -82,9 +83,19 @@ class Recorder(udpx.ConnProtocol):
             self.done.set()
 
 
-@pytest.mark.parametrize("engine", ["mmsg", "transport"])
-def test_protocol_mode_flood_of_new_peers_opens_all_in_order(
-        run: Runner[Any], clients: list[socket.socket], engine: str) -> None:
+@dataclass
+class Flooded:
+    sent: dict[tuple[str, int], list[bytes]]
+    got: dict[tuple[str, int], list[bytes]]
+    #: describe()["opening_held"] as every 50th connection was made.
+    held_seen: list[int]
+    stats: udpx.ListenerStats
+    description: dict[str, Any]
+
+
+async def flood_protocol_listener(clients: list[socket.socket], **options: Any) -> Flooded:
+    """Flood a protocol-mode listener (8 MiB buffer, ``options``) from ``clients`` (see
+    ``flood``); what was sent and received, once every datagram arrived."""
     got: dict[tuple[str, int], list[bytes]] = {}
     held_seen: list[int] = []
     done = asyncio.Event()
@@ -96,26 +107,30 @@ def test_protocol_mode_flood_of_new_peers_opens_all_in_order(
         protocol.listener = holder[0] if holder else None
         return protocol
 
-    async def main() -> None:
-        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory, rcvbuf=8 * 2**20,
-                               engine=engine) as ln:
-            holder.append(ln)
-            sent = flood(clients, ln.local_addr)
-            await asyncio.wait_for(done.wait(), 10)
-            assert got == sent  # every peer's datagrams, in its order, to its connection
-            if engine == "mmsg":
-                # One wake-up read the whole flood: connections past the iteration's share
-                # were opened later, while their datagrams (and the chatty peers') were held.
-                assert max(held_seen) > 0, held_seen
-            else:
-                assert max(held_seen) == 0, held_seen  # opened as the loop hands them over
-            description = ln.describe(max_conns=0)
-            assert description["opening_held"] == 0
-            stats = ln.stats
-            assert stats.rx_packets == TOTAL and stats.conns == stats.accepted == PEERS
-            assert not any(stats.drops.values()), stats.drops
+    async with udpx.listen("127.0.0.1", 0, protocol_factory=factory, rcvbuf=8 * 2**20,
+                           **options) as ln:
+        holder.append(ln)
+        sent = flood(clients, ln.local_addr)
+        await asyncio.wait_for(done.wait(), 10)
+        return Flooded(sent, got, held_seen, ln.stats, ln.describe(max_conns=0))
 
-    run(main())
+
+@pytest.mark.parametrize("engine", ["mmsg", "transport"])
+def test_protocol_mode_flood_of_new_peers_opens_all_in_order(
+        run: Runner[Any], clients: list[socket.socket], engine: str) -> None:
+    flooded = run(flood_protocol_listener(clients, engine=engine))
+    # Every peer's datagrams, in its order, to its connection.
+    assert flooded.got == flooded.sent
+    if engine == "mmsg":
+        # One wake-up read the whole flood: connections past the iteration's share were
+        # opened later, while their datagrams were held.
+        assert max(flooded.held_seen) > 0, flooded.held_seen
+    else:
+        assert max(flooded.held_seen) == 0, flooded.held_seen  # opened as the loop hands them
+    assert flooded.description["opening_held"] == 0
+    stats = flooded.stats
+    assert stats.rx_packets == TOTAL and stats.conns == stats.accepted == PEERS
+    assert not any(stats.drops.values()), stats.drops
 
 
 def test_task_mode_flood_of_new_peers_opens_all_in_order(
@@ -185,28 +200,10 @@ def test_what_is_held_is_bounded_by_half_the_memory_budget(
     """Once half of ``rx_memory_limit`` is held, the listener stops reading until a quarter is
     left: the kernel's buffer holds what arrives meanwhile. Nothing is lost or reordered."""
     budget = 8 * 1024
-    got: dict[tuple[str, int], list[bytes]] = {}
-    held_seen: list[int] = []
-    done = asyncio.Event()
-    holder: list[udpx.Listener] = []
-
-    def factory() -> Recorder:
-        protocol = Recorder()
-        protocol.got, protocol.held_seen, protocol.done = got, held_seen, done
-        protocol.listener = holder[0] if holder else None
-        return protocol
-
-    async def main() -> None:
-        async with udpx.listen("127.0.0.1", 0, protocol_factory=factory, rcvbuf=8 * 2**20,
-                               rx_memory_limit=budget) as ln:
-            holder.append(ln)
-            sent = flood(clients, ln.local_addr)
-            await asyncio.wait_for(done.wait(), 10)
-            assert got == sent
-            # Each held datagram costs its payload (3-5 bytes) plus 48: reading stops past
-            # half the budget, once the batch being read is held (64 datagrams at most).
-            assert 0 < max(held_seen) <= budget // 2 // DATAGRAM_OVERHEAD + 64, held_seen
-            stats = ln.stats
-            assert stats.rx_packets == TOTAL and not any(stats.drops.values()), stats.drops
-
-    run(main())
+    flooded = run(flood_protocol_listener(clients, rx_memory_limit=budget))
+    assert flooded.got == flooded.sent
+    # Each held datagram costs its payload (3-5 bytes) plus 48: reading stops past half the
+    # budget, once the batch being read is held (64 datagrams at most).
+    assert 0 < max(flooded.held_seen) <= budget // 2 // DATAGRAM_OVERHEAD + 64, flooded.held_seen
+    stats = flooded.stats
+    assert stats.rx_packets == TOTAL and not any(stats.drops.values()), stats.drops
