@@ -601,7 +601,7 @@ class Demux:
 
     def _work_turn(self) -> None:
         self._work_due = False
-        self.open_left = self._open_per_turn
+        self.new_open_turn()
         try:
             self._work_held()
         finally:
