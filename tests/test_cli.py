@@ -20,6 +20,7 @@ from typing import Any, Literal, overload
 import pytest
 
 from udpx.__main__ import main
+from udpx._perf import DEFAULT_PEERS, PerfConfig, perf_runs, raw_packets
 
 from .conftest import HAVE_IPV6, free_udp_port
 
@@ -113,7 +114,7 @@ def run_perf(*args: str) -> dict[str, Any]:
 def check_measurement(result: dict[str, Any], *, size: int) -> None:
     sender = result["sender"]
     received = result["received"]
-    assert sender["kind"] in ("gso", "udpx")
+    assert sender["kind"] in ("peers", "gso", "udpx")
     assert 0 < received["datagrams"] <= sender["sent"] <= sender["queued"]
     assert received["bytes"] == received["datagrams"] * size
     assert sender["sent_bytes"] == sender["sent"] * size
@@ -123,30 +124,95 @@ def check_measurement(result: dict[str, Any], *, size: int) -> None:
     assert received["mbit_per_s"] >= 0
     assert received["cpu_seconds"] >= 0
     assert received["cpu_percent"] >= 0
+    assert received["cpu_us_per_datagram"] == pytest.approx(
+        1e6 * received["cpu_seconds"] / received["datagrams"])
     assert result["loss"]["datagrams"] == sender["sent"] - received["datagrams"]
     assert 0 <= result["loss"]["percent"] < 100
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_perf_json(loop: str) -> None:
+    # Without --sender: what most peers send first (each datagram alone, from many peers),
+    # the udpx-to-udpx best case (GSO) beside it.
     summary = run_perf("--duration", "0.5", "--loop", loop)
     assert summary["cpu_count"] == os.cpu_count()
     assert summary["config"]["loop"] == loop
     assert summary["config"]["size"] == 64
+    runs = summary["runs"]
+    assert [(run["sender"], run["clients"]) for run in runs] == [("peers", DEFAULT_PEERS),
+                                                                 ("udpx", 1)]
+    assert summary["udpx"] == runs[0]["udpx"]
     assert summary["compare"] == []
     assert summary["ratios"] == {}
+    for run in runs:
+        assert run["compare"] == [] and run["ratios"] == run["cpu_ratios"] == {}
+        result = run["udpx"]
+        assert result["receiver"] == "udpx"
+        assert result["loop"] == loop
+        assert result["sender"]["kind"] == run["sender"]
+        # Every peer sent in every turn of a 0.5 s run: each has its connection.
+        assert result["connections"] == run["clients"]
+        check_measurement(result, size=64)
+        drops = result["drops"]
+        assert set(drops) >= DROP_REASONS
+        # Every datagram the kernel took from the sender was received or counted as dropped
+        # by the listener (datagrams lost between the two sockets would not be counted): the
+        # counted drops never exceed the loss.
+        assert sum(drops.values()) <= result["loss"]["datagrams"]
+        assert drops["truncated"] == drops["backlog_full"] == drops["conn_limit"] == 0
+
+
+def test_perf_runs_of_a_config() -> None:
+    runs = perf_runs(PerfConfig())
+    assert [(run.sender, run.clients) for run in runs] == [("peers", DEFAULT_PEERS), ("udpx", 1)]
+    runs = perf_runs(PerfConfig(workers=3))
+    assert [(run.sender, run.clients) for run in runs] == [("peers", DEFAULT_PEERS), ("udpx", 3)]
+    runs = perf_runs(PerfConfig(clients=5))
+    assert [(run.sender, run.clients) for run in runs] == [("peers", 5), ("udpx", 5)]
+    runs = perf_runs(PerfConfig(sender="gso"))
+    assert [(run.sender, run.clients) for run in runs] == [("gso", 1)]
+    with pytest.raises(ValueError, match="sender must be one of peers, udpx, gso, got 'x'"):
+        perf_runs(PerfConfig(sender="x"))
+
+
+def test_raw_packets_are_ipv4_udp_from_one_port_per_peer() -> None:
+    port = 1026  # among the source ports: skipped
+    packets = raw_packets("127.0.0.1", port, 10, 4)
+    assert len(packets) == 4
+    sources = []
+    for packet in packets:
+        assert len(packet) == 20 + 8 + 10
+        assert packet[0] == 0x45 and packet[9] == socket.IPPROTO_UDP
+        assert int.from_bytes(packet[2:4], "big") == 38
+        assert packet[12:16] == packet[16:20] == socket.inet_aton("127.0.0.1")
+        sources.append(int.from_bytes(packet[20:22], "big"))
+        assert int.from_bytes(packet[22:24], "big") == port
+        assert int.from_bytes(packet[24:26], "big") == 18  # UDP length
+        assert packet[26:28] == b"\0\0"  # no checksum
+        assert packet[28:] == b"x" * 10
+    assert sources == [1024, 1025, 1027, 1028]
+    with pytest.raises(ValueError, match="do not fit"):
+        raw_packets("127.0.0.1", port, 10, 65000)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_perf_peers_sender(host: str) -> None:
+    # Over IPv4 a raw socket where this process may open one (root in CI), else, and over
+    # IPv6, one socket per peer: either way each peer's datagrams arrive one by one, from its
+    # own port, and the listener has a connection per peer.
+    summary = run_perf("--duration", "0.5", "--sender", "peers", "--clients", "50", "--size",
+                       "100", "--host", host)
+    assert [run["sender"] for run in summary["runs"]] == ["peers"]
     result = summary["udpx"]
-    assert result["receiver"] == "udpx"
-    assert result["loop"] == loop
-    assert result["connections"] == 1
-    check_measurement(result, size=64)
-    drops = result["drops"]
-    assert set(drops) >= DROP_REASONS
-    # Every datagram the kernel took from the sender was received or counted as dropped by
-    # the listener (datagrams lost between the two sockets would not be counted): the counted
-    # drops never exceed the loss.
-    assert sum(drops.values()) <= result["loss"]["datagrams"]
-    assert drops["truncated"] == drops["backlog_full"] == drops["conn_limit"] == 0
+    assert result["sender"]["kind"] == "peers"
+    assert result["connections"] == 50
+    check_measurement(result, size=100)
+    note = result["sender"]["note"]
+    if host == "::1":
+        assert note.startswith("one send() per datagram over 50 sockets")
+    else:
+        assert note.startswith(("raw socket, 50 source ports", "one send() per datagram over "
+                                                               "50 sockets (no raw socket"))
 
 
 @pytest.mark.parametrize("host", HOSTS)
@@ -175,18 +241,25 @@ def test_perf_workers_reports_each_workers_share() -> None:
 
 def test_perf_compare_runs_the_same_sender_against_the_baselines() -> None:
     summary = run_perf("--duration", "0.3", "--compare", "--loop", "asyncio")
-    results = [summary["udpx"], *summary["compare"]]
     expected = ["udpx", "asyncio DatagramProtocol"] + (
         ["uvloop DatagramProtocol"] if uvloop is not None else [])
-    assert [result["receiver"] for result in results] == expected
-    assert len({result["sender"]["kind"] for result in results}) == 1
-    for result in results:
-        check_measurement(result, size=64)
-    assert set(summary["ratios"]) == set(expected[1:])
-    for name, ratio in summary["ratios"].items():
-        baseline = next(result for result in results if result["receiver"] == name)
-        assert ratio == pytest.approx(summary["udpx"]["received"]["datagrams_per_s"]
-                                      / baseline["received"]["datagrams_per_s"])
+    assert [run["sender"] for run in summary["runs"]] == ["peers", "udpx"]
+    assert summary["compare"] == summary["runs"][0]["compare"]
+    for run in summary["runs"]:
+        results = [run["udpx"], *run["compare"]]
+        assert [result["receiver"] for result in results] == expected
+        assert {result["sender"]["kind"] for result in results} == {run["sender"]}
+        for result in results:
+            check_measurement(result, size=64)
+        assert set(run["ratios"]) == set(run["cpu_ratios"]) == set(expected[1:])
+        udpx_received = run["udpx"]["received"]
+        for name, ratio in run["ratios"].items():
+            baseline = next(result for result in results if result["receiver"] == name)
+            assert ratio == pytest.approx(udpx_received["datagrams_per_s"]
+                                          / baseline["received"]["datagrams_per_s"])
+            assert run["cpu_ratios"][name] == pytest.approx(
+                udpx_received["cpu_us_per_datagram"]
+                / baseline["received"]["cpu_us_per_datagram"])
 
 
 def test_perf_isolate_runs_each_receiver_in_its_own_process() -> None:
@@ -202,8 +275,11 @@ def test_perf_isolate_runs_each_receiver_in_its_own_process() -> None:
 def test_perf_text_summary() -> None:
     result = udpx_command("perf", "--duration", "0.3", "--quiet", timeout=PERF_TIMEOUT)
     assert result.returncode == 0, result.stderr
-    for word in ("datagrams/s", "Mbit/s", "loss", "drops", "kernel"):
+    for word in ("datagrams/s", "Mbit/s", "loss", "drops", "kernel", "µs per datagram"):
         assert word in result.stdout
+    # Both runs, the one most peers send first.
+    peers = result.stdout.index(f"{DEFAULT_PEERS:,} peers, each sending one datagram at a time")
+    assert peers < result.stdout.index("the udpx-to-udpx best case")
     assert result.stderr == ""  # --quiet: no progress lines
 
 
@@ -453,9 +529,11 @@ def test_perf_describe_at_exit() -> None:
                           timeout=PERF_TIMEOUT)
     assert result.returncode == 0, result.stderr
     snapshots = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
-    assert len(snapshots) == 1
-    assert snapshots[0]["stats"]["rx_packets"] > 0
-    assert len(snapshots[0]["conns"]) == 1
+    # One per run: the peers' listener, then the GSO sender's.
+    assert len(snapshots) == 2
+    assert all(snapshot["stats"]["rx_packets"] > 0 for snapshot in snapshots)
+    assert snapshots[0]["stats"]["conns"] == DEFAULT_PEERS
+    assert len(snapshots[1]["conns"]) == 1
 
 
 @pytest.mark.parametrize("loop", LOOPS)

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ._perf import (
+    DEFAULT_PEERS,
     LOOPS,
     SENDERS,
     EchoConfig,
@@ -97,16 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
         "perf", help="measure loopback throughput of a udpx receiver",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Measure how many datagrams per second a udpx listener receives on loopback.\n\n"
+            "Measure how many datagrams per second a udpx listener receives on loopback,\n"
+            "and at what CPU cost.\n\n"
             "The receiver (udpx.listen, one recv_many() task per connection) runs in this\n"
-            "process; the sender runs in one child process with CLIENTS sockets and sends\n"
-            "as fast as it can for DURATION seconds. Then the receiver drains briefly and a\n"
-            "summary is printed: rates sent and received, loss, and drops by reason.\n"
-            "A live progress line goes to stderr while it runs.\n\n"
-            "The sender is udpx itself: CLIENTS dialed connections calling send_many(), which\n"
-            "udpx turns into UDP GSO sends (one sendmsg carrying up to 64 datagrams).\n"
-            "'--sender gso' uses plain sockets with UDP_SEGMENT instead, to take udpx's send\n"
-            "path out of the picture.\n\n"
+            "process; the sender runs in one child process and sends as fast as it can for\n"
+            "DURATION seconds. Then the receiver drains briefly and a summary is printed:\n"
+            "rates sent and received, loss, CPU per datagram, and drops by reason. A live\n"
+            "progress line goes to stderr while it runs.\n\n"
+            "Without --sender there are two runs. First, what most peers send: 1,000 peers\n"
+            "(CLIENTS) each sending one datagram at a time, no GSO ('--sender peers': with\n"
+            "root or CAP_NET_RAW one raw socket sends them from 1,000 source ports, else one\n"
+            "socket per peer makes one send() per datagram). A Python sender cannot send\n"
+            "these faster than udpx receives them, so read this run's CPU per datagram.\n"
+            "Second, beside it, the udpx-to-udpx best case: one udpx.dial() connection\n"
+            "calling send_many() ('--sender udpx'), which udpx sends with UDP GSO (up to 64\n"
+            "datagrams per sendmsg) and the receiving kernel hands over in whole runs (GRO).\n"
+            "'--sender gso' sends those runs from plain sockets with UDP_SEGMENT, to take\n"
+            "udpx's send path out of the picture.\n\n"
             "With --compare, the same sender is then run against a plain asyncio and a uvloop\n"
             "DatagramProtocol receiver, and a table compares them. Rates from one run only:\n"
             "repeat runs and compare ratios, not absolute numbers, on a shared machine.\n\n"
@@ -117,16 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
             "--no-isolate runs them all in this process, one after the other."),
         epilog=("examples:\n"
                 "  python -m udpx perf\n"
-                "  python -m udpx perf --size 1200 --clients 4 --compare\n"
+                "  python -m udpx perf --compare\n"
+                "  python -m udpx perf --sender udpx --size 1200 --clients 4 --compare\n"
                 "  python -m udpx perf --loop asyncio --duration 1 --json"))
     perf.add_argument("--duration", type=_number(0, 3600), default=3.0, metavar="SECONDS",
                       help="how long the sender sends (default: %(default)s)")
     perf.add_argument("--size", type=_integer(0, 65527), default=64, metavar="BYTES",
                       help="payload bytes per datagram (default: %(default)s; at most 65507 "
                            "for 127.0.0.1, 65527 for ::1)")
-    perf.add_argument("--clients", type=_integer(1, 1024), default=1, metavar="N",
-                      help="sender sockets, i.e. connections on the listener (default: "
-                           "%(default)s)")
+    perf.add_argument("--clients", type=_integer(1, 1024), default=None, metavar="N",
+                      help="peers of the sender, i.e. connections on the listener (default: "
+                           f"{DEFAULT_PEERS:,} for peers, 1 for udpx and gso, or one per "
+                           "worker)")
     _loop_option(perf)
     perf.add_argument("--batch-size", type=_integer(1, 1024), default=64, metavar="N",
                       help="udpx batch_size: datagrams per recvmmsg/sendmmsg (default: "
@@ -141,12 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--json", action="store_true",
                       help="print the summary as one JSON object on stdout (the text summary "
                            "then goes to stderr)")
-    perf.add_argument("--sender", choices=SENDERS, default="udpx",
-                      help="gso: plain sockets with UDP_SEGMENT; udpx: udpx.dial() + "
-                           "send_many() (default: %(default)s)")
+    perf.add_argument("--sender", choices=SENDERS, default=None,
+                      help="peers: each datagram sent alone, one per peer per turn; udpx: "
+                           "udpx.dial() + send_many(); gso: plain sockets with UDP_SEGMENT "
+                           "(default: a run of peers, then one of udpx)")
     perf.add_argument("--burst", type=_integer(1, 65536), default=64, metavar="N",
-                      help="datagrams per send call of the sender: per send_many(), or GSO "
-                           "segments per send (capped at 64 and 65,000 bytes) (default: "
+                      help="udpx and gso senders: datagrams per send call, per send_many() "
+                           "or GSO segments per send (capped at 64 and 65,000 bytes) (default: "
                            "%(default)s)")
     perf.add_argument("--rcvbuf", type=_integer(0, 2**31 - 1), default=4 * 1024 * 1024,
                       metavar="BYTES",
@@ -167,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--quiet", "-q", action="store_true",
                       help="no live progress line on stderr")
     perf.add_argument("--describe", action="store_true",
-                      help="at exit, print the udpx listener's describe() snapshot as one JSON "
-                           "line on stderr (SIGUSR1 prints one at any time)")
+                      help="at the end of each run, print the udpx listener's describe() "
+                           "snapshot as one JSON line on stderr (SIGUSR1 prints one at any "
+                           "time)")
     _workers_option(perf, "receive in N worker processes of udpx.run sharing the port "
                           "(SO_REUSEPORT: the kernel spreads the sender's CLIENTS sockets over "
                           "them, so use --clients >= N); reports each worker's rate and peers "

@@ -13,12 +13,18 @@ and the two talk over a ``multiprocessing`` pipe:
 With ``--compare`` the same sender (same kind, burst and duration, a fresh child) is pointed at
 plain asyncio and uvloop ``DatagramProtocol`` receivers, each in a fresh event loop.
 
-The sender must outrun the receivers or the comparison only measures the sender: a Python
-``sendmmsg`` sender tops out near 200k datagrams/s here (the kernel's per-datagram send cost),
-below what udpx and uvloop receive. The default sender therefore uses UDP GSO (one ``send``
-carrying up to 64 equal segments, split back into ordinary datagrams before they reach the
-receiving socket); ``--sender udpx`` uses ``udpx.dial`` + ``send_many`` instead, and GSO falls
-back to it where the kernel refuses GSO.
+By default ``perf`` makes two runs. The first sends what most peers send: ``peers`` sends each
+datagram alone (no GSO) from 1,000 source ports, one datagram per peer per turn, the way
+clients that are not udpx send. With CAP_NET_RAW one raw IPv4 socket sends them (hand-built
+packets from 127.0.0.1 ports 1024 and up, one ``sendmmsg`` per turn of all peers); without it,
+or over IPv6, one connected socket per peer makes one ``send()`` per datagram. Either way the
+kernel's per-datagram cost of sending (about 2.5 us here, the receiving side's work included)
+bounds the sender below what udpx can receive, so this run reports what receiving costs (CPU
+per datagram) at the rate a Python sender reaches, more than a maximum rate. The second run is
+the udpx-to-udpx best case: ``udpx`` (``udpx.dial`` + ``send_many``, which udpx sends with UDP
+GSO, up to 64 equal segments per ``send``) arrives at the receiver in runs the kernel hands
+over whole (GRO), so it outruns every receiver. ``gso`` is the same traffic from plain sockets
+with UDP_SEGMENT; where the kernel refuses GSO it falls back to ``udpx``.
 
 ``echo`` is a udpx echo server that runs until SIGINT/SIGTERM.
 
@@ -38,6 +44,7 @@ import os
 import platform
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -50,11 +57,14 @@ from ._cmsg import SOL_UDP, UDP_SEGMENT
 from ._conn import UDPConn
 from ._errors import ConnectionClosed
 from ._listener import Listener, listen
+from ._mmsg import HAVE_MMSG, SendBatch
 from ._options import DEFAULTS
 from ._run import die_with_parent, run, worker_id
 from ._sockets import Address, kernel_drops
 
 __all__ = [
+    "DEFAULT_PEERS",
+    "DEFAULT_SENDERS",
     "LOOPS",
     "SENDERS",
     "EchoConfig",
@@ -75,8 +85,18 @@ LoopName = Literal["asyncio", "uvloop"]
 
 #: Event loops the commands can run on.
 LOOPS: Final = ("asyncio", "uvloop")
-#: Sender kinds of ``perf``.
-SENDERS: Final = ("gso", "udpx")
+#: Sender kinds of ``perf``: each datagram sent alone from many peers, udpx's own sender (GSO),
+#: plain sockets with UDP_SEGMENT.
+SENDERS: Final = ("peers", "udpx", "gso")
+#: The runs of a ``perf`` without ``--sender``: what most peers send first, the udpx-to-udpx
+#: best case beside it.
+DEFAULT_SENDERS: Final = ("peers", "udpx")
+#: Peers of the ``peers`` sender when ``--clients`` is not given.
+DEFAULT_PEERS: Final = 1000
+#: The first source port of the raw ``peers`` sender (the ports from it up are the peers').
+_FIRST_RAW_PORT: Final = 1024
+#: IPv4 and UDP headers of a raw packet.
+_RAW_HEADERS: Final = 28
 
 # Linux constants the socket module of Python 3.11 lacks.
 #: The kernel takes at most 128 segments and 65,507 (IPv4) bytes in one GSO send; stay under.
@@ -216,6 +236,12 @@ def _wait_for_go(pipe: Connection) -> float:
 
 def _run_sender(pipe: Connection, params: SenderParams) -> SenderReport:
     note = ""
+    if params.sender == "peers":
+        raw, note = _open_raw_socket(params)
+        if raw is not None:
+            with raw:
+                return _send_raw(pipe, params, raw, note)
+        return _send_plain(pipe, params, note)
     if params.sender == "gso":
         sockets, note = _open_gso_sockets(params)
         if sockets is not None:
@@ -291,6 +317,116 @@ def _send_gso(pipe: Connection, params: SenderParams,
     return SenderReport(kind="gso", note="", queued=queued, queued_bytes=queued * params.size,
                         sent=sent, sent_bytes=sent * params.size, errors=errors,
                         elapsed=elapsed)
+
+
+def _open_raw_socket(params: SenderParams) -> tuple[socket.socket | None, str]:
+    """The ``peers`` sender's raw IPv4 socket (IP_HDRINCL, connected to the loopback address),
+    or None and why the sender uses a socket per peer instead."""
+    if _family_of(params.host) != socket.AF_INET:
+        return None, (f"one send() per datagram over {params.clients:,} sockets (the raw "
+                      f"sender is IPv4 only)")
+    if not HAVE_MMSG:
+        return None, (f"one send() per datagram over {params.clients:,} sockets (no "
+                      f"sendmmsg here)")
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    except OSError as exc:
+        return None, (f"one send() per datagram over {params.clients:,} sockets (no raw "
+                      f"socket: {exc.strerror or exc}; needs root or CAP_NET_RAW)")
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+        sock.connect((params.host, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock, (f"raw socket, {params.clients:,} source ports, one sendmmsg per turn of "
+                  f"all peers")
+
+
+def raw_packets(host: str, port: int, size: int, peers: int) -> list[bytes]:
+    """One IPv4/UDP packet of ``size`` payload bytes from each of ``peers`` source ports of
+    ``host`` (from _FIRST_RAW_PORT up, skipping ``port``) to ``host:port``. The UDP checksum
+    is 0 (none, valid over IPv4); the kernel fills in the IP checksum, length and id."""
+    address = socket.inet_aton(host)
+    ports = [source for source in range(_FIRST_RAW_PORT, _FIRST_RAW_PORT + peers + 1)
+             if source != port][:peers]
+    if len(ports) < peers or ports[-1] > 65535:
+        raise ValueError(f"{peers} peers do not fit in the source ports from {_FIRST_RAW_PORT}")
+    ip_header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, _RAW_HEADERS + size, 0, 0, 64,
+                            socket.IPPROTO_UDP, 0, address, address)
+    payload = b"x" * size
+    return [ip_header + struct.pack("!HHHH", source, port, 8 + size, 0) + payload
+            for source in ports]
+
+
+def _send_raw(pipe: Connection, params: SenderParams, sock: socket.socket,
+              note: str) -> SenderReport:
+    packets = raw_packets(params.host, params.port, params.size, params.clients)
+    batch = SendBatch(len(packets), _RAW_HEADERS + params.size, False, 0)
+    try:
+        batch.fill(packets, None)
+        send = batch.send
+        fd = sock.fileno()
+        count = len(packets)
+        sent = errors = start = 0
+        begin = _wait_for_go(pipe)
+        deadline = begin + params.duration
+        # Hot loop: one sendmmsg per turn of all peers (the kernel takes at most 1,024
+        # messages per call: a turn of more peers takes several), the clock read per call.
+        while time.monotonic() < deadline:
+            try:
+                taken = send(fd, start)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOBUFS, errno.EAGAIN, errno.ECONNREFUSED):
+                    raise
+                taken = 1
+                errors += 1
+            else:
+                sent += taken
+            start += taken
+            if start >= count:
+                start = 0
+        elapsed = time.monotonic() - begin
+    finally:
+        batch.close()
+    return SenderReport(kind="peers", note=note, queued=sent + errors,
+                        queued_bytes=(sent + errors) * params.size, sent=sent,
+                        sent_bytes=sent * params.size, errors=errors, elapsed=elapsed)
+
+
+def _send_plain(pipe: Connection, params: SenderParams, note: str) -> SenderReport:
+    family = _family_of(params.host)
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(params.clients):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sockets.append(sock)
+            sock.connect((params.host, params.port))
+        payload = b"x" * params.size
+        sends = [sock.send for sock in sockets]
+        sent = errors = 0
+        begin = _wait_for_go(pipe)
+        deadline = begin + params.duration
+        # Hot loop: one send() per peer per turn, the clock read once per turn.
+        while True:
+            for send in sends:
+                try:
+                    send(payload)
+                except OSError as exc:
+                    if exc.errno not in (errno.ECONNREFUSED, errno.ENOBUFS, errno.EAGAIN):
+                        raise
+                    errors += 1
+                else:
+                    sent += 1
+            if time.monotonic() >= deadline:
+                break
+        elapsed = time.monotonic() - begin
+    finally:
+        for sock in sockets:
+            sock.close()
+    return SenderReport(kind="peers", note=note, queued=sent + errors,
+                        queued_bytes=(sent + errors) * params.size, sent=sent,
+                        sent_bytes=sent * params.size, errors=errors, elapsed=elapsed)
 
 
 async def _send_udpx(pipe: Connection, params: SenderParams, note: str) -> SenderReport:
@@ -710,6 +846,8 @@ class Measurement:
                 "mbit_per_s": _mbit(self.received_bytes, self.received_elapsed),
                 "cpu_seconds": self.cpu_seconds,
                 "cpu_percent": 100.0 * _rate(self.cpu_seconds, self.cpu_span),
+                "cpu_us_per_datagram": (1e6 * self.cpu_seconds / self.received
+                                        if self.received else None),
             },
             "loss": {"datagrams": loss,
                      "percent": 100.0 * loss / sender.sent if sender.sent else 0.0},
@@ -781,12 +919,14 @@ class PerfConfig:
 
     duration: float = 3.0
     size: int = 64
-    clients: int = 1
+    #: Sender sockets or peers; None: DEFAULT_PEERS for ``peers``, else one (one per worker).
+    clients: int | None = None
     loop: str = field(default_factory=default_loop)
     batch_size: int = 64
     host: str = "127.0.0.1"
     compare: bool = False
-    sender: str = "gso"
+    #: One of SENDERS; None: a run of each of DEFAULT_SENDERS.
+    sender: str | None = None
     burst: int = 64
     rcvbuf: int | None = None
     max_datagram: int = 65535
@@ -802,7 +942,7 @@ def _make_receiver(kind: str, loop_name: str, config: PerfConfig) -> _Receiver:
         return _UdpxReceiver(loop_name, batch_size=config.batch_size,
                              max_datagram=config.max_datagram,
                              rx_queue_size=config.rx_queue_size, rcvbuf=config.rcvbuf,
-                             clients=config.clients, rx_coalesce=config.rx_coalesce,
+                             clients=config.clients or 1, rx_coalesce=config.rx_coalesce,
                              describe=config.describe)
     return _ProtocolReceiver(loop_name, rcvbuf=config.rcvbuf)
 
@@ -1002,7 +1142,7 @@ async def _receive_as_worker(job: WorkersJob) -> None:
     receiver = _UdpxReceiver(config.loop, batch_size=config.batch_size,
                              max_datagram=config.max_datagram,
                              rx_queue_size=config.rx_queue_size, rcvbuf=config.rcvbuf,
-                             clients=config.clients, rx_coalesce=config.rx_coalesce,
+                             clients=config.clients or 1, rx_coalesce=config.rx_coalesce,
                              describe=config.describe)
     try:
         await receiver.open(config.host, job.port)
@@ -1156,12 +1296,43 @@ def run_perf(config: PerfConfig, *, progress: TextIO | None = None) -> dict[str,
     ``udpx.run()`` (in a process of their own), each with its own socket on one port, and
     the result lists each worker's share (no progress lines then).
 
+    Without ``config.sender`` there is a run of each of DEFAULT_SENDERS, one after the other:
+    the summary's ``runs`` lists them, and its ``udpx``, ``compare`` and ``ratios`` are the
+    first run's (each datagram sent alone, from many peers).
+
     Raises:
         PerfError: a receiver could not be opened, or the sender failed or did not answer.
         ValueError: ``workers`` above 1 with ``compare``.
     """
     if config.workers > 1 and config.compare:
         raise ValueError("workers > 1 cannot be combined with compare")
+    runs = [_run_of(run_config, progress) for run_config in perf_runs(config)]
+    from . import __version__  # noqa: PLC0415
+
+    return {
+        "udpx_version": __version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "config": asdict(config),
+        "udpx": runs[0]["udpx"],
+        "compare": runs[0]["compare"],
+        "ratios": runs[0]["ratios"],
+        "runs": runs,
+    }
+
+
+def perf_runs(config: PerfConfig) -> list[PerfConfig]:
+    """The runs ``config`` asks for, each with its sender and its number of clients."""
+    senders = DEFAULT_SENDERS if config.sender is None else (config.sender,)
+    if config.sender is not None and config.sender not in SENDERS:
+        raise ValueError(f"sender must be one of {', '.join(SENDERS)}, got {config.sender!r}")
+    return [dataclasses.replace(config, sender=sender, clients=config.clients or (
+        DEFAULT_PEERS if sender == "peers" else max(1, config.workers))) for sender in senders]
+
+
+def _run_of(config: PerfConfig, progress: TextIO | None) -> dict[str, Any]:
+    """One sender's run: udpx, and with ``compare`` the baselines, against it."""
+    assert config.sender is not None and config.clients is not None
     params = SenderParams(host=config.host, port=0, size=config.size, clients=config.clients,
                           duration=config.duration, sender=config.sender, burst=config.burst,
                           batch_size=config.batch_size, loop=config.loop)
@@ -1182,52 +1353,80 @@ def run_perf(config: PerfConfig, *, progress: TextIO | None = None) -> dict[str,
             measurements.append(_measure_here(kind, loop_name, config, params, progress))
     results = [measurement.as_dict() for measurement in measurements]
     udpx_rate = results[0]["received"]["datagrams_per_s"]
-    ratios = {f"{result['receiver']}": (udpx_rate / result["received"]["datagrams_per_s"]
-                                        if result["received"]["datagrams_per_s"] else None)
-              for result in results[1:]}
-    from . import __version__  # noqa: PLC0415
-
+    udpx_cpu = results[0]["received"]["cpu_us_per_datagram"]
     return {
-        "udpx_version": __version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "config": asdict(config),
+        "sender": config.sender,
+        "clients": config.clients,
         "udpx": results[0],
         "compare": results[1:],
-        "ratios": ratios,
+        # udpx's received/s over each baseline's (above 1: udpx received more).
+        "ratios": {result["receiver"]: (udpx_rate / result["received"]["datagrams_per_s"]
+                                        if result["received"]["datagrams_per_s"] else None)
+                   for result in results[1:]},
+        # udpx's CPU per datagram received over each baseline's (below 1: udpx costs less).
+        "cpu_ratios": {result["receiver"]: (
+            udpx_cpu / result["received"]["cpu_us_per_datagram"]
+            if udpx_cpu is not None and result["received"]["cpu_us_per_datagram"] else None)
+            for result in results[1:]},
     }
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The human-readable report of a ``run_perf()`` summary."""
     config = summary["config"]
-    udpx_result = summary["udpx"]
     lines = [
         f"udpx perf: {config['size']}-byte datagrams to {config['host']}, "
-        f"{config['clients']} client(s), {config['duration']:g} s, batch {config['batch_size']}, "
+        f"{config['duration']:g} s per run, batch {config['batch_size']}, "
         f"{summary['cpu_count']} CPUs, Python {summary['python']}",
     ]
-    lines += _format_measurement(udpx_result)
-    if summary["compare"]:
-        lines.append("")
-        where = "a fresh process" if config.get("isolate") else "a fresh loop in this process"
-        lines.append(f"comparison (same sender and duration, each receiver in {where}; "
-                     f"ratio = udpx received/s ÷ this one's)")
-        header = (f"  {'receiver':<26} {'loop':<8} {'sent/s':>12} {'received/s':>12} "
-                  f"{'Mbit/s':>8} {'loss %':>7} {'CPU %':>6} {'udpx ÷ this':>11}")
-        lines.append(header)
-        for result in (udpx_result, *summary["compare"]):
-            ratio = summary["ratios"].get(result["receiver"]) if result is not udpx_result \
-                else 1.0
-            ratio_text = f"{ratio:.2f}" if ratio is not None else "-"
-            lines.append(
-                f"  {result['receiver']:<26} {result['loop']:<8} "
-                f"{result['sender']['datagrams_per_s']:>12,.0f} "
-                f"{result['received']['datagrams_per_s']:>12,.0f} "
-                f"{result['received']['mbit_per_s']:>8.1f} "
-                f"{result['loss']['percent']:>7.1f} {result['received']['cpu_percent']:>6.0f} "
-                f"{ratio_text:>11}")
+    for each in summary["runs"]:
+        lines += ["", _run_title(each["sender"], each["clients"])]
+        lines += _format_run(each, isolate=bool(config.get("isolate")))
     return "\n".join(lines)
+
+
+def _run_title(sender: str, clients: int) -> str:
+    if sender == "peers":
+        return (f"{clients:,} peers, each sending one datagram at a time (no GSO), as most "
+                f"clients do:")
+    what = "udpx.dial() + send_many()" if sender == "udpx" else "plain sockets, UDP_SEGMENT"
+    return (f"{clients:,} peer(s) sending with GSO ({what}), the udpx-to-udpx best case "
+            f"(the kernel hands the receiver whole runs):")
+
+
+def _format_run(run: dict[str, Any], *, isolate: bool) -> list[str]:
+    udpx_result = run["udpx"]
+    lines = _format_measurement(udpx_result)
+    if not run["compare"]:
+        return lines
+    lines.append("")
+    where = "a fresh process" if isolate else "a fresh loop in this process"
+    lines.append(f"  comparison (same sender and duration, each receiver in {where}; udpx ÷ "
+                 f"this: received/s, and CPU per datagram)")
+    header = (f"    {'receiver':<26} {'loop':<8} {'sent/s':>11} {'received/s':>11} "
+              f"{'loss %':>7} {'CPU %':>6} {'CPU µs':>7} {'rate ratio':>10} {'CPU ratio':>9}")
+    lines.append(header)
+    results = (udpx_result, *run["compare"])
+    for result in results:
+        udpx_row = result is udpx_result
+        ratio = 1.0 if udpx_row else run["ratios"].get(result["receiver"])
+        cpu_ratio = 1.0 if udpx_row else run["cpu_ratios"].get(result["receiver"])
+        cpu_us = result["received"]["cpu_us_per_datagram"]
+        lines.append(
+            f"    {result['receiver']:<26} {result['loop']:<8} "
+            f"{result['sender']['datagrams_per_s']:>11,.0f} "
+            f"{result['received']['datagrams_per_s']:>11,.0f} "
+            f"{result['loss']['percent']:>7.1f} {result['received']['cpu_percent']:>6.0f} "
+            f"{_maybe(cpu_us, '.2f'):>7} {_maybe(ratio, '.2f'):>10} "
+            f"{_maybe(cpu_ratio, '.2f'):>9}")
+    if not any(result["loss"]["datagrams"] for result in results):
+        lines.append("    (no receiver lost anything: the rates are the sender's, compare CPU "
+                     "per datagram)")
+    return lines
+
+
+def _maybe(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _format_measurement(result: dict[str, Any]) -> list[str]:
@@ -1246,7 +1445,9 @@ def _format_measurement(result: dict[str, Any]) -> list[str]:
         + f"): {received['datagrams']:,} "
         f"datagrams in {received['elapsed']:.2f} s = {received['datagrams_per_s']:,.0f} "
         f"datagrams/s, {received['mbit_per_s']:,.1f} Mbit/s, "
-        f"{received['cpu_percent']:.0f} % of a CPU",
+        f"{received['cpu_percent']:.0f} % of a CPU"
+        + (f" = {received['cpu_us_per_datagram']:.2f} µs per datagram"
+           if received["cpu_us_per_datagram"] is not None else ""),
         f"  loss     {loss['datagrams']:,} datagrams ({loss['percent']:.2f} %)",
         f"  drops    {drops or 'none reported'}",
     ]
