@@ -173,6 +173,8 @@ def test_perf_runs_of_a_config() -> None:
     assert [(run.sender, run.clients) for run in runs] == [("gso", 1)]
     with pytest.raises(ValueError, match="sender must be one of peers, udpx, gso, got 'x'"):
         perf_runs(PerfConfig(sender="x"))
+    with pytest.raises(ValueError, match="mode must be one of task, protocol, got 'x'"):
+        perf_runs(PerfConfig(mode="x"))
 
 
 def test_raw_packets_are_ipv4_udp_from_one_port_per_peer() -> None:
@@ -223,6 +225,19 @@ def test_perf_udpx_sender_several_clients(host: str) -> None:
     assert result["sender"]["kind"] == "udpx"
     assert result["connections"] == 3
     check_measurement(result, size=1200)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_perf_protocol_mode(loop: str) -> None:
+    summary = run_perf("--duration", "0.5", "--mode", "protocol", "--clients", "20", "--loop",
+                       loop)
+    assert summary["config"]["mode"] == "protocol"
+    assert [run["sender"] for run in summary["runs"]] == ["peers", "udpx"]
+    for run in summary["runs"]:
+        result = run["udpx"]
+        assert result["receiver"] == "udpx protocol mode"
+        assert result["connections"] == 20
+        check_measurement(result, size=64)
 
 
 def test_perf_workers_reports_each_workers_share() -> None:

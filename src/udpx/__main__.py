@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from ._perf import (
     DEFAULT_PEERS,
     LOOPS,
+    MODES,
     SENDERS,
     EchoConfig,
     PerfConfig,
@@ -100,16 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Measure how many datagrams per second a udpx listener receives on loopback,\n"
             "and at what CPU cost.\n\n"
-            "The receiver (udpx.listen, one recv_many() task per connection) runs in this\n"
-            "process; the sender runs in one child process and sends as fast as it can for\n"
-            "DURATION seconds. Then the receiver drains briefly and a summary is printed:\n"
-            "rates sent and received, loss, CPU per datagram, and drops by reason. A live\n"
-            "progress line goes to stderr while it runs.\n\n"
+            "The receiver (udpx.listen, one recv_many() task per connection, or with --mode\n"
+            "protocol a ConnProtocol per connection) runs in this process; the sender runs in\n"
+            "one child process and sends as fast as it can for DURATION seconds. Then the\n"
+            "receiver drains briefly and a summary is printed: rates sent and received, loss,\n"
+            "CPU per datagram, and drops by reason. A live progress line goes to stderr while\n"
+            "it runs.\n\n"
             "Without --sender there are two runs. First, what most peers send: 1,000 peers\n"
             "(CLIENTS) each sending one datagram at a time, no GSO ('--sender peers': with\n"
             "root or CAP_NET_RAW one raw socket sends them from 1,000 source ports, else one\n"
-            "socket per peer makes one send() per datagram). A Python sender cannot send\n"
-            "these faster than udpx receives them, so read this run's CPU per datagram.\n"
+            "socket per peer makes one send() per datagram). A Python sender sends these at\n"
+            "about the rate a receiver takes them, so read this run's CPU per datagram.\n"
             "Second, beside it, the udpx-to-udpx best case: one udpx.dial() connection\n"
             "calling send_many() ('--sender udpx'), which udpx sends with UDP GSO (up to 64\n"
             "datagrams per sendmsg) and the receiving kernel hands over in whole runs (GRO).\n"
@@ -155,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="peers: each datagram sent alone, one per peer per turn; udpx: "
                            "udpx.dial() + send_many(); gso: plain sockets with UDP_SEGMENT "
                            "(default: a run of peers, then one of udpx)")
+    perf.add_argument("--mode", choices=MODES, default="task",
+                      help="how the udpx listener receives: task, a recv_many() task per "
+                           "connection; protocol, protocol mode (a ConnProtocol per "
+                           "connection, called from the reader: no task) (default: "
+                           "%(default)s)")
     perf.add_argument("--burst", type=_integer(1, 65536), default=64, metavar="N",
                       help="udpx and gso senders: datagrams per send call, per send_many() "
                            "or GSO segments per send (capped at 64 and 65,000 bytes) (default: "
@@ -239,7 +246,8 @@ def _perf(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         _log_workers_to_stderr(logging.WARNING)
     config = PerfConfig(duration=args.duration, size=args.size, clients=args.clients,
                         loop=args.loop, batch_size=args.batch_size, host=args.host,
-                        compare=args.compare, sender=args.sender, burst=args.burst,
+                        compare=args.compare, sender=args.sender, mode=args.mode,
+                        burst=args.burst,
                         rcvbuf=args.rcvbuf or None, max_datagram=args.max_datagram,
                         rx_queue_size=args.rx_queue_size, rx_coalesce=args.rx_coalesce,
                         isolate=args.compare if args.isolate is None else args.isolate,

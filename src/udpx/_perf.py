@@ -59,6 +59,7 @@ from ._errors import ConnectionClosed
 from ._listener import Listener, listen
 from ._mmsg import HAVE_MMSG, SendBatch
 from ._options import DEFAULTS
+from ._protocol import ConnProtocol
 from ._run import die_with_parent, run, worker_id
 from ._sockets import Address, kernel_drops
 
@@ -66,6 +67,7 @@ __all__ = [
     "DEFAULT_PEERS",
     "DEFAULT_SENDERS",
     "LOOPS",
+    "MODES",
     "SENDERS",
     "EchoConfig",
     "PerfConfig",
@@ -88,6 +90,9 @@ LOOPS: Final = ("asyncio", "uvloop")
 #: Sender kinds of ``perf``: each datagram sent alone from many peers, udpx's own sender (GSO),
 #: plain sockets with UDP_SEGMENT.
 SENDERS: Final = ("peers", "udpx", "gso")
+#: How the udpx receiver of ``perf`` takes its datagrams: a task per connection, or protocol
+#: mode.
+MODES: Final = ("task", "protocol")
 #: The runs of a ``perf`` without ``--sender``: what most peers send first, the udpx-to-udpx
 #: best case beside it.
 DEFAULT_SENDERS: Final = ("peers", "udpx")
@@ -604,12 +609,15 @@ def _remove_handler(signum: int) -> None:
 
 
 class _UdpxReceiver:
-    """udpx.listen(), one task per accepted connection draining it with recv_many()."""
+    """udpx.listen(), one task per accepted connection draining it with recv_many(); or
+    (``protocol``) in protocol mode, a ConnProtocol per connection counting what it is given."""
 
     def __init__(self, loop_name: str, *, batch_size: int, max_datagram: int,
                  rx_queue_size: int, rcvbuf: int | None, clients: int,
-                 rx_coalesce: float = DEFAULTS.rx_coalesce, describe: bool = False) -> None:
-        self.name = "udpx"
+                 rx_coalesce: float = DEFAULTS.rx_coalesce, describe: bool = False,
+                 protocol: bool = False) -> None:
+        self.name = "udpx protocol mode" if protocol else "udpx"
+        self._protocol = protocol
         self._describe_at_exit = describe
         self.loop_name = loop_name
         self.packets = 0
@@ -622,8 +630,13 @@ class _UdpxReceiver:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def open(self, host: str, port: int = 0) -> int:
-        self._listener = listener = await listen(host, port, **self._options)
-        self._tasks.add(asyncio.create_task(self._accept(listener)))
+        if self._protocol:
+            self._listener = listener = await listen(
+                host, port, protocol_factory=lambda: _CountingConnProtocol(self),
+                **self._options)
+        else:
+            self._listener = listener = await listen(host, port, **self._options)
+            self._tasks.add(asyncio.create_task(self._accept(listener)))
         _describe_on_sigusr1(listener, sys.stderr)
         return int(listener.local_addr[1])
 
@@ -666,6 +679,19 @@ class _UdpxReceiver:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _CountingConnProtocol(ConnProtocol):
+    """Protocol mode's receiver: counts each batch into its receiver's totals."""
+
+    def __init__(self, receiver: _UdpxReceiver) -> None:
+        self._receiver = receiver
+
+    def datagrams_received(self, datagrams: list[bytes]) -> None:
+        # Per connection per batch, not per datagram: one len() and one sum(map(len, ...)).
+        receiver = self._receiver
+        receiver.packets += len(datagrams)
+        receiver.bytes += sum(map(len, datagrams))
 
 
 class _CountingProtocol(asyncio.DatagramProtocol):
@@ -927,6 +953,8 @@ class PerfConfig:
     compare: bool = False
     #: One of SENDERS; None: a run of each of DEFAULT_SENDERS.
     sender: str | None = None
+    #: How udpx receives: "task" (a recv_many() task per connection) or "protocol".
+    mode: str = "task"
     burst: int = 64
     rcvbuf: int | None = None
     max_datagram: int = 65535
@@ -937,13 +965,17 @@ class PerfConfig:
     workers: int = 1
 
 
+def _udpx_receiver(loop_name: str, config: PerfConfig) -> _UdpxReceiver:
+    return _UdpxReceiver(loop_name, batch_size=config.batch_size,
+                         max_datagram=config.max_datagram, rx_queue_size=config.rx_queue_size,
+                         rcvbuf=config.rcvbuf, clients=config.clients or 1,
+                         rx_coalesce=config.rx_coalesce, describe=config.describe,
+                         protocol=config.mode == "protocol")
+
+
 def _make_receiver(kind: str, loop_name: str, config: PerfConfig) -> _Receiver:
     if kind == "udpx":
-        return _UdpxReceiver(loop_name, batch_size=config.batch_size,
-                             max_datagram=config.max_datagram,
-                             rx_queue_size=config.rx_queue_size, rcvbuf=config.rcvbuf,
-                             clients=config.clients or 1, rx_coalesce=config.rx_coalesce,
-                             describe=config.describe)
+        return _udpx_receiver(loop_name, config)
     return _ProtocolReceiver(loop_name, rcvbuf=config.rcvbuf)
 
 
@@ -1139,11 +1171,7 @@ async def _receive_as_worker(job: WorkersJob) -> None:
     assert index is not None
     pipe = job.pipes[index]
     config = job.config
-    receiver = _UdpxReceiver(config.loop, batch_size=config.batch_size,
-                             max_datagram=config.max_datagram,
-                             rx_queue_size=config.rx_queue_size, rcvbuf=config.rcvbuf,
-                             clients=config.clients or 1, rx_coalesce=config.rx_coalesce,
-                             describe=config.describe)
+    receiver = _udpx_receiver(config.loop, config)
     try:
         await receiver.open(config.host, job.port)
         try:
@@ -1326,6 +1354,8 @@ def perf_runs(config: PerfConfig) -> list[PerfConfig]:
     senders = DEFAULT_SENDERS if config.sender is None else (config.sender,)
     if config.sender is not None and config.sender not in SENDERS:
         raise ValueError(f"sender must be one of {', '.join(SENDERS)}, got {config.sender!r}")
+    if config.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {config.mode!r}")
     return [dataclasses.replace(config, sender=sender, clients=config.clients or (
         DEFAULT_PEERS if sender == "peers" else max(1, config.workers))) for sender in senders]
 
@@ -1419,9 +1449,9 @@ def _format_run(run: dict[str, Any], *, isolate: bool) -> list[str]:
             f"{result['loss']['percent']:>7.1f} {result['received']['cpu_percent']:>6.0f} "
             f"{_maybe(cpu_us, '.2f'):>7} {_maybe(ratio, '.2f'):>10} "
             f"{_maybe(cpu_ratio, '.2f'):>9}")
-    if not any(result["loss"]["datagrams"] for result in results):
-        lines.append("    (no receiver lost anything: the rates are the sender's, compare CPU "
-                     "per datagram)")
+    if not udpx_result["loss"]["datagrams"]:
+        lines.append("    (udpx lost nothing: its rate is the sender's; where a receiver kept "
+                     "up, compare CPU per datagram)")
     return lines
 
 
