@@ -6,9 +6,12 @@ Every wait is bounded; the tests synchronise on the programs' output (the echo s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -648,3 +651,99 @@ def test_perf_stops_on_sigterm_as_on_ctrl_c(mode: list[str]) -> None:
         if process.poll() is None:
             process.kill()
             process.communicate(timeout=PERF_TIMEOUT)
+
+
+def read_stderr_until(process: subprocess.Popen[bytes], marker: bytes) -> bytes:
+    """What ``process`` wrote to stderr until ``marker`` appeared (bounded by PERF_TIMEOUT)."""
+    assert process.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + PERF_TIMEOUT
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stderr.fileno(), selectors.EVENT_READ)
+        while marker not in seen:
+            assert time.monotonic() < deadline, seen
+            if selector.select(0.2):
+                chunk = os.read(process.stderr.fileno(), 65536)
+                assert chunk, seen
+                seen += chunk
+    return seen
+
+
+def test_perf_sender_stops_when_perf_dies() -> None:
+    """Where SIGINT is ignored (a shell script's background job), SIGTERM keeps its default
+    action and ends perf at once: its sender must not go on flooding loopback for the rest of
+    the duration (black-box: it did, adopted by init, at 94 % of a CPU)."""
+    process = subprocess.Popen(
+        [PYTHON, "-m", "udpx", "perf", "--duration", "60", "--sender", "peers"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # noqa: PLW1509
+    started: set[int] = set()
+    try:
+        read_stderr_until(process, b"datagrams/s")  # measuring: the sender sends
+        started = descendants(process.pid)
+        assert started
+        process.send_signal(signal.SIGTERM)
+        # (Not communicate(): a sender left running would hold the pipes open.)
+        assert process.wait(timeout=PERF_TIMEOUT) == -signal.SIGTERM
+        deadline = time.monotonic() + ECHO_TIMEOUT
+        while descendants(1) & started:  # (orphans would have been adopted by init)
+            assert time.monotonic() < deadline, f"left running: {descendants(1) & started}"
+            time.sleep(0.05)
+    finally:
+        for pid in descendants(process.pid) | (descendants(1) & started):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=PERF_TIMEOUT)
+
+
+def limit_open_files(soft: int, hard: int | None = None) -> None:
+    """A preexec_fn: this soft (and hard) RLIMIT_NOFILE for the command."""
+    current = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, current if hard is None else hard))
+
+
+def test_perf_sender_raises_its_open_file_limit() -> None:
+    # 1,024 sockets (the most --clients allows) under the usual soft limit of 1,024: the
+    # sender raises its soft limit (black-box: it failed with EMFILE from about 1,010 on).
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard RLIMIT_NOFILE here ({hard}) is below what 1,024 sockets need")
+    result = subprocess.run(
+        [PYTHON, "-m", "udpx", "perf", "--json", "--duration", "0.3", "--sender", "udpx",
+         "--clients", "1024"], capture_output=True, text=True, timeout=PERF_TIMEOUT,
+        check=False, preexec_fn=lambda: limit_open_files(1024))
+    assert result.returncode == 0, result.stderr
+    check_measurement(json.loads(result.stdout)["udpx"], size=64)
+
+
+def test_perf_too_few_file_descriptors_is_a_clear_error() -> None:
+    result = subprocess.run(
+        [PYTHON, "-m", "udpx", "perf", "--duration", "0.3", "--sender", "udpx", "--clients",
+         "1024"], capture_output=True, text=True, timeout=PERF_TIMEOUT, check=False,
+        preexec_fn=lambda: limit_open_files(1040, 1040))
+    assert result.returncode == 1
+    assert ("udpx perf: error: the sender process failed: 1024 sender sockets need about"
+            in result.stderr)
+    assert "the limit is 1040 (ulimit -n)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_perf_peers_sender_without_raw_sockets() -> None:
+    """Without CAP_NET_RAW (here: dropped from the bounding set of a root process) the peers
+    sender sends from a socket per peer, and says so."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv(1) to take CAP_NET_RAW away from the command")
+    result = subprocess.run(
+        [setpriv, "--bounding-set", "-net_raw", PYTHON, "-m", "udpx", "perf", "--json",
+         "--duration", "0.5", "--sender", "peers", "--clients", "50"],
+        capture_output=True, text=True, timeout=PERF_TIMEOUT, check=False)
+    assert result.returncode == 0, result.stderr
+    measurement = json.loads(result.stdout)["udpx"]
+    assert measurement["sender"]["note"] == (
+        "one send() per datagram over 50 sockets (no raw socket: Operation not permitted; "
+        "needs root or CAP_NET_RAW)")
+    assert measurement["connections"] == 50
+    check_measurement(measurement, size=64)

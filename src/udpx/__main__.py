@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
             "it runs.\n\n"
             "Without --sender there are two runs. First, what most peers send: 1,000 peers\n"
             "(CLIENTS) each sending one datagram at a time, no GSO ('--sender peers': with\n"
-            "root or CAP_NET_RAW one raw socket sends them from 1,000 source ports, else one\n"
-            "socket per peer makes one send() per datagram). A Python sender sends these at\n"
+            "root or CAP_NET_RAW one raw socket sends them from 1,000 source ports of\n"
+            "127.0.0.1; without, and over ::1, one socket per peer makes one send() per\n"
+            "datagram, which sends fewer and less evenly). A Python sender sends these at\n"
             "about the rate a receiver takes them, so read this run's CPU per datagram.\n"
             "Second, beside it, the udpx-to-udpx best case: one udpx.dial() connection\n"
             "calling send_many() ('--sender udpx'), which udpx sends with UDP GSO (up to 64\n"
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "--compare)")
     perf.add_argument("--json", action="store_true",
                       help="print the summary as one JSON object on stdout (the text summary "
-                           "then goes to stderr)")
+                           "then goes to stderr): 'runs' lists the runs; 'udpx', 'compare', "
+                           "'ratios' and 'cpu_ratios' are the first run's")
     perf.add_argument("--sender", choices=SENDERS, default=None,
                       help="peers: each datagram sent alone, one per peer per turn; udpx: "
                            "udpx.dial() + send_many(); gso: plain sockets with UDP_SEGMENT "

@@ -42,6 +42,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import signal
 import socket
 import struct
@@ -102,6 +103,8 @@ DEFAULT_PEERS: Final = 1000
 _FIRST_RAW_PORT: Final = 1024
 #: IPv4 and UDP headers of a raw packet.
 _RAW_HEADERS: Final = 28
+#: File descriptors a sender process keeps free beside its sockets (pipes, imports).
+_SPARE_FDS: Final = 32
 
 # Linux constants the socket module of Python 3.11 lacks.
 #: The kernel takes at most 128 segments and 65,507 (IPv4) bytes in one GSO send; stay under.
@@ -191,6 +194,8 @@ class SenderParams:
     burst: int
     batch_size: int
     loop: str
+    #: The pid of the process that starts the sender: the sender stops if it dies (0: not).
+    parent: int = 0
 
 
 @dataclass(frozen=True)
@@ -214,6 +219,10 @@ def sender_main(pipe: Connection, params: SenderParams) -> None:
     hangs past the time it was given."""
     # Ctrl-C in a terminal reaches the whole process group: the parent decides when this ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if params.parent:
+        # Killed with its parent (SIGTERM where SIGINT is ignored, SIGKILL): do not go on
+        # flooding loopback for the rest of the duration.
+        die_with_parent(params.parent)
     limit = _READY_TIMEOUT + _GO_TIMEOUT + params.duration + _FLUSH_TIMEOUT + 5.0
     watchdog = threading.Timer(limit, os._exit, args=(3,))
     watchdog.daemon = True
@@ -223,7 +232,8 @@ def sender_main(pipe: Connection, params: SenderParams) -> None:
         pipe.send(("result", report))
     except BaseException as exc:
         with contextlib.suppress(OSError, ValueError):
-            pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+            pipe.send(("error", str(exc) if isinstance(exc, PerfError)
+                       else f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
     finally:
         pipe.close()
@@ -241,6 +251,8 @@ def _wait_for_go(pipe: Connection) -> float:
 
 def _run_sender(pipe: Connection, params: SenderParams) -> SenderReport:
     note = ""
+    if params.sender != "peers" or _family_of(params.host) != socket.AF_INET or not HAVE_MMSG:
+        _allow_sockets(params.clients)  # (the raw sender has one socket for all its peers)
     if params.sender == "peers":
         raw, note = _open_raw_socket(params)
         if raw is not None:
@@ -256,6 +268,21 @@ def _run_sender(pipe: Connection, params: SenderParams) -> SenderReport:
                 for sock in sockets:
                     sock.close()
     return _run_on(params.loop, lambda: _send_udpx(pipe, params, note))
+
+
+def _allow_sockets(count: int) -> None:
+    """Raise this process's soft RLIMIT_NOFILE, as far as the hard limit allows, so that it can
+    open ``count`` sockets more than it has now (the usual soft limit, 1,024, is too few for
+    1,024 peers); if it cannot, say so instead of failing with EMFILE halfway."""
+    needed = count + len(os.listdir("/proc/self/fd")) + _SPARE_FDS if os.path.isdir(
+        "/proc/self/fd") else count + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise PerfError(f"{count} sender sockets need about {needed} file descriptors, and the "
+                        f"limit is {hard} (ulimit -n); raise it or use fewer --clients")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 def _gso_segments(params: SenderParams) -> int:
@@ -344,8 +371,8 @@ def _open_raw_socket(params: SenderParams) -> tuple[socket.socket | None, str]:
     except BaseException:
         sock.close()
         raise
-    return sock, (f"raw socket, {params.clients:,} source ports, one sendmmsg per turn of "
-                  f"all peers")
+    return sock, (f"raw socket, {_count(params.clients, 'source port')}, one sendmmsg per turn "
+                  f"of all peers")
 
 
 def raw_packets(host: str, port: int, size: int, peers: int) -> list[bytes]:
@@ -355,8 +382,9 @@ def raw_packets(host: str, port: int, size: int, peers: int) -> list[bytes]:
     address = socket.inet_aton(host)
     ports = [source for source in range(_FIRST_RAW_PORT, _FIRST_RAW_PORT + peers + 1)
              if source != port][:peers]
-    if len(ports) < peers or ports[-1] > 65535:
-        raise ValueError(f"{peers} peers do not fit in the source ports from {_FIRST_RAW_PORT}")
+    if not ports or len(ports) < peers or ports[-1] > 65535:
+        raise ValueError(f"{peers} peers do not fit in the source ports from "
+                         f"{_FIRST_RAW_PORT} (at least 1)")
     ip_header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, _RAW_HEADERS + size, 0, 0, 64,
                             socket.IPPROTO_UDP, 0, address, address)
     payload = b"x" * size
@@ -897,7 +925,7 @@ async def _measure(receiver: _Receiver, params: SenderParams,
     port = await receiver.open(params.host)
     context = multiprocessing.get_context("spawn")
     parent_end, child_end = context.Pipe()
-    child_params = dataclasses.replace(params, port=port)
+    child_params = dataclasses.replace(params, port=port, parent=os.getpid())
     process = context.Process(target=sender_main, args=(child_end, child_params),
                               name="udpx-perf-sender", daemon=True)
     monitor = _Monitor(receiver, progress)
@@ -983,7 +1011,7 @@ def _measure_here(kind: str, loop_name: str, config: PerfConfig, params: SenderP
                   progress: TextIO | None) -> Measurement:
     """One measurement with the receiver in this process, in a fresh event loop."""
     receiver = _make_receiver(kind, loop_name, config)
-    label = f"{receiver.name} ({receiver.loop_name})"
+    label = f"{receiver.name} ({receiver.loop_name}, {params.sender} sender)"
 
     async def measure() -> Measurement:
         try:
@@ -1252,7 +1280,8 @@ async def _coordinate_workers(config: PerfConfig, params: SenderParams) -> Measu
         # Not a daemon: its workers are its children.
         name="udpx-perf-workers", daemon=False)
     sender_end, sender_child_end = context.Pipe()
-    sender = context.Process(target=sender_main, args=(sender_child_end, params),
+    sender = context.Process(target=sender_main, args=(
+        sender_child_end, dataclasses.replace(params, parent=os.getpid())),
                              name="udpx-perf-sender", daemon=True)
     who = "a receiving worker"
     completed = False
@@ -1345,6 +1374,7 @@ def run_perf(config: PerfConfig, *, progress: TextIO | None = None) -> dict[str,
         "udpx": runs[0]["udpx"],
         "compare": runs[0]["compare"],
         "ratios": runs[0]["ratios"],
+        "cpu_ratios": runs[0]["cpu_ratios"],
         "runs": runs,
     }
 
@@ -1354,6 +1384,8 @@ def perf_runs(config: PerfConfig) -> list[PerfConfig]:
     senders = DEFAULT_SENDERS if config.sender is None else (config.sender,)
     if config.sender is not None and config.sender not in SENDERS:
         raise ValueError(f"sender must be one of {', '.join(SENDERS)}, got {config.sender!r}")
+    if config.clients is not None and config.clients < 1:
+        raise ValueError(f"clients must be at least 1 (None: the default), got {config.clients}")
     if config.mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {config.mode!r}")
     return [dataclasses.replace(config, sender=sender, clients=config.clients or (
@@ -1417,11 +1449,18 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def _run_title(sender: str, clients: int) -> str:
     if sender == "peers":
-        return (f"{clients:,} peers, each sending one datagram at a time (no GSO), as most "
-                f"clients do:")
-    what = "udpx.dial() + send_many()" if sender == "udpx" else "plain sockets, UDP_SEGMENT"
-    return (f"{clients:,} peer(s) sending with GSO ({what}), the udpx-to-udpx best case "
-            f"(the kernel hands the receiver whole runs):")
+        return (f"{_count(clients, 'peer')}, each sending one datagram at a time (no GSO), as "
+                f"most clients do:")
+    if sender == "udpx":
+        return (f"{_count(clients, 'udpx peer')} sending with send_many(), which udpx sends with "
+                f"GSO where it can: the udpx-to-udpx best case (the kernel hands the receiver "
+                f"whole runs):")
+    return (f"{_count(clients, 'plain socket')} sending with GSO (UDP_SEGMENT): a GSO sender's "
+            f"best case (the kernel hands the receiver whole runs):")
+
+
+def _count(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _format_run(run: dict[str, Any], *, isolate: bool) -> list[str]:
