@@ -745,6 +745,14 @@ def test_udpx_options_are_checked(run: Runner[None]) -> None:
         with pytest.raises(ValueError, match="batch_size"):
             await udpx.create_datagram_endpoint(Recorder, local_addr=("127.0.0.1", 0),
                                                 batch_size=0)
+        # The options of an endpoint are validated once per set of values and kept: a value
+        # equal to a valid one but of another type is checked on its own, not taken for it.
+        transport, _ = await udpx.create_datagram_endpoint(
+            Recorder, local_addr=("127.0.0.1", 0), batch_size=1)
+        transport.close()
+        with pytest.raises(ValueError, match="batch_size"):
+            await udpx.create_datagram_endpoint(Recorder, local_addr=("127.0.0.1", 0),
+                                                batch_size=True)
         with pytest.raises(TypeError, match="idle_timeout"):
             udpx.patch_loop(asyncio.get_running_loop(), idle_timeout=3)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
 import sys
@@ -150,7 +151,7 @@ class EndpointTransport(asyncio.DatagramTransport):
         super().__init__()
         self._loop = loop
         self._sock = sock
-        self._family = sock.family
+        self._family = family = sock.family
         self._protocol = protocol
         self._received: Callable[[bytes, Address], object] = getattr(
             protocol, "datagram_received", _no_datagrams)
@@ -163,7 +164,7 @@ class EndpointTransport(asyncio.DatagramTransport):
         self._address = remote if remote is not None else peer
         self._peername = peer
         self._connected = peer is not None
-        self._max_send = min(options.max_datagram, max_payload(sock.family, self._address))
+        self._max_send = min(options.max_datagram, max_payload(family, self._address))
         # A connected endpoint uses the batch arrays the loop's connected sockets share
         # (arrays of its own made opening one cost 6x the loop's own endpoint).
         self._engine = SocketEngine(loop, sock, options, self, named=not self._connected,
@@ -173,12 +174,12 @@ class EndpointTransport(asyncio.DatagramTransport):
         self._writer._flushed = self._after_flush
         self._queue = self._writer.queue
         self._limit = self._queue.limit
-        self._addresses = _Addresses(sock.family)
+        self._addresses = _Addresses(family)
         self._accounts: dict[Address, TxAccount] = {}
         self._default: TxAccount | None = None
         if self._address is not None:
             sockaddr = None if self._connected else sockaddr_from_address(
-                sock.family, self._address)
+                family, self._address)
             self._default = TxAccount(sockaddr, self._refused)
             self._accounts[tuple(self._address)] = self._default
         self._extra = {"socket": trsock.TransportSocket(sock), "sockname": sock.getsockname(),
@@ -769,6 +770,18 @@ async def _open_socket(loop: asyncio.AbstractEventLoop, local_addr: Any, remote_
     raise errors[0]
 
 
+@functools.lru_cache(maxsize=16, typed=True)
+def _endpoint_options(batch_size: int, max_datagram: int, tx_queue_size: int,  # noqa: PLR0917
+                      rcvbuf: int | None, sndbuf: int | None, gso: bool, gro: bool,
+                      rx_coalesce: float) -> Options:
+    """The (immutable) options of an endpoint, validated once per set of values: a DNS-style
+    client opens an endpoint per query, always with the same ones. (``typed``: ``True`` is
+    not taken for an earlier ``1``, which the validation would refuse.)"""
+    return Options(batch_size=batch_size, max_datagram=max_datagram,
+                   tx_queue_size=tx_queue_size, rcvbuf=rcvbuf, sndbuf=sndbuf, gso=gso, gro=gro,
+                   rx_coalesce=rx_coalesce)
+
+
 async def create_datagram_endpoint(
         protocol_factory: Callable[[], asyncio.BaseProtocol], local_addr: Any = None,
         remote_addr: Any = None, *, family: int = 0, proto: int = 0, flags: int = 0,
@@ -794,9 +807,8 @@ async def create_datagram_endpoint(
         OSError: the socket cannot be created, bound or connected.
     """
     loop = asyncio.get_running_loop()
-    options = Options(batch_size=batch_size, max_datagram=max_datagram,
-                      tx_queue_size=tx_queue_size, rcvbuf=rcvbuf, sndbuf=sndbuf, gso=gso,
-                      gro=gro, rx_coalesce=rx_coalesce)
+    options = _endpoint_options(batch_size, max_datagram, tx_queue_size, rcvbuf, sndbuf, gso,
+                                gro, rx_coalesce)
     return await open_endpoint(loop, _stock_method(loop), protocol_factory, local_addr,
                                remote_addr, family=family, proto=proto, flags=flags,
                                reuse_port=reuse_port, allow_broadcast=allow_broadcast,

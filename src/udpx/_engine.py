@@ -237,8 +237,6 @@ class Engine(Protocol):
     writer: Writer
     #: What the kernel does for the socket (all off on a loop transport).
     state: SocketState
-    rcvbuf: int
-    sndbuf: int
 
     async def open(self) -> None: ...
 
@@ -307,9 +305,8 @@ class SocketEngine(Releasing):
         super().__init__()
         self.loop = loop
         self.sock = sock
-        self.family = sock.family
+        self.family = family = sock.family
         self.sink = sink
-        family = sock.family
         #: What the kernel does for this socket (GSO, GRO, packet info, TOS bytes, the error
         #: queue, don't-fragment): asked for once here, downgraded where it refuses.
         self.state = state = SocketState(
@@ -352,7 +349,6 @@ class SocketEngine(Releasing):
                                   coalesce=options.rx_coalesce, sent=self._tx_packets)
         self._named = named
         self._max_datagram = options.max_datagram
-        self.rcvbuf, self.sndbuf = buffer_sizes(sock)
 
     async def open(self) -> None:
         """Start reading (the loop watches the socket from now on)."""

@@ -33,6 +33,7 @@ from ._sockets import (
     PeerKey,
     address_from_key,
     bind_socket,
+    buffer_sizes,
     ipv4_sockaddr,
     join_key,
     key_from_address,
@@ -184,7 +185,7 @@ class Listener(asyncio.DatagramProtocol):
         self._ecn = [0, 0, 0, 0]  # datagrams received per ECN codepoint (``ecn``)
         self._closed = False
         self._done: asyncio.Future[None] = loop.create_future()
-        self.rcvbuf, self.sndbuf = self._engine.rcvbuf, self._engine.sndbuf
+        self.rcvbuf, self.sndbuf = buffer_sizes(self._engine.sock)
         self._sweeper: asyncio.TimerHandle | None = None
         if options.idle_timeout is not None:
             self._sweeper = loop.call_later(sweep_interval(options.idle_timeout), self._sweep)

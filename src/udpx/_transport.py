@@ -136,7 +136,6 @@ class TransportEngine(Releasing, asyncio.DatagramProtocol):
                              state=self.state,
                              retry_later=lambda retry: loop.call_later(EAGAIN_RETRY, retry))
         self.transport: asyncio.DatagramTransport | None = None
-        self.rcvbuf, self.sndbuf = buffer_sizes(sock)
         self._keys: dict[Address, PeerKey] = {}
         self._closing = False
 
