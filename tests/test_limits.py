@@ -180,5 +180,28 @@ def test_drops_are_summarised_not_logged_per_datagram(
                 ln._report_drops()  # nothing new: no second warning
         [record] = caplog.records
         assert "backlog_full=99" in record.getMessage()
+        assert "kernel" not in record.getMessage()
+
+    run(main())
+
+
+def test_kernel_drops_are_reported_with_what_overflowed(
+        run: Runner[Any], caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        with caplog.at_level(logging.WARNING, logger="udpx"):
+            async with udpx.listen("127.0.0.1", 0, rcvbuf=4096) as ln:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+                    # Loopback delivers at once, and the loop does not run the listener's
+                    # reader in between: the small buffer overflows (counted by the kernel).
+                    for _ in range(200):
+                        sender.sendto(b"x" * 100, ln.local_addr)
+                ln._report_drops()  # what the listener's timer runs every interval
+                drops = ln.stats.drops["kernel"]
+        assert drops > 0
+        [record] = caplog.records
+        message = record.getMessage()
+        assert f"kernel={drops}" in message
+        assert f"the socket's receive buffer of {ln.rcvbuf:,} bytes overflowed" in message
+        assert "a larger rcvbuf holds more, up to net.core.rmem_max" in message
 
     run(main())

@@ -509,9 +509,14 @@ class Listener(asyncio.DatagramProtocol):
         new = {reason: count - self._drops_reported.get(reason, 0)
                for reason, count in drops.items() if count > self._drops_reported.get(reason, 0)}
         if new:
-            logger.warning("udpx: listener %r dropped datagrams in the last %.0f s: %s",
+            # The kernel's drops are the one reason the application cannot see coming from its
+            # own code: say what overflowed and what holds more.
+            hint = (f" (kernel: the socket's receive buffer of {self.rcvbuf:,} bytes overflowed; "
+                    f"a larger rcvbuf holds more, up to net.core.rmem_max, and a datagram takes "
+                    f"far more of it than its payload)" if "kernel" in new else "")
+            logger.warning("udpx: listener %r dropped datagrams in the last %.0f s: %s%s",
                            self._local, DROP_REPORT_INTERVAL,
-                           ", ".join(f"{reason}={count}" for reason, count in new.items()))
+                           ", ".join(f"{reason}={count}" for reason, count in new.items()), hint)
         self._drops_reported = drops
         self._drop_reporter = self._loop.call_later(DROP_REPORT_INTERVAL, self._report_drops)
 
