@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import socket
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -148,22 +151,84 @@ def test_datagrams_of_unaccepted_connections_are_counted(run: Runner[Any], host:
     run(main())
 
 
-def test_capped_buffer_request_warns_once(run: Runner[Any],
-                                          caplog: pytest.LogCaptureFixture) -> None:
-    limit = _sockets._read_sysctl("net.core.rmem_max")
-    if limit is None:
+#: Two listeners asking for 4x net.core.rmem_max each: what was granted, and the warnings.
+_CAPPED_SCRIPT = """
+import asyncio, json, logging, udpx
+from udpx import _sockets
+
+class Keep(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+keep = Keep()
+logging.getLogger("udpx").addHandler(keep)
+limit = _sockets._read_sysctl("net.core.rmem_max")
+
+async def main():
+    granted = []
+    for _ in range(2):
+        async with udpx.listen("127.0.0.1", 0, rcvbuf=4 * limit) as ln:
+            granted.append(ln.rcvbuf)
+    print(json.dumps({"limit": limit, "granted": granted, "warnings": keep.messages}))
+
+asyncio.run(main())
+"""
+
+
+def _may_force_buffers() -> bool:
+    """Whether this process may set a buffer past the sysctl's cap (CAP_NET_ADMIN)."""
+    force = _sockets._FORCE_OPTIONS.get(socket.SO_RCVBUF)
+    if force is None:
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, force, 1 << 20)
+        except OSError:
+            return False
+    return True
+
+
+def test_capped_buffer_request_warns_once() -> None:
+    """Without CAP_NET_ADMIN (taken away here from a root process) a request past
+    net.core.rmem_max is capped, and udpx warns once per process, saying how to raise it."""
+    if _sockets._read_sysctl("net.core.rmem_max") is None:
         pytest.skip("no net.core.rmem_max here")
-    _sockets._warned_sysctls.discard("net.core.rmem_max")
+    command = [sys.executable, "-c", _CAPPED_SCRIPT]
+    if _may_force_buffers():
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("needs setpriv(1) to run without CAP_NET_ADMIN")
+        command = [setpriv, "--bounding-set", "-net_admin", *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    limit = report["limit"]
+    assert all(granted <= 2 * limit for granted in report["granted"])  # not the request
+    [warning] = [message for message in report["warnings"] if "net.core.rmem_max" in message]
+    assert f"sysctl -w net.core.rmem_max={4 * limit}" in warning
+    assert "CAP_NET_ADMIN" in warning
+
+
+def test_buffer_request_is_granted_in_full_with_cap_net_admin(
+        run: Runner[Any], caplog: pytest.LogCaptureFixture) -> None:
+    limit = _sockets._read_sysctl("net.core.rmem_max")
+    wlimit = _sockets._read_sysctl("net.core.wmem_max")
+    if limit is None or wlimit is None:
+        pytest.skip("no net.core.rmem_max/wmem_max here")
+    if not _may_force_buffers():
+        pytest.skip("needs CAP_NET_ADMIN (root) to set a buffer past the sysctl")
 
     async def main() -> None:
         with caplog.at_level(logging.WARNING, logger="udpx"):
-            async with udpx.listen("127.0.0.1", 0, rcvbuf=limit * 4) as ln:
-                assert ln.rcvbuf <= 2 * limit  # what the kernel granted, not the request
-            async with udpx.listen("127.0.0.1", 0, rcvbuf=limit * 4):
-                pass
-        warnings = [r for r in caplog.records if "net.core.rmem_max" in r.getMessage()]
-        assert len(warnings) == 1
-        assert "sysctl -w net.core.rmem_max=" in warnings[0].getMessage()
+            async with udpx.listen("127.0.0.1", 0, rcvbuf=4 * limit,
+                                   sndbuf=2 * wlimit) as ln, \
+                    udpx.dial("127.0.0.1", ln.local_addr[1], rcvbuf=3 * limit) as conn:
+                assert (ln.rcvbuf, ln.sndbuf) == (8 * limit, 4 * wlimit)
+                assert conn.describe()["socket"]["rcvbuf"] == 6 * limit
+        assert not caplog.records
 
     run(main())
 

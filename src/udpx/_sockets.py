@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import platform
 import socket
 import struct
 import sys
@@ -36,6 +38,16 @@ SO_MEMINFO = 55
 _SK_MEMINFO_DROPS = 8
 _SK_MEMINFO_VARS = 9
 # SK_MEMINFO_RMEM_ALLOC and SK_MEMINFO_RCVBUF are its first two words.
+#: SO_SNDBUFFORCE and SO_RCVBUFFORCE by the option they force (the socket module lacks them):
+#: Linux's generic values, which every architecture but alpha, mips, parisc and sparc uses
+#: (there: none, and udpx only warns when a buffer is capped).
+_FORCE_OPTIONS: dict[int, int] = (
+    {socket.SO_SNDBUF: 32, socket.SO_RCVBUF: 33}
+    if sys.platform.startswith("linux")
+    and not platform.machine().startswith(("alpha", "mips", "parisc", "sparc")) else {})
+#: Forcing options the kernel refused this process (no CAP_NET_ADMIN): not tried again.
+_force_refused: set[int] = set()
+
 _MEMINFO_HEAD = struct.Struct("=II")
 _MEMINFO_WORD = struct.Struct("=I")
 
@@ -239,7 +251,8 @@ def _read_sysctl(name: str) -> int | None:
 
 
 def set_buffers(sock: socket.socket, rcvbuf: int | None, sndbuf: int | None) -> None:
-    """Request the socket buffer sizes that are not None (warning once when capped)."""
+    """Request the socket buffer sizes that are not None: in full where the process may
+    (CAP_NET_ADMIN), else as far as the sysctl allows, warning once when capped."""
     if rcvbuf is not None:
         _set_buffer(sock, socket.SO_RCVBUF, "rcvbuf", rcvbuf, "net.core.rmem_max")
     if sndbuf is not None:
@@ -248,21 +261,40 @@ def set_buffers(sock: socket.socket, rcvbuf: int | None, sndbuf: int | None) -> 
 
 def _set_buffer(sock: socket.socket, option: int, name: str, requested: int,
                 sysctl: str) -> None:
-    """Request a socket buffer size; warn once per process when the kernel capped it."""
+    """Request a socket buffer size; past the sysctl's cap, force it where the process may;
+    warn once per process when the kernel capped it."""
     sock.setsockopt(socket.SOL_SOCKET, option, requested)
     granted = sock.getsockopt(socket.SOL_SOCKET, option)
     # Linux doubles the request (bookkeeping overhead) and caps it at the sysctl, doubled.
-    # Granted in full, or warned about already: no file to read (a connected-mode listener
-    # sets the buffers of every new peer's socket).
-    if granted >= 2 * requested or sysctl in _warned_sysctls:
+    if granted >= 2 * requested:
+        return
+    force = _FORCE_OPTIONS.get(option)
+    if force is not None and force not in _force_refused:
+        # SO_RCVBUFFORCE/SO_SNDBUFFORCE ignore the sysctl, for a process with CAP_NET_ADMIN
+        # (root, usually): what was asked for is what a server sized its load by. Without the
+        # capability it is refused, and not asked again (a connected-mode listener sets the
+        # buffers of every new peer's socket).
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, requested)
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EACCES, errno.ENOPROTOOPT, errno.EINVAL):
+                _force_refused.add(force)
+            else:
+                raise
+        else:
+            granted = sock.getsockopt(socket.SOL_SOCKET, option)
+            if granted >= 2 * requested:
+                return
+    # Warned already: no file to read.
+    if sysctl in _warned_sysctls:
         return
     limit = _read_sysctl(sysctl)
     if limit is not None and requested > limit:
         _warned_sysctls.add(sysctl)
         logger.warning(
             "udpx: %s of %d bytes requested, the kernel granted %d (capped by %s = %d); "
-            "raise it with: sysctl -w %s=%d", name, requested, granted, sysctl, limit, sysctl,
-            requested)
+            "raise it with: sysctl -w %s=%d (or run with CAP_NET_ADMIN, which udpx then uses "
+            "to grant it in full)", name, requested, granted, sysctl, limit, sysctl, requested)
 
 
 def buffer_sizes(sock: socket.socket) -> tuple[int, int]:
