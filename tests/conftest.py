@@ -102,6 +102,17 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
     return port
 
 
+def setpriv_dropping(capability: str) -> list[str] | None:
+    """``setpriv`` taking ``capability`` (e.g. "net_raw") away from the command it runs, or
+    None where it cannot (no setpriv, or this process may not change its bounding set)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    command = [setpriv, "--bounding-set", f"-{capability}"]
+    probe = subprocess.run([*command, "true"], capture_output=True, timeout=30, check=False)
+    return command if probe.returncode == 0 else None
+
+
 def raw_udp_packet(source: str, source_port: int, destination: str, destination_port: int,
                    payload: bytes) -> bytes:
     """An IPv4 + UDP packet for a raw ``IPPROTO_RAW`` socket (the kernel fills the IP

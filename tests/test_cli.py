@@ -11,7 +11,6 @@ import json
 import os
 import resource
 import selectors
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +24,7 @@ import pytest
 from udpx.__main__ import main
 from udpx._perf import DEFAULT_PEERS, PerfConfig, perf_runs, raw_packets
 
-from .conftest import HAVE_IPV6, free_udp_port
+from .conftest import HAVE_IPV6, free_udp_port, setpriv_dropping
 
 try:
     import uvloop
@@ -669,23 +668,30 @@ def read_stderr_until(process: subprocess.Popen[bytes], marker: bytes) -> bytes:
     return seen
 
 
-def test_perf_sender_stops_when_perf_dies() -> None:
+@pytest.mark.parametrize("mode", [[], ["--compare", "--isolate"]], ids=["in-process", "isolate"])
+def test_perf_sender_stops_when_perf_dies(mode: list[str]) -> None:
     """Where SIGINT is ignored (a shell script's background job), SIGTERM keeps its default
     action and ends perf at once: its sender must not go on flooding loopback for the rest of
-    the duration (black-box: it did, adopted by init, at 94 % of a CPU)."""
+    the duration (black-box: it did, adopted by init, at 94 % of a CPU), nor a baseline's
+    receiver process and its sender (review: they did)."""
+    # In-process: while udpx receives. Isolated: once udpx's run is over, while the first
+    # baseline receives, in a process of its own (its progress line says so).
+    # Whatever is left running must be gone well before its run would have ended.
+    duration, marker, patience = (["60"], b"datagrams/s", ECHO_TIMEOUT) if not mode else (
+        ["6"], b"asyncio DatagramProtocol (asyncio, udpx sender):", 3.0)
     process = subprocess.Popen(
-        [PYTHON, "-m", "udpx", "perf", "--duration", "60", "--sender", "peers"],
+        [PYTHON, "-m", "udpx", "perf", "--duration", *duration, "--sender", "udpx", *mode],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # noqa: PLW1509
     started: set[int] = set()
     try:
-        read_stderr_until(process, b"datagrams/s")  # measuring: the sender sends
+        read_stderr_until(process, marker)  # measuring: the sender sends
         started = descendants(process.pid)
-        assert started
+        assert len(started) >= (2 if mode else 1), started
         process.send_signal(signal.SIGTERM)
         # (Not communicate(): a sender left running would hold the pipes open.)
         assert process.wait(timeout=PERF_TIMEOUT) == -signal.SIGTERM
-        deadline = time.monotonic() + ECHO_TIMEOUT
+        deadline = time.monotonic() + patience
         while descendants(1) & started:  # (orphans would have been adopted by init)
             assert time.monotonic() < deadline, f"left running: {descendants(1) & started}"
             time.sleep(0.05)
@@ -704,18 +710,31 @@ def limit_open_files(soft: int, hard: int | None = None) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, current if hard is None else hard))
 
 
-def test_perf_sender_raises_its_open_file_limit() -> None:
+@pytest.mark.parametrize("sender", ["udpx", "peers without raw sockets"])
+def test_perf_sender_raises_its_open_file_limit(sender: str) -> None:
     # 1,024 sockets (the most --clients allows) under the usual soft limit of 1,024: the
-    # sender raises its soft limit (black-box: it failed with EMFILE from about 1,010 on).
+    # sender raises its soft limit (black-box: it failed with EMFILE from about 1,010 on; the
+    # review: the peers sender's socket per peer, where it has no raw socket, too).
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard < 1200:
         pytest.skip(f"the hard RLIMIT_NOFILE here ({hard}) is below what 1,024 sockets need")
+    prefix: list[str] = []
+    if sender != "udpx" and os.geteuid() == 0:
+        # (A raw socket it could open: take the capability away.)
+        setpriv = setpriv_dropping("net_raw")
+        if setpriv is None:
+            pytest.skip("needs setpriv(1), and the right to use it, to run without CAP_NET_RAW")
+        prefix = setpriv
     result = subprocess.run(
-        [PYTHON, "-m", "udpx", "perf", "--json", "--duration", "0.3", "--sender", "udpx",
-         "--clients", "1024"], capture_output=True, text=True, timeout=PERF_TIMEOUT,
-        check=False, preexec_fn=lambda: limit_open_files(1024))
+        [*prefix, PYTHON, "-m", "udpx", "perf", "--json", "--duration", "0.3", "--sender",
+         sender.split(maxsplit=1)[0], "--clients", "1024"], capture_output=True, text=True,
+        timeout=PERF_TIMEOUT, check=False, preexec_fn=lambda: limit_open_files(1024))
     assert result.returncode == 0, result.stderr
-    check_measurement(json.loads(result.stdout)["udpx"], size=64)
+    measurement = json.loads(result.stdout)["udpx"]
+    check_measurement(measurement, size=64)
+    if sender != "udpx":
+        assert measurement["sender"]["note"].startswith("one send() per datagram over 1,024 "
+                                                        "sockets (no raw socket")
 
 
 def test_perf_too_few_file_descriptors_is_a_clear_error() -> None:
@@ -733,11 +752,12 @@ def test_perf_too_few_file_descriptors_is_a_clear_error() -> None:
 def test_perf_peers_sender_without_raw_sockets() -> None:
     """Without CAP_NET_RAW (here: dropped from the bounding set of a root process) the peers
     sender sends from a socket per peer, and says so."""
-    setpriv = shutil.which("setpriv")
-    if os.geteuid() != 0 or setpriv is None:
-        pytest.skip("needs root and setpriv(1) to take CAP_NET_RAW away from the command")
+    setpriv = setpriv_dropping("net_raw") if os.geteuid() == 0 else None
+    if setpriv is None:
+        pytest.skip("needs root and setpriv(1), and the right to use it, to take CAP_NET_RAW "
+                    "away from the command")
     result = subprocess.run(
-        [setpriv, "--bounding-set", "-net_raw", PYTHON, "-m", "udpx", "perf", "--json",
+        [*setpriv, PYTHON, "-m", "udpx", "perf", "--json",
          "--duration", "0.5", "--sender", "peers", "--clients", "50"],
         capture_output=True, text=True, timeout=PERF_TIMEOUT, check=False)
     assert result.returncode == 0, result.stderr

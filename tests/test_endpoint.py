@@ -753,6 +753,10 @@ def test_udpx_options_are_checked(run: Runner[None]) -> None:
         with pytest.raises(ValueError, match="batch_size"):
             await udpx.create_datagram_endpoint(Recorder, local_addr=("127.0.0.1", 0),
                                                 batch_size=True)
+        # An unhashable value is no key for the memo: still the option's own error.
+        with pytest.raises(ValueError, match="rcvbuf must be"):
+            await udpx.create_datagram_endpoint(Recorder, local_addr=("127.0.0.1", 0),
+                                                rcvbuf=[1])  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="idle_timeout"):
             udpx.patch_loop(asyncio.get_running_loop(), idle_timeout=3)
 

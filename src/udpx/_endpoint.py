@@ -807,8 +807,14 @@ async def create_datagram_endpoint(
         OSError: the socket cannot be created, bound or connected.
     """
     loop = asyncio.get_running_loop()
-    options = _endpoint_options(batch_size, max_datagram, tx_queue_size, rcvbuf, sndbuf, gso,
-                                gro, rx_coalesce)
+    try:
+        options = _endpoint_options(batch_size, max_datagram, tx_queue_size, rcvbuf, sndbuf,
+                                    gso, gro, rx_coalesce)
+    except TypeError:
+        # An unhashable value (a list...): no memo; the validation names the option.
+        options = Options(batch_size=batch_size, max_datagram=max_datagram,
+                          tx_queue_size=tx_queue_size, rcvbuf=rcvbuf, sndbuf=sndbuf, gso=gso,
+                          gro=gro, rx_coalesce=rx_coalesce)
     return await open_endpoint(loop, _stock_method(loop), protocol_factory, local_addr,
                                remote_addr, family=family, proto=proto, flags=flags,
                                reuse_port=reuse_port, allow_broadcast=allow_broadcast,

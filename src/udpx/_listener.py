@@ -511,10 +511,9 @@ class Listener(asyncio.DatagramProtocol):
         if new:
             # The kernel's drops are the one reason the application cannot see coming from its
             # own code: say what overflowed and what holds more.
-            hint = (f" (kernel: the socket's receive buffer of {self.rcvbuf:,} bytes overflowed; "
-                    f"a larger rcvbuf holds more, past net.core.rmem_max with CAP_NET_ADMIN, and "
-                    f"a datagram takes far more of it than its payload)" if "kernel" in new
-                    else "")
+            hint = (f" (kernel: most likely a receive buffer of {self.rcvbuf:,} bytes "
+                    f"overflowed; a larger rcvbuf holds more, and a datagram takes far more of it "
+                    f"than its payload)" if "kernel" in new else "")
             logger.warning("udpx: listener %r dropped datagrams in the last %.0f s: %s%s",
                            self._local, DROP_REPORT_INTERVAL,
                            ", ".join(f"{reason}={count}" for reason, count in new.items()), hint)

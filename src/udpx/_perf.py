@@ -251,8 +251,8 @@ def _wait_for_go(pipe: Connection) -> float:
 
 def _run_sender(pipe: Connection, params: SenderParams) -> SenderReport:
     note = ""
-    if params.sender != "peers" or _family_of(params.host) != socket.AF_INET or not HAVE_MMSG:
-        _allow_sockets(params.clients)  # (the raw sender has one socket for all its peers)
+    if params.sender != "peers":
+        _allow_sockets(params.clients)
     if params.sender == "peers":
         raw, note = _open_raw_socket(params)
         if raw is not None:
@@ -428,6 +428,7 @@ def _send_raw(pipe: Connection, params: SenderParams, sock: socket.socket,
 
 
 def _send_plain(pipe: Connection, params: SenderParams, note: str) -> SenderReport:
+    _allow_sockets(params.clients)  # (the raw sender has one socket for all its peers)
     family = _family_of(params.host)
     sockets: list[socket.socket] = []
     try:
@@ -1031,10 +1032,16 @@ class ReceiverJob:
     config: PerfConfig
     params: SenderParams
     progress: bool
+    #: The pid of perf's process: this one stops if it dies (0: not).
+    parent: int = 0
 
 
 def receiver_main(pipe: Connection, job: ReceiverJob) -> None:
     """The entry point of a receiver process (``--isolate``): one measurement, sent back."""
+    if job.parent:
+        # Killed with perf (SIGTERM at its default action, SIGKILL): so is the sender it
+        # starts, which dies with it.
+        die_with_parent(job.parent)
     try:
         measurement = _measure_here(job.kind, job.loop_name, job.config, job.params,
                                     sys.stderr if job.progress else None)
@@ -1060,7 +1067,7 @@ def _measure_isolated(kind: str, loop_name: str, config: PerfConfig, params: Sen
     parent_end, child_end = context.Pipe(duplex=False)
     process = context.Process(target=receiver_main,
                               args=(child_end, ReceiverJob(kind, loop_name, config, params,
-                                                           progress)),
+                                                           progress, os.getpid())),
                               # Not a daemon: daemons may not start children (the sender).
                               name="udpx-perf-receiver", daemon=False)
     limit = _READY_TIMEOUT + params.duration + _RESULT_MARGIN + _GRACE_LIMIT \

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import platform
 import socket
@@ -47,6 +46,10 @@ _FORCE_OPTIONS: dict[int, int] = (
     and not platform.machine().startswith(("alpha", "mips", "parisc", "sparc")) else {})
 #: Forcing options the kernel refused this process (no CAP_NET_ADMIN): not tried again.
 _force_refused: set[int] = set()
+#: The sysctls a forced buffer went past (logged once, at DEBUG).
+_forced_sysctls: set[str] = set()
+#: Linux caps a buffer request at INT_MAX / 2, forced or not, so that its double fits an int.
+_MAX_BUFFER_REQUEST = (2**31 - 1) // 2
 
 _MEMINFO_HEAD = struct.Struct("=II")
 _MEMINFO_WORD = struct.Struct("=I")
@@ -265,25 +268,28 @@ def _set_buffer(sock: socket.socket, option: int, name: str, requested: int,
     warn once per process when the kernel capped it."""
     sock.setsockopt(socket.SOL_SOCKET, option, requested)
     granted = sock.getsockopt(socket.SOL_SOCKET, option)
-    # Linux doubles the request (bookkeeping overhead) and caps it at the sysctl, doubled.
-    if granted >= 2 * requested:
+    # Linux doubles the request (bookkeeping overhead) after capping it at the sysctl and at
+    # INT_MAX / 2 (so that the double fits an int).
+    full = 2 * min(requested, _MAX_BUFFER_REQUEST)
+    if granted >= full:
         return
     force = _FORCE_OPTIONS.get(option)
     if force is not None and force not in _force_refused:
         # SO_RCVBUFFORCE/SO_SNDBUFFORCE ignore the sysctl, for a process with CAP_NET_ADMIN
-        # (root, usually): what was asked for is what a server sized its load by. Without the
-        # capability it is refused, and not asked again (a connected-mode listener sets the
-        # buffers of every new peer's socket).
+        # (root, usually): what was asked for is what a server sized its load by. An extra:
+        # any refusal (no capability, a sandbox's filter) leaves the capped size, and is not
+        # asked again (a connected-mode listener sets the buffers of every new peer's socket).
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, requested)
-        except OSError as exc:
-            if exc.errno in (errno.EPERM, errno.EACCES, errno.ENOPROTOOPT, errno.EINVAL):
-                _force_refused.add(force)
-            else:
-                raise
+        except OSError:
+            _force_refused.add(force)
         else:
             granted = sock.getsockopt(socket.SOL_SOCKET, option)
-            if granted >= 2 * requested:
+            if granted >= full:
+                if sysctl not in _forced_sysctls:
+                    _forced_sysctls.add(sysctl)
+                    logger.debug("udpx: %s of %d bytes granted past %s (CAP_NET_ADMIN)",
+                                 name, requested, sysctl)
                 return
     # Warned already: no file to read.
     if sysctl in _warned_sysctls:
@@ -293,8 +299,9 @@ def _set_buffer(sock: socket.socket, option: int, name: str, requested: int,
         _warned_sysctls.add(sysctl)
         logger.warning(
             "udpx: %s of %d bytes requested, the kernel granted %d (capped by %s = %d); "
-            "raise it with: sysctl -w %s=%d (or run with CAP_NET_ADMIN, which udpx then uses "
-            "to grant it in full)", name, requested, granted, sysctl, limit, sysctl, requested)
+            "raise it with: sysctl -w %s=%d%s", name, requested, granted, sysctl, limit, sysctl,
+            requested, " (or run with CAP_NET_ADMIN, which udpx then uses to grant it in full)"
+            if force is not None else "")
 
 
 def buffer_sizes(sock: socket.socket) -> tuple[int, int]:
