@@ -307,29 +307,44 @@ def _open_gso_sockets(params: SenderParams) -> tuple[list[socket.socket] | None,
             probe.send(b"\0" * params.size * 2)
     except OSError as exc:
         return None, f"GSO unavailable ({exc})"
+    return _connected_sockets(params, segment=params.size), ""
+
+
+def _connected_sockets(params: SenderParams, *, segment: int = 0) -> list[socket.socket]:
+    """``params.clients`` sockets connected to the receiver, each with UDP_SEGMENT set to
+    ``segment`` unless it is 0; none is left open when one fails."""
+    family = _family_of(params.host)
     sockets: list[socket.socket] = []
     try:
         for _ in range(params.clients):
             sock = socket.socket(family, socket.SOCK_DGRAM)
             sockets.append(sock)
             sock.connect((params.host, params.port))
-            sock.setsockopt(SOL_UDP, UDP_SEGMENT, params.size)
+            if segment:
+                sock.setsockopt(SOL_UDP, UDP_SEGMENT, segment)
     except BaseException:
         for sock in sockets:
             sock.close()
         raise
-    return sockets, ""
+    return sockets
 
 
 def _send_gso(pipe: Connection, params: SenderParams,
               sockets: list[socket.socket]) -> SenderReport:
     segments = _gso_segments(params)
-    buffer = b"x" * params.size * segments
+    return _send_rounds(pipe, params, sockets, b"x" * params.size * segments, segments,
+                        kind="gso", note="")
+
+
+def _send_rounds(pipe: Connection, params: SenderParams, sockets: list[socket.socket],
+                 buffer: bytes, datagrams: int, *, kind: str, note: str) -> SenderReport:
+    """Send ``buffer`` (``datagrams`` datagrams: GSO segments, or one) on each socket in
+    turn until the duration is over."""
     sends = [sock.send for sock in sockets]
     sent = errors = 0
     start = _wait_for_go(pipe)
     deadline = start + params.duration
-    # Hot loop: one send per client per round (blocking sockets: loopback never blocks a UDP
+    # Hot loop: one send per socket per round (blocking sockets: loopback never blocks a UDP
     # send, a full receiver just drops), the clock read once per round.
     while True:
         for send in sends:
@@ -339,14 +354,14 @@ def _send_gso(pipe: Connection, params: SenderParams,
                 # ECONNREFUSED (the receiver went away), ENOBUFS: count and go on.
                 if exc.errno not in (errno.ECONNREFUSED, errno.ENOBUFS, errno.EAGAIN):
                     raise
-                errors += segments
+                errors += datagrams
             else:
-                sent += segments
+                sent += datagrams
         if time.monotonic() >= deadline:
             break
     elapsed = time.monotonic() - start
     queued = sent + errors
-    return SenderReport(kind="gso", note="", queued=queued, queued_bytes=queued * params.size,
+    return SenderReport(kind=kind, note=note, queued=queued, queued_bytes=queued * params.size,
                         sent=sent, sent_bytes=sent * params.size, errors=errors,
                         elapsed=elapsed)
 
@@ -428,39 +443,16 @@ def _send_raw(pipe: Connection, params: SenderParams, sock: socket.socket,
 
 
 def _send_plain(pipe: Connection, params: SenderParams, note: str) -> SenderReport:
+    """The ``peers`` sender without a raw socket: a connected socket per peer, one send() per
+    datagram."""
     _allow_sockets(params.clients)  # (the raw sender has one socket for all its peers)
-    family = _family_of(params.host)
-    sockets: list[socket.socket] = []
+    sockets = _connected_sockets(params)
     try:
-        for _ in range(params.clients):
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            sockets.append(sock)
-            sock.connect((params.host, params.port))
-        payload = b"x" * params.size
-        sends = [sock.send for sock in sockets]
-        sent = errors = 0
-        begin = _wait_for_go(pipe)
-        deadline = begin + params.duration
-        # Hot loop: one send() per peer per turn, the clock read once per turn.
-        while True:
-            for send in sends:
-                try:
-                    send(payload)
-                except OSError as exc:
-                    if exc.errno not in (errno.ECONNREFUSED, errno.ENOBUFS, errno.EAGAIN):
-                        raise
-                    errors += 1
-                else:
-                    sent += 1
-            if time.monotonic() >= deadline:
-                break
-        elapsed = time.monotonic() - begin
+        return _send_rounds(pipe, params, sockets, b"x" * params.size, 1, kind="peers",
+                            note=note)
     finally:
         for sock in sockets:
             sock.close()
-    return SenderReport(kind="peers", note=note, queued=sent + errors,
-                        queued_bytes=(sent + errors) * params.size, sent=sent,
-                        sent_bytes=sent * params.size, errors=errors, elapsed=elapsed)
 
 
 async def _send_udpx(pipe: Connection, params: SenderParams, note: str) -> SenderReport:
