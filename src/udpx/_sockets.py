@@ -37,6 +37,9 @@ SO_MEMINFO = 55
 _SK_MEMINFO_DROPS = 8
 _SK_MEMINFO_VARS = 9
 # SK_MEMINFO_RMEM_ALLOC and SK_MEMINFO_RCVBUF are its first two words.
+_MEMINFO_HEAD = struct.Struct("=II")
+_MEMINFO_WORD = struct.Struct("=I")
+
 #: SO_SNDBUFFORCE and SO_RCVBUFFORCE by the option they force (the socket module lacks them):
 #: Linux's generic values, which every architecture but alpha, mips, parisc and sparc uses
 #: (there: none, and udpx only warns when a buffer is capped).
@@ -50,9 +53,6 @@ _force_refused: set[int] = set()
 _forced_sysctls: set[str] = set()
 #: Linux caps a buffer request at INT_MAX / 2, forced or not, so that its double fits an int.
 _MAX_BUFFER_REQUEST = (2**31 - 1) // 2
-
-_MEMINFO_HEAD = struct.Struct("=II")
-_MEMINFO_WORD = struct.Struct("=I")
 
 _IPV4_HEAD = struct.Struct("=H")  # sa_family in host order
 _PORT = struct.Struct("!H")
