@@ -119,8 +119,10 @@ async def _stream_until_paused(reader: BatchReader, proto: Collect, sock: socket
 
 def test_a_fast_stream_makes_the_reader_pause_and_nothing_is_lost_or_reordered(
         run: Runner[Any], clock: Clock) -> None:
+    # A pause of 0.5 s, ended by the test as its timer would: with the default 1 ms the timer
+    # could fire before the test looked, and a loaded machine then saw a second pause (CI).
     async def main() -> None:
-        async with _listening() as (ln, reader, proto, sock, port):
+        async with _listening(rx_coalesce=0.5) as (ln, reader, proto, sock, port):
             sent = await _stream_until_paused(reader, proto, sock, port, 0)
             assert reader.pauses == 1
             # Paused: the loop does not watch the socket, so what arrives now waits in the
@@ -128,18 +130,25 @@ def test_a_fast_stream_makes_the_reader_pause_and_nothing_is_lost_or_reordered(
             _send(sock, port, sent, 100)
             for _ in range(20):
                 await asyncio.sleep(0)
-            # (A slow machine may already be past the 1 ms, and paused again.)
-            if reader.paused and reader.pauses == 1:
-                assert len(proto.got) == sent
+            assert reader.paused and len(proto.got) == sent
+            _end_pause_now(reader)
             await proto.until(sent + 100)
             sent += 100
             assert proto.got == [b"%d" % number for number in range(sent)]
             described = ln.describe()["socket"]
-            assert described["rx_coalesce"] == 0.001
+            assert described["rx_coalesce"] == 0.5
             assert described["rx_pauses"] >= 1
             # The wake-up after the pause found more than the rate promised: it paid.
             assert described["rx_pauses_failed"] == 0
             assert ln.stats.drops["kernel"] == 0
+
+    run(main())
+
+
+def test_read_coalescing_is_on_by_default(run: Runner[Any]) -> None:
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0) as ln:
+            assert ln.describe()["socket"]["rx_coalesce"] == 0.001
 
     run(main())
 
@@ -239,10 +248,13 @@ def test_a_pause_that_lets_the_kernel_drop_stops_pausing(run: Runner[Any],
                                                          clock: Clock) -> None:
     async def main() -> None:
         # A small buffer (the kernel doubles it: about 150 datagrams of this size).
-        async with _listening(rcvbuf=64 * 1024) as (ln, reader, proto, sock, port):
+        # (A pause of 0.5 s, ended by the test: a 1 ms one could end before the test sends.)
+        async with _listening(rcvbuf=64 * 1024, rx_coalesce=0.5) as (ln, reader, proto, sock,
+                                                                     port):
             sent = await _stream_until_paused(reader, proto, sock, port, 0)
             _send(sock, port, sent, 2000)  # far more than the buffer holds
-            await _until(lambda: reader.pauses_failed == 1)
+            _end_pause_now(reader)
+            assert reader.pauses_failed == 1
             assert reader.pauses == 1
             dropped = ln.stats.drops["kernel"]
             assert dropped > 0
@@ -289,10 +301,11 @@ def test_closing_during_a_pause_cancels_it(run: Runner[Any], clock: Clock) -> No
     async def main() -> None:
         proto = Collect()
         ln = await udpx.listen("127.0.0.1", 0, protocol_factory=lambda: proto,
-                               rcvbuf=1 << 20)
+                               rcvbuf=1 << 20, rx_coalesce=0.5)
         reader = _reader_of(ln)
         with _sender() as sock:
             await _stream_until_paused(reader, proto, sock, ln.local_addr[1], 0)
+        assert reader.paused  # (for 0.5 s: closing comes first)
         fd = ln.describe()["socket"]["fd"]
         ln.close()
         await ln.wait_closed()
