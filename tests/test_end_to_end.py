@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import udpx
+from udpx import _transport
 from udpx._listener import Listener
 
 from .conftest import HAVE_IPV6, Runner, free_udp_port, socket_engine
@@ -788,3 +789,13 @@ def test_awaiting_an_opening_twice_raises(run: Runner[Any]) -> None:
         udpx.dial("127.0.0.1", 9).close()
 
     run(main())
+
+
+def test_closing_pauses_reading_only_where_the_transport_can() -> None:
+    """Before a transport-engine socket closes, reading is paused where the loop's transport
+    can pause it: CPython 3.11.2's datagram transport cannot, and the base class's
+    ``pause_reading`` raises NotImplementedError (black-box: closing a transport-engine
+    listener or dialed connection failed with it there)."""
+    # (The datagram transport of CPython 3.11.2 is an asyncio.Transport, whose pause_reading
+    # is the base class's.)
+    _transport._pause_reading(asyncio.Transport())  # type: ignore[arg-type]  # must not raise

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def test_datagrams_of_unaccepted_connections_are_counted(run: Runner[Any], host:
 
 #: Two listeners asking for 4x net.core.rmem_max each: what was granted, and the warnings.
 _CAPPED_SCRIPT = """
-import asyncio, json, logging, udpx
+import asyncio, json, logging, os, udpx
 from udpx import _sockets
 
 class Keep(logging.Handler):
@@ -165,6 +166,8 @@ class Keep(logging.Handler):
 keep = Keep()
 logging.getLogger("udpx").addHandler(keep)
 limit = _sockets._read_sysctl("net.core.rmem_max")
+if os.environ.get("SYSCTL_UNREADABLE"):  # as in a sandbox that hides /proc/sys
+    _sockets._read_sysctl = lambda name: None
 
 async def main():
     granted = []
@@ -190,9 +193,11 @@ def _may_force_buffers() -> bool:
     return True
 
 
-def test_capped_buffer_request_warns_once() -> None:
+@pytest.mark.parametrize("readable", [True, False], ids=["sysctl", "sysctl unreadable"])
+def test_capped_buffer_request_warns_once(readable: bool) -> None:
     """Without CAP_NET_ADMIN (taken away here from a root process) a request past
-    net.core.rmem_max is capped, and udpx warns once per process, saying how to raise it."""
+    net.core.rmem_max is capped, and udpx warns once per process, saying how to raise it;
+    also where the sysctl cannot be read (black-box: no warning then)."""
     limit = _sockets._read_sysctl("net.core.rmem_max")
     if limit is None:
         pytest.skip("no net.core.rmem_max here")
@@ -205,13 +210,18 @@ def test_capped_buffer_request_warns_once() -> None:
             pytest.skip("needs setpriv(1), and the right to use it, to run without "
                         "CAP_NET_ADMIN")
         command = [*setpriv, *command]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    environment = {**os.environ, "SYSCTL_UNREADABLE": "" if readable else "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False,
+                            env=environment)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     limit = report["limit"]
-    assert all(granted <= 2 * limit for granted in report["granted"])  # not the request
+    assert report["granted"] == [2 * limit, 2 * limit]  # not the request
     [warning] = [message for message in report["warnings"] if "net.core.rmem_max" in message]
-    assert f"sysctl -w net.core.rmem_max={4 * limit}" in warning
+    assert (f"rcvbuf of {4 * limit} bytes requested, which the kernel doubles for its "
+            f"bookkeeping: it granted {2 * limit} of those {8 * limit}, capped by "
+            f"net.core.rmem_max{f' = {limit}' if readable else ''}; raise it with: sysctl -w "
+            f"net.core.rmem_max={4 * limit}" in warning)
     assert "CAP_NET_ADMIN" in warning
 
 

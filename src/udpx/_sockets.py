@@ -291,17 +291,18 @@ def _set_buffer(sock: socket.socket, option: int, name: str, requested: int,
                     logger.debug("udpx: %s of %d bytes granted past %s (CAP_NET_ADMIN)",
                                  name, requested, sysctl)
                 return
-    # Warned already: no file to read.
+    # Capped. Warned already: no file to read (a connected-mode listener sets the buffers of
+    # every new peer's socket).
     if sysctl in _warned_sysctls:
         return
+    _warned_sysctls.add(sysctl)
     limit = _read_sysctl(sysctl)
-    if limit is not None and requested > limit:
-        _warned_sysctls.add(sysctl)
-        logger.warning(
-            "udpx: %s of %d bytes requested, the kernel granted %d (capped by %s = %d); "
-            "raise it with: sysctl -w %s=%d%s", name, requested, granted, sysctl, limit, sysctl,
-            requested, " (or run with CAP_NET_ADMIN, which udpx then uses to grant it in full)"
-            if force is not None else "")
+    logger.warning(
+        "udpx: %s of %d bytes requested, which the kernel doubles for its bookkeeping: it "
+        "granted %d of those %d, capped by %s%s; raise it with: sysctl -w %s=%d%s", name,
+        requested, granted, full, sysctl, f" = {limit}" if limit is not None else "", sysctl,
+        requested, " (or run with CAP_NET_ADMIN, which udpx then uses to grant it in full)"
+        if force is not None else "")
 
 
 def buffer_sizes(sock: socket.socket) -> tuple[int, int]:

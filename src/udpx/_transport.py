@@ -17,6 +17,7 @@ handed to the connection (dialed sockets), not counted as ``send_error``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -230,11 +231,14 @@ class TransportEngine(Releasing, asyncio.DatagramProtocol):
 
 
 def _pause_reading(transport: asyncio.DatagramTransport) -> None:
-    # asyncio's datagram transports can pause reading; uvloop's cannot (then what still
-    # arrives before the close is ignored: the socket is closing).
+    # asyncio's datagram transport can pause reading in later 3.11 releases (3.11.7), not in
+    # earlier ones (3.11.2: the base class's method raises NotImplementedError); uvloop's has
+    # no such method. Where it cannot, what still arrives before the close is ignored: the
+    # socket is closing.
     pause = getattr(transport, "pause_reading", None)
     if pause is not None:
-        pause()
+        with contextlib.suppress(NotImplementedError):
+            pause()
 
 
 def _has_add_reader(loop: asyncio.AbstractEventLoop) -> bool:
