@@ -268,6 +268,26 @@ def test_drops_are_summarised_not_logged_per_datagram(
     run(main())
 
 
+def test_drops_not_yet_reported_are_reported_as_the_listener_closes(
+        run: Runner[Any], caplog: pytest.LogCaptureFixture) -> None:
+    # A server that runs for less than the report interval (or whose last seconds dropped)
+    # would otherwise never hear of its drops (black-box). What closing drops is no news.
+    async def main() -> None:
+        with caplog.at_level(logging.WARNING, logger="udpx"):
+            async with udpx.listen("127.0.0.1", 0, backlog=1) as ln:
+                for port in range(40000, 40100):
+                    ln.datagram_received(b"x", ("127.0.0.1", port))
+                assert not caplog.records
+        [record] = caplog.records
+        message = record.getMessage()
+        assert "dropped datagrams since the last report, as it closes: " in message
+        # Not the datagram queued on the connection closing left unaccepted.
+        assert message.rsplit(": ", 1)[1] == "backlog_full=99"
+        assert ln.stats.drops["unaccepted"] == 1  # (counted, as ever)
+
+    run(main())
+
+
 def test_kernel_drops_are_reported_with_what_overflowed(
         run: Runner[Any], caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:

@@ -505,20 +505,25 @@ class Listener(asyncio.DatagramProtocol):
     def _report_drops(self) -> None:
         # At most one warning per interval, and only when something was dropped: never per
         # datagram. O(connections), like the idle sweep.
+        self._log_drops(f"in the last {DROP_REPORT_INTERVAL:.0f} s")
+        self._drop_reporter = self._loop.call_later(DROP_REPORT_INTERVAL, self._report_drops)
+
+    def _log_drops(self, when: str, *, ignore: frozenset[str] = frozenset()) -> None:
+        """Warn of the drops since the last warning, by reason (``ignore``: reasons left out
+        of the warning, still taken as reported)."""
         drops = dict(self.stats.drops)
         new = {reason: count - self._drops_reported.get(reason, 0)
-               for reason, count in drops.items() if count > self._drops_reported.get(reason, 0)}
+               for reason, count in drops.items()
+               if count > self._drops_reported.get(reason, 0) and reason not in ignore}
         if new:
             # The kernel's drops are the one reason the application cannot see coming from its
             # own code: say what overflowed and what holds more.
             hint = (f" (kernel: most likely a receive buffer of {self.rcvbuf:,} bytes "
                     f"overflowed; a larger rcvbuf holds more, and a datagram takes far more of it "
                     f"than its payload)" if "kernel" in new else "")
-            logger.warning("udpx: listener %r dropped datagrams in the last %.0f s: %s%s",
-                           self._local, DROP_REPORT_INTERVAL,
+            logger.warning("udpx: listener %r dropped datagrams %s: %s%s", self._local, when,
                            ", ".join(f"{reason}={count}" for reason, count in new.items()), hint)
         self._drops_reported = drops
-        self._drop_reporter = self._loop.call_later(DROP_REPORT_INTERVAL, self._report_drops)
 
     def describe(self, *, max_conns: int | None = DESCRIBE_CONNS) -> dict[str, Any]:
         """A JSON-serialisable snapshot of the listener and of its open connections: address,
@@ -666,6 +671,10 @@ class Listener(asyncio.DatagramProtocol):
             self._sweeper.cancel()
             self._sweeper = None
         self._drop_reporter.cancel()
+        # What the last interval dropped would otherwise never be told (a short-lived server's
+        # only report); what closing itself drops (``closed``, ``unaccepted``) is no news.
+        self._log_drops("since the last report, as it closes",
+                        ignore=frozenset({"closed", "unaccepted"}))
         for conn in list(self._conns.values()):
             conn.close()
         self._demux.paced.clear()  # closing woke every waiter
