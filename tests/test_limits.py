@@ -251,13 +251,18 @@ def test_buffer_request_is_granted_in_full_with_cap_net_admin(
     run(main())
 
 
+def _refuse_99_peers(ln: Any) -> None:
+    """100 new peers at a listener with ``backlog=1``: 99 of them dropped as backlog_full."""
+    for port in range(40000, 40100):
+        ln.datagram_received(b"x", ("127.0.0.1", port))
+
+
 def test_drops_are_summarised_not_logged_per_datagram(
         run: Runner[Any], caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         with caplog.at_level(logging.WARNING, logger="udpx"):
             async with udpx.listen("127.0.0.1", 0, backlog=1) as ln:
-                for port in range(40000, 40100):
-                    ln.datagram_received(b"x", ("127.0.0.1", port))
+                _refuse_99_peers(ln)
                 assert not caplog.records  # nothing logged per datagram
                 ln._report_drops()  # what the listener's timer runs every interval
                 ln._report_drops()  # nothing new: no second warning
@@ -275,8 +280,7 @@ def test_drops_not_yet_reported_are_reported_as_the_listener_closes(
     async def main() -> None:
         with caplog.at_level(logging.WARNING, logger="udpx"):
             async with udpx.listen("127.0.0.1", 0, backlog=1) as ln:
-                for port in range(40000, 40100):
-                    ln.datagram_received(b"x", ("127.0.0.1", port))
+                _refuse_99_peers(ln)
                 assert not caplog.records
         [record] = caplog.records
         message = record.getMessage()
