@@ -316,6 +316,10 @@ async def path_mtu(host: str, port: int) -> Result:
             await conn.send(bytes(1400))
         except udpx.MessageTooLong as exc:
             result["too_long_mtu"] = exc.mtu
+        try:  # (the quick path of a connection that has sent)
+            conn.send_nowait(bytes(1400))
+        except udpx.MessageTooLong as exc:
+            result["nowait_too_long_mtu"] = exc.mtu
         await conn.send(b"x" * 1200)
         async with asyncio.timeout(5):
             result["echoed"] = len(await conn.recv())
@@ -396,6 +400,10 @@ async def local_mtu(listen_host: str, peer_host: str) -> Result:
                 await conn.send(bytes(2000))
             except udpx.MessageTooLong as exc:
                 result["too_long_mtu"] = exc.mtu
+            try:
+                conn.send_many_nowait([bytes(2000)])
+            except udpx.MessageTooLong as exc:
+                result["nowait_too_long_mtu"] = exc.mtu
             await conn.send(b"fits")
             peer.setblocking(False)
             received = []

@@ -368,10 +368,46 @@ def test_connection_refused_then_peer_appears(run: Runner[Any], host: str, engin
     run(main())
 
 
+def test_a_refusal_stops_the_next_nowait_send_once(run: Runner[Any], host: str,
+                                                    engine: str) -> None:
+    """A refusal reported for a connection that has sent (so its quick send path is open)
+    raises from its next ``send_nowait()`` / ``send_many_nowait()``, once and queueing
+    nothing; the send after it goes out."""
+
+    async def until(conn: udpx.UDPConn, counter: str, value: int) -> None:
+        for _ in range(2000):  # bounded in time (10 s)
+            if getattr(conn.stats, counter) >= value:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"{counter} below {value} after 10 s: {conn.stats}")
+
+    async def main() -> None:
+        port = free_udp_port(host)
+        async with udpx.dial(host, port, engine=engine) as conn:
+            conn.send_nowait(b"anyone?")
+            def send_one_of_many(data: bytes) -> None:
+                conn.send_many_nowait([data])
+
+            sends = [conn.send_nowait, send_one_of_many]
+            for reports, send in enumerate(sends, 1):
+                await until(conn, "icmp_errors", reports)
+                assert conn.stats.icmp_errors == reports
+                sent = conn.stats.tx_packets
+                with pytest.raises(ConnectionRefusedError):
+                    send(b"again")
+                assert conn.describe()["tx_pending"] == 0
+                send(b"once only")  # goes out (and is refused in turn)
+                await until(conn, "tx_packets", sent + 1)
+                assert conn.stats.tx_packets == sent + 1
+
+    run(main())
+
+
 def test_send_after_close_and_bad_data(run: Runner[Any], host: str, engine: str) -> None:
     async def main() -> None:
         async with udpx.listen(host, 0, engine=engine) as ln:
             conn = await udpx.dial(host, ln.local_addr[1], engine=engine)
+            await conn.send(b"first")  # (the quick send path of a connection that has sent)
             with pytest.raises(TypeError, match="bytes-like"):
                 await conn.send("text")  # type: ignore[arg-type]
             conn.close()
@@ -381,6 +417,8 @@ def test_send_after_close_and_bad_data(run: Runner[Any], host: str, engine: str)
                 await conn.send(b"late")
             with pytest.raises(udpx.ConnectionClosed):
                 conn.send_nowait(b"late")
+            with pytest.raises(udpx.ConnectionClosed):
+                conn.send_many_nowait([b"late"])
             with pytest.raises(udpx.ConnectionClosed):
                 await conn.recv()
             await conn.wait_closed()

@@ -902,6 +902,42 @@ def test_protocol_listener_many_peers_all_served(run: Runner[Any], engine: str) 
     run(main())
 
 
+def test_byte_counts_are_exact_whatever_the_sizes(run: Runner[Any], engine: str) -> None:
+    """Each connection counts its bytes in and out exactly when its datagrams change size:
+    its first size, then the same, then others, empty ones, a size another peer had first.
+    (The counters take a datagram of a connection's first size as a count only.) 100 peers in
+    each round, so that a batch holds many peers' datagrams and a send many connections'."""
+    rounds: list[Callable[[int], int]] = [
+        lambda index: 10, lambda index: 10 if index % 2 else 11 + index, lambda index: 0,
+        lambda index: 1000 + index, lambda index: 10]
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=EchoProtocol, rcvbuf=1 << 20,
+                               engine=engine) as ln:
+            with _peers("127.0.0.1", 100) as peers:
+                for size_of in rounds:
+                    for index, peer in enumerate(peers):
+                        peer.sendto(b"x" * size_of(index), ln.local_addr)
+
+                    def collect() -> list[int]:
+                        return [len(peer.recv(2000)) for peer in peers]
+
+                    sizes = await asyncio.to_thread(collect)
+                    assert sizes == [size_of(index) for index in range(100)]
+                by_port = {conn.remote_addr[1]: conn for conn in ln.conns()}
+                for index, peer in enumerate(peers):
+                    stats = by_port[peer.getsockname()[1]].stats
+                    sent = sum(size_of(index) for size_of in rounds)
+                    assert (stats.rx_packets, stats.rx_bytes, stats.tx_packets,
+                            stats.tx_bytes) == (5, sent, 5, sent), (index, stats)
+            total = sum(size_of(index) for size_of in rounds for index in range(100))
+            totals = ln.stats
+            assert (totals.rx_packets, totals.rx_bytes, totals.tx_packets,
+                    totals.tx_bytes) == (500, total, 500, total)
+
+    run(main())
+
+
 def test_send_many_nowait_of_one_datagram_checks_it_as_send_nowait(run: Runner[Any]) -> None:
     # One datagram takes a shorter path (a reply per peer): the same checks, the same results.
     async def main() -> None:

@@ -6,7 +6,7 @@ import mmap
 from collections import deque
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -268,6 +268,42 @@ def test_get_many_none_drains_everything() -> None:
     assert queue.get_many(None) == []
     with pytest.raises(IndexError):
         queue.get()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(-3, 3), st.integers(0, 1500)), max_size=30))
+def test_byte_counts_follow_every_size(steps: list[tuple[int, int]]) -> None:
+    """A receive queue's and a transmit account's bytes (counted as packets times the first
+    size plus the rest) are the sum of what was counted, whatever the sizes and order, taking
+    back included (negative counts)."""
+    queue = RxQueue(10)
+    account = TxAccount(None)
+    packets = total = 0
+    for count, size in steps:
+        if packets + count < 0:
+            continue  # (nothing takes back more than was counted)
+        payload = count * size + (count > 1)  # not always a multiple of the count
+        queue.count_rx(count, payload)
+        account.count_sent(count, payload)
+        packets += count
+        total += payload
+        assert (queue.rx_packets, queue.rx_bytes) == (packets, total)
+        assert (account.packets, account.sent_bytes) == (packets, total)
+
+
+def test_datagrams_of_the_first_size_only_count() -> None:
+    """The point of the representation: after the first datagram, one of the same size adds
+    to the packet count and to nothing else (no int object made per datagram per byte)."""
+    queue = RxQueue(10)
+    queue.count_rx(1, 700)
+    assert (queue.rx_size, queue.rx_extra) == (700, 0)
+    queue.rx_packets += 1  # what the routing does for a datagram of rx_size bytes
+    assert queue.rx_bytes == 1400
+    queue.count_rx(1, 20)
+    assert (queue.rx_size, queue.rx_extra, queue.rx_bytes) == (700, -680, 1420)
+    account = TxAccount(None)
+    account.count_sent(3, 300)
+    assert (account.packet_size, account.extra_bytes, account.sent_bytes) == (100, 0, 300)
 
 
 def test_tx_account_pending() -> None:

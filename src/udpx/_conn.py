@@ -60,8 +60,15 @@ _NO_ECN = (0, 0, 0, 0)
 _NO_ACCOUNT = TxAccount(None)
 
 
+class _ConnHot:
+    """The fields of a connection that sending reads per datagram, first in the object's
+    layout (see _queue._RxHot)."""
+
+    __slots__ = ("_quick_max", "_tx", "_txq", "_writer")
+
+
 @final
-class UDPConn:
+class UDPConn(_ConnHot):
     """A connection with one remote peer: whole datagrams in, whole datagrams out.
 
     Only udpx creates connections: ``Listener.accept()`` and ``udpx.dial()`` return them.
@@ -75,8 +82,8 @@ class UDPConn:
     __slots__ = ("__weakref__", "_close_reason", "_closed", "_created", "_done", "_ecn",
                  "_engine", "_error", "_icmp_errors", "_key", "_local", "_loop", "_lost",
                  "_max_send", "_max_send_base", "_owner", "_path_mtu", "_protocol", "_receivers",
-                 "_remote", "_rx", "_sockaddr", "_source", "_tos", "_tx", "_txq", "_writer",
-                 "_writing_paused", "idle_count", "idle_since")
+                 "_remote", "_rx", "_sockaddr", "_source", "_tos", "_writing_paused",
+                 "idle_count", "idle_since")
 
     # No keyword-only parameters: a listener makes a connection per new peer, thousands at
     # once under a flood, and calling a class with keyword arguments costs about 1.5 us more
@@ -106,6 +113,9 @@ class UDPConn:
         # Made on the first wait: most of a listener's connections may never have a waiter.
         self._receivers: FifoWaiters | None = None
         self._max_send = self._max_send_base = max_send
+        #: ``_max_send`` while the connection is open with no error to report, else -1: one
+        #: comparison per datagram on the hot send paths (see ``_quick_check``).
+        self._quick_max = max_send
         self._path_mtu: int | None = None
         self._local = local_addr
         self._remote = remote_addr
@@ -195,8 +205,9 @@ class UDPConn:
                  "send_error": tx.errors, "closed": rx.dropped_closed}
         if self._engine is not None:
             drops["kernel"] = self._engine.kernel_drops()
-        return ConnStats(rx.rx_packets, rx.rx_bytes, tx.packets, tx.bytes, drops_mapping(**drops),
-                         self._icmp_errors, ecn_mapping(self._ecn or _NO_ECN))
+        return ConnStats(rx.rx_packets, rx.rx_bytes, tx.packets, tx.sent_bytes,
+                         drops_mapping(**drops), self._icmp_errors,
+                         ecn_mapping(self._ecn or _NO_ECN))
 
     def describe(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot: addresses, age, idle time, queue depths, stats.
@@ -247,6 +258,7 @@ class UDPConn:
         self._path_mtu = mtu
         payload = mtu - (20 if is_ipv4(self.remote_addr) else 40) - 8  # the IP, UDP headers
         self._max_send = max(0, min(self._max_send_base, payload))
+        self._quick_check()
 
     @property
     def tos(self) -> int:
@@ -301,13 +313,21 @@ class UDPConn:
                     self._callback_failed(error, "error_received")
             return
         self._error = exc.errno
+        self._quick_max = -1
         self._wake_all()
 
     def _raise_error(self) -> None:
         code = self._error
         self._error = None
+        self._quick_check()
         assert code is not None
         raise OSError(code, os.strerror(code))
+
+    def _quick_check(self) -> None:
+        """Keep ``_quick_max`` in step with the connection's state (after any change to its
+        ``_max_send``, ``_error`` or ``_closed``)."""
+        self._quick_max = (self._max_send if self._error is None and not self._closed
+                           else -1)
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -643,9 +663,22 @@ class UDPConn:
                 queue is down to its low mark.
             MessageTooLong, ConnectionClosed, ConnectionRefusedError, TypeError: as ``send()``.
         """
-        datagram = self._check_send(data)
+        # Hot path: bytes within the limit on an open connection, into a queue below its high
+        # mark, from a connection that sent before, pass one test (``_quick_max`` is -1 when
+        # closed or with an error to report; ``quiet`` is below both of the queue's marks).
         txq = self._txq
-        if len(txq.datagrams) >= txq.open_limit:
+        queued = txq.datagrams
+        tx = self._tx
+        if (type(data) is bytes and len(data) <= self._quick_max and len(queued) < txq.quiet
+                and tx is not None):
+            queued.append(data)
+            txq.owners.append(tx)
+            tx.enqueued += 1
+            if not self._writer.scheduled:
+                self._writer.schedule()
+            return
+        datagram = self._check_send(data)
+        if len(queued) >= txq.open_limit:
             self._over_high_mark()
             raise QueueFull(txq.full_message())
         self._enqueue(datagram)
@@ -665,25 +698,21 @@ class UDPConn:
         given = datagrams if type(datagrams) is list else list(datagrams)
         if len(given) == 1:
             # Hot path (a reply to each of many peers' one datagram: DNS, game ticks, the
-            # many-peer echo): send_nowait() with its checks and _enqueue inlined (calling
-            # _enqueue instead cost 3-7 % of the round trips at 10,000 peers, A/B).
+            # many-peer echo): send_nowait()'s quick path inlined (calling send_nowait
+            # instead costs a call per datagram); anything else goes through send_nowait.
             data = given[0]
             txq = self._txq
             queued = txq.datagrams
-            if (type(data) is not bytes or len(data) > self._max_send or self._closed
-                    or self._error is not None or len(queued) >= txq.open_limit):
-                self.send_nowait(data)  # raises, or queues a bytes-like object as bytes
-                return
             tx = self._tx
-            if tx is None:
-                tx = self._account()
-            queued.append(data)
-            txq.owners.append(tx)
-            tx.enqueued += 1
-            if not self._writer.scheduled:
-                self._writer.schedule()
-            if len(queued) >= txq.high:
-                self._over_high_mark()
+            if (type(data) is bytes and len(data) <= self._quick_max
+                    and len(queued) < txq.quiet and tx is not None):
+                queued.append(data)
+                txq.owners.append(tx)
+                tx.enqueued += 1
+                if not self._writer.scheduled:
+                    self._writer.schedule()
+                return
+            self.send_nowait(data)  # raises, or queues (a bytes-like object as bytes)
             return
         if not given:
             return
@@ -752,6 +781,7 @@ class UDPConn:
         if self._closed:
             return
         self._closed = True
+        self._quick_max = -1
         self._close_reason = reason
         self._wake_all()
         if self._writer.space:  # its sends waiting for room raise now, not at their turn

@@ -362,8 +362,10 @@ class Demux:
                 urgent.append(current)
             items.append(data)
             buffered += length + DATAGRAM_OVERHEAD
-            current.rx_packets += 1
-            current.rx_bytes += length
+            if length == current.rx_size:
+                current.rx_packets += 1
+            else:
+                current.count_rx(1, length)
             delivered += 1
         # Bytes delivered, from the budget's growth: one addition less per datagram.
         pool.rx_bytes += buffered - start - delivered * DATAGRAM_OVERHEAD
@@ -499,8 +501,10 @@ class Demux:
                         held += 1
                         held_bytes += length
                         continue
-                    queue.rx_packets += 1
-                    queue.rx_bytes += length
+                    if length == queue.rx_size:
+                        queue.rx_packets += 1
+                    else:
+                        queue.count_rx(1, length)
                     queue.protocol.datagrams_received([data])
                 break
             except Exception as exc:

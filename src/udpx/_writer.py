@@ -410,8 +410,10 @@ class Writer:
                     continue
                 self._refused(owner, data, exc)
                 return True
-            owner.packets += 1
-            owner.bytes += len(data)
+            if len(data) == owner.packet_size:
+                owner.packets += 1
+            else:
+                owner.count_sent(1, len(data))
             self.tx_packets += 1
             self.tx_bytes += len(data)
             return True
@@ -439,6 +441,8 @@ class Writer:
         if size == 0:
             return 0
         owner = owners[0]
+        if len(owners) > 1 and owners[1] is not owner:
+            return 1  # (the usual head of a busy server's queue: replies to many peers)
         limit = min(self.state.gso_limit(size), len(datagrams))
         run = 1
         for data, other in zip(islice(datagrams, 1, limit), islice(owners, 1, limit)):
@@ -491,8 +495,7 @@ class Writer:
                 return -1
             break
         state.gso_sent()
-        owner.packets += run
-        owner.bytes += len(payload)
+        owner.count_sent(run, len(payload))
         self.tx_packets += run
         self.tx_bytes += len(payload)
         return run
@@ -556,14 +559,16 @@ class Writer:
                 continue
             end = start + sent
             first = owners[start]
-            sent_bytes = sum(map(len, chunk[start:end]))
+            sizes = list(map(len, chunk[start:end]))
+            sent_bytes = sum(sizes)
             if owners.count(first) == count:
-                first.packets += sent
-                first.bytes += sent_bytes
+                first.count_sent(sent, sent_bytes)
             else:
-                for owner, data in zip(owners[start:end], chunk[start:end]):
-                    owner.packets += 1
-                    owner.bytes += len(data)
+                for owner, size in zip(owners[start:end], sizes):
+                    if size == owner.packet_size:
+                        owner.packets += 1
+                    else:
+                        owner.count_sent(1, size)
             self.tx_packets += sent
             self.tx_bytes += sent_bytes
             start = end
