@@ -44,7 +44,7 @@ from ._cmsg import (
     parse_tos,
 )
 from ._queue import BYTES_DATA_OFFSET
-from ._sockets import join_key
+from ._sockets import IPV4_KEY_OFFSET, join_key
 
 if TYPE_CHECKING:
     from ._demux import PeerKey
@@ -208,7 +208,8 @@ def _anonymous_arena(size: int) -> tuple[mmap.mmap, int, ctypes.c_char]:
 
 
 def peer_keys_ipv4(names_view: memoryview, count: int) -> list[int]:
-    """IPv4 peer keys: the first 8 bytes of each sockaddr_in (family, port, address)."""
+    """IPv4 peer keys, from a view of the names arena as native 8-byte ints starting at
+    byte ``IPV4_KEY_OFFSET`` (one sockaddr_storage, 16 ints, per message)."""
     return names_view[0:count * 16:16].tolist()
 
 
@@ -316,7 +317,9 @@ class RecvBatch:
         self._template = ctypes.create_string_buffer(bytes(self._hdrs), _HDR_SIZE * batch_size)
         self._used = 0
         self._words = memoryview(self._hdrs).cast("B").cast("I")
-        self._names_q = memoryview(self._names).cast("Q")
+        self._names_from_key = memoryview(self._names)[
+            IPV4_KEY_OFFSET:IPV4_KEY_OFFSET + batch_size * SOCKADDR_SIZE - 8]
+        self._names_q = self._names_from_key.cast("Q")
         # Batch decoders for uniform lengths, by (length, count): see ``datagrams``; GRO run
         # decoders, by (segment size, segments, last segment's size): see ``split``.
         self._uniform: dict[tuple[int, int], Any] = {}
@@ -527,6 +530,7 @@ class RecvBatch:
         self._closed = True
         self._words.release()
         self._names_q.release()
+        self._names_from_key.release()
         self._hdr_size_words.release()
         if self._control_words is not None:
             self._control_words.release()
