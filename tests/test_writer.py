@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from typing import Any
 
@@ -192,5 +193,51 @@ def test_short_runs_share_a_sendmmsg_batch(run: Runner[Any]) -> None:
             finally:
                 for client in clients:
                     await client.aclose()
+
+    run(main())
+
+
+@pytest.mark.parametrize(("batch_size", "send_batch"), [(8, 32), (64, 256), (512, 1024), (1, 1)])
+def test_a_listener_sends_four_batches_worth_per_call(run: Runner[Any], batch_size: int,
+                                                      send_batch: int) -> None:
+    """A listener's replies to many peers leave in sendmmsg calls of up to 4 x batch_size
+    datagrams (at most 1,024), a dialed connection's of batch_size: 32 peers' requests, read
+    in one wake-up, are answered by one call at batch_size 8."""
+
+    class Echo(udpx.ConnProtocol):
+        def connection_made(self, conn: udpx.UDPConn) -> None:
+            self.conn = conn
+
+        def datagrams_received(self, datagrams: list[bytes]) -> None:
+            self.conn.send_many_nowait(datagrams)
+
+    async def main() -> None:
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=Echo, batch_size=batch_size,
+                               rcvbuf=BIG_RCVBUF) as ln, \
+                udpx.dial("127.0.0.1", ln.local_addr[1], batch_size=batch_size) as conn:
+            assert ln.describe()["socket"]["send_batch"] == send_batch
+            assert conn.describe()["socket"]["send_batch"] == batch_size
+            if batch_size == 1:
+                return  # (one datagram per call: nothing to batch)
+            engine = socket_engine(ln._engine)
+            with contextlib.ExitStack() as stack:
+                peers = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+                         for _ in range(32)]
+                for peer in peers:  # warm-up: every peer's connection exists
+                    peer.bind(("127.0.0.1", 0))
+                    peer.settimeout(5)
+                    peer.sendto(b"hello", ln.local_addr)
+                    await asyncio.to_thread(peer.recv, 100)
+                calls = engine.sender.calls
+                # All 32 requests are in the socket before the loop runs again: one wake-up
+                # reads them and its replies leave at its end.
+                for index, peer in enumerate(peers):
+                    peer.sendto(b"%d" % index, ln.local_addr)
+
+                def collect() -> list[bytes]:
+                    return [peer.recv(100) for peer in peers]
+
+                assert await asyncio.to_thread(collect) == [b"%d" % i for i in range(32)]
+                assert engine.sender.calls - calls == (1 if send_batch >= 32 else 32 // send_batch)
 
     run(main())

@@ -77,8 +77,11 @@ class Writer:
                  flushed: Callable[[], None] | None = None, direct: bool = False,
                  retry_later: Callable[[Callable[[], None]], asyncio.Handle] | None = None,
                  release_sender: Callable[[Sender], None] | None = None,
-                 make_spare: Callable[[], Sender] | None = None) -> None:
+                 make_spare: Callable[[], Sender] | None = None,
+                 batches_per_callback: int = MAX_BATCHES_PER_CALLBACK) -> None:
         self._loop = loop
+        #: Sender batches per loop callback before yielding to the loop.
+        self._batches_per_callback = batches_per_callback
         #: Hands a shared sender back as the writer closes (None: the sender is its own).
         self._release_sender = release_sender
         #: Makes arrays of the writer's own, for a drain that comes while another writer
@@ -320,7 +323,7 @@ class Writer:
                     space.wake(1)
             else:
                 self._wait_writable()
-        for _ in range(MAX_BATCHES_PER_CALLBACK):
+        for _ in range(self._batches_per_callback):
             if not datagrams or self._waiting_writable:
                 break
             if state.gso:
