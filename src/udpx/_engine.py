@@ -65,9 +65,10 @@ MAX_IDLE_LAYOUTS = 4
 MAX_UNREAD_CALLS = 2048
 #: An unconnected socket (a listener, a drop-in endpoint) sends up to this many times
 #: ``batch_size`` datagrams per sendmmsg (at most MAX_BATCH_SIZE, the kernel's limit): its
-#: queue holds replies to many peers, and a server answering thousands of them spent a fifth
-#: of its Python on the per-batch work of 64-datagram sends, and woke its clients more often
-#: (the many-peer echo at 10,000 clients, measured: ~6 % less CPU per round trip with 256).
+#: queue holds replies to many peers, and a server answering thousands of them spent an
+#: eighth of its instructions on the per-batch work of 64-datagram sends (cachegrind), and
+#: woke its clients more often (the many-peer echo at 10,000 clients, measured: about 5 %
+#: less CPU per round trip with 256).
 #: Its arena is virtual memory touched only as far as a batch's payloads reach. Receives,
 #: whose arena every message lands in at its own slot, keep ``batch_size``.
 LISTENER_SEND_FACTOR = 4
