@@ -291,19 +291,30 @@ def test_byte_counts_follow_every_size(steps: list[tuple[int, int]]) -> None:
         assert (account.packets, account.sent_bytes) == (packets, total)
 
 
-def test_datagrams_of_the_first_size_only_count() -> None:
-    """The point of the representation: after the first datagram, one of the same size adds
-    to the packet count and to nothing else (no int object made per datagram per byte)."""
+def test_datagrams_of_the_usual_size_only_count() -> None:
+    """The point of the representation: a datagram of the size the last other one had adds
+    to the packet count and to nothing else (no int object made per datagram per byte); a
+    datagram of another size becomes the size the next ones are taken to have, so a first
+    datagram of its own size (a keepalive, a handshake) does not hold the count back."""
     queue = RxQueue(10)
     queue.count_rx(1, 700)
     assert (queue.rx_size, queue.rx_extra) == (700, 0)
     queue.rx_packets += 1  # what the routing does for a datagram of rx_size bytes
     assert queue.rx_bytes == 1400
     queue.count_rx(1, 20)
-    assert (queue.rx_size, queue.rx_extra, queue.rx_bytes) == (700, -680, 1420)
+    assert (queue.rx_size, queue.rx_packets, queue.rx_bytes) == (20, 3, 1420)
+    keepalive_first = RxQueue(10)
+    keepalive_first.count_rx(1, 0)
+    keepalive_first.count_rx(1, 100)
+    assert keepalive_first.rx_size == 100
+    keepalive_first.rx_packets += 1
+    assert keepalive_first.rx_bytes == 200
     account = TxAccount(None)
     account.count_sent(3, 300)
     assert (account.packet_size, account.extra_bytes, account.sent_bytes) == (100, 0, 300)
+    account.count_sent(1, 0)
+    account.count_sent(1, 50)
+    assert (account.packet_size, account.packets, account.sent_bytes) == (50, 5, 350)
 
 
 def test_tx_account_pending() -> None:

@@ -241,3 +241,87 @@ def test_a_listener_sends_four_batches_worth_per_call(run: Runner[Any], batch_si
                 assert engine.sender.calls - calls == (1 if send_batch >= 32 else 32 // send_batch)
 
     run(main())
+
+
+def _collecting_listener_protocol() -> tuple[type[udpx.ConnProtocol], list[udpx.UDPConn]]:
+    conns: list[udpx.UDPConn] = []
+
+    class Collect(udpx.ConnProtocol):
+        def connection_made(self, conn: udpx.UDPConn) -> None:
+            conns.append(conn)
+
+    return Collect, conns
+
+
+@pytest.mark.parametrize(("kind", "expected"), [("gso runs", 16 * 10), ("sendmmsg", 16 * 64)])
+def test_one_drain_sends_sixteen_turns_of_a_listener(run: Runner[Any], kind: str,
+                                                     expected: int) -> None:
+    """One drain of a listener's queue (one loop callback) sends 16 turns, as a dialed
+    connection's does: 16 GSO runs (here of 10 datagrams each), or 16 x batch_size datagrams
+    by sendmmsg, though a listener's sendmmsg calls carry 4 x batch_size each."""
+
+    async def main() -> None:
+        protocol, conns = _collecting_listener_protocol()
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=protocol) as ln:
+            with contextlib.ExitStack() as stack:
+                peers = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+                         for _ in range(40)]
+                for peer in peers:
+                    peer.bind(("127.0.0.1", 0))
+                    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                    peer.sendto(b"hello", ln.local_addr)
+                while len(conns) < len(peers):
+                    await asyncio.sleep(0.005)  # (bounded by the test's timeout)
+                writer = socket_engine(ln._engine).writer
+                if kind == "gso runs" and not writer.state.gso:
+                    pytest.skip("the kernel refused UDP GSO on this socket")
+                sent = writer.tx_packets
+                # Queued at once: the drain below is the first. GSO runs: 10 datagrams of one
+                # size per connection in a row; sendmmsg: the connections in turn, no run.
+                if kind == "gso runs":
+                    for conn in conns:
+                        conn.send_many_nowait([b"x" * 1200] * 10)
+                else:
+                    for index in range(30):
+                        for conn in conns:
+                            conn.send_nowait(b"%d" % index)
+                writer.flush_now()
+                assert writer.tx_packets - sent == expected
+
+    run(main())
+
+
+def test_a_listener_batch_of_large_datagrams_is_cut_to_its_arena(run: Runner[Any]) -> None:
+    """A listener's sendmmsg may carry 4 x batch_size datagrams but its arena holds
+    batch_size of the largest: 32 datagrams of 60,000 bytes to 32 peers (more than the
+    arena) leave in batches it holds, every one whole."""
+
+    async def main() -> None:
+        protocol, conns = _collecting_listener_protocol()
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=protocol, batch_size=8,
+                               gso=False, sndbuf=4 << 20) as ln:
+            sender = socket_engine(ln._engine).sender
+            assert (sender.size, sender.capacity) == (32, 8 * 65535)
+            with contextlib.ExitStack() as stack:
+                peers = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+                         for _ in range(32)]
+                for peer in peers:
+                    peer.bind(("127.0.0.1", 0))
+                    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                    peer.settimeout(5)
+                    peer.sendto(b"hello", ln.local_addr)
+                while len(conns) < len(peers):
+                    await asyncio.sleep(0.005)  # (bounded by the test's timeout)
+                by_port = {conn.remote_addr[1]: conn for conn in conns}
+                calls = sender.calls
+                for index, peer in enumerate(peers):
+                    by_port[peer.getsockname()[1]].send_nowait(bytes([index]) * 60_000)
+
+                def collect() -> list[bytes]:
+                    return [peer.recv(65535) for peer in peers]
+
+                received = await asyncio.to_thread(collect)
+                assert received == [bytes([index]) * 60_000 for index in range(32)]
+                assert sender.calls - calls >= 4  # at most 8 x 65,535 bytes per call
+
+    run(main())

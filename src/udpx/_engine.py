@@ -49,7 +49,7 @@ from ._sockets import (
     kernel_drops,
     key_from_address,
 )
-from ._writer import MAX_BATCHES_PER_CALLBACK, Writer
+from ._writer import Writer
 
 __all__ = ["Engine", "Releasing", "SharedBatches", "Sink", "SocketEngine", "loop_batches"]
 
@@ -69,8 +69,9 @@ MAX_UNREAD_CALLS = 2048
 #: eighth of its instructions on the per-batch work of 64-datagram sends (cachegrind), and
 #: woke its clients more often (the many-peer echo at 10,000 clients, measured: about 5 %
 #: less CPU per round trip with 256).
-#: Its arena is virtual memory touched only as far as a batch's payloads reach. Receives,
-#: whose arena every message lands in at its own slot, keep ``batch_size``.
+#: Its arena keeps the size of ``batch_size`` slots (a batch of large datagrams is cut to
+#: what it holds), and the writer counts such a call as several turns of its per-callback
+#: share. Receives, whose arena every message lands in at its own slot, keep ``batch_size``.
 LISTENER_SEND_FACTOR = 4
 
 
@@ -333,7 +334,8 @@ class SocketEngine(Releasing):
 
         def own_sender() -> Sender:
             return make_sender(sock, send_size, options.max_datagram, named,
-                               lambda raw: address_from_sockaddr(family, raw), state=state)
+                               lambda raw: address_from_sockaddr(family, raw), state=state,
+                               arena_slots=options.batch_size)
 
         self.receiver: Receiver
         self.sender: Sender
@@ -353,9 +355,7 @@ class SocketEngine(Releasing):
                              direct=True,
                              release_sender=batches.release if batches is not None else None,
                              make_spare=own_sender if batches is not None else None,
-                             # As many datagrams per loop callback as batch_size batches.
-                             batches_per_callback=max(
-                                 1, MAX_BATCHES_PER_CALLBACK * options.batch_size // send_size))
+                             turn_size=options.batch_size)
         single = isinstance(self.receiver, SingleRecv)
         self.reader = BatchReader(loop, sock, self.receiver,
                                   self._on_single if single else self._on_batch,

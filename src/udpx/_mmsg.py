@@ -634,18 +634,21 @@ class SendBatch:
     """
 
     def __init__(self, batch_size: int, slot_size: int, named: bool, namelen: int, *,
-                 control_space: int = 0) -> None:
+                 control_space: int = 0, arena_slots: int | None = None) -> None:
         if _libc is None:  # pragma: no cover - checked by make_sender
             raise OSError(errno.ENOSYS, "sendmmsg is not available")
         self.size = batch_size
+        #: Payload bytes one batch may hold (``arena_slots`` datagrams of ``slot_size``, by
+        #: default one per message): a caller with more messages than that per batch (a
+        #: listener's) passes at most this many bytes to ``fill``.
+        self.capacity = (arena_slots or batch_size) * slot_size
         #: A writer is between its fill and the end of its sends (see ``_writer.Sender``).
         self.busy = False
         #: Control bytes per slot (a packet-info socket's source address), 0: none.
         self.control_space = control_space
         self.calls = 0
         # The payloads of a batch lie end to end at the arena's start (see fill).
-        self.arena, self._arena_address, self._arena_anchor = _anonymous_arena(
-            batch_size * slot_size)
+        self.arena, self._arena_address, self._arena_anchor = _anonymous_arena(self.capacity)
         #: (size, count) of the last batch when all its datagrams had one size: the iovecs
         #: already point where a batch of that layout lies (None: they do not).
         self._layout: tuple[int, int] | None = None
@@ -759,6 +762,7 @@ class SingleSend:
     def __init__(self, sock: socket.socket, address_of: Any, size: int = 1) -> None:
         self._sock = sock
         self.size = size
+        self.capacity = sys.maxsize  # (no arena: each datagram is sent as it is)
         self.calls = 0
         self.busy = False
         self._datagrams: Sequence[bytes] = ()
@@ -814,9 +818,11 @@ def make_receiver(sock: socket.socket, batch_size: int, slot_size: int, named: b
 
 
 def make_sender(sock: socket.socket, batch_size: int, slot_size: int, named: bool,
-                address_of: Any, *, state: SocketState | None = None) -> Sender:
+                address_of: Any, *, state: SocketState | None = None,
+                arena_slots: int | None = None) -> Sender:
     """The batch sender for ``sock``, or the single-datagram one, with room per slot for the
-    control messages ``state`` says datagrams may carry (source address, TOS byte)."""
+    control messages ``state`` says datagrams may carry (source address, TOS byte), and for
+    the payloads of ``arena_slots`` datagrams of ``slot_size`` (default: ``batch_size``)."""
     if batch_size > 1 and HAVE_MMSG and (BYTES_DATA_OFFSET is not None or not named):
         family = sock.family
         namelen = 16 if family == socket.AF_INET else _SOCKADDR_IN6_SIZE
@@ -825,5 +831,6 @@ def make_sender(sock: socket.socket, batch_size: int, slot_size: int, named: boo
             space += cmsg_space(12 if family == socket.AF_INET else 20)
         if state is not None and state.ecn:
             space += cmsg_space(4)
-        return SendBatch(batch_size, slot_size, named, namelen, control_space=space)
+        return SendBatch(batch_size, slot_size, named, namelen, control_space=space,
+                         arena_slots=arena_slots)
     return SingleSend(sock, address_of)

@@ -92,11 +92,17 @@ class _RxHot:
     def count_rx(self, count: int, payload: int) -> None:
         """``count`` more datagrams of ``payload`` bytes in all were accepted (negative: taken
         back). The hot paths add 1 to ``rx_packets`` themselves for a datagram of
-        ``rx_size`` bytes and call this for any other."""
-        if payload != count * self.rx_size:
-            if not self.rx_packets and not self.rx_extra and count > 0:
-                self.rx_size = payload // count  # nothing counted yet: the nominal size
-            self.rx_extra += payload - count * self.rx_size
+        ``rx_size`` bytes and call this for any other, whose size (the average, for several)
+        becomes ``rx_size``: the next datagrams most likely have it (a first datagram of
+        another size, a keepalive or a handshake, does not hold the count back for ever)."""
+        size = self.rx_size
+        if payload != count * size:
+            if count > 0:
+                new = payload // count
+                self.rx_extra += self.rx_packets * (size - new) + payload - count * new
+                self.rx_size = new
+            else:
+                self.rx_extra += payload - count * size
         self.rx_packets += count
 
 
@@ -612,11 +618,13 @@ class TxAccount(_TxHot):
 
     def count_sent(self, count: int, payload: int) -> None:
         """The kernel took ``count`` more datagrams, ``payload`` bytes in all (the writer adds
-        1 to ``packets`` itself for one of ``packet_size`` bytes)."""
-        if payload != count * self.packet_size:
-            if not self.packets and not self.extra_bytes and count > 0:
-                self.packet_size = payload // count
-            self.extra_bytes += payload - count * self.packet_size
+        1 to ``packets`` itself for one of ``packet_size`` bytes; another size becomes
+        ``packet_size``, as in _RxHot.count_rx)."""
+        size = self.packet_size
+        if payload != count * size:
+            new = payload // count
+            self.extra_bytes += self.packets * (size - new) + payload - count * new
+            self.packet_size = new
         self.packets += count
 
     def set_ancillary(self, ancillary: list[tuple[int, int, bytes]]) -> None:

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import logging
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, final
 
@@ -55,6 +56,7 @@ class TransportSender:
     def __init__(self, sock: socket.socket, size: int) -> None:
         self.sock = sock
         self.size = size
+        self.capacity = sys.maxsize  # (no arena: the transport takes each datagram as it is)
         self.calls = 0
         self.busy = False
         self.transport: asyncio.DatagramTransport | None = None
@@ -188,6 +190,7 @@ class TransportEngine(Releasing, asyncio.DatagramProtocol):
     def describe(self) -> dict[str, Any]:
         rcvbuf, sndbuf = buffer_sizes(self.sock) if not self._released else (0, 0)
         return {"engine": "transport", "rcvbuf": rcvbuf, "sndbuf": sndbuf, "batch_size": 1,
+                "send_batch": 1,
                 **self.state.describe(), "tx_queued": len(self.writer.queue)}
 
     def stop_reading(self) -> None:

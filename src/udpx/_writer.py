@@ -12,9 +12,10 @@ import asyncio
 import errno
 import logging
 import socket
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
-from itertools import islice
+from itertools import accumulate, islice
 from typing import Protocol
 
 from ._cmsg import ICMP_ERRNOS, SocketState
@@ -44,6 +45,8 @@ class Sender(Protocol):
     sender, or a loop transport (``_transport``)."""
 
     size: int
+    #: Payload bytes one fill may hold (a batch sender's arena).
+    capacity: int
     calls: int
     #: Between a writer's fill and the end of its sends (arrays shared by several sockets
     #: are not filled again meanwhile: see ``_engine.SharedBatches``).
@@ -78,10 +81,12 @@ class Writer:
                  retry_later: Callable[[Callable[[], None]], asyncio.Handle] | None = None,
                  release_sender: Callable[[Sender], None] | None = None,
                  make_spare: Callable[[], Sender] | None = None,
-                 batches_per_callback: int = MAX_BATCHES_PER_CALLBACK) -> None:
+                 turn_size: int | None = None) -> None:
         self._loop = loop
-        #: Sender batches per loop callback before yielding to the loop.
-        self._batches_per_callback = batches_per_callback
+        #: A drain sends MAX_BATCHES_PER_CALLBACK turns per loop callback before yielding: a
+        #: GSO run, or a sendmmsg call of up to ``turn_size`` datagrams (``batch_size``; a
+        #: listener's larger calls count as several turns).
+        self._turn_size = turn_size or sender.size
         #: Hands a shared sender back as the writer closes (None: the sender is its own).
         self._release_sender = release_sender
         #: Makes arrays of the writer's own, for a drain that comes while another writer
@@ -323,7 +328,8 @@ class Writer:
                     space.wake(1)
             else:
                 self._wait_writable()
-        for _ in range(self._batches_per_callback):
+        turns = MAX_BATCHES_PER_CALLBACK
+        while turns > 0:
             if not datagrams or self._waiting_writable:
                 break
             if state.gso:
@@ -337,6 +343,7 @@ class Writer:
                         if handled < run:
                             self._wait_writable()
                             break
+                        turns -= 1
                         continue
             if sender.busy:
                 # Inside a send from these arrays: a send's error reached a callback that made
@@ -355,6 +362,9 @@ class Writer:
                 sender = self._spare
             count = min(len(datagrams), sender.size)
             chunk = list(islice(datagrams, count))
+            if count > self._turn_size:
+                count = self._fit(chunk, sender.capacity, turns)
+            turns -= -(-count // self._turn_size)
             chunk_owners: list[TxAccount] = list(islice(owners, count))
             controls = ([owner.control for owner in chunk_owners] if self._controls
                         else None)
@@ -382,6 +392,17 @@ class Writer:
             self._run_on_empty()
         if self._flushed is not None:
             self._flushed()
+
+    def _fit(self, chunk: list[bytes], capacity: int, turns: int) -> int:
+        """Trim a chunk larger than a turn (a listener's) to the turns left and to what the
+        sender's arena holds; returns its new length."""
+        count = min(len(chunk), turns * self._turn_size)
+        if sum(map(len, islice(chunk, count))) > capacity:
+            # Large datagrams (rare at this batch size): as many as fit, at least one (a
+            # datagram is never larger than a slot).
+            count = max(1, bisect_right(list(accumulate(map(len, chunk[:count]))), capacity))
+        del chunk[count:]
+        return count
 
     def _send_one(self) -> bool:
         """Send the datagram at the head of the queue with one send/sendto; False on EAGAIN
