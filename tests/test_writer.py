@@ -253,6 +253,23 @@ def _collecting_listener_protocol() -> tuple[type[udpx.ConnProtocol], list[udpx.
     return Collect, conns
 
 
+async def _greeting_peers(stack: contextlib.ExitStack, ln: udpx.Listener, count: int,
+                          conns: list[udpx.UDPConn]) -> list[socket.socket]:
+    """``count`` plain sockets (1 MiB receive buffers, 5-s timeouts) that each greet the
+    listener, once the listener has a connection for each (``conns``, as the collecting
+    protocol fills it)."""
+    peers = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+             for _ in range(count)]
+    for peer in peers:
+        peer.bind(("127.0.0.1", 0))
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        peer.settimeout(5)
+        peer.sendto(b"hello", ln.local_addr)
+    while len(conns) < count:
+        await asyncio.sleep(0.005)  # (bounded by the test's timeout)
+    return peers
+
+
 @pytest.mark.parametrize(("kind", "expected"), [("gso runs", 16 * 10), ("sendmmsg", 16 * 64)])
 def test_one_drain_sends_sixteen_turns_of_a_listener(run: Runner[Any], kind: str,
                                                      expected: int) -> None:
@@ -264,14 +281,7 @@ def test_one_drain_sends_sixteen_turns_of_a_listener(run: Runner[Any], kind: str
         protocol, conns = _collecting_listener_protocol()
         async with udpx.listen("127.0.0.1", 0, protocol_factory=protocol) as ln:
             with contextlib.ExitStack() as stack:
-                peers = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-                         for _ in range(40)]
-                for peer in peers:
-                    peer.bind(("127.0.0.1", 0))
-                    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-                    peer.sendto(b"hello", ln.local_addr)
-                while len(conns) < len(peers):
-                    await asyncio.sleep(0.005)  # (bounded by the test's timeout)
+                await _greeting_peers(stack, ln, 40, conns)
                 writer = socket_engine(ln._engine).writer
                 if kind == "gso runs" and not writer.state.gso:
                     pytest.skip("the kernel refused UDP GSO on this socket")
@@ -303,15 +313,7 @@ def test_a_listener_batch_of_large_datagrams_is_cut_to_its_arena(run: Runner[Any
             sender = socket_engine(ln._engine).sender
             assert (sender.size, sender.capacity) == (32, 8 * 65535)
             with contextlib.ExitStack() as stack:
-                peers = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-                         for _ in range(32)]
-                for peer in peers:
-                    peer.bind(("127.0.0.1", 0))
-                    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-                    peer.settimeout(5)
-                    peer.sendto(b"hello", ln.local_addr)
-                while len(conns) < len(peers):
-                    await asyncio.sleep(0.005)  # (bounded by the test's timeout)
+                peers = await _greeting_peers(stack, ln, 32, conns)
                 by_port = {conn.remote_addr[1]: conn for conn in conns}
                 calls = sender.calls
                 for index, peer in enumerate(peers):
