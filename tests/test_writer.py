@@ -14,7 +14,7 @@ from udpx._mmsg import make_sender, split_segments
 from udpx._queue import TxAccount, TxQueue
 from udpx._writer import GSO_MIN_RUN, Writer
 
-from .conftest import Runner, socket_engine
+from .conftest import EchoProtocol, Runner, socket_engine
 from .test_end_to_end import BIG_RCVBUF, recv_exactly
 
 
@@ -204,15 +204,9 @@ def test_a_listener_sends_four_batches_worth_per_call(run: Runner[Any], batch_si
     datagrams (at most 1,024), a dialed connection's of batch_size: 32 peers' requests, read
     in one wake-up, are answered by one call at batch_size 8."""
 
-    class Echo(udpx.ConnProtocol):
-        def connection_made(self, conn: udpx.UDPConn) -> None:
-            self.conn = conn
-
-        def datagrams_received(self, datagrams: list[bytes]) -> None:
-            self.conn.send_many_nowait(datagrams)
-
     async def main() -> None:
-        async with udpx.listen("127.0.0.1", 0, protocol_factory=Echo, batch_size=batch_size,
+        async with udpx.listen("127.0.0.1", 0, protocol_factory=EchoProtocol,
+                               batch_size=batch_size,
                                rcvbuf=BIG_RCVBUF) as ln, \
                 udpx.dial("127.0.0.1", ln.local_addr[1], batch_size=batch_size) as conn:
             assert ln.describe()["socket"]["send_batch"] == send_batch

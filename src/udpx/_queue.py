@@ -59,6 +59,15 @@ class RxPool:
         self.dropped_closed = 0
 
 
+def _rebase(size: int, packets: int, count: int, payload: int) -> tuple[int, int]:
+    """Bytes counted as ``packets * size + extra``, and ``count`` more datagrams of
+    ``payload`` bytes in all, not all of ``size``: the new nominal size (their average) and
+    what ``extra`` changes by, so that the total, counted with the new size and the packets
+    added, is exact."""
+    new = payload // count
+    return new, packets * (size - new) + payload - count * new
+
+
 class _RxHot:
     """The fields of a receive queue that routing reads or writes per datagram, in a base
     class of their own so that they come first in the object's layout, next to its reference
@@ -98,9 +107,8 @@ class _RxHot:
         size = self.rx_size
         if payload != count * size:
             if count > 0:
-                new = payload // count
-                self.rx_extra += self.rx_packets * (size - new) + payload - count * new
-                self.rx_size = new
+                self.rx_size, change = _rebase(size, self.rx_packets, count, payload)
+                self.rx_extra += change
             else:
                 self.rx_extra += payload - count * size
         self.rx_packets += count
@@ -620,11 +628,9 @@ class TxAccount(_TxHot):
         """The kernel took ``count`` more datagrams, ``payload`` bytes in all (the writer adds
         1 to ``packets`` itself for one of ``packet_size`` bytes; another size becomes
         ``packet_size``, as in _RxHot.count_rx)."""
-        size = self.packet_size
-        if payload != count * size:
-            new = payload // count
-            self.extra_bytes += self.packets * (size - new) + payload - count * new
-            self.packet_size = new
+        if payload != count * self.packet_size:
+            self.packet_size, change = _rebase(self.packet_size, self.packets, count, payload)
+            self.extra_bytes += change
         self.packets += count
 
     def set_ancillary(self, ancillary: list[tuple[int, int, bytes]]) -> None:
